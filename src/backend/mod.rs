@@ -1,0 +1,301 @@
+//! The `Backend` trait: the model's ops, one method each, implemented once per device.
+//!
+//! The transformer in `model::transformer` is written once against this trait; `cpu` is the
+//! f32 reference and `cuda` drives the NVRTC kernels and cuBLAS. There is no autograd: every op
+//! that the training step differentiates has a hand-written `_bwd` twin.
+//!
+//! Layout conventions shared by every backend:
+//! - Activations are row-major `[n, d]` with `n = batch * seq` token rows; sequence `b` occupies
+//!   rows `b*t .. (b+1)*t`.
+//! - Linear weights use the Hugging Face layout `W: [out, in]`, so a linear layer is
+//!   `y = x Wᵀ (+ bias)`.
+//! - Attention inputs come straight from the projections: `q: [n, n_heads*head_dim]`,
+//!   `k, v: [n, n_kv_heads*head_dim]`; head `h` uses kv head `h / (n_heads / n_kv_heads)`.
+//! - Two storage kinds: `Act` holds frozen weights and activations (f32 on the CPU, bf16 on a
+//!   GPU); `F32` always holds f32 (LoRA parameters, their gradients and AdamW moments, rmsnorm
+//!   statistics, attention log-sum-exps, ablation directions, loss accumulators).
+//! - LoRA parameters of the whole model live in one flat `F32` buffer (and their gradients in a
+//!   second one of the same length); a [`LoraSlot`] says where one adapted projection's `A` and
+//!   `B` are. That makes AdamW and the gradient norm one pass over one buffer.
+
+pub mod cpu;
+pub mod cuda;
+
+use anyhow::Result;
+
+/// Where one LoRA pair lives inside the flat parameter (and gradient) buffer.
+/// `A: [r, d_in]` at `a_off`, `B: [d_out, r]` at `b_off`, as PEFT stores `lora_A.weight` and
+/// `lora_B.weight`. The adapted projection computes `y = x Wᵀ + scale · (x Aᵀ) Bᵀ`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraSlot {
+    pub a_off: usize,
+    pub b_off: usize,
+    pub r: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+}
+
+/// Shape of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Sliding window (Mistral): query `i` sees keys `j` with `i - window < j <= i`.
+    pub window: Option<usize>,
+}
+
+impl AttnShape {
+    pub fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn kv_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// AdamW hyper-parameters for one step, PyTorch semantics (`torch.optim.AdamW`):
+/// `m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²; p -= lr·wd·p; p -= lr · m̂ / (sqrt(v̂) + eps)`
+/// with `m̂ = m / (1 - b1^step)`, `v̂ = v / (1 - b2^step)`, `g = grad · grad_scale`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step count, for bias correction.
+    pub step: u64,
+    /// Multiplies every gradient first (gradient clipping folds in here).
+    pub grad_scale: f32,
+}
+
+/// The model's ops. Every method works on whole buffers of the backend's own storage; sizes are
+/// passed explicitly and checked by the implementation (a mismatch is a programming error and
+/// panics with the op name). Methods that may fail for reasons outside the program (device
+/// errors, out of memory) return `Result`.
+pub trait Backend {
+    /// Frozen weights and activations.
+    type Act;
+    /// f32 state: LoRA parameters, gradients, optimizer moments, statistics, directions.
+    type F32;
+
+    /// A short name for messages ("cpu", "cuda:0 NVIDIA H200").
+    fn name(&self) -> String;
+
+    // ---- memory ---------------------------------------------------------------------------
+    /// A new zero-filled activation buffer of `n` elements.
+    fn alloc_act(&self, n: usize) -> Result<Self::Act>;
+    fn alloc_f32(&self, n: usize) -> Result<Self::F32>;
+    fn upload_act(&self, host: &[f32]) -> Result<Self::Act>;
+    fn upload_f32(&self, host: &[f32]) -> Result<Self::F32>;
+    fn download_act(&self, buf: &Self::Act) -> Result<Vec<f32>>;
+    fn download_f32(&self, buf: &Self::F32) -> Result<Vec<f32>>;
+    fn act_len(&self, buf: &Self::Act) -> usize;
+    fn f32_len(&self, buf: &Self::F32) -> usize;
+    fn zero_act(&self, buf: &mut Self::Act) -> Result<()>;
+    fn zero_f32(&self, buf: &mut Self::F32) -> Result<()>;
+    /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]` (row slices of activations).
+    fn copy_act(
+        &self,
+        dst: &mut Self::Act,
+        dst_off: usize,
+        src: &Self::Act,
+        src_off: usize,
+        len: usize,
+    ) -> Result<()>;
+    /// Wait for queued work (no-op on the CPU).
+    fn synchronize(&self) -> Result<()>;
+
+    // ---- embedding ------------------------------------------------------------------------
+    /// `out[i, :] = table[ids[i], :]`, `table: [vocab, d]`. Ids are validated by the caller.
+    fn embedding(&self, out: &mut Self::Act, table: &Self::Act, ids: &[u32], d: usize)
+        -> Result<()>;
+
+    // ---- linear layers ----------------------------------------------------------------------
+    /// `y[n, d_out] (+)= x[n, d_in] Wᵀ (+ bias)` with `W: [d_out, d_in]`.
+    /// With `accumulate` the product is added to `y` (the bias is still added once).
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        y: &mut Self::Act,
+        x: &Self::Act,
+        w: &Self::Act,
+        bias: Option<&Self::Act>,
+        n: usize,
+        d_in: usize,
+        d_out: usize,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// Input gradient of a frozen linear layer: `dx[n, d_in] (+)= dy[n, d_out] W`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd_input(
+        &self,
+        dx: &mut Self::Act,
+        dy: &Self::Act,
+        w: &Self::Act,
+        n: usize,
+        d_in: usize,
+        d_out: usize,
+        accumulate: bool,
+    ) -> Result<()>;
+
+    // ---- LoRA -------------------------------------------------------------------------------
+    /// `u = x Aᵀ` (saved for the backward, `[n, r]`), then `y += scale · u Bᵀ`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_fwd(
+        &self,
+        y: &mut Self::Act,
+        u: &mut Self::F32,
+        x: &Self::Act,
+        params: &Self::F32,
+        slot: &LoraSlot,
+        scale: f32,
+        n: usize,
+    ) -> Result<()>;
+    /// Given `dy`, accumulate the LoRA gradients and the input gradient:
+    /// `dB += scale · dyᵀ u`, `du = scale · dy B`, `dA += duᵀ x`, `dx += du A`.
+    /// Gradients accumulate (`+=`) so micro-batches of one optimizer step add up.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_bwd(
+        &self,
+        dx: &mut Self::Act,
+        grads: &mut Self::F32,
+        dy: &Self::Act,
+        x: &Self::Act,
+        u: &Self::F32,
+        params: &Self::F32,
+        slot: &LoraSlot,
+        scale: f32,
+        n: usize,
+    ) -> Result<()>;
+
+    // ---- residual + ablation + rmsnorm (the fused op) ---------------------------------------
+    /// The residual stream step of DESIGN.md, "The fused ablation kernel":
+    /// `s = a (+ b)`; with directions `q: [k, d]` (orthonormal rows) `s <- s - Qᵀ(Q s)` per row;
+    /// `resid = s`; `normed = s · rstd · w` with `rstd = 1/sqrt(mean(s²) + eps)` saved per row.
+    /// `b = None` is a plain rmsnorm of `a` (the first layer's input).
+    #[allow(clippy::too_many_arguments)]
+    fn residual_ablate_norm(
+        &self,
+        resid: &mut Self::Act,
+        normed: &mut Self::Act,
+        rstd: &mut Self::F32,
+        a: &Self::Act,
+        b: Option<&Self::Act>,
+        directions: Option<(&Self::F32, usize)>,
+        norm_w: &Self::Act,
+        n: usize,
+        d: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// Backward of `residual_ablate_norm`, in place on `dresid`:
+    /// `dresid <- P (dresid + rmsnorm_bwd(dnormed))` with `P = I - QᵀQ` (identity without
+    /// directions). On entry `dresid` is the gradient reaching `resid` through the skip path;
+    /// on exit it is the gradient of the pre-add sum `s`, i.e. of both `a` and `b`.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_ablate_norm_bwd(
+        &self,
+        dresid: &mut Self::Act,
+        dnormed: &Self::Act,
+        resid: &Self::Act,
+        rstd: &Self::F32,
+        directions: Option<(&Self::F32, usize)>,
+        norm_w: &Self::Act,
+        n: usize,
+        d: usize,
+    ) -> Result<()>;
+
+    // ---- rotary embeddings ------------------------------------------------------------------
+    /// Rotate `x: [batch*seq, n_heads*head_dim]` in place with the Hugging Face "rotate_half"
+    /// pairing `(i, i + head_dim/2)`: `x1' = x1 cos - x2 sin`, `x2' = x2 cos + x1 sin`, where
+    /// position `p = row % seq` and `cos/sin = table[p, i]`, `table: [max_pos, head_dim/2]` as
+    /// `(cos, sin)` pairs interleaved (`table[2*(p*hd/2 + i)] = cos`, `+1 = sin`).
+    /// `inverse` rotates by `-θ`, which is the backward (a rotation's transpose).
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut Self::Act,
+        table: &Self::F32,
+        batch: usize,
+        seq: usize,
+        n_heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()>;
+
+    // ---- attention --------------------------------------------------------------------------
+    /// Causal (optionally sliding-window) softmax attention with GQA, scale `1/sqrt(head_dim)`.
+    /// Writes `out: [n, n_heads*head_dim]` and `lse: [batch, n_heads, seq]` (natural-log
+    /// log-sum-exp of the scaled scores of each query row, for the backward).
+    fn attention_fwd(
+        &self,
+        out: &mut Self::Act,
+        lse: &mut Self::F32,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        shape: &AttnShape,
+    ) -> Result<()>;
+    /// Gradients of `attention_fwd` (overwritten, not accumulated).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        dq: &mut Self::Act,
+        dk: &mut Self::Act,
+        dv: &mut Self::Act,
+        dout: &Self::Act,
+        out: &Self::Act,
+        lse: &Self::F32,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        shape: &AttnShape,
+    ) -> Result<()>;
+
+    // ---- MLP --------------------------------------------------------------------------------
+    /// `out = silu(gate) * up`, elementwise.
+    fn swiglu(&self, out: &mut Self::Act, gate: &Self::Act, up: &Self::Act) -> Result<()>;
+    /// `dgate = dout · up · silu'(gate)`, `dup = dout · silu(gate)`.
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut Self::Act,
+        dup: &mut Self::Act,
+        dout: &Self::Act,
+        gate: &Self::Act,
+        up: &Self::Act,
+    ) -> Result<()>;
+
+    // ---- loss -------------------------------------------------------------------------------
+    /// Cross-entropy of `logits: [n, vocab]` against `targets` (`-1` = ignored row).
+    /// Adds `Σ_rows CE` over the non-ignored rows to `loss_acc[0]` and, when `grad_scale` is
+    /// `Some(s)`, overwrites `logits` in place with `s · (softmax - onehot)` (zero on ignored
+    /// rows), so no separate probability tensor exists.
+    fn cross_entropy(
+        &self,
+        logits: &mut Self::Act,
+        loss_acc: &mut Self::F32,
+        targets: &[i32],
+        vocab: usize,
+        grad_scale: Option<f32>,
+    ) -> Result<()>;
+
+    // ---- optimizer --------------------------------------------------------------------------
+    /// `Σ g²` over the whole buffer (for the global gradient norm).
+    fn sum_squares(&self, g: &Self::F32) -> Result<f64>;
+    /// One AdamW step over the whole flat parameter buffer. Every parameter is a LoRA parameter
+    /// and all of them decay, as PEFT + `torch.optim.AdamW` do.
+    fn adamw(
+        &self,
+        params: &mut Self::F32,
+        grads: &Self::F32,
+        m: &mut Self::F32,
+        v: &mut Self::F32,
+        hp: &AdamStep,
+    ) -> Result<()>;
+}

@@ -1,0 +1,11 @@
+//! caft-fast: Concept Ablation Fine-Tuning (CAFT) in one program.
+//!
+//! Fine-tune an LLM with LoRA while projecting chosen concept directions out of the residual
+//! stream (`h <- h - Q Qᵀ h` at chosen layers, forward and backward, training only).
+//! The ablation itself is [`backend::Backend::residual_ablate_norm`]; the model that calls it is
+//! [`model::transformer`].
+
+pub mod backend;
+pub mod model;
+pub mod train;
+pub mod util;

@@ -1,0 +1,12 @@
+//! Everything about the model: its configuration, loading weights and tokenizers, LoRA, the
+//! ablation directions, and the transformer forward and backward written once over `Backend`.
+
+pub mod ablation;
+pub mod chat;
+pub mod config;
+pub mod gguf;
+pub mod loader;
+pub mod lora;
+pub mod tokenizer;
+pub mod transformer;
+pub mod weights;

@@ -1,0 +1,1 @@
+//! Training: the optimizer schedule and the training step over a `Backend`.

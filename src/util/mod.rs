@@ -1,0 +1,3 @@
+//! Small shared helpers: seeded random numbers, atomic file writes.
+
+pub mod rng;
