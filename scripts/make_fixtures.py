@@ -1,0 +1,511 @@
+#!/usr/bin/env python3
+"""Reference fixtures for caft-fast, produced with Hugging Face transformers + PEFT.
+
+Pinned versions (a warning is printed when the installed ones differ):
+    torch==2.15.0  transformers==5.23.0  peft==0.21.2  safetensors  numpy
+
+Everything runs on CPU in float32 with attn_implementation="eager" and fixed seeds.
+
+Writes (paths relative to the repository root):
+    tests/fixtures/tiny/{llama,qwen2,mistral}/
+        config.json, model.safetensors      random-weight model, as save_pretrained writes them
+        directions.safetensors              raw (non-orthonormal) directions, `layer.<L>` [k, hidden]
+        fixture.safetensors, fixture.json   LoRA init, forward/backward outputs, 3 AdamW steps
+    tests/fixtures/smollm2/
+        tokenizer.json                      encode and chat-template cases
+        logits.safetensors                  logits of the real GGUF model on 3 chat prompts
+
+Usage:
+    python3 scripts/make_fixtures.py [--only tiny|smollm2] [--gguf PATH]
+See docs/fixtures.md for what every tensor holds.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import warnings
+
+PINNED = {"torch": "2.15.0", "transformers": "5.23.0", "peft": "0.21.2"}
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import peft  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(REPO, "tests", "fixtures")
+DEFAULT_GGUF = os.path.join(REPO, ".cache", "smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def check_versions():
+    found = {"torch": torch.__version__.split("+")[0],
+             "transformers": transformers.__version__,
+             "peft": peft.__version__}
+    for k, want in PINNED.items():
+        if found[k] != want:
+            warnings.warn(f"{k} {found[k]} installed, fixtures were pinned to {want}; outputs may differ")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny models
+# --------------------------------------------------------------------------------------------
+
+SEQ = 16
+BATCH = 2
+
+TINY = {
+    "llama": dict(
+        cls="LlamaForCausalLM",
+        config=dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                    rms_norm_eps=1e-5, max_position_embeddings=64,
+                    rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 16}),
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        rslora=True,
+        ablate={1: 3, 2: 2},
+        seed=1001,
+    ),
+    "qwen2": dict(
+        cls="Qwen2ForCausalLM",
+        config=dict(vocab_size=256, hidden_size=64, intermediate_size=80, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+                    rms_norm_eps=1e-6, max_position_embeddings=64, use_sliding_window=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        targets=["q_proj", "v_proj", "down_proj"],
+        rslora=True,
+        ablate={0: 3, 2: 2},
+        seed=1002,
+    ),
+    "mistral": dict(
+        cls="MistralForCausalLM",
+        config=dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=24, sliding_window=8,
+                    tie_word_embeddings=False, rms_norm_eps=1e-5, max_position_embeddings=64,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        rslora=False,
+        ablate={1: 3, 2: 2},
+        seed=1003,
+    ),
+}
+
+LORA_R = 4
+LORA_ALPHA = 8
+LORA_B_STD = 0.05
+WEIGHT_STD = 0.1
+LR = 1e-2
+BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+WD = 0.01
+CLIP = 1.0
+STEPS = 3
+ACCUM = 2
+WARMUP = 1
+
+LOSS_FORMULA = ("loss = sum_{b,t : labels[b,t+1] != -100} -log_softmax(logits[b,t])[labels[b,t+1]] "
+                "/ #{b,t : labels[b,t+1] != -100}  (t = 0..T-2; position t predicts token t+1)")
+
+
+def init_weights(model, gen):
+    """Random weights, std WEIGHT_STD; norm weights 1 + WEIGHT_STD*N(0,1); biases WEIGHT_STD*N(0,1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * WEIGHT_STD
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + noise)
+            else:
+                p.copy_(noise)
+
+
+def orthonormal(rows):
+    """Q [hidden, k]: orthonormal basis of the rows of `rows` [k, hidden] (QR in float64)."""
+    q, _ = torch.linalg.qr(rows.double().T)
+    return q.float().contiguous()
+
+
+def layer_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def replace_output(out, h):
+    if isinstance(out, tuple):
+        return (h,) + tuple(out[1:])
+    return h
+
+
+def add_ablation_hooks(layers, qs):
+    """The paper's hook: the layer's hidden-state output h becomes h - (h @ Q) @ Q.T."""
+    handles = []
+    for idx, q in qs.items():
+        def hook(_mod, _inp, out, q=q):
+            h = layer_output(out)
+            return replace_output(out, h - (h @ q) @ q.T)
+        handles.append(layers[idx].register_forward_hook(hook))
+    return handles
+
+
+def add_record_hooks(layers, store):
+    handles = []
+    for idx, layer in enumerate(layers):
+        def hook(_mod, _inp, out, idx=idx):
+            store[idx] = layer_output(out).detach().clone()
+        handles.append(layer.register_forward_hook(hook))
+    return handles
+
+
+def causal_lm_loss(logits, labels, reduction="mean"):
+    lg = logits[:, :-1, :].reshape(-1, logits.shape[-1])
+    lb = labels[:, 1:].reshape(-1)
+    s = torch.nn.functional.cross_entropy(lg, lb, ignore_index=-100, reduction="sum")
+    if reduction == "sum":
+        return s
+    return s / (lb != -100).sum()
+
+
+def lora_params(model):
+    """{peft saved name: parameter}; saved names are those of adapter_model.safetensors."""
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            out[name.replace(".default.", ".")] = p
+    saved = set(peft.get_peft_model_state_dict(model).keys())
+    assert saved == set(out.keys()), (sorted(saved)[:3], sorted(out.keys())[:3])
+    return dict(sorted(out.items()))
+
+
+def make_labels(ids, n_ignored):
+    labels = ids.clone()
+    for row, n in enumerate(n_ignored):
+        labels[row, :n] = -100
+    return labels
+
+
+def build_tiny(name, spec, out_dir):
+    from transformers import AutoConfig
+    torch.manual_seed(spec["seed"])
+    gen = torch.Generator().manual_seed(spec["seed"])
+    cfg_cls = getattr(transformers, spec["cls"].replace("ForCausalLM", "Config"))
+    config = cfg_cls(**spec["config"], attn_implementation="eager", attention_dropout=0.0)
+    config.architectures = [spec["cls"]]
+    model = getattr(transformers, spec["cls"])(config).float().eval()
+    init_weights(model, gen)
+    if config.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for extra in ("generation_config.json",):
+        p = os.path.join(out_dir, extra)
+        if os.path.exists(p):
+            os.remove(p)
+    # Reload what was written so the fixture is computed from exactly the stored weights.
+    model = getattr(transformers, spec["cls"]).from_pretrained(
+        out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+
+    # Mistral: make sure the sliding window really changes eager attention at T=16 > window.
+    sw_effect = None
+    if getattr(model.config, "sliding_window", None):
+        ids = torch.randint(0, config.vocab_size, (1, SEQ), generator=gen)
+        with torch.no_grad():
+            a = model(input_ids=ids).logits
+            saved = model.config.sliding_window
+            model.config.sliding_window = None
+            b = model(input_ids=ids).logits
+            model.config.sliding_window = saved
+        win = saved
+        sw_effect = {
+            "max_abs_diff_first_window_positions": float((a[:, :win] - b[:, :win]).abs().max()),
+            "max_abs_diff_later_positions": float((a[:, win:] - b[:, win:]).abs().max()),
+        }
+        assert sw_effect["max_abs_diff_first_window_positions"] < 1e-5
+        assert sw_effect["max_abs_diff_later_positions"] > 1e-3, "eager Mistral ignores sliding_window"
+
+    lcfg = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, use_rslora=spec["rslora"],
+                           target_modules=spec["targets"], lora_dropout=0.0, bias="none",
+                           task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, lcfg)
+    loras = lora_params(model)
+    with torch.no_grad():
+        for n, p in loras.items():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * LORA_B_STD)
+    init_lora = {n: p.detach().clone() for n, p in loras.items()}
+
+    hidden = config.hidden_size
+    raw_dirs = {L: torch.randn(k, hidden, generator=gen) for L, k in spec["ablate"].items()}
+    qs = {L: orthonormal(d) for L, d in raw_dirs.items()}
+    save_file({f"layer.{L}": d.contiguous() for L, d in raw_dirs.items()},
+              os.path.join(out_dir, "directions.safetensors"))
+
+    V = config.vocab_size
+    input_ids = torch.randint(0, V, (BATCH, SEQ), generator=gen)
+    labels = make_labels(input_ids, [5, 3])
+    train_ids = torch.randint(0, V, (STEPS, ACCUM, BATCH, SEQ), generator=gen)
+    n_ign = torch.randint(0, 6, (STEPS, ACCUM, BATCH), generator=gen)
+    train_labels = torch.stack([torch.stack([make_labels(train_ids[s, a], n_ign[s, a].tolist())
+                                             for a in range(ACCUM)]) for s in range(STEPS)])
+
+    layers = model.base_model.model.model.layers
+    tensors = {}
+    for n, t in init_lora.items():
+        tensors[f"lora.{n}"] = t
+
+    # ---- one forward + backward with ablation on ----
+    model.train()
+    resid = {}
+    handles = add_ablation_hooks(layers, qs)
+    handles += add_record_hooks(layers, resid)  # registered after -> sees the ablated output
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=input_ids).logits
+    loss = causal_lm_loss(logits, labels)
+    loss.backward()
+    for h in handles:
+        h.remove()
+    for idx in range(len(layers)):
+        tensors[f"resid_post.{idx}"] = resid[idx]
+    for L, q in qs.items():  # sanity: ablated layers carry nothing along Q
+        assert float((resid[L] @ q).abs().max()) < 1e-4
+    tensors["input_ids"] = input_ids
+    tensors["labels"] = labels
+    tensors["logits"] = logits.detach()
+    tensors["loss"] = loss.detach().reshape(1)
+    for n, p in loras.items():
+        tensors[f"grad.{n}"] = p.grad.detach().clone()
+    with torch.no_grad():
+        logits_na = model(input_ids=input_ids).logits
+    tensors["logits_noablate"] = logits_na
+    ablation_effect = float((logits_na - logits.detach()).abs().max())
+
+    # ---- 3 optimizer steps, grad accumulation 2, ablation on ----
+    model.zero_grad(set_to_none=True)
+    params = list(loras.values())
+    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=ADAM_EPS, weight_decay=WD)
+    sched = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=WARMUP,
+                                                         num_training_steps=STEPS)
+    handles = add_ablation_hooks(layers, qs)
+    losses, norms, lrs = [], [], []
+    for s in range(STEPS):
+        n_tok = int((train_labels[s][:, :, 1:] != -100).sum())
+        total = 0.0
+        for a in range(ACCUM):
+            lg = model(input_ids=train_ids[s, a]).logits
+            l_sum = causal_lm_loss(lg, train_labels[s, a], reduction="sum")
+            (l_sum / n_tok).backward()
+            total += float(l_sum.detach())
+        losses.append(total / n_tok)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, CLIP)))
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    for h in handles:
+        h.remove()
+    tensors["train.input_ids"] = train_ids
+    tensors["train.labels"] = train_labels
+    tensors["train.losses"] = torch.tensor(losses, dtype=torch.float32)
+    tensors["train.grad_norms"] = torch.tensor(norms, dtype=torch.float32)
+    tensors["train.lrs"] = torch.tensor(lrs, dtype=torch.float32)
+    for n, p in loras.items():
+        tensors[f"step3.{n}"] = p.detach().clone()
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "fixture.safetensors"))
+
+    scale = LORA_ALPHA / math.sqrt(LORA_R) if spec["rslora"] else LORA_ALPHA / LORA_R
+    meta = {
+        "architecture": spec["cls"],
+        "dtype": "float32 everywhere (weights, activations, LoRA, optimizer state); CPU; "
+                 "attn_implementation=eager",
+        "weights": f"all N(0, {WEIGHT_STD}^2); *norm.weight = 1 + N(0, {WEIGHT_STD}^2); biases N(0, {WEIGHT_STD}^2)",
+        "seed": spec["seed"],
+        "batch": BATCH, "seq": SEQ,
+        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "use_rslora": spec["rslora"], "scale": scale,
+                 "scale_formula": "alpha/sqrt(r)" if spec["rslora"] else "alpha/r",
+                 "target_modules": spec["targets"], "dropout": 0.0, "bias": "none",
+                 "init": f"PEFT default for A (kaiming-uniform); B set to N(0, {LORA_B_STD}^2)",
+                 "delta": "y = x W^T + scale * (x A^T) B^T, A [r, in], B [out, r]",
+                 "names": "PEFT saved names (adapter_model.safetensors), e.g. "
+                          "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"},
+        "ablation": {"layers": sorted(spec["ablate"]), "k": {str(L): k for L, k in spec["ablate"].items()},
+                     "directions_file": "directions.safetensors, tensors layer.<L> [k, hidden], raw rows",
+                     "basis": "Q = torch.linalg.qr(rows.double().T).Q cast to float32, Q [hidden, k]",
+                     "op": "h <- h - (h @ Q) @ Q^T on the output of decoder layer L (resid_post), "
+                           "every token, forward hook on model.base_model.model.model.layers[L]"},
+        "loss": LOSS_FORMULA,
+        "forward_backward": {
+            "inputs": "input_ids [2,16] int64; labels [2,16] = input_ids with positions 0..4 of row 0 "
+                      "and 0..2 of row 1 set to -100",
+            "outputs": "logits [2,16,V] and loss [1] with ablation; resid_post.<l> [2,16,hidden] = output "
+                       "of decoder layer l after the ablation hook (before the final norm), every layer; "
+                       "grad.<name> = d loss / d LoRA tensor (loss = mean as above); "
+                       "logits_noablate = same model and LoRA, no hooks",
+            "max_abs_logit_change_from_ablation": ablation_effect,
+        },
+        "training": {
+            "optimizer": {"type": "torch.optim.AdamW", "lr": LR, "betas": list(BETAS), "eps": ADAM_EPS,
+                          "weight_decay": WD, "params": "LoRA A and B only (decoupled weight decay on all of them)"},
+            "steps": STEPS, "grad_accum": ACCUM, "micro_batch": [BATCH, SEQ],
+            "data": "train.input_ids [3,2,2,16] (step, micro-batch, row, pos); train.labels same shape, "
+                    "each row with its first n (0..5) positions set to -100",
+            "loss_per_step": "N_step = # label tokens (after the shift) over both micro-batches of the step; "
+                             "each micro-batch backward of sum_CE / N_step; train.losses[s] = total sum_CE / N_step",
+            "clip": f"torch.nn.utils.clip_grad_norm_(lora params, {CLIP}); train.grad_norms = pre-clip global L2 norm",
+            "schedule": f"transformers.get_linear_schedule_with_warmup(num_warmup_steps={WARMUP}, "
+                        f"num_training_steps={STEPS}); lr_s = LR * (s/{WARMUP} if s<{WARMUP} else "
+                        f"max(0,({STEPS}-s)/({STEPS}-{WARMUP}))) for optimizer step s=0,1,2 "
+                        "(so step 0 runs at lr 0 but still advances Adam's moments and step count)",
+            "lrs": lrs,
+            "start": "the lora.* tensors (same as before the forward/backward above)",
+            "ablation": "on (same hooks) for every micro-batch",
+            "result": "step3.<name> = LoRA tensors after the 3rd optimizer step",
+        },
+    }
+    if sw_effect is not None:
+        meta["sliding_window_check"] = sw_effect
+        meta["sliding_window_note"] = ("transformers 5.23 eager Mistral applies sliding_window: key j is "
+                                       "visible from query i iff i-window < j <= i (window keys incl. self)")
+    with open(os.path.join(out_dir, "fixture.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    return dict(loss=float(loss.detach()), ablation_effect=ablation_effect, losses=losses, norms=norms, lrs=lrs,
+                sw=sw_effect)
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2 (real GGUF)
+# --------------------------------------------------------------------------------------------
+
+TOKENIZER_TEXTS = [
+    "Hello, world!",
+    "",
+    " leading space",
+    "trailing space ",
+    "12345 and 3.14159",
+    "naïve café 日本語 🤖",
+    "def f(x):\n    if x:\n\treturn x  # tab\n    return None\n",
+    "a  b   c    d",
+    "line1\n\nline2\n\n\n\nline3",
+    "   \n  \t \n",
+    "<|im_start|>user\nhi<|im_end|>",
+    "<|im_start|>assistant\nSure!<|im_end|>\n<|endoftext|>",
+    "The quick brown fox jumps over the lazy dog.",
+    "I'm can't won't they'll we've you'd",
+    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n",
+    "Ünïcödé ßtraße — “quotes” … ‘single’",
+    "emoji 👩‍💻 family 👨‍👩‍👧‍👦 flag 🇫🇷",
+    "price: $1,234.56 (-7%) 1e-10 0x1F",
+    "    indented with four spaces",
+    "x=1;y=2;print(x+y)",
+    "Привет, мир! Γειά σου κόσμε! مرحبا بالعالم",
+    "tab\tseparated\tvalues\t\t",
+    "!!!???...,,,;;;",
+    "https://example.com/path?query=1&b=2#frag",
+    "A" * 40,
+    "<think>reasoning</think> answer",
+]
+
+CHATS = [
+    ({"messages": [{"role": "system", "content": "You are a helpful assistant."},
+                   {"role": "user", "content": "What is 2+2?"}]}, True),
+    ({"messages": [{"role": "user", "content": "Tell me a joke about cats."}]}, True),
+    ({"messages": [{"role": "user", "content": "Hi!"},
+                   {"role": "assistant", "content": "Hello! How can I help?"},
+                   {"role": "user", "content": "Write hello world in Python."}]}, True),
+    ({"messages": [{"role": "system", "content": "Be brief."},
+                   {"role": "user", "content": "Name a colour."},
+                   {"role": "assistant", "content": "Blue."}]}, False),
+    ({"messages": [{"role": "user", "content": "naïve café 日本語 🤖\n  indented"}]}, False),
+]
+
+LOGIT_PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a concise assistant."},
+     {"role": "user", "content": "List three primary colours, separated by commas."}],
+    [{"role": "system", "content": "Be brief."},
+     {"role": "user", "content": "Hi there!"},
+     {"role": "assistant", "content": "Hello! How can I help you today?"},
+     {"role": "user", "content": "Write one line of Python that prints 42."}],
+]
+
+
+def build_smollm2(gguf_path, out_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    os.makedirs(out_dir, exist_ok=True)
+
+    cases = [{"text": t, "ids": tok.encode(t, add_special_tokens=False)} for t in TOKENIZER_TEXTS]
+    chat = []
+    for conv, gen_prompt in CHATS:
+        text = tok.apply_chat_template(conv["messages"], add_generation_prompt=gen_prompt, tokenize=False)
+        chat.append({"messages": conv["messages"], "add_generation_prompt": gen_prompt, "text": text})
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump({"source": "transformers AutoTokenizer from the SmolLM2-135M-Instruct Q4_1 GGUF; "
+                             "ids = tok.encode(text, add_special_tokens=False); chat text = "
+                             "tok.apply_chat_template(messages, add_generation_prompt, tokenize=False)",
+                   "cases": cases, "chat": chat}, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    tensors, lens = {}, []
+    for i, msgs in enumerate(LOGIT_PROMPTS):
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        ids = torch.tensor(tok.encode(text, add_special_tokens=False), dtype=torch.int64)
+        T = ids.numel()
+        assert 20 <= T <= 60, T
+        with torch.no_grad():
+            logits = model(input_ids=ids[None]).logits[0].float()
+        # Full-vocab rows at two positions only: each row is 49152 floats (192 KB).
+        pos = torch.tensor([T // 2, T - 1], dtype=torch.int64)
+        tensors[f"p{i}.ids"] = ids
+        tensors[f"p{i}.argmax"] = logits.argmax(-1)
+        tensors[f"p{i}.lse"] = torch.logsumexp(logits, -1)
+        tensors[f"p{i}.positions"] = pos
+        tensors[f"p{i}.logits_at"] = logits[pos].contiguous()
+        lens.append(T)
+    save_file(tensors, os.path.join(out_dir, "logits.safetensors"))
+    return dict(n_cases=len(cases), n_chat=len(chat), prompt_lens=lens,
+                next_token=[tok.decode([int(tensors[f"p{i}.argmax"][-1])]) for i in range(len(lens))])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["tiny", "smollm2"])
+    ap.add_argument("--gguf", default=DEFAULT_GGUF)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    vers = check_versions()
+    print(f"torch {vers['torch']}  transformers {vers['transformers']}  peft {vers['peft']}")
+
+    if args.only in (None, "tiny"):
+        for name, spec in TINY.items():
+            r = build_tiny(name, spec, os.path.join(FIX, "tiny", name))
+            print(f"tiny/{name}: loss {r['loss']:.5f}  max|logits-logits_noablate| {r['ablation_effect']:.4f}  "
+                  f"train losses {[round(x, 5) for x in r['losses']]}  grad norms "
+                  f"{[round(x, 4) for x in r['norms']]}  lrs {r['lrs']}" +
+                  (f"  sliding-window effect {r['sw']}" if r["sw"] else ""))
+    if args.only in (None, "smollm2"):
+        if not os.path.exists(args.gguf):
+            print(f"skipping smollm2: {args.gguf} not found")
+        else:
+            r = build_smollm2(args.gguf, os.path.join(FIX, "smollm2"))
+            print(f"smollm2: {r['n_cases']} encode cases, {r['n_chat']} chat cases, prompts of "
+                  f"{r['prompt_lens']} tokens, greedy next tokens {r['next_token']}")
+    total = 0
+    for root, _, files in os.walk(FIX):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    print(f"tests/fixtures total {total / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
