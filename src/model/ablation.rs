@@ -1,1 +1,754 @@
-//! (in progress)
+//! Ablation directions: reading, validating and orthonormalising the concept directions whose
+//! span CAFT projects out of the residual stream (`h <- h - Qᵀ(Q h)` at the output of a layer).
+//!
+//! A directions file holds, per ablated layer `L`, a matrix `[k, d_model]` whose rows span the
+//! unwanted concepts. Only the span matters: the projection `P = I - QᵀQ` depends on it alone,
+//! so the rows need not be orthonormal on disk. Every set is orthonormalised here in f64
+//! (modified Gram–Schmidt with one re-orthogonalisation pass) and rounded once to f32, the
+//! precision every backend applies it in.
+//!
+//! Accepted files:
+//! - `.safetensors` with tensors named `layer.<L>`, shape `[k, d_model]` or `[d_model]` (k = 1),
+//!   dtype F32, F16, BF16 or F64; as written by [`save_directions`].
+//! - `.npy` (f32 or f64, little-endian, C order, 1-D or 2-D) holding one layer, whose index is
+//!   given separately because the format has no place for it.
+
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+use crate::util::rng::Rng;
+
+/// A directions file larger than this is almost certainly something else (a model checkpoint):
+/// 64 layers x 64 directions x 16384 wide in f32 is 268 MB.
+const MAX_FILE_BYTES: u64 = 1 << 30;
+
+/// A row whose norm after removing its components along the previous rows is below this
+/// fraction of its original norm lies (numerically) in their span.
+const DEPENDENCE_TOL: f64 = 1e-6;
+
+/// The tensor-name prefix of one layer's directions in a safetensors file.
+const LAYER_PREFIX: &str = "layer.";
+
+/// The orthonormal directions ablated at one layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DirectionSet {
+    /// Decoder layer whose output (resid_post) is projected.
+    pub layer: usize,
+    /// Number of directions (rows of `q`).
+    pub k: usize,
+    /// Width of each direction (the model's `hidden_size`).
+    pub d: usize,
+    /// Row-major `[k, d]`, orthonormal rows (f32 rounded from an f64 Gram–Schmidt).
+    pub q: Vec<f32>,
+}
+
+/// All ablation directions of one run, one set per layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Directions {
+    /// Sorted by `layer`, at most one set per layer.
+    pub sets: Vec<DirectionSet>,
+    /// Lowercase hex SHA-256 of the file bytes (of the serialised safetensors bytes for
+    /// generated directions), so a run records exactly which directions it ablated.
+    pub sha256: String,
+    /// Where the directions came from: the file path, or `random(seed=..,k=..)`.
+    pub source: String,
+}
+
+impl Directions {
+    /// The ablated layers, ascending.
+    pub fn layers(&self) -> Vec<usize> {
+        self.sets.iter().map(|s| s.layer).collect()
+    }
+
+    /// The set ablated at `layer`, if any.
+    pub fn get(&self, layer: usize) -> Option<&DirectionSet> {
+        self.sets
+            .binary_search_by_key(&layer, |s| s.layer)
+            .ok()
+            .map(|i| &self.sets[i])
+    }
+
+    /// Keep only `layers` (in any order, duplicates allowed). Every requested layer must be
+    /// present; the hash still names the original file, and `source` records the selection.
+    pub fn restrict(&self, layers: &[usize]) -> Result<Directions> {
+        let mut wanted = layers.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut sets = Vec::with_capacity(wanted.len());
+        for &l in &wanted {
+            match self.get(l) {
+                Some(s) => sets.push(s.clone()),
+                None => bail!(
+                    "{}: no directions for layer {l}; the file has layers {:?}",
+                    self.source,
+                    self.layers()
+                ),
+            }
+        }
+        Ok(Directions {
+            sets,
+            sha256: self.sha256.clone(),
+            source: format!("{} (layers {:?})", self.source, wanted),
+        })
+    }
+
+    /// The safetensors bytes [`save_directions`] writes: one F32 tensor `layer.<L>` of shape
+    /// `[k, d]` per set, and the `source` in the header metadata.
+    pub fn to_safetensors_bytes(&self) -> Result<Vec<u8>> {
+        let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = self
+            .sets
+            .iter()
+            .map(|s| {
+                let b: Vec<u8> = s.q.iter().flat_map(|x| x.to_le_bytes()).collect();
+                (format!("{LAYER_PREFIX}{}", s.layer), b, vec![s.k, s.d])
+            })
+            .collect();
+        let mut views = Vec::with_capacity(bytes.len());
+        for (name, b, shape) in &bytes {
+            let v = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)
+                .map_err(|e| anyhow!("directions tensor `{name}`: {e}"))?;
+            views.push((name.clone(), v));
+        }
+        // A single metadata key keeps the header (a JSON map) byte-for-byte deterministic.
+        let meta = HashMap::from([("source".to_string(), self.source.clone())]);
+        safetensors::serialize(views, Some(meta))
+            .map_err(|e| anyhow!("serialising directions from {}: {e}", self.source))
+    }
+}
+
+/// Lowercase hex SHA-256.
+fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Orthonormalise the rows of `rows` (row-major `[k, d]`) by modified Gram–Schmidt with one
+/// re-orthogonalisation pass, in f64.
+///
+/// Row `i` of the result spans the same space as input rows `0..=i`. A single MGS pass loses
+/// orthogonality in proportion to the condition number of the input; the second pass
+/// ("twice is enough") brings `|QQᵀ - I|` back to a few ulps for any input that passes the
+/// dependence test. Row `i` is rejected as linearly dependent when the norm left after both
+/// passes is below `1e-6` of its original norm. Each row is first scaled by its largest
+/// magnitude so that norms neither overflow nor underflow whatever the input's scale.
+pub fn orthonormalize(rows: &[f64], k: usize, d: usize) -> Result<Vec<f64>> {
+    if d == 0 {
+        bail!("directions have width 0");
+    }
+    if k == 0 {
+        bail!("no directions (k = 0)");
+    }
+    let want = k
+        .checked_mul(d)
+        .ok_or_else(|| anyhow!("{k} x {d} directions overflow the address space"))?;
+    if rows.len() != want {
+        bail!(
+            "{} values given for {k} directions of width {d} (expected {want})",
+            rows.len()
+        );
+    }
+    if k > d {
+        bail!("{k} directions of width {d} cannot be linearly independent (need k <= d)");
+    }
+    let mut q = vec![0.0f64; want];
+    for i in 0..k {
+        let src = &rows[i * d..(i + 1) * d];
+        if let Some(c) = src.iter().position(|x| !x.is_finite()) {
+            bail!("row {i} column {c} is not finite ({})", src[c]);
+        }
+        let scale = src.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        if scale == 0.0 {
+            bail!("row {i} is all zeros");
+        }
+        let mut v: Vec<f64> = src.iter().map(|x| x / scale).collect();
+        let norm0 = norm(&v);
+        let (done, rest) = q.split_at_mut(i * d);
+        for _pass in 0..2 {
+            // v <- v - (q_j · v) q_j for each earlier row, using the updated v (MGS).
+            for qj in done.chunks_exact(d) {
+                let c = dot(qj, &v);
+                for (vx, qx) in v.iter_mut().zip(qj) {
+                    *vx -= c * qx;
+                }
+            }
+        }
+        let left = norm(&v);
+        if left < DEPENDENCE_TOL * norm0 {
+            bail!(
+                "row {i} is linearly dependent on rows 0..{i}: only {:.3e} of its norm lies \
+                 outside their span (threshold {DEPENDENCE_TOL:e})",
+                left / norm0
+            );
+        }
+        for (o, x) in rest[..d].iter_mut().zip(&v) {
+            *o = x / left;
+        }
+    }
+    Ok(q)
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn norm(a: &[f64]) -> f64 {
+    dot(a, a).sqrt()
+}
+
+/// Validate one layer's raw rows and orthonormalise them. `what` names the file and tensor
+/// for messages ("dirs.safetensors: tensor `layer.3`").
+fn build_set(
+    what: &str,
+    layer: usize,
+    rows: &[f64],
+    k: usize,
+    width: usize,
+    d_model: usize,
+    n_layers: usize,
+) -> Result<DirectionSet> {
+    if layer >= n_layers {
+        bail!(
+            "{what}: layer {layer} does not exist: the model has {n_layers} layers \
+             (valid 0..{})",
+            n_layers.saturating_sub(1)
+        );
+    }
+    if width != d_model {
+        bail!(
+            "{what}: directions have width {width} but the model's hidden size (d_model) is \
+             {d_model}; the file was probably made for another model"
+        );
+    }
+    if k == 0 {
+        bail!("{what}: has no rows (k = 0)");
+    }
+    if k >= d_model {
+        bail!(
+            "{what}: {k} directions for d_model = {d_model}; ablating that many would remove \
+             (nearly) the whole residual stream (need k < d_model)"
+        );
+    }
+    for (i, row) in rows.chunks_exact(width).enumerate() {
+        if let Some(c) = row.iter().position(|x| !x.is_finite()) {
+            bail!("{what}: row {i} column {c} is {} (NaN or Inf)", row[c]);
+        }
+    }
+    let q = orthonormalize(rows, k, width).map_err(|e| anyhow!("{what}: {e}"))?;
+    Ok(DirectionSet {
+        layer,
+        k,
+        d: width,
+        q: q.iter().map(|&x| x as f32).collect(),
+    })
+}
+
+/// Read, validate and orthonormalise a directions file (see the module docs for formats).
+///
+/// `npy_layer` is the layer a `.npy` file applies to (required for `.npy`, refused for
+/// `.safetensors`, whose tensor names carry their layers). `d_model` and `n_layers` are the
+/// model's, so that a file made for another model is caught here rather than mid-training.
+pub fn load_directions(
+    path: &Path,
+    npy_layer: Option<usize>,
+    d_model: usize,
+    n_layers: usize,
+) -> Result<Directions> {
+    let file = path.display().to_string();
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading directions file {file}"))?
+        .len();
+    if len > MAX_FILE_BYTES {
+        bail!(
+            "{file}: {len} bytes is too large for a directions file (limit {MAX_FILE_BYTES}); \
+             is this a model checkpoint?"
+        );
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading directions file {file}"))?;
+    if bytes.is_empty() {
+        bail!("{file}: the file is empty (no tensors)");
+    }
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase());
+    let (sets, meta_source) = match ext.as_deref() {
+        Some("npy") => {
+            let layer = npy_layer.ok_or_else(|| {
+                anyhow!(
+                    "{file}: a .npy file holds one layer's directions but says not which; \
+                     give the layer explicitly"
+                )
+            })?;
+            (
+                vec![load_npy(&file, &bytes, layer, d_model, n_layers)?],
+                None,
+            )
+        }
+        Some("safetensors") => {
+            if let Some(l) = npy_layer {
+                bail!(
+                    "{file}: a layer ({l}) was given, but a .safetensors file names its layers \
+                     in its tensor names (`{LAYER_PREFIX}<L>`); give no layer, or select \
+                     layers after loading"
+                );
+            }
+            load_safetensors(&file, &bytes, d_model, n_layers)?
+        }
+        _ => bail!(
+            "{file}: unknown directions format; expected a .safetensors file (tensors \
+             `{LAYER_PREFIX}<L>` of shape [k, d_model]) or a .npy file"
+        ),
+    };
+    let source = match meta_source {
+        Some(m) => format!("{file} [{m}]"),
+        None => file,
+    };
+    Ok(Directions {
+        sets,
+        sha256: sha256_hex(&bytes),
+        source,
+    })
+}
+
+/// Parse `layer.<L>` with `L` a canonical decimal (no sign, no leading zeros).
+fn parse_layer_name(name: &str) -> Option<usize> {
+    let digits = name.strip_prefix(LAYER_PREFIX)?;
+    let ok = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    if ok {
+        digits.parse().ok()
+    } else {
+        None
+    }
+}
+
+fn load_safetensors(
+    file: &str,
+    bytes: &[u8],
+    d_model: usize,
+    n_layers: usize,
+) -> Result<(Vec<DirectionSet>, Option<String>)> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| anyhow!("{file}: not a valid safetensors file: {e}"))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow!("{file}: not a valid safetensors file: {e}"))?;
+    let meta_source = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("source").cloned());
+    let mut named: BTreeMap<usize, (String, safetensors::tensor::TensorView)> = BTreeMap::new();
+    let mut bad: Vec<String> = Vec::new();
+    for (name, view) in st.tensors() {
+        match parse_layer_name(&name) {
+            Some(l) => {
+                named.insert(l, (name, view));
+            }
+            None => bad.push(name),
+        }
+    }
+    if !bad.is_empty() {
+        bad.sort();
+        bail!(
+            "{file}: unexpected tensor name(s) {}; a directions file holds only tensors named \
+             `{LAYER_PREFIX}<L>` (L = decoder layer index, e.g. `{LAYER_PREFIX}12`) of shape \
+             [k, d_model]",
+            bad.iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if named.is_empty() {
+        bail!("{file}: the file is empty (no tensors); expected tensors `{LAYER_PREFIX}<L>`");
+    }
+    let mut sets = Vec::with_capacity(named.len());
+    for (layer, (name, view)) in named {
+        let what = format!("{file}: tensor `{name}`");
+        let (k, width) = match *view.shape() {
+            [w] => (1, w),
+            [k, w] => (k, w),
+            ref s => bail!(
+                "{what}: shape {s:?} has {} dimensions; expected [k, d_model] or [d_model]",
+                s.len()
+            ),
+        };
+        let rows = decode(&what, view.dtype(), view.data())?;
+        sets.push(build_set(&what, layer, &rows, k, width, d_model, n_layers)?);
+    }
+    Ok((sets, meta_source))
+}
+
+/// Little-endian tensor bytes to f64 (exact for every accepted dtype).
+fn decode(what: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f64>> {
+    Ok(match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect(),
+        Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
+            .collect(),
+        other => bail!("{what}: dtype {other:?} is not supported; use F32, F16, BF16 or F64"),
+    })
+}
+
+// ---- .npy -----------------------------------------------------------------------------------
+//
+// Layout (numpy's format spec, versions 1.0-3.0): the magic b"\x93NUMPY", a major and a minor
+// version byte, the header length (u16 LE in 1.x, u32 LE in 2.x/3.x), then the header: a Python
+// dict literal `{'descr': '<f4', 'fortran_order': False, 'shape': (k, d), }` padded with spaces
+// and a newline. The data follows directly.
+
+const NPY_MAGIC: &[u8] = b"\x93NUMPY";
+/// numpy writes headers of well under a kilobyte; anything larger is corrupt.
+const NPY_MAX_HEADER: usize = 1 << 16;
+
+/// The parsed header of a .npy file.
+struct NpyHeader {
+    descr: String,
+    fortran_order: bool,
+    shape: Vec<usize>,
+}
+
+fn load_npy(
+    file: &str,
+    bytes: &[u8],
+    layer: usize,
+    d_model: usize,
+    n_layers: usize,
+) -> Result<DirectionSet> {
+    let what = format!("{file}: array (layer {layer})");
+    if bytes.len() < NPY_MAGIC.len() + 2 || &bytes[..NPY_MAGIC.len()] != NPY_MAGIC {
+        bail!("{file}: not a .npy file (the magic bytes \\x93NUMPY are missing)");
+    }
+    let major = bytes[6];
+    let minor = bytes[7];
+    let (hlen, hstart) = match major {
+        1 => {
+            let b = bytes
+                .get(8..10)
+                .ok_or_else(|| anyhow!("{file}: .npy header length is truncated"))?;
+            (u16::from_le_bytes([b[0], b[1]]) as usize, 10)
+        }
+        2 | 3 => {
+            let b = bytes
+                .get(8..12)
+                .ok_or_else(|| anyhow!("{file}: .npy header length is truncated"))?;
+            (u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize, 12)
+        }
+        _ => bail!("{file}: .npy format version {major}.{minor} is not supported (1.x-3.x)"),
+    };
+    if hlen > NPY_MAX_HEADER {
+        bail!("{file}: .npy header claims {hlen} bytes (limit {NPY_MAX_HEADER}); file is corrupt");
+    }
+    let hend = hstart + hlen;
+    let header_bytes = bytes.get(hstart..hend).ok_or_else(|| {
+        anyhow!(
+            "{file}: .npy header claims {hlen} bytes but the file has only {} after the preamble",
+            bytes.len() - hstart
+        )
+    })?;
+    let header_text = std::str::from_utf8(header_bytes)
+        .map_err(|_| anyhow!("{file}: .npy header is not valid text"))?;
+    let header =
+        parse_npy_header(header_text).map_err(|e| anyhow!("{file}: bad .npy header: {e}"))?;
+
+    let itemsize = match header.descr.as_str() {
+        "<f4" => 4,
+        "<f8" => 8,
+        ">f4" | ">f8" => bail!(
+            "{file}: .npy data is big-endian ('{}'); save it little-endian (e.g. \
+             arr.astype('<f4'))",
+            header.descr
+        ),
+        d => bail!(
+            "{file}: .npy dtype '{d}' is not supported; use float32 ('<f4') or float64 ('<f8')"
+        ),
+    };
+    let (k, width) = match header.shape[..] {
+        [w] => (1, w),
+        [k, w] => (k, w),
+        ref s => bail!(
+            "{what}: shape {s:?} has {} dimensions; expected (k, d_model) or (d_model,)",
+            s.len()
+        ),
+    };
+    if header.fortran_order && k > 1 {
+        bail!(
+            "{what}: stored in Fortran (column-major) order; save it in C order (e.g. \
+             np.ascontiguousarray(arr))"
+        );
+    }
+    // Check the element count against the bytes actually present before allocating anything.
+    let data = &bytes[hend..];
+    let want = k
+        .checked_mul(width)
+        .and_then(|n| n.checked_mul(itemsize))
+        .ok_or_else(|| anyhow!("{what}: shape ({k}, {width}) overflows; header is corrupt"))?;
+    if data.len() != want {
+        bail!(
+            "{what}: shape ({k}, {width}) of '{}' needs {want} data bytes but the file has {}",
+            header.descr,
+            data.len()
+        );
+    }
+    let dtype = if itemsize == 4 {
+        Dtype::F32
+    } else {
+        Dtype::F64
+    };
+    let rows = decode(&what, dtype, data)?;
+    build_set(&what, layer, &rows, k, width, d_model, n_layers)
+}
+
+/// Parse the dict literal of a .npy header. Exactly the keys `descr` (a string),
+/// `fortran_order` (True/False) and `shape` (a tuple of non-negative integers) are accepted.
+fn parse_npy_header(text: &str) -> Result<NpyHeader> {
+    let mut p = DictParser {
+        s: text.as_bytes(),
+        i: 0,
+    };
+    let mut descr = None;
+    let mut fortran = None;
+    let mut shape = None;
+    p.ws();
+    p.expect(b'{')?;
+    loop {
+        p.ws();
+        if p.eat(b'}') {
+            break;
+        }
+        let key = p.string()?;
+        p.ws();
+        p.expect(b':')?;
+        p.ws();
+        let dup = match key.as_str() {
+            "descr" => descr.replace(p.string()?).is_some(),
+            "fortran_order" => fortran.replace(p.boolean()?).is_some(),
+            "shape" => shape.replace(p.tuple()?).is_some(),
+            other => bail!("unexpected key '{other}'"),
+        };
+        if dup {
+            bail!("key '{key}' appears twice");
+        }
+        p.ws();
+        if p.eat(b'}') {
+            break;
+        }
+        p.expect(b',')?;
+    }
+    p.ws();
+    if p.i != p.s.len() {
+        bail!("unexpected text after the header dict at byte {}", p.i);
+    }
+    Ok(NpyHeader {
+        descr: descr.ok_or_else(|| anyhow!("key 'descr' is missing"))?,
+        fortran_order: fortran.ok_or_else(|| anyhow!("key 'fortran_order' is missing"))?,
+        shape: shape.ok_or_else(|| anyhow!("key 'shape' is missing"))?,
+    })
+}
+
+/// A cursor over the header text, just enough of Python literal syntax for numpy's headers.
+struct DictParser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl DictParser<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\n' | b'\t' | b'\r')) {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        if self.peek() == Some(c) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn expect(&mut self, c: u8) -> Result<()> {
+        if self.eat(c) {
+            Ok(())
+        } else {
+            bail!("expected '{}' at byte {}", c as char, self.i)
+        }
+    }
+
+    /// A single- or double-quoted string without escapes (numpy never writes any).
+    fn string(&mut self) -> Result<String> {
+        let q = match self.peek() {
+            Some(c @ (b'\'' | b'"')) => c,
+            _ => bail!("expected a quoted string at byte {}", self.i),
+        };
+        self.i += 1;
+        let start = self.i;
+        while let Some(c) = self.peek() {
+            if c == q {
+                let out = String::from_utf8_lossy(&self.s[start..self.i]).into_owned();
+                self.i += 1;
+                return Ok(out);
+            }
+            if c == b'\\' {
+                bail!("escape sequences in header strings are not supported");
+            }
+            self.i += 1;
+        }
+        bail!("unterminated string starting at byte {}", start - 1)
+    }
+
+    fn boolean(&mut self) -> Result<bool> {
+        let rest = &self.s[self.i..];
+        if rest.starts_with(b"True") {
+            self.i += 4;
+            Ok(true)
+        } else if rest.starts_with(b"False") {
+            self.i += 5;
+            Ok(false)
+        } else {
+            bail!("expected True or False at byte {}", self.i)
+        }
+    }
+
+    /// `(a, b, ...)` with an optional trailing comma; `()` is a 0-d shape.
+    fn tuple(&mut self) -> Result<Vec<usize>> {
+        self.expect(b'(')?;
+        let mut out = Vec::new();
+        loop {
+            self.ws();
+            if self.eat(b')') {
+                return Ok(out);
+            }
+            if out.len() >= 32 {
+                bail!("shape has more than 32 dimensions");
+            }
+            out.push(self.uint()?);
+            self.ws();
+            if self.eat(b')') {
+                return Ok(out);
+            }
+            self.expect(b',')?;
+        }
+    }
+
+    /// A non-negative decimal integer (Python 2 headers may carry an `L` suffix).
+    fn uint(&mut self) -> Result<usize> {
+        let start = self.i;
+        let mut v: usize = 0;
+        while let Some(c @ b'0'..=b'9') = self.peek() {
+            v = v
+                .checked_mul(10)
+                .and_then(|v| v.checked_add((c - b'0') as usize))
+                .ok_or_else(|| anyhow!("shape dimension at byte {start} overflows"))?;
+            self.i += 1;
+        }
+        if self.i == start {
+            bail!("expected a non-negative integer at byte {start}");
+        }
+        self.eat(b'L');
+        Ok(v)
+    }
+}
+
+/// Random orthonormal directions, the paper's control: ablating as many random directions as
+/// chosen ones shows whether the effect comes from the concepts or from removing any subspace.
+///
+/// Each layer's rows are standard Gaussian (`Rng::normal`, so the span is uniformly
+/// distributed) then orthonormalised. Each layer draws from its own generator seeded from
+/// `(seed, layer)`, so a layer's directions do not depend on which other layers are asked for.
+/// The hash is that of the safetensors bytes [`save_directions`] would write, so a saved copy
+/// loads back with the same hash.
+pub fn random_directions(
+    seed: u64,
+    k: usize,
+    d_model: usize,
+    layers: &[usize],
+) -> Result<Directions> {
+    if layers.is_empty() {
+        bail!("random directions: no layers given");
+    }
+    if k == 0 || k >= d_model {
+        bail!("random directions: k = {k} must satisfy 0 < k < d_model = {d_model}");
+    }
+    let mut sorted = layers.to_vec();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        bail!("random directions: layer {} is listed twice", w[0]);
+    }
+    let mut sets = Vec::with_capacity(sorted.len());
+    for &layer in &sorted {
+        // Hash (seed, layer) into an independent seed; Rng::new mixes it further.
+        let layer_seed =
+            Rng::new(seed ^ (layer as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)).next_u64();
+        let mut rng = Rng::new(layer_seed);
+        let rows: Vec<f64> = (0..k * d_model).map(|_| rng.normal()).collect();
+        let q = orthonormalize(&rows, k, d_model)
+            .with_context(|| format!("random directions for layer {layer} (seed {seed})"))?;
+        sets.push(DirectionSet {
+            layer,
+            k,
+            d: d_model,
+            q: q.iter().map(|&x| x as f32).collect(),
+        });
+    }
+    let mut dirs = Directions {
+        sets,
+        sha256: String::new(),
+        source: format!("random(seed={seed},k={k})"),
+    };
+    dirs.sha256 = sha256_hex(&dirs.to_safetensors_bytes()?);
+    Ok(dirs)
+}
+
+/// Write `dirs` as safetensors (`layer.<L>`, F32 `[k, d]`), atomically: the bytes go to a
+/// temporary file in the same folder, which is then renamed over `path`, so a reader never sees
+/// a half-written file.
+pub fn save_directions(path: &Path, dirs: &Directions) -> Result<()> {
+    let file = path.display().to_string();
+    let bytes = dirs.to_safetensors_bytes()?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{file}: not a file path"))?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let write = || -> Result<()> {
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("creating temporary file {}", tmp.display()))?;
+        f.write_all(&bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("flushing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {file}", tmp.display()))?;
+        Ok(())
+    };
+    write().inspect_err(|_| {
+        // Best effort: the write already failed and that error is the one to report.
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
