@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Baseline: time LoRA training steps with PyTorch + PEFT + the paper's ablation hook.
+
+This is what a CAFT user would run today: a Hugging Face model, PEFT LoRA (r=32, alpha=64, rsLoRA,
+dropout 0, all seven projections), AdamW over the LoRA parameters, and forward hooks on chosen
+decoder layers that replace the layer output h by h - (h @ Q) @ Q.T. Models are built from config
+dicts with random weights (no downloads), except smollm2-135m-gguf, which loads a real GGUF.
+
+Examples:
+    python3 scripts/pytorch_step.py --config tiny --device cpu --ablate-layers 1,2 --ablate-k 4 --both
+    python3 scripts/pytorch_step.py --config qwen2.5-1.5b --batch 8 --seq 1024 --dtype bf16 \\
+        --device cuda --ablate-layers 10,20 --ablate-k 8 --steps 5 --warmup 3 --both --json out.jsonl
+
+Prints one JSON line per run (with / without ablation) and writes the same lines to --json.
+Keys: tokens_per_s, step_s_mean, step_s_median, step_s (all timed steps), peak_gpu_mem_mb (cuda,
+torch.cuda.max_memory_allocated, reset before each run) or peak_rss_mb (cpu, ru_maxrss: a
+process-lifetime peak, so with --both the second run reports max of both), build_s, loss.
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+import transformers
+import peft
+
+CONFIGS = {
+    "qwen2.5-1.5b": ("Qwen2ForCausalLM", dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    "llama-3.2-1b": ("LlamaForCausalLM", dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+        rms_norm_eps=1e-5, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192})),
+    "tiny": ("LlamaForCausalLM", dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+}
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, choices=list(CONFIGS) + ["smollm2-135m-gguf"])
+    ap.add_argument("--gguf", help="path of the SmolLM2 GGUF (for --config smollm2-135m-gguf)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--dtype", choices=["bf16", "f32"], default=None,
+                    help="default: bf16 on cuda, f32 on cpu")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ablate-layers", default="10,20")
+    ap.add_argument("--ablate-k", type=int, default=8)
+    ap.add_argument("--no-ablate", action="store_true", help="run without the ablation hooks")
+    ap.add_argument("--both", action="store_true", help="run with and then without the hooks")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before each run")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--layers", type=int, default=None, help="override the layer count (for quick tests)")
+    ap.add_argument("--lora-r", type=int, default=32)
+    ap.add_argument("--lora-alpha", type=float, default=64.0)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the JSON lines here")
+    return ap.parse_args()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_model(args, device, dtype):
+    t0 = time.perf_counter()
+    if args.config == "smollm2-135m-gguf":
+        if not args.gguf or not os.path.exists(args.gguf):
+            sys.exit("--gguf PATH (an existing SmolLM2 GGUF file) is required for smollm2-135m-gguf")
+        folder, name = os.path.dirname(os.path.abspath(args.gguf)), os.path.basename(args.gguf)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, attn_implementation="sdpa")
+        if args.layers is not None:
+            model.model.layers = model.model.layers[: args.layers]
+            model.config.num_hidden_layers = args.layers
+        model = model.to(device=device, dtype=dtype)
+    else:
+        cls_name, cfg = CONFIGS[args.config]
+        cfg = dict(cfg)
+        if args.layers is not None:
+            cfg["num_hidden_layers"] = args.layers
+        cls = getattr(transformers, cls_name)
+        config = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))(**cfg)
+        config._attn_implementation = "sdpa"
+        # Allocate directly on the target device in the target dtype, skip HF's init, then fill
+        # the weights with cheap random values on that device.
+        with torch.device(device), transformers.initialization.no_init_weights():
+            model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        if config.tie_word_embeddings:
+            model.tie_weights()  # not done under no_init_weights
+            assert model.lm_head.weight is model.model.embed_tokens.weight
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif n.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, 0.02, generator=g)
+    model.config.use_cache = False
+    lcfg = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, use_rslora=True, lora_dropout=0.0,
+                           target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, lcfg)
+    model.train()
+    sync(device)
+    return model, time.perf_counter() - t0
+
+
+def random_orthonormal(hidden, k, device, dtype, gen):
+    q, _ = torch.linalg.qr(torch.randn(hidden, k, generator=gen, dtype=torch.float64))
+    return q.to(device=device, dtype=dtype)
+
+
+def add_hooks(model, layers, k, device, dtype, seed):
+    gen = torch.Generator().manual_seed(seed + 17)
+    blocks = model.base_model.model.model.layers
+    hidden = model.config.hidden_size
+    handles = []
+    for L in layers:
+        if not 0 <= L < len(blocks):
+            sys.exit(f"ablation layer {L} out of range (model has {len(blocks)} layers)")
+        q = random_orthonormal(hidden, k, device, dtype, gen)
+
+        def hook(_mod, _inp, out, q=q):
+            if isinstance(out, tuple):
+                h = out[0]
+                return (h - (h @ q) @ q.T,) + tuple(out[1:])
+            return out - (out @ q) @ q.T
+
+        handles.append(blocks[L].register_forward_hook(hook))
+    return handles
+
+
+def run(model, args, device, dtype, ablate, build_s):
+    layers = [int(x) for x in args.ablate_layers.split(",") if x.strip()] if ablate else []
+    handles = add_hooks(model, layers, args.ablate_k, device, dtype, args.seed) if ablate else []
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times, loss_v = [], None
+    for i in range(args.warmup + args.steps):
+        ids = torch.randint(0, vocab, (args.batch, args.seq), device=device, generator=gen)
+        sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        dt = time.perf_counter() - t0
+        loss_v = float(out.loss.detach())
+        del out
+        if i >= args.warmup:
+            times.append(dt)
+    for h in handles:
+        h.remove()
+    times_sorted = sorted(times)
+    mean = sum(times) / len(times)
+    res = {
+        "impl": "pytorch+peft",
+        "config": args.config,
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "dtype": "bf16" if dtype == torch.bfloat16 else "f32",
+        "attn": "sdpa",
+        "batch": args.batch, "seq": args.seq,
+        "layers": model.config.num_hidden_layers,
+        "threads": torch.get_num_threads(),
+        "ablate": ablate,
+        "ablate_layers": layers, "ablate_k": args.ablate_k if ablate else 0,
+        "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "rslora": True,
+        "lora_params": sum(p.numel() for p in params),
+        "steps": args.steps, "warmup": args.warmup,
+        "step_s": [round(t, 5) for t in times],
+        "step_s_mean": mean,
+        "step_s_median": times_sorted[len(times) // 2],
+        "tokens_per_s": args.batch * args.seq / mean,
+        "loss": loss_v,
+        "build_s": build_s,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__},
+    }
+    if device.type == "cuda":
+        res["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def main():
+    args = parse()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda but torch sees no CUDA device")
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "f32")
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    torch.manual_seed(args.seed)
+    model, build_s = build_model(args, device, dtype)
+    modes = [True, False] if args.both else [not args.no_ablate]
+    lines = []
+    for ablate in modes:
+        res = run(model, args, device, dtype, ablate, build_s)
+        line = json.dumps(res)
+        print(line, flush=True)
+        lines.append(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
