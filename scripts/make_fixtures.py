@@ -356,7 +356,10 @@ def build_tiny(name, spec, out_dir):
                     "each row with its first n (0..5) positions set to -100",
             "loss_per_step": "N_step = # label tokens (after the shift) over both micro-batches of the step; "
                              "each micro-batch backward of sum_CE / N_step; train.losses[s] = total sum_CE / N_step",
-            "clip": f"torch.nn.utils.clip_grad_norm_(lora params, {CLIP}); train.grad_norms = pre-clip global L2 norm",
+            "clip": f"torch.nn.utils.clip_grad_norm_(lora params, {CLIP}): g *= min(1, {CLIP}/(norm + 1e-6)), "
+                    "norm = global L2 norm over all LoRA grads; train.grad_norms = that pre-clip norm",
+            "adamw": "p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; "
+                     "p -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps), t = 1,2,3",
             "schedule": f"transformers.get_linear_schedule_with_warmup(num_warmup_steps={WARMUP}, "
                         f"num_training_steps={STEPS}); lr_s = LR * (s/{WARMUP} if s<{WARMUP} else "
                         f"max(0,({STEPS}-s)/({STEPS}-{WARMUP}))) for optimizer step s=0,1,2 "
@@ -376,6 +379,136 @@ def build_tiny(name, spec, out_dir):
         f.write("\n")
     return dict(loss=float(loss.detach()), ablation_effect=ablation_effect, losses=losses, norms=norms, lrs=lrs,
                 sw=sw_effect)
+
+
+# --- independent check of the tiny fixtures ---
+
+def rope_inv_freq(cfg, head_dim):
+    """Inverse rope frequencies, with Llama 3 frequency-dependent scaling when configured."""
+    rp = cfg["rope_parameters"]
+    inv = 1.0 / rp["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if rp["rope_type"] == "llama3":
+        factor, lo, hi = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"]
+        old = rp["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        in_between = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(in_between, blended, scaled)
+    return inv.float()
+
+
+def rms_norm(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def manual_forward(name, W, L, ids, qs, meta):
+    """Plain-torch forward of a tiny model: W base weights, L LoRA tensors (PEFT names), qs {layer: Q}."""
+    cfg = json.load(open(os.path.join(FIX, "tiny", name, "config.json")))
+    H, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg.get("head_dim") or H // nh
+    eps, window = cfg["rms_norm_eps"], cfg.get("sliding_window")
+    scale = meta["lora"]["scale"]
+    B, T = ids.shape
+    ang = torch.arange(T).float()[:, None] * rope_inv_freq(cfg, hd)[None]
+    ang = torch.cat([ang, ang], -1)
+    cos, sin = ang.cos(), ang.sin()
+
+    def rotate_half(x):
+        return torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+
+    def linear(x, li, kind, mod):
+        y = x @ W[f"model.layers.{li}.{kind}.{mod}.weight"].T
+        bias = W.get(f"model.layers.{li}.{kind}.{mod}.bias")
+        if bias is not None:
+            y = y + bias
+        a = f"base_model.model.model.layers.{li}.{kind}.{mod}.lora_A.weight"
+        if a in L:
+            y = y + scale * (x @ L[a].T) @ L[a.replace("lora_A", "lora_B")].T
+        return y
+
+    qi, kj = torch.arange(T)[:, None], torch.arange(T)[None]
+    mask = kj <= qi
+    if window:
+        mask = mask & (kj > qi - window)
+    h = W["model.embed_tokens.weight"][ids]
+    resid = []
+    for li in range(cfg["num_hidden_layers"]):
+        x = rms_norm(h, W[f"model.layers.{li}.input_layernorm.weight"], eps)
+        q = linear(x, li, "self_attn", "q_proj").view(B, T, nh, hd).transpose(1, 2)
+        k = linear(x, li, "self_attn", "k_proj").view(B, T, nkv, hd).transpose(1, 2)
+        v = linear(x, li, "self_attn", "v_proj").view(B, T, nkv, hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+        att = ((q @ k.transpose(-1, -2)) / math.sqrt(hd)).masked_fill(~mask, float("-inf")).softmax(-1)
+        h = h + linear((att @ v).transpose(1, 2).reshape(B, T, nh * hd), li, "self_attn", "o_proj")
+        x = rms_norm(h, W[f"model.layers.{li}.post_attention_layernorm.weight"], eps)
+        act = torch.nn.functional.silu(linear(x, li, "mlp", "gate_proj")) * linear(x, li, "mlp", "up_proj")
+        h = h + linear(act, li, "mlp", "down_proj")
+        if li in qs:
+            h = h - (h @ qs[li]) @ qs[li].T
+        resid.append(h)
+    head = W.get("lm_head.weight", W["model.embed_tokens.weight"])
+    return rms_norm(h, W["model.norm.weight"], eps) @ head.T, resid
+
+
+def ce_sum(logits, labels):
+    return causal_lm_loss(logits, labels, reduction="sum")
+
+
+def verify_tiny(name):
+    """Recompute a tiny fixture from its documented semantics in plain torch (no transformers or
+    PEFT modules): RMSNorm, rotate-half rope (llama3 scaling), GQA, sliding window, LoRA, ablation,
+    the loss, and a hand-written AdamW / clip / schedule. Returns the largest discrepancies."""
+    from safetensors.torch import load_file
+    d = os.path.join(FIX, "tiny", name)
+    W = load_file(os.path.join(d, "model.safetensors"))
+    F = load_file(os.path.join(d, "fixture.safetensors"))
+    D = load_file(os.path.join(d, "directions.safetensors"))
+    meta = json.load(open(os.path.join(d, "fixture.json")))
+    qs = {int(k.split(".")[1]): orthonormal(v) for k, v in D.items()}
+    L = {k[5:]: v.clone().requires_grad_(True) for k, v in F.items() if k.startswith("lora.")}
+    err = lambda a, b: float((a.detach() - b).abs().max())
+    lg, res = manual_forward(name, W, L, F["input_ids"], qs, meta)
+    lb = F["labels"]
+    loss = ce_sum(lg, lb) / (lb[:, 1:] != -100).sum()
+    loss.backward()
+    out = {"logits": err(lg, F["logits"]), "loss": err(loss, F["loss"][0]),
+           "resid_post": max(err(r, F[f"resid_post.{i}"]) for i, r in enumerate(res)),
+           "grad_rel": max(err(p.grad, F[f"grad.{n}"]) / float(F[f"grad.{n}"].abs().max()) for n, p in L.items())}
+    with torch.no_grad():
+        out["logits_noablate"] = err(manual_forward(name, W, L, F["input_ids"], {}, meta)[0], F["logits_noablate"])
+    P = {n: F[f"lora.{n}"].clone() for n in L}
+    m1 = {n: torch.zeros_like(p) for n, p in P.items()}
+    m2 = {n: torch.zeros_like(p) for n, p in P.items()}
+    losses, norms = [], []
+    for s in range(STEPS):
+        Lp = {n: p.clone().requires_grad_(True) for n, p in P.items()}
+        n_tok = int((F["train.labels"][s][:, :, 1:] != -100).sum())
+        tot = 0.0
+        for a in range(ACCUM):
+            lg, _ = manual_forward(name, W, Lp, F["train.input_ids"][s, a], qs, meta)
+            l_sum = ce_sum(lg, F["train.labels"][s, a])
+            (l_sum / n_tok).backward()
+            tot += float(l_sum.detach())
+        losses.append(tot / n_tok)
+        gn = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in Lp.values()))
+        norms.append(gn)
+        coef = min(1.0, CLIP / (gn + 1e-6))
+        lr = LR * (s / WARMUP if s < WARMUP else max(0.0, (STEPS - s) / (STEPS - WARMUP)))
+        for n in P:
+            g = Lp[n].grad * coef
+            P[n] = P[n] * (1 - lr * WD)
+            m1[n] = BETAS[0] * m1[n] + (1 - BETAS[0]) * g
+            m2[n] = BETAS[1] * m2[n] + (1 - BETAS[1]) * g * g
+            mh = m1[n] / (1 - BETAS[0] ** (s + 1))
+            vh = m2[n] / (1 - BETAS[1] ** (s + 1))
+            P[n] = P[n] - lr * mh / (vh.sqrt() + ADAM_EPS)
+    out["train.losses"] = max(abs(a - b) for a, b in zip(losses, F["train.losses"].tolist()))
+    out["train.grad_norms"] = max(abs(a - b) for a, b in zip(norms, F["train.grad_norms"].tolist()))
+    out["step3"] = max(err(P[n], F[f"step3.{n}"]) for n in P)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,11 +614,22 @@ def main():
     ap.add_argument("--only", choices=["tiny", "smollm2"])
     ap.add_argument("--gguf", default=DEFAULT_GGUF)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--verify", action="store_true",
+                    help="only recompute the committed tiny fixtures by hand and report the differences")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     vers = check_versions()
     print(f"torch {vers['torch']}  transformers {vers['transformers']}  peft {vers['peft']}")
+
+    if args.verify:
+        worst = 0.0
+        for name in TINY:
+            r = verify_tiny(name)
+            worst = max(worst, max(r.values()))
+            print(f"verify tiny/{name}: " + "  ".join(f"{k} {v:.2e}" for k, v in r.items()))
+        print("verify:", "ok" if worst < 1e-4 else "MISMATCH", f"(largest difference {worst:.2e})")
+        return 0 if worst < 1e-4 else 1
 
     if args.only in (None, "tiny"):
         for name, spec in TINY.items():
