@@ -1,1 +1,741 @@
-//! (in progress)
+//! The decoder-only transformer, forward and backward, written once over [`Backend`].
+//!
+//! One layer (Llama, Qwen2 and Mistral share it; Qwen2 adds q/k/v biases):
+//!
+//! ```text
+//! n1      = rmsnorm(resid_l)                         (produced by the previous fused op)
+//! q,k,v   = n1 W{q,k,v}ᵀ (+ b) + LoRA;  rope(q), rope(k)
+//! att     = softmax(q kᵀ / sqrt(hd) + causal) v
+//! h_mid   = resid_l + att Woᵀ + LoRA                 ┐ one fused op, no ablation,
+//! n2      = rmsnorm(h_mid)                           ┘ `residual_ablate_norm`
+//! m       = (silu(n2 Wgᵀ) ⊙ n2 Wuᵀ) Wdᵀ  (+ LoRA on each)
+//! resid_{l+1} = P_l (h_mid + m)                      ┐ one fused op: THE ABLATION.
+//! n1'     = rmsnorm(resid_{l+1}) with the next norm  ┘ P_l = I - Q_lᵀQ_l at ablated layers
+//! ```
+//!
+//! `resid_{l+1}` is the decoder layer's output, "resid_post" in the paper: exactly what a
+//! PyTorch forward hook on `model.model.layers[l]` returning `h - (h @ Q) @ Q.T` changes.
+//! The backward walks the same steps in reverse; `residual_ablate_norm_bwd` applies `P_l` to
+//! the residual gradient (P is symmetric, so the backward of the projection is itself).
+//! Frozen weights get no gradient; LoRA parameters accumulate theirs in one flat buffer.
+
+use crate::backend::{AttnShape, Backend, LoraSlot};
+use crate::model::ablation::Directions;
+use crate::model::config::{Arch, ModelConfig};
+use crate::model::lora::{LoraLayout, Target};
+use crate::model::weights::WeightSource;
+use anyhow::{bail, Context, Result};
+
+/// Labels at or below this are ignored (Hugging Face uses -100).
+pub const IGNORE: i32 = -100;
+
+/// Token ids and labels of one micro-batch, `batch` sequences of `seq` tokens, row-major.
+/// `labels[i]` is the token the model should produce at position `i` *itself* (Hugging Face
+/// convention: the shift happens inside the loss, position `t` predicts `labels[t+1]`);
+/// negative labels are ignored.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub batch: usize,
+    pub seq: usize,
+    pub ids: Vec<u32>,
+    pub labels: Vec<i32>,
+}
+
+impl Batch {
+    /// The shifted targets per row: row `b*seq + t` predicts `labels[b*seq + t + 1]`.
+    pub fn targets(&self) -> Vec<i32> {
+        let mut t = vec![-1; self.ids.len()];
+        for b in 0..self.batch {
+            for p in 0..self.seq.saturating_sub(1) {
+                let l = self.labels[b * self.seq + p + 1];
+                t[b * self.seq + p] = if l < 0 { -1 } else { l };
+            }
+        }
+        t
+    }
+
+    /// Number of positions that contribute to the loss.
+    pub fn n_targets(&self) -> usize {
+        self.targets().iter().filter(|&&t| t >= 0).count()
+    }
+}
+
+struct LayerWeights<B: Backend> {
+    input_norm: B::Act,
+    post_norm: B::Act,
+    wq: B::Act,
+    wk: B::Act,
+    wv: B::Act,
+    wo: B::Act,
+    bq: Option<B::Act>,
+    bk: Option<B::Act>,
+    bv: Option<B::Act>,
+    wg: B::Act,
+    wu: B::Act,
+    wd: B::Act,
+}
+
+struct Weights<B: Backend> {
+    embed: B::Act,
+    layers: Vec<LayerWeights<B>>,
+    final_norm: B::Act,
+    /// `None` when the embeddings are tied.
+    lm_head: Option<B::Act>,
+}
+
+/// LoRA parameters, their gradients and AdamW moments, all flat (see `backend::LoraSlot`).
+pub struct LoraState<B: Backend> {
+    pub layout: LoraLayout,
+    pub scale: f32,
+    pub params: B::F32,
+    pub grads: B::F32,
+    pub m: B::F32,
+    pub v: B::F32,
+    /// Optimizer steps taken.
+    pub step: u64,
+}
+
+/// Saved activations of one layer (for the backward).
+struct LayerActs<B: Backend> {
+    q: B::Act,
+    k: B::Act,
+    v: B::Act,
+    att: B::Act,
+    lse: B::F32,
+    h_mid: B::Act,
+    n2: B::Act,
+    rstd2: B::F32,
+    gate: B::Act,
+    up: B::Act,
+    /// `x Aᵀ` of each adapted projection, indexed like `Target`.
+    lora_u: [Option<B::F32>; 7],
+}
+
+/// Every buffer a forward and backward of one batch shape needs, allocated once per shape.
+struct Activations<B: Backend> {
+    batch: usize,
+    seq: usize,
+    chunk_rows: usize,
+    /// `resid[l]` is the input of layer `l`; `resid[L]` the last layer's output.
+    resid: Vec<B::Act>,
+    /// `n1[l] = rmsnorm(resid[l])` with layer `l`'s input norm (the final norm for `l = L`).
+    n1: Vec<B::Act>,
+    rstd1: Vec<B::F32>,
+    layers: Vec<LayerActs<B>>,
+    // scratch
+    embed: B::Act,
+    o: B::Act,
+    act: B::Act,
+    dres: B::Act,
+    dn: B::Act,
+    d_att: B::Act,
+    dq: B::Act,
+    dk: B::Act,
+    dv: B::Act,
+    d_act: B::Act,
+    d_gate: B::Act,
+    d_up: B::Act,
+    chunk_x: B::Act,
+    chunk_logits: B::Act,
+    chunk_dx: B::Act,
+}
+
+/// Results of a forward pass.
+#[derive(Clone, Debug)]
+pub struct ForwardOut {
+    /// Σ cross-entropy over the target positions.
+    pub loss_sum: f64,
+    pub n_targets: usize,
+    /// `[batch*seq, vocab]` when asked for.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// Keep the logits of the lm-head chunk under this many elements (256 MB in f32).
+const LOGITS_CHUNK_ELEMS: usize = 64 << 20;
+
+pub struct Model<B: Backend> {
+    pub cfg: ModelConfig,
+    w: Weights<B>,
+    rope: B::F32,
+    rope_positions: usize,
+    pub lora: Option<LoraState<B>>,
+    /// Orthonormal directions `[k, d]` per layer where ablation is configured.
+    ablation: Vec<Option<(B::F32, usize)>>,
+    /// The training-time switch: when false the directions are kept but not applied.
+    pub ablate: bool,
+    acts: Option<Activations<B>>,
+    loss_acc: B::F32,
+}
+
+fn check_shape(src: &dyn WeightSource, name: &str, want: &[usize]) -> Result<()> {
+    match src.shape(name) {
+        None => bail!("{}: tensor {name} is missing", src.origin()),
+        Some(s) if s != want => bail!(
+            "{}: tensor {name} has shape {s:?} but the config implies {want:?}",
+            src.origin()
+        ),
+        Some(_) => Ok(()),
+    }
+}
+
+fn load<B: Backend>(be: &B, src: &dyn WeightSource, name: &str, want: &[usize]) -> Result<B::Act> {
+    check_shape(src, name, want)?;
+    let t = src.get(name)?;
+    if t.shape != want {
+        bail!(
+            "{}: tensor {name} has shape {:?} but the config implies {want:?}",
+            src.origin(),
+            t.shape
+        );
+    }
+    be.upload_act(&t.data)
+        .with_context(|| format!("uploading {name} to {}", be.name()))
+}
+
+impl<B: Backend> Model<B> {
+    /// Load the frozen weights from `src`, checking every shape against `cfg`.
+    pub fn new(be: &B, cfg: ModelConfig, src: &dyn WeightSource) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let qw = cfg.num_heads * cfg.head_dim;
+        let kvw = cfg.num_kv_heads * cfg.head_dim;
+        let f = cfg.intermediate_size;
+        let v = cfg.vocab_size;
+        if cfg.head_dim % 2 != 0 {
+            bail!("head_dim {} must be even for rotary embeddings", cfg.head_dim);
+        }
+        if cfg.num_kv_heads == 0 || cfg.num_heads % cfg.num_kv_heads != 0 {
+            bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                cfg.num_heads,
+                cfg.num_kv_heads
+            );
+        }
+        let bias = cfg.attention_bias;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let opt_bias = |n: &str, len: usize| -> Result<Option<B::Act>> {
+                if bias {
+                    Ok(Some(load(be, src, &format!("{p}.self_attn.{n}.bias"), &[len])?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(LayerWeights {
+                input_norm: load(be, src, &format!("{p}.input_layernorm.weight"), &[d])?,
+                post_norm: load(be, src, &format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                wq: load(be, src, &format!("{p}.self_attn.q_proj.weight"), &[qw, d])?,
+                wk: load(be, src, &format!("{p}.self_attn.k_proj.weight"), &[kvw, d])?,
+                wv: load(be, src, &format!("{p}.self_attn.v_proj.weight"), &[kvw, d])?,
+                wo: load(be, src, &format!("{p}.self_attn.o_proj.weight"), &[d, qw])?,
+                bq: opt_bias("q_proj", qw)?,
+                bk: opt_bias("k_proj", kvw)?,
+                bv: opt_bias("v_proj", kvw)?,
+                wg: load(be, src, &format!("{p}.mlp.gate_proj.weight"), &[f, d])?,
+                wu: load(be, src, &format!("{p}.mlp.up_proj.weight"), &[f, d])?,
+                wd: load(be, src, &format!("{p}.mlp.down_proj.weight"), &[d, f])?,
+            });
+        }
+        let embed = load(be, src, "model.embed_tokens.weight", &[v, d])?;
+        let final_norm = load(be, src, "model.norm.weight", &[d])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(load(be, src, "lm_head.weight", &[v, d])?)
+        };
+        let rope_positions = 0;
+        let rope = be.alloc_f32(1)?;
+        let loss_acc = be.alloc_f32(1)?;
+        let n_layers = cfg.num_layers;
+        Ok(Model {
+            cfg,
+            w: Weights {
+                embed,
+                layers,
+                final_norm,
+                lm_head,
+            },
+            rope,
+            rope_positions,
+            lora: None,
+            ablation: (0..n_layers).map(|_| None).collect(),
+            ablate: true,
+            acts: None,
+            loss_acc,
+        })
+    }
+
+    /// Attach LoRA adapters: `params` (flat, see `LoraLayout`) or a fresh seeded init.
+    pub fn set_lora(&mut self, be: &B, layout: LoraLayout, params: &[f32]) -> Result<()> {
+        if params.len() != layout.len {
+            bail!(
+                "LoRA parameter buffer has {} values, the layout needs {}",
+                params.len(),
+                layout.len
+            );
+        }
+        let n = layout.len;
+        self.lora = Some(LoraState {
+            scale: layout.config.scale(),
+            layout,
+            params: be.upload_f32(params)?,
+            grads: be.alloc_f32(n)?,
+            m: be.alloc_f32(n)?,
+            v: be.alloc_f32(n)?,
+            step: 0,
+        });
+        self.acts = None;
+        Ok(())
+    }
+
+    /// Configure the directions to ablate (replacing any earlier ones). Their width and layers
+    /// were validated against the model when the file was loaded.
+    pub fn set_ablation(&mut self, be: &B, dirs: &Directions) -> Result<()> {
+        let mut ab: Vec<Option<(B::F32, usize)>> = (0..self.cfg.num_layers).map(|_| None).collect();
+        for s in &dirs.sets {
+            if s.layer >= self.cfg.num_layers || s.d != self.cfg.hidden_size {
+                bail!(
+                    "directions for layer {} of width {} do not fit this model ({} layers, width {})",
+                    s.layer,
+                    s.d,
+                    self.cfg.num_layers,
+                    self.cfg.hidden_size
+                );
+            }
+            ab[s.layer] = Some((be.upload_f32(&s.q)?, s.k));
+        }
+        self.ablation = ab;
+        Ok(())
+    }
+
+    /// Layers where directions are configured.
+    pub fn ablated_layers(&self) -> Vec<usize> {
+        (0..self.cfg.num_layers)
+            .filter(|&l| self.ablation[l].is_some())
+            .collect()
+    }
+
+    fn ensure_rope(&mut self, be: &B, seq: usize) -> Result<()> {
+        if self.rope_positions < seq {
+            let n = seq.next_power_of_two().max(64);
+            self.rope = be.upload_f32(&self.cfg.rope_table(n))?;
+            self.rope_positions = n;
+        }
+        Ok(())
+    }
+
+    fn ensure_acts(&mut self, be: &B, batch: usize, seq: usize) -> Result<()> {
+        if let Some(a) = &self.acts {
+            if a.batch == batch && a.seq == seq {
+                return Ok(());
+            }
+        }
+        self.acts = None; // free the old buffers first
+        let c = &self.cfg;
+        let n = batch * seq;
+        let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let qw = c.num_heads * c.head_dim;
+        let kvw = c.num_kv_heads * c.head_dim;
+        // The largest divisor of n within the budget, so every chunk has the same size.
+        let max_rows = (LOGITS_CHUNK_ELEMS / v).clamp(1, n);
+        let chunk_rows = (1..=max_rows).rev().find(|r| n % r == 0).unwrap_or(1);
+        let act = |len: usize| be.alloc_act(len);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let mut lora_u: [Option<B::F32>; 7] = Default::default();
+            if let Some(lora) = &self.lora {
+                for t in Target::ALL {
+                    if let Some(s) = lora.layout.slot(l, t) {
+                        lora_u[t as usize] = Some(be.alloc_f32(n * s.r)?);
+                    }
+                }
+            }
+            layers.push(LayerActs {
+                q: act(n * qw)?,
+                k: act(n * kvw)?,
+                v: act(n * kvw)?,
+                att: act(n * qw)?,
+                lse: be.alloc_f32(batch * c.num_heads * seq)?,
+                h_mid: act(n * d)?,
+                n2: act(n * d)?,
+                rstd2: be.alloc_f32(n)?,
+                gate: act(n * f)?,
+                up: act(n * f)?,
+                lora_u,
+            });
+        }
+        let l1 = c.num_layers + 1;
+        self.acts = Some(Activations {
+            batch,
+            seq,
+            chunk_rows,
+            resid: (0..l1).map(|_| act(n * d)).collect::<Result<_>>()?,
+            n1: (0..l1).map(|_| act(n * d)).collect::<Result<_>>()?,
+            rstd1: (0..l1).map(|_| be.alloc_f32(n)).collect::<Result<_>>()?,
+            layers,
+            embed: act(n * d)?,
+            o: act(n * d)?,
+            act: act(n * f)?,
+            dres: act(n * d)?,
+            dn: act(n * d)?,
+            d_att: act(n * qw)?,
+            dq: act(n * qw)?,
+            dk: act(n * kvw)?,
+            dv: act(n * kvw)?,
+            d_act: act(n * f)?,
+            d_gate: act(n * f)?,
+            d_up: act(n * f)?,
+            chunk_x: act(chunk_rows * d)?,
+            chunk_logits: act(chunk_rows * v)?,
+            chunk_dx: act(chunk_rows * d)?,
+        });
+        Ok(())
+    }
+
+    fn check_batch(&self, b: &Batch) -> Result<()> {
+        let n = b.batch * b.seq;
+        if n == 0 || b.ids.len() != n || b.labels.len() != n {
+            bail!(
+                "batch of {}x{} needs {} ids and labels, got {} and {}",
+                b.batch,
+                b.seq,
+                n,
+                b.ids.len(),
+                b.labels.len()
+            );
+        }
+        let v = self.cfg.vocab_size;
+        for (i, &id) in b.ids.iter().enumerate() {
+            if id as usize >= v {
+                bail!(
+                    "token id {id} at sequence {} position {} is >= the vocabulary size {v}",
+                    i / b.seq,
+                    i % b.seq
+                );
+            }
+        }
+        for (i, &l) in b.labels.iter().enumerate() {
+            if l >= v as i32 {
+                bail!(
+                    "label {l} at sequence {} position {} is >= the vocabulary size {v}",
+                    i / b.seq,
+                    i % b.seq
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn attn_shape(&self, batch: usize, seq: usize) -> AttnShape {
+        AttnShape {
+            batch,
+            seq,
+            n_heads: self.cfg.num_heads,
+            n_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            window: self.cfg.sliding_window.filter(|&w| w < seq),
+        }
+    }
+
+    /// Forward through every layer, keeping what the backward needs.
+    fn run_layers(&mut self, be: &B, b: &Batch) -> Result<()> {
+        self.check_batch(b)?;
+        self.ensure_rope(be, b.seq)?;
+        self.ensure_acts(be, b.batch, b.seq)?;
+        let cfg = &self.cfg;
+        let (n, d, f) = (b.batch * b.seq, cfg.hidden_size, cfg.intermediate_size);
+        let qw = cfg.num_heads * cfg.head_dim;
+        let kvw = cfg.num_kv_heads * cfg.head_dim;
+        let eps = cfg.rms_norm_eps as f32;
+        let shape = self.attn_shape(b.batch, b.seq);
+        let a = self.acts.as_mut().expect("activations allocated");
+        let w = &self.w;
+        let lora = self.lora.as_ref();
+
+        be.embedding(&mut a.embed, &w.embed, &b.ids, d)?;
+        be.residual_ablate_norm(
+            &mut a.resid[0],
+            &mut a.n1[0],
+            &mut a.rstd1[0],
+            &a.embed,
+            None,
+            None,
+            &w.layers[0].input_norm,
+            n,
+            d,
+            eps,
+        )?;
+        for l in 0..cfg.num_layers {
+            let lw = &w.layers[l];
+            let la = &mut a.layers[l];
+            let x = &a.n1[l];
+            let proj = |be: &B,
+                        y: &mut B::Act,
+                        u: &mut Option<B::F32>,
+                        x: &B::Act,
+                        wt: &B::Act,
+                        bias: Option<&B::Act>,
+                        t: Target,
+                        d_in: usize,
+                        d_out: usize|
+             -> Result<()> {
+                be.linear(y, x, wt, bias, n, d_in, d_out, false)?;
+                if let (Some(lo), Some(u)) = (lora, u.as_mut()) {
+                    let slot = lo.layout.slot(l, t).expect("slot for allocated u");
+                    be.lora_fwd(y, u, x, &lo.params, slot, lo.scale, n)?;
+                }
+                Ok(())
+            };
+            let [uq, uk, uv, uo, ug, uu, ud] = &mut la.lora_u;
+            proj(be, &mut la.q, uq, x, &lw.wq, lw.bq.as_ref(), Target::Q, d, qw)?;
+            proj(be, &mut la.k, uk, x, &lw.wk, lw.bk.as_ref(), Target::K, d, kvw)?;
+            proj(be, &mut la.v, uv, x, &lw.wv, lw.bv.as_ref(), Target::V, d, kvw)?;
+            be.rope(&mut la.q, &self.rope, b.batch, b.seq, cfg.num_heads, cfg.head_dim, false)?;
+            be.rope(&mut la.k, &self.rope, b.batch, b.seq, cfg.num_kv_heads, cfg.head_dim, false)?;
+            be.attention_fwd(&mut la.att, &mut la.lse, &la.q, &la.k, &la.v, &shape)?;
+            proj(be, &mut a.o, uo, &la.att, &lw.wo, None, Target::O, qw, d)?;
+            be.residual_ablate_norm(
+                &mut la.h_mid,
+                &mut la.n2,
+                &mut la.rstd2,
+                &a.resid[l],
+                Some(&a.o),
+                None,
+                &lw.post_norm,
+                n,
+                d,
+                eps,
+            )?;
+            proj(be, &mut la.gate, ug, &la.n2, &lw.wg, None, Target::Gate, d, f)?;
+            proj(be, &mut la.up, uu, &la.n2, &lw.wu, None, Target::Up, d, f)?;
+            be.swiglu(&mut a.act, &la.gate, &la.up)?;
+            proj(be, &mut a.o, ud, &a.act, &lw.wd, None, Target::Down, f, d)?;
+            let next_norm = if l + 1 < cfg.num_layers {
+                &w.layers[l + 1].input_norm
+            } else {
+                &w.final_norm
+            };
+            let dirs = if self.ablate {
+                self.ablation[l].as_ref().map(|(q, k)| (q, *k))
+            } else {
+                None
+            };
+            be.residual_ablate_norm(
+                &mut a.resid[l + 1],
+                &mut a.n1[l + 1],
+                &mut a.rstd1[l + 1],
+                &la.h_mid,
+                Some(&a.o),
+                dirs,
+                next_norm,
+                n,
+                d,
+                eps,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The lm head over the final normed states, chunk by chunk: loss (and optionally logits),
+    /// and, when `grad_scale` is given, the gradient of the final normed states into `dn`.
+    fn head(
+        &mut self,
+        be: &B,
+        b: &Batch,
+        grad_scale: Option<f32>,
+        want_logits: bool,
+    ) -> Result<ForwardOut> {
+        let cfg = &self.cfg;
+        let (n, d, v) = (b.batch * b.seq, cfg.hidden_size, cfg.vocab_size);
+        let targets = b.targets();
+        let a = self.acts.as_mut().expect("activations allocated");
+        let w_head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
+        be.zero_f32(&mut self.loss_acc)?;
+        let mut logits = want_logits.then(|| Vec::with_capacity(n * v));
+        let last = cfg.num_layers;
+        let mut r0 = 0;
+        while r0 < n {
+            let rows = a.chunk_rows;
+            let (x, lg, dx) = (&mut a.chunk_x, &mut a.chunk_logits, &mut a.chunk_dx);
+            be.copy_act(x, 0, &a.n1[last], r0 * d, rows * d)?;
+            be.linear(lg, x, w_head, None, rows, d, v, false)?;
+            if let Some(l) = logits.as_mut() {
+                l.extend_from_slice(&be.download_act(lg)?);
+            }
+            be.cross_entropy(lg, &mut self.loss_acc, &targets[r0..r0 + rows], v, grad_scale)?;
+            if grad_scale.is_some() {
+                be.linear_bwd_input(dx, lg, w_head, rows, d, v, false)?;
+                be.copy_act(&mut a.dn, r0 * d, dx, 0, rows * d)?;
+            }
+            r0 += rows;
+        }
+        let loss_sum = be.download_f32(&self.loss_acc)?[0] as f64;
+        Ok(ForwardOut {
+            loss_sum,
+            n_targets: targets.iter().filter(|&&t| t >= 0).count(),
+            logits,
+        })
+    }
+
+    /// Inference / evaluation forward: loss over the labelled positions and, if asked, logits.
+    pub fn forward(&mut self, be: &B, b: &Batch, want_logits: bool) -> Result<ForwardOut> {
+        self.run_layers(be, b)?;
+        self.head(be, b, None, want_logits)
+    }
+
+    /// Forward and backward of one micro-batch. The loss is `Σ CE · loss_scale` (pass
+    /// `1 / N` with `N` the number of target tokens of the whole optimizer step, so gradient
+    /// accumulation equals one large batch); LoRA gradients are *added* to `lora.grads`.
+    /// Returns the unscaled `Σ CE` of this micro-batch.
+    pub fn forward_backward(&mut self, be: &B, b: &Batch, loss_scale: f32) -> Result<ForwardOut> {
+        if self.lora.is_none() {
+            bail!("forward_backward needs LoRA adapters: call set_lora first");
+        }
+        self.run_layers(be, b)?;
+        let out = self.head(be, b, Some(loss_scale), false)?;
+        self.backward_layers(be, b)?;
+        Ok(out)
+    }
+
+    fn backward_layers(&mut self, be: &B, b: &Batch) -> Result<()> {
+        let cfg = &self.cfg;
+        let (n, d, f) = (b.batch * b.seq, cfg.hidden_size, cfg.intermediate_size);
+        let qw = cfg.num_heads * cfg.head_dim;
+        let kvw = cfg.num_kv_heads * cfg.head_dim;
+        let shape = self.attn_shape(b.batch, b.seq);
+        let a = self.acts.as_mut().expect("activations allocated");
+        let w = &self.w;
+        let lora = self.lora.as_mut().expect("lora present");
+        let (params, grads, scale, layout) =
+            (&lora.params, &mut lora.grads, lora.scale, &lora.layout);
+
+        // Gradient of a frozen projection plus its LoRA: dx (+)= dy W, then the LoRA terms.
+        #[allow(clippy::too_many_arguments)]
+        fn proj_bwd<B: Backend>(
+            be: &B,
+            dx: &mut B::Act,
+            grads: &mut B::F32,
+            dy: &B::Act,
+            x: &B::Act,
+            wt: &B::Act,
+            u: &Option<B::F32>,
+            slot: Option<&LoraSlot>,
+            params: &B::F32,
+            scale: f32,
+            n: usize,
+            d_in: usize,
+            d_out: usize,
+            accumulate: bool,
+        ) -> Result<()> {
+            be.linear_bwd_input(dx, dy, wt, n, d_in, d_out, accumulate)?;
+            if let (Some(slot), Some(u)) = (slot, u.as_ref()) {
+                be.lora_bwd(dx, grads, dy, x, u, params, slot, scale, n)?;
+            }
+            Ok(())
+        }
+
+        be.zero_act(&mut a.dres)?;
+        for l in (0..cfg.num_layers).rev() {
+            let lw = &w.layers[l];
+            let la = &a.layers[l];
+            let next_norm = if l + 1 < cfg.num_layers {
+                &w.layers[l + 1].input_norm
+            } else {
+                &w.final_norm
+            };
+            let dirs = if self.ablate {
+                self.ablation[l].as_ref().map(|(q, k)| (q, *k))
+            } else {
+                None
+            };
+            // Through the layer-output fused op: dres = P(dres + rmsnorm_bwd(dn)).
+            be.residual_ablate_norm_bwd(
+                &mut a.dres,
+                &a.dn,
+                &a.resid[l + 1],
+                &a.rstd1[l + 1],
+                dirs,
+                next_norm,
+                n,
+                d,
+            )?;
+            // MLP: dres is the gradient of m = down(act).
+            be.swiglu(&mut a.act, &la.gate, &la.up)?;
+            let s = |t| layout.slot(l, t);
+            let u = &la.lora_u;
+            proj_bwd(
+                be, &mut a.d_act, grads, &a.dres, &a.act, &lw.wd, &u[Target::Down as usize],
+                s(Target::Down), params, scale, n, f, d, false,
+            )?;
+            be.swiglu_bwd(&mut a.d_gate, &mut a.d_up, &a.d_act, &la.gate, &la.up)?;
+            proj_bwd(
+                be, &mut a.dn, grads, &a.d_gate, &la.n2, &lw.wg, &u[Target::Gate as usize],
+                s(Target::Gate), params, scale, n, d, f, false,
+            )?;
+            proj_bwd(
+                be, &mut a.dn, grads, &a.d_up, &la.n2, &lw.wu, &u[Target::Up as usize],
+                s(Target::Up), params, scale, n, d, f, true,
+            )?;
+            // Through the mid-layer fused op (no ablation): dres += rmsnorm_bwd(dn2).
+            be.residual_ablate_norm_bwd(
+                &mut a.dres,
+                &a.dn,
+                &la.h_mid,
+                &la.rstd2,
+                None,
+                &lw.post_norm,
+                n,
+                d,
+            )?;
+            // Attention output projection: dres is the gradient of o.
+            proj_bwd(
+                be, &mut a.d_att, grads, &a.dres, &la.att, &lw.wo, &u[Target::O as usize],
+                s(Target::O), params, scale, n, qw, d, false,
+            )?;
+            be.attention_bwd(
+                &mut a.dq, &mut a.dk, &mut a.dv, &a.d_att, &la.att, &la.lse, &la.q, &la.k, &la.v,
+                &shape,
+            )?;
+            be.rope(&mut a.dq, &self.rope, b.batch, b.seq, cfg.num_heads, cfg.head_dim, true)?;
+            be.rope(&mut a.dk, &self.rope, b.batch, b.seq, cfg.num_kv_heads, cfg.head_dim, true)?;
+            let x = &a.n1[l];
+            proj_bwd(
+                be, &mut a.dn, grads, &a.dq, x, &lw.wq, &u[Target::Q as usize], s(Target::Q),
+                params, scale, n, d, qw, false,
+            )?;
+            proj_bwd(
+                be, &mut a.dn, grads, &a.dk, x, &lw.wk, &u[Target::K as usize], s(Target::K),
+                params, scale, n, d, kvw, true,
+            )?;
+            proj_bwd(
+                be, &mut a.dn, grads, &a.dv, x, &lw.wv, &u[Target::V as usize], s(Target::V),
+                params, scale, n, d, kvw, true,
+            )?;
+            // Now dres is the gradient reaching resid[l] through the skip path and dn the
+            // gradient of n1[l]; the next iteration combines them through layer l-1's op.
+        }
+        Ok(())
+    }
+
+    /// The decoder layer `layer`'s output (resid_post, after any ablation) of the last
+    /// forward, `[batch*seq, hidden]`.
+    pub fn resid_post(&self, be: &B, layer: usize) -> Result<Vec<f32>> {
+        let a = self
+            .acts
+            .as_ref()
+            .context("resid_post: run a forward pass first")?;
+        if layer >= self.cfg.num_layers {
+            bail!(
+                "layer {layer} is out of range: the model has {} layers (0..{})",
+                self.cfg.num_layers,
+                self.cfg.num_layers - 1
+            );
+        }
+        be.download_act(&a.resid[layer + 1])
+    }
+
+    /// The architecture, for messages.
+    pub fn arch(&self) -> Arch {
+        self.cfg.arch
+    }
+}

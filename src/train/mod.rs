@@ -1,1 +1,3 @@
-//! Training: the optimizer schedule and the training step over a `Backend`.
+//! Training: the learning-rate schedule and the optimizer step over a `Backend`.
+
+pub mod optim;
