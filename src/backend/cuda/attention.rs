@@ -1,0 +1,516 @@
+//! Host side of `kernels/attention.cu`: causal (optionally sliding-window) attention with GQA,
+//! forward and deterministic backward.
+//!
+//! Kernel choice: bf16 with `head_dim` 64 or 128 runs the tensor-core (FlashAttention-2 style)
+//! kernels `*_hd64_bf16` / `*_hd128_bf16`; every other case (f32, or bf16 with another head
+//! dim up to [`MAX_GENERIC_HEAD_DIM`]) runs the generic warp-per-row kernels, which are simple,
+//! exact f32-accumulating FMA code (slow: they exist for tests and unusual head dims).
+//!
+//! Assumptions shared by both functions (each is checked and reported as an error):
+//! - layouts as in [`crate::backend::Backend::attention_fwd`]: `q`, `out`, `dq`, `dout`:
+//!   `[batch*seq, n_heads*head_dim]`; `k`, `v`, `dk`, `dv`: `[batch*seq, n_kv_heads*head_dim]`;
+//!   `lse`: f32 `[batch, n_heads, seq]`; every buffer has exactly that many elements;
+//! - `n_heads` is a multiple of `n_kv_heads`; `head_dim <= 256`; `window`, when given, is >= 1
+//!   (a window of `seq` or more is the same as none);
+//! - sizes fit the kernels' 32-bit indices (`seq`, `n_heads*head_dim`, `batch*seq*n_heads` below
+//!   2³¹) and CUDA's grid limits (`n_heads`, `batch` <= 65535).
+//! - alignment: the tensor-core kernels copy rows in 16-byte chunks, which needs `head_dim` to be
+//!   a multiple of 8 (true for 64 and 128) and every buffer to start 16-byte aligned; buffers are
+//!   whole `CudaSlice`s, which cuMemAlloc aligns to 256 bytes. The generic kernels need nothing.
+//!
+//! Determinism: no atomics anywhere; the same call on the same inputs is bit-identical.
+//! `attention_bwd` allocates its `Δ = rowsum(dO ∘ O)` scratch (`batch*n_heads*seq` f32) on every
+//! call; a caller that wants no allocation in the training step can later pass a workspace.
+
+use super::runtime::{DeviceElem, Runtime};
+use crate::backend::AttnShape;
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::{sys::CUfunction_attribute, CudaSlice, LaunchConfig, PushKernelArg};
+
+/// Largest head dim the generic kernels support (8 accumulators per lane, `ATTN_GEN_MAXD`).
+pub const MAX_GENERIC_HEAD_DIM: usize = 256;
+
+/// Threads per CTA of every attention kernel (`ATTN_THREADS`).
+const THREADS: u32 = 128;
+/// Rows (query or key) per CTA of the tensor-core kernels and of the generic kernels.
+const TILE: usize = 64;
+const GENERIC_ROWS: usize = 4;
+/// Dynamic shared memory a kernel may use without opting in.
+const DEFAULT_SMEM_LIMIT: u32 = 48 * 1024;
+
+/// Which implementation serves a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// Tensor-core kernels for this head dim (64 or 128), bf16 only.
+    Mma(usize),
+    /// Warp-per-row kernels, any element type.
+    Generic,
+}
+
+impl Path {
+    fn select(suffix: &str, head_dim: usize) -> Path {
+        if suffix == "bf16" && (head_dim == 64 || head_dim == 128) {
+            Path::Mma(head_dim)
+        } else {
+            Path::Generic
+        }
+    }
+
+    /// `attention_<family>[_hd<D>]_<suffix>`.
+    fn kernel(self, family: &str, suffix: &str) -> String {
+        match self {
+            Path::Mma(d) => format!("attention_{family}_hd{d}_{suffix}"),
+            Path::Generic => format!("attention_{family}_{suffix}"),
+        }
+    }
+}
+
+/// One kernel launch: name, grid, dynamic shared memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Launch {
+    name: String,
+    grid: (u32, u32, u32),
+    smem: u32,
+}
+
+impl Launch {
+    fn config(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: self.grid,
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: self.smem,
+        }
+    }
+}
+
+/// Bytes of one shared-memory tile of `rows` rows of `d` bf16, padded to `d + 8` per row.
+fn tile_bytes(rows: usize, d: usize) -> usize {
+    rows * (d + 8) * 2
+}
+
+/// Query rows per inner tile of the dK/dV kernel, and key rows per tile of the dQ kernel
+/// (`AttnBwdTile<D>::SMALL`): smaller for D = 128 to stay within the register file.
+fn bwd_small_tile(d: usize) -> usize {
+    if d >= 128 {
+        32
+    } else {
+        64
+    }
+}
+
+fn forward_launch(shape: &AttnShape, suffix: &str) -> Launch {
+    let path = Path::select(suffix, shape.head_dim);
+    let (rows_per_cta, smem) = match path {
+        // Q is staged in K's buffer, so two tiles: K and V.
+        Path::Mma(d) => (TILE, 2 * tile_bytes(TILE, d)),
+        Path::Generic => (GENERIC_ROWS, 0),
+    };
+    Launch {
+        name: path.kernel("fwd", suffix),
+        grid: (
+            shape.seq.div_ceil(rows_per_cta) as u32,
+            shape.n_heads as u32,
+            shape.batch as u32,
+        ),
+        smem: smem as u32,
+    }
+}
+
+/// The three backward launches: preprocess (Δ), dK/dV, dQ.
+fn backward_launches(shape: &AttnShape, suffix: &str) -> [Launch; 3] {
+    let path = Path::select(suffix, shape.head_dim);
+    let pre_warps = shape.rows() * shape.n_heads;
+    let pre = Launch {
+        name: format!("attention_bwd_preprocess_{suffix}"),
+        grid: (pre_warps.div_ceil(GENERIC_ROWS) as u32, 1, 1),
+        smem: 0,
+    };
+    let (rows_per_cta, dkdv_smem, dq_smem) = match path {
+        Path::Mma(d) => {
+            let bm = bwd_small_tile(d);
+            // K, V (64 rows) + Q, dO (bm rows) + lse, Δ (bm floats each).
+            let dkdv = 2 * tile_bytes(TILE, d) + 2 * tile_bytes(bm, d) + 2 * bm * 4;
+            // Q and dO staged (64 rows each), then K, V (bm rows each) in the same space.
+            let dq = 2 * tile_bytes(TILE, d);
+            (TILE, dkdv, dq)
+        }
+        Path::Generic => (GENERIC_ROWS, 0, 0),
+    };
+    let tiles = shape.seq.div_ceil(rows_per_cta) as u32;
+    let dkdv = Launch {
+        name: path.kernel("bwd_dkdv", suffix),
+        grid: (tiles, shape.n_kv_heads as u32, shape.batch as u32),
+        smem: dkdv_smem as u32,
+    };
+    let dq = Launch {
+        name: path.kernel("bwd_dq", suffix),
+        grid: (tiles, shape.n_heads as u32, shape.batch as u32),
+        smem: dq_smem as u32,
+    };
+    [pre, dkdv, dq]
+}
+
+/// Scalars every attention kernel takes after its buffers.
+struct Scalars {
+    seq: i32,
+    n_heads: i32,
+    n_kv_heads: i32,
+    head_dim: i32,
+    /// 0 = no window.
+    window: i32,
+    scale: f32,
+}
+
+/// Validate `shape` (see the module docs) and derive the kernels' scalar arguments.
+fn check_shape(shape: &AttnShape) -> Result<Scalars> {
+    let AttnShape {
+        batch,
+        seq,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        window,
+    } = *shape;
+    ensure!(
+        n_heads > 0 && n_kv_heads > 0 && head_dim > 0,
+        "attention: n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) and head_dim ({head_dim}) \
+         must be positive"
+    );
+    ensure!(
+        n_heads % n_kv_heads == 0,
+        "attention: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
+    );
+    ensure!(
+        head_dim <= MAX_GENERIC_HEAD_DIM,
+        "attention: head_dim {head_dim} is above the supported maximum {MAX_GENERIC_HEAD_DIM}"
+    );
+    if window == Some(0) {
+        bail!("attention: a sliding window of 0 lets a query see no key; use None for no window");
+    }
+    let i32_max = i32::MAX as usize;
+    ensure!(
+        seq <= i32_max
+            && n_heads.saturating_mul(head_dim) <= i32_max
+            && batch.saturating_mul(seq).saturating_mul(n_heads) <= i32_max,
+        "attention: shape {shape:?} exceeds the kernels' 32-bit indices"
+    );
+    ensure!(
+        n_heads <= 65535 && batch <= 65535,
+        "attention: n_heads ({n_heads}) and batch ({batch}) must be at most 65535 (CUDA grid)"
+    );
+    let window = match window {
+        Some(w) if w < seq => w as i32,
+        _ => 0,
+    };
+    Ok(Scalars {
+        seq: seq as i32,
+        n_heads: n_heads as i32,
+        n_kv_heads: n_kv_heads as i32,
+        head_dim: head_dim as i32,
+        window,
+        scale: (1.0 / (head_dim as f64).sqrt()) as f32,
+    })
+}
+
+fn check_len(what: &str, actual: usize, expected: usize, layout: &str) -> Result<()> {
+    ensure!(
+        actual == expected,
+        "attention: {what} has {actual} elements, expected {expected} ({layout})"
+    );
+    Ok(())
+}
+
+/// Look up `launch`'s kernel and, when it asks for more than 48 KB of dynamic shared memory,
+/// raise the kernel's limit (sm_80 allows up to 163 KB, sm_90 227 KB).
+fn prepare(rt: &Runtime, launch: &Launch) -> Result<cudarc::driver::CudaFunction> {
+    let f = rt.function("attention", &launch.name)?;
+    if launch.smem > DEFAULT_SMEM_LIMIT {
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            launch.smem as i32,
+        )
+        .with_context(|| {
+            format!(
+                "allowing {} B of dynamic shared memory for {}",
+                launch.smem, launch.name
+            )
+        })?;
+    }
+    Ok(f)
+}
+
+/// Forward attention: writes `out` (`[batch*seq, n_heads*head_dim]`) and `lse` (f32
+/// `[batch, n_heads, seq]`, natural-log log-sum-exp of each query row's scaled scores).
+///
+/// Causal with optional sliding window (query `i` sees keys `j` with `i - window < j <= i`),
+/// GQA (head `h` reads kv head `h / (n_heads / n_kv_heads)`), scale `1/sqrt(head_dim)`.
+/// Queued on `rt.stream`; nothing is synchronised. See the module docs for every assumption.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd<T: DeviceElem>(
+    rt: &Runtime,
+    out: &mut CudaSlice<T>,
+    lse: &mut CudaSlice<f32>,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    shape: &AttnShape,
+) -> Result<()> {
+    let s = check_shape(shape)?;
+    let (nq, nkv) = (
+        shape.rows() * shape.q_width(),
+        shape.rows() * shape.kv_width(),
+    );
+    let q_layout = "[batch*seq, n_heads*head_dim]";
+    let kv_layout = "[batch*seq, n_kv_heads*head_dim]";
+    check_len("q", q.len(), nq, q_layout)?;
+    check_len("k", k.len(), nkv, kv_layout)?;
+    check_len("v", v.len(), nkv, kv_layout)?;
+    check_len("out", out.len(), nq, q_layout)?;
+    let n_stats = shape.batch * shape.n_heads * shape.seq;
+    check_len("lse", lse.len(), n_stats, "[batch, n_heads, seq]")?;
+    if n_stats == 0 {
+        return Ok(());
+    }
+
+    let launch = forward_launch(shape, T::SUFFIX);
+    let f = prepare(rt, &launch)?;
+    let mut args = rt.stream.launch_builder(&f);
+    args.arg(out)
+        .arg(lse)
+        .arg(q)
+        .arg(k)
+        .arg(v)
+        .arg(&s.seq)
+        .arg(&s.n_heads)
+        .arg(&s.n_kv_heads)
+        .arg(&s.head_dim)
+        .arg(&s.window)
+        .arg(&s.scale);
+    // SAFETY: the arguments match ATTN_FWD_ARGS (out, lse, q, k, v, then five i32 and one f32)
+    // in order and type; every buffer length was checked against `shape` above, and the kernel
+    // indexes only rows < seq of each batch, heads < n_heads (kv heads < n_kv_heads) and columns
+    // < head_dim; the launch's grid and shared memory come from `forward_launch`, which mirrors
+    // the kernel's tile constants.
+    unsafe { rt.launch(&launch.name, launch.config(), args) }
+}
+
+/// Backward of [`attention_fwd`]: overwrites `dq` (like `q`), `dk`, `dv` (like `k`, `v`) given
+/// `dout` (like `out`) and the forward's `out` and `lse`.
+///
+/// Deterministic (no atomics; the GQA sum over a kv head's query heads runs inside the dK/dV
+/// kernel in a fixed order). Three launches: `Δ = rowsum(dO ∘ O)` into a scratch buffer allocated
+/// per call (`batch*n_heads*seq` f32), then dK/dV (one CTA per key tile and kv head), then dQ
+/// (one CTA per query tile and head). Same assumptions as [`attention_fwd`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd<T: DeviceElem>(
+    rt: &Runtime,
+    dq: &mut CudaSlice<T>,
+    dk: &mut CudaSlice<T>,
+    dv: &mut CudaSlice<T>,
+    dout: &CudaSlice<T>,
+    out: &CudaSlice<T>,
+    lse: &CudaSlice<f32>,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    shape: &AttnShape,
+) -> Result<()> {
+    let s = check_shape(shape)?;
+    let (nq, nkv) = (
+        shape.rows() * shape.q_width(),
+        shape.rows() * shape.kv_width(),
+    );
+    let q_layout = "[batch*seq, n_heads*head_dim]";
+    let kv_layout = "[batch*seq, n_kv_heads*head_dim]";
+    check_len("q", q.len(), nq, q_layout)?;
+    check_len("k", k.len(), nkv, kv_layout)?;
+    check_len("v", v.len(), nkv, kv_layout)?;
+    check_len("out", out.len(), nq, q_layout)?;
+    check_len("dout", dout.len(), nq, q_layout)?;
+    check_len("dq", dq.len(), nq, q_layout)?;
+    check_len("dk", dk.len(), nkv, kv_layout)?;
+    check_len("dv", dv.len(), nkv, kv_layout)?;
+    let n_stats = shape.batch * shape.n_heads * shape.seq;
+    check_len("lse", lse.len(), n_stats, "[batch, n_heads, seq]")?;
+    if n_stats == 0 {
+        return Ok(());
+    }
+
+    let [pre, dkdv, dql] = backward_launches(shape, T::SUFFIX);
+    let mut delta = rt
+        .stream
+        .alloc_zeros::<f32>(n_stats)
+        .context("allocating the attention backward's Δ scratch")?;
+    let rows = shape.rows() as i32;
+
+    let f = prepare(rt, &pre)?;
+    let mut args = rt.stream.launch_builder(&f);
+    args.arg(&mut delta)
+        .arg(dout)
+        .arg(out)
+        .arg(&rows)
+        .arg(&s.seq)
+        .arg(&s.n_heads)
+        .arg(&s.head_dim);
+    // SAFETY: matches attention_bwd_preprocess_* (delta, dout, out, rows, seq, n_heads,
+    // head_dim); `delta` has batch*n_heads*seq elements and dout/out were checked above; one warp
+    // per (row, head), warps past rows*n_heads return.
+    unsafe { rt.launch(&pre.name, pre.config(), args) }?;
+
+    let f = prepare(rt, &dkdv)?;
+    let mut args = rt.stream.launch_builder(&f);
+    args.arg(dk)
+        .arg(dv)
+        .arg(dout)
+        .arg(lse)
+        .arg(&delta)
+        .arg(q)
+        .arg(k)
+        .arg(v)
+        .arg(&s.seq)
+        .arg(&s.n_heads)
+        .arg(&s.n_kv_heads)
+        .arg(&s.head_dim)
+        .arg(&s.window)
+        .arg(&s.scale);
+    // SAFETY: matches ATTN_DKDV_ARGS in order and type; lengths checked above; grid and shared
+    // memory from `backward_launches`, mirroring the kernel's tile constants.
+    unsafe { rt.launch(&dkdv.name, dkdv.config(), args) }?;
+
+    let f = prepare(rt, &dql)?;
+    let mut args = rt.stream.launch_builder(&f);
+    args.arg(dq)
+        .arg(dout)
+        .arg(lse)
+        .arg(&delta)
+        .arg(q)
+        .arg(k)
+        .arg(v)
+        .arg(&s.seq)
+        .arg(&s.n_heads)
+        .arg(&s.n_kv_heads)
+        .arg(&s.head_dim)
+        .arg(&s.window)
+        .arg(&s.scale);
+    // SAFETY: matches ATTN_DQ_ARGS in order and type; lengths checked above; grid and shared
+    // memory from `backward_launches`.
+    unsafe { rt.launch(&dql.name, dql.config(), args) }?;
+    // `delta` is freed on drop; cudarc orders the free after the queued kernels on this stream.
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::compile::{self, Output};
+
+    fn shape(seq: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> AttnShape {
+        AttnShape {
+            batch: 2,
+            seq,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            window: None,
+        }
+    }
+
+    #[test]
+    fn picks_tensor_core_kernels_only_for_bf16_64_and_128() {
+        assert_eq!(
+            forward_launch(&shape(100, 9, 3, 64), "bf16").name,
+            "attention_fwd_hd64_bf16"
+        );
+        assert_eq!(
+            forward_launch(&shape(100, 8, 2, 128), "bf16").name,
+            "attention_fwd_hd128_bf16"
+        );
+        assert_eq!(
+            forward_launch(&shape(100, 8, 2, 96), "bf16").name,
+            "attention_fwd_bf16"
+        );
+        assert_eq!(
+            forward_launch(&shape(100, 8, 2, 64), "f32").name,
+            "attention_fwd_f32"
+        );
+        let [p, a, b] = backward_launches(&shape(100, 8, 2, 128), "bf16");
+        assert_eq!(p.name, "attention_bwd_preprocess_bf16");
+        assert_eq!(a.name, "attention_bwd_dkdv_hd128_bf16");
+        assert_eq!(b.name, "attention_bwd_dq_hd128_bf16");
+    }
+
+    #[test]
+    fn launch_geometry_covers_every_row() {
+        // 100 rows: two 64-row tiles (the second one partial); generic: 25 warps-of-4.
+        let l = forward_launch(&shape(100, 9, 3, 64), "bf16");
+        assert_eq!(l.grid, (2, 9, 2));
+        assert_eq!(l.smem, 2 * 64 * 72 * 2);
+        let l = forward_launch(&shape(100, 9, 3, 24), "bf16");
+        assert_eq!((l.grid, l.smem), ((25, 9, 2), 0));
+        let [p, a, b] = backward_launches(&shape(129, 8, 2, 128), "bf16");
+        assert_eq!(p.grid, ((2 * 129 * 8usize).div_ceil(4) as u32, 1, 1));
+        assert_eq!(a.grid, (3, 2, 2)); // one CTA per 64 keys and kv head
+        assert_eq!(b.grid, (3, 8, 2)); // one CTA per 64 queries and head
+                                       // dK/dV at D=128: K, V 64x136, Q, dO 32x136 (bf16), lse and Δ 32 floats each.
+        assert_eq!(a.smem, (2 * 64 + 2 * 32) * 136 * 2 + 2 * 32 * 4);
+        assert!(a.smem > DEFAULT_SMEM_LIMIT, "needs the opt-in attribute");
+        assert_eq!(b.smem, 2 * 64 * 136 * 2);
+        let [_, a, b] = backward_launches(&shape(64, 4, 4, 64), "bf16");
+        assert_eq!(
+            (a.smem, b.smem),
+            (256 * 72 * 2 + 2 * 64 * 4, 2 * 64 * 72 * 2)
+        );
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        assert!(check_shape(&shape(10, 6, 4, 64)).is_err()); // 6 heads over 4 kv heads
+        assert!(check_shape(&shape(10, 4, 4, 512)).is_err()); // head dim too large
+        let mut s = shape(10, 4, 2, 64);
+        s.window = Some(0);
+        assert!(check_shape(&s).is_err());
+        s.window = Some(10); // as long as the sequence: no window
+        assert_eq!(check_shape(&s).unwrap().window, 0);
+        s.window = Some(3);
+        let sc = check_shape(&s).unwrap();
+        assert_eq!(sc.window, 3);
+        assert_eq!(sc.scale, 0.125);
+    }
+
+    /// Every kernel the host can pick exists in the module, for sm_80 and sm_90a, without
+    /// register spills. Needs libnvrtc (not a GPU); skipped with a notice when it is absent.
+    #[test]
+    fn every_selectable_kernel_compiles_without_spills() {
+        if !compile::nvrtc_present() {
+            eprintln!("skipped: libnvrtc not found (put its folder on LD_LIBRARY_PATH)");
+            return;
+        }
+        let mut wanted = Vec::new();
+        for suffix in ["bf16", "f32"] {
+            for d in [24, 64, 96, 128] {
+                let s = shape(100, 4, 2, d);
+                wanted.push(forward_launch(&s, suffix).name);
+                wanted.extend(backward_launches(&s, suffix).map(|l| l.name));
+            }
+        }
+        wanted.sort();
+        wanted.dedup();
+        for arch in ["sm_80", "sm_90a"] {
+            let c = compile::compile("attention", arch, Output::Cubin, &["-Xptxas=-v"])
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            let stats = compile::parse_ptxas_log(&c.log);
+            for name in &wanted {
+                let k = stats
+                    .iter()
+                    .find(|k| &k.name == name)
+                    .unwrap_or_else(|| panic!("{arch}: kernel {name} not in the module"));
+                assert_eq!(
+                    (k.spill_stores, k.spill_loads),
+                    (0, 0),
+                    "{arch}: {name} spills registers ({} used)",
+                    k.registers
+                );
+            }
+        }
+    }
+}
