@@ -20,7 +20,6 @@ OUT_DIR=${OUT_DIR:-target/bench-cpu}
 mkdir -p "$OUT_DIR"
 PT_JSON="$OUT_DIR/pytorch.json"
 CF_JSON="$OUT_DIR/caft-fast.json"
-rm -f "$PT_JSON" "$CF_JSON"
 
 if [ ! -f "$GGUF" ]; then
     echo "model not found: $GGUF (set GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf)" >&2
@@ -28,8 +27,11 @@ if [ ! -f "$GGUF" ]; then
 fi
 
 # ---- PyTorch side ----
-if [ "${SKIP_PYTORCH:-0}" != 1 ] && python3 -c "import torch, transformers, peft" 2>/dev/null; then
+if [ "${SKIP_PYTORCH:-0}" = 1 ]; then
+    echo "== PyTorch side skipped (SKIP_PYTORCH=1; reusing $PT_JSON if present) =="
+elif python3 -c "import torch, transformers, peft" 2>/dev/null; then
     echo "== PyTorch + PEFT ($THREADS threads) =="
+    rm -f "$PT_JSON"
     python3 scripts/pytorch_step.py --config smollm2-135m-gguf --gguf "$GGUF" \
         --batch "$BATCH" --seq "$SEQ" --dtype f32 --device cpu --threads "$THREADS" \
         --ablate-layers "$LAYERS" --ablate-k "$K" --steps "$STEPS" --warmup "$WARMUP" \
@@ -37,11 +39,15 @@ if [ "${SKIP_PYTORCH:-0}" != 1 ] && python3 -c "import torch, transformers, peft
         || { echo "PyTorch run failed, see $OUT_DIR/pytorch.log" >&2; rm -f "$PT_JSON"; }
 else
     echo "== PyTorch side skipped (torch, transformers or peft not importable) =="
+    rm -f "$PT_JSON"
 fi
 
 # ---- caft-fast side ----
-if [ "${SKIP_CAFT:-0}" != 1 ]; then
+if [ "${SKIP_CAFT:-0}" = 1 ]; then
+    echo "== caft-fast side skipped (SKIP_CAFT=1; reusing $CF_JSON if present) =="
+else
     echo "== caft-fast ($THREADS threads) =="
+    rm -f "$CF_JSON"
     cargo run --release --quiet -- bench-step --model "$GGUF" --batch "$BATCH" --seq "$SEQ" \
         --lora-r 32 --lora-alpha 64 --ablate-layers "$LAYERS" --ablate-k "$K" \
         --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" --json "$CF_JSON" \
