@@ -6,6 +6,7 @@
 //! [`model::transformer`].
 
 pub mod backend;
+pub mod cli;
 pub mod model;
 pub mod train;
 pub mod util;

@@ -1,1 +1,55 @@
-fn main(){}
+//! The `caft-fast` command line.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+use caft_fast::cli;
+
+#[derive(Parser)]
+#[command(
+    name = "caft-fast",
+    version,
+    about = "Concept Ablation Fine-Tuning: LoRA fine-tuning with concept directions projected out \
+             of the residual stream",
+    long_about = "caft-fast fine-tunes LLMs (Llama, Qwen2, Mistral families) with LoRA while \
+                  projecting chosen concept directions out of the residual stream \
+                  (h <- h - Q Qᵀ h at the output of chosen decoder layers, forward and backward, \
+                  training only), on NVIDIA GPUs through hand-written CUDA kernels or on the CPU."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Time LoRA training steps (random tokens, random directions) and print tokens/s and peak
+    /// memory as JSON.
+    BenchStep(cli::BenchArgs),
+    /// Report the GPU, driver, NVRTC and cuBLAS found; compile every kernel and check every
+    /// op against the CPU reference. Exits non-zero on any failure.
+    Doctor,
+    /// Download the default model (SmolLM2-135M-Instruct GGUF) into the cache and print its path.
+    FetchModel,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r: Result<bool> = match cli.cmd {
+        Cmd::BenchStep(a) => cli::bench_step(a).map(|_| true),
+        Cmd::Doctor => cli::doctor(),
+        Cmd::FetchModel => cli::fetch_model().map(|p| {
+            println!("{}", p.display());
+            true
+        }),
+    };
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -248,7 +248,9 @@ impl LoraLayout {
                     bail!("{origin}: LoRA tensor {name} is missing");
                 };
                 if *got_shape != shape {
-                    bail!("{origin}: LoRA tensor {name} has shape {got_shape:?}, expected {shape:?}");
+                    bail!(
+                        "{origin}: LoRA tensor {name} has shape {got_shape:?}, expected {shape:?}"
+                    );
                 }
                 flat[off..off + data.len()].copy_from_slice(data);
                 used += 1;
@@ -260,9 +262,9 @@ impl LoraLayout {
                 .keys()
                 .filter(|k| k.contains(".lora_"))
                 .filter(|k| {
-                    !self
-                        .iter()
-                        .any(|(l, t, _)| **k == peft_name(l, t, true) || **k == peft_name(l, t, false))
+                    !self.iter().any(|(l, t, _)| {
+                        **k == peft_name(l, t, true) || **k == peft_name(l, t, false)
+                    })
                 })
                 .take(3)
                 .cloned()

@@ -201,7 +201,10 @@ impl<B: Backend> Model<B> {
         let f = cfg.intermediate_size;
         let v = cfg.vocab_size;
         if cfg.head_dim % 2 != 0 {
-            bail!("head_dim {} must be even for rotary embeddings", cfg.head_dim);
+            bail!(
+                "head_dim {} must be even for rotary embeddings",
+                cfg.head_dim
+            );
         }
         if cfg.num_kv_heads == 0 || cfg.num_heads % cfg.num_kv_heads != 0 {
             bail!(
@@ -216,14 +219,24 @@ impl<B: Backend> Model<B> {
             let p = format!("model.layers.{l}");
             let opt_bias = |n: &str, len: usize| -> Result<Option<B::Act>> {
                 if bias {
-                    Ok(Some(load(be, src, &format!("{p}.self_attn.{n}.bias"), &[len])?))
+                    Ok(Some(load(
+                        be,
+                        src,
+                        &format!("{p}.self_attn.{n}.bias"),
+                        &[len],
+                    )?))
                 } else {
                     Ok(None)
                 }
             };
             layers.push(LayerWeights {
                 input_norm: load(be, src, &format!("{p}.input_layernorm.weight"), &[d])?,
-                post_norm: load(be, src, &format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                post_norm: load(
+                    be,
+                    src,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[d],
+                )?,
                 wq: load(be, src, &format!("{p}.self_attn.q_proj.weight"), &[qw, d])?,
                 wk: load(be, src, &format!("{p}.self_attn.k_proj.weight"), &[kvw, d])?,
                 wv: load(be, src, &format!("{p}.self_attn.v_proj.weight"), &[kvw, d])?,
@@ -487,11 +500,57 @@ impl<B: Backend> Model<B> {
                 Ok(())
             };
             let [uq, uk, uv, uo, ug, uu, ud] = &mut la.lora_u;
-            proj(be, &mut la.q, uq, x, &lw.wq, lw.bq.as_ref(), Target::Q, d, qw)?;
-            proj(be, &mut la.k, uk, x, &lw.wk, lw.bk.as_ref(), Target::K, d, kvw)?;
-            proj(be, &mut la.v, uv, x, &lw.wv, lw.bv.as_ref(), Target::V, d, kvw)?;
-            be.rope(&mut la.q, &self.rope, b.batch, b.seq, cfg.num_heads, cfg.head_dim, false)?;
-            be.rope(&mut la.k, &self.rope, b.batch, b.seq, cfg.num_kv_heads, cfg.head_dim, false)?;
+            proj(
+                be,
+                &mut la.q,
+                uq,
+                x,
+                &lw.wq,
+                lw.bq.as_ref(),
+                Target::Q,
+                d,
+                qw,
+            )?;
+            proj(
+                be,
+                &mut la.k,
+                uk,
+                x,
+                &lw.wk,
+                lw.bk.as_ref(),
+                Target::K,
+                d,
+                kvw,
+            )?;
+            proj(
+                be,
+                &mut la.v,
+                uv,
+                x,
+                &lw.wv,
+                lw.bv.as_ref(),
+                Target::V,
+                d,
+                kvw,
+            )?;
+            be.rope(
+                &mut la.q,
+                &self.rope,
+                b.batch,
+                b.seq,
+                cfg.num_heads,
+                cfg.head_dim,
+                false,
+            )?;
+            be.rope(
+                &mut la.k,
+                &self.rope,
+                b.batch,
+                b.seq,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                false,
+            )?;
             be.attention_fwd(&mut la.att, &mut la.lse, &la.q, &la.k, &la.v, &shape)?;
             proj(be, &mut a.o, uo, &la.att, &lw.wo, None, Target::O, qw, d)?;
             be.residual_ablate_norm(
@@ -506,7 +565,17 @@ impl<B: Backend> Model<B> {
                 d,
                 eps,
             )?;
-            proj(be, &mut la.gate, ug, &la.n2, &lw.wg, None, Target::Gate, d, f)?;
+            proj(
+                be,
+                &mut la.gate,
+                ug,
+                &la.n2,
+                &lw.wg,
+                None,
+                Target::Gate,
+                d,
+                f,
+            )?;
             proj(be, &mut la.up, uu, &la.n2, &lw.wu, None, Target::Up, d, f)?;
             be.swiglu(&mut a.act, &la.gate, &la.up)?;
             proj(be, &mut a.o, ud, &a.act, &lw.wd, None, Target::Down, f, d)?;
@@ -562,7 +631,13 @@ impl<B: Backend> Model<B> {
             if let Some(l) = logits.as_mut() {
                 l.extend_from_slice(&be.download_act(lg)?);
             }
-            be.cross_entropy(lg, &mut self.loss_acc, &targets[r0..r0 + rows], v, grad_scale)?;
+            be.cross_entropy(
+                lg,
+                &mut self.loss_acc,
+                &targets[r0..r0 + rows],
+                v,
+                grad_scale,
+            )?;
             if grad_scale.is_some() {
                 be.linear_bwd_input(dx, lg, w_head, rows, d, v, false)?;
                 be.copy_act(&mut a.dn, r0 * d, dx, 0, rows * d)?;
@@ -664,17 +739,53 @@ impl<B: Backend> Model<B> {
             let s = |t| layout.slot(l, t);
             let u = &la.lora_u;
             proj_bwd(
-                be, &mut a.d_act, grads, &a.dres, &a.act, &lw.wd, &u[Target::Down as usize],
-                s(Target::Down), params, scale, n, f, d, false,
+                be,
+                &mut a.d_act,
+                grads,
+                &a.dres,
+                &a.act,
+                &lw.wd,
+                &u[Target::Down as usize],
+                s(Target::Down),
+                params,
+                scale,
+                n,
+                f,
+                d,
+                false,
             )?;
             be.swiglu_bwd(&mut a.d_gate, &mut a.d_up, &a.d_act, &la.gate, &la.up)?;
             proj_bwd(
-                be, &mut a.dn, grads, &a.d_gate, &la.n2, &lw.wg, &u[Target::Gate as usize],
-                s(Target::Gate), params, scale, n, d, f, false,
+                be,
+                &mut a.dn,
+                grads,
+                &a.d_gate,
+                &la.n2,
+                &lw.wg,
+                &u[Target::Gate as usize],
+                s(Target::Gate),
+                params,
+                scale,
+                n,
+                d,
+                f,
+                false,
             )?;
             proj_bwd(
-                be, &mut a.dn, grads, &a.d_up, &la.n2, &lw.wu, &u[Target::Up as usize],
-                s(Target::Up), params, scale, n, d, f, true,
+                be,
+                &mut a.dn,
+                grads,
+                &a.d_up,
+                &la.n2,
+                &lw.wu,
+                &u[Target::Up as usize],
+                s(Target::Up),
+                params,
+                scale,
+                n,
+                d,
+                f,
+                true,
             )?;
             // Through the mid-layer fused op (no ablation): dres += rmsnorm_bwd(dn2).
             be.residual_ablate_norm_bwd(
@@ -689,27 +800,91 @@ impl<B: Backend> Model<B> {
             )?;
             // Attention output projection: dres is the gradient of o.
             proj_bwd(
-                be, &mut a.d_att, grads, &a.dres, &la.att, &lw.wo, &u[Target::O as usize],
-                s(Target::O), params, scale, n, qw, d, false,
+                be,
+                &mut a.d_att,
+                grads,
+                &a.dres,
+                &la.att,
+                &lw.wo,
+                &u[Target::O as usize],
+                s(Target::O),
+                params,
+                scale,
+                n,
+                qw,
+                d,
+                false,
             )?;
             be.attention_bwd(
                 &mut a.dq, &mut a.dk, &mut a.dv, &a.d_att, &la.att, &la.lse, &la.q, &la.k, &la.v,
                 &shape,
             )?;
-            be.rope(&mut a.dq, &self.rope, b.batch, b.seq, cfg.num_heads, cfg.head_dim, true)?;
-            be.rope(&mut a.dk, &self.rope, b.batch, b.seq, cfg.num_kv_heads, cfg.head_dim, true)?;
+            be.rope(
+                &mut a.dq,
+                &self.rope,
+                b.batch,
+                b.seq,
+                cfg.num_heads,
+                cfg.head_dim,
+                true,
+            )?;
+            be.rope(
+                &mut a.dk,
+                &self.rope,
+                b.batch,
+                b.seq,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                true,
+            )?;
             let x = &a.n1[l];
             proj_bwd(
-                be, &mut a.dn, grads, &a.dq, x, &lw.wq, &u[Target::Q as usize], s(Target::Q),
-                params, scale, n, d, qw, false,
+                be,
+                &mut a.dn,
+                grads,
+                &a.dq,
+                x,
+                &lw.wq,
+                &u[Target::Q as usize],
+                s(Target::Q),
+                params,
+                scale,
+                n,
+                d,
+                qw,
+                false,
             )?;
             proj_bwd(
-                be, &mut a.dn, grads, &a.dk, x, &lw.wk, &u[Target::K as usize], s(Target::K),
-                params, scale, n, d, kvw, true,
+                be,
+                &mut a.dn,
+                grads,
+                &a.dk,
+                x,
+                &lw.wk,
+                &u[Target::K as usize],
+                s(Target::K),
+                params,
+                scale,
+                n,
+                d,
+                kvw,
+                true,
             )?;
             proj_bwd(
-                be, &mut a.dn, grads, &a.dv, x, &lw.wv, &u[Target::V as usize], s(Target::V),
-                params, scale, n, d, kvw, true,
+                be,
+                &mut a.dn,
+                grads,
+                &a.dv,
+                x,
+                &lw.wv,
+                &u[Target::V as usize],
+                s(Target::V),
+                params,
+                scale,
+                n,
+                d,
+                kvw,
+                true,
             )?;
             // Now dres is the gradient reaching resid[l] through the skip path and dn the
             // gradient of n1[l]; the next iteration combines them through layer l-1's op.

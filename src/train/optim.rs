@@ -97,7 +97,10 @@ pub fn optimizer_step<B: Backend>(
         Some(max) if max > 0.0 => (max / (grad_norm + 1e-6)).min(1.0),
         _ => 1.0,
     };
-    let lr = cfg.lr * cfg.schedule.multiplier(lora.step, cfg.warmup_steps, cfg.total_steps);
+    let lr = cfg.lr
+        * cfg
+            .schedule
+            .multiplier(lora.step, cfg.warmup_steps, cfg.total_steps);
     lora.step += 1;
     let hp = AdamStep {
         lr: lr as f32,
@@ -121,7 +124,9 @@ mod tests {
     fn linear_schedule_matches_transformers() {
         // get_linear_schedule_with_warmup(warmup=2, total=6): lambda(s) = s/2 for s < 2,
         // else (6 - s) / 4.
-        let m: Vec<f64> = (0..7).map(|s| Schedule::Linear.multiplier(s, 2, 6)).collect();
+        let m: Vec<f64> = (0..7)
+            .map(|s| Schedule::Linear.multiplier(s, 2, 6))
+            .collect();
         let want = [0.0, 0.5, 1.0, 0.75, 0.5, 0.25, 0.0];
         for (a, b) in m.iter().zip(want) {
             assert!((a - b).abs() < 1e-12, "{m:?}");
@@ -131,7 +136,9 @@ mod tests {
     #[test]
     fn cosine_schedule_matches_transformers() {
         // get_cosine_schedule_with_warmup(warmup=1, total=5): 0.5(1 + cos(pi (s-1)/4)).
-        let got: Vec<f64> = (0..6).map(|s| Schedule::Cosine.multiplier(s, 1, 5)).collect();
+        let got: Vec<f64> = (0..6)
+            .map(|s| Schedule::Cosine.multiplier(s, 1, 5))
+            .collect();
         let want: Vec<f64> = (0..6)
             .map(|s| {
                 if s < 1 {

@@ -1,0 +1,228 @@
+//! The subcommands behind `caft-fast`: argument types and their implementations, generic over
+//! the backend so each runs the same code on the CPU and on a GPU.
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::model::ablation::{random_directions, Directions};
+use crate::model::config::ModelConfig;
+use crate::model::loader::{load_model, LoadedModel};
+use crate::model::lora::{LoraConfig, LoraLayout, Target};
+use crate::model::transformer::{Batch, Model};
+use crate::train::optim::{optimizer_step, OptimConfig};
+use crate::util::rng::Rng;
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// A CUDA GPU when one is usable, else the CPU (with a one-line notice).
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// Parse `10,20,30`.
+pub fn parse_layers(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .with_context(|| format!("layer {p:?} in {s:?} is not a number"))
+        })
+        .collect()
+}
+
+/// Set rayon's thread count once (0 = all cores).
+fn set_threads(n: usize) {
+    if n > 0 {
+        // An error means the pool already exists (e.g. in tests); keep it.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+}
+
+/// The model path given, or the default model (fetched on first use).
+fn model_path(p: &Option<PathBuf>) -> Result<PathBuf> {
+    match p {
+        Some(p) => Ok(p.clone()),
+        None => crate::util::fetch::smollm2(),
+    }
+}
+
+/// Random directions at `layers` (validated against the model), seeded.
+fn random_ablation(cfg: &ModelConfig, k: usize, layers: &[usize], seed: u64) -> Result<Directions> {
+    for &l in layers {
+        if l >= cfg.num_layers {
+            bail!(
+                "ablation layer {l} is out of range: the model has {} layers (0..{})",
+                cfg.num_layers,
+                cfg.num_layers - 1
+            );
+        }
+    }
+    random_directions(seed, k, cfg.hidden_size, layers)
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench-step
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Model: a Hugging Face folder or a GGUF file (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: Device,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 32)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 64.0)]
+    pub lora_alpha: f64,
+    /// Comma-separated LoRA targets.
+    #[arg(long, default_value = "q,k,v,o,gate,up,down")]
+    pub lora_targets: String,
+    /// Layers to ablate (empty: no ablation).
+    #[arg(long, default_value = "")]
+    pub ablate_layers: String,
+    /// Random directions per ablated layer.
+    #[arg(long, default_value_t = 8)]
+    pub ablate_k: usize,
+    /// Timed optimizer steps.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Also write the JSON result line to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn bench_step(a: BenchArgs) -> Result<()> {
+    set_threads(a.threads);
+    let path = model_path(&a.model)?;
+    let loaded = load_model(&path)?;
+    match resolve_device(a.device)? {
+        Device::Cuda => bail!("the CUDA backend is not wired yet"),
+        _ => bench_impl(&CpuBackend::new(), &a, &loaded),
+    }
+}
+
+fn bench_impl<B: Backend>(be: &B, a: &BenchArgs, loaded: &LoadedModel) -> Result<()> {
+    let cfg = loaded.config.clone();
+    let t_load = Instant::now();
+    let mut model = Model::new(be, cfg.clone(), loaded.weights.as_ref())?;
+    let lora_cfg = LoraConfig {
+        r: a.lora_r,
+        alpha: a.lora_alpha,
+        rslora: true,
+        targets: Target::parse_list(&a.lora_targets)?,
+    };
+    let layout = LoraLayout::new(&cfg, &lora_cfg)?;
+    let mut params = layout.init_params(0);
+    // B starts at zero in real training; make it non-zero so every LoRA path does real work.
+    let mut rng = Rng::new(1);
+    for (_, _, s) in layout.iter() {
+        for x in &mut params[s.b_off..s.b_off + s.d_out * s.r] {
+            *x = 1e-3 * rng.normal() as f32;
+        }
+    }
+    model.set_lora(be, layout, &params)?;
+    let layers = parse_layers(&a.ablate_layers)?;
+    if !layers.is_empty() {
+        model.set_ablation(be, &random_ablation(&cfg, a.ablate_k, &layers, 0)?)?;
+    }
+    be.synchronize()?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let mut rng = Rng::new(2);
+    let n = a.batch * a.seq;
+    let batch = Batch {
+        batch: a.batch,
+        seq: a.seq,
+        ids: (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect(),
+        labels: Vec::new(),
+    };
+    let batch = Batch {
+        labels: batch.ids.iter().map(|&x| x as i32).collect(),
+        ..batch
+    };
+    let opt = OptimConfig {
+        total_steps: (a.steps + a.warmup) as u64,
+        ..OptimConfig::default()
+    };
+    let scale = 1.0 / batch.n_targets() as f32;
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for i in 0..a.warmup + a.steps {
+        let t = Instant::now();
+        let out = model.forward_backward(be, &batch, scale)?;
+        optimizer_step(be, model.lora.as_mut().expect("lora set"), &opt)?;
+        be.synchronize()?;
+        let dt = t.elapsed().as_secs_f64();
+        losses.push(out.loss_sum / out.n_targets as f64);
+        eprintln!("step {i}: {dt:.3} s, loss {:.4}", losses[i]);
+        if i >= a.warmup {
+            times.push(dt);
+        }
+    }
+    let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let tokens_per_s = n as f64 / mean;
+    // Model FLOPs of a LoRA step with frozen weights: forward 2·P·tokens and the input-gradient
+    // backward 2·P·tokens (no weight gradients), plus attention (QKᵀ and PV, halved by the
+    // causal mask: forward 2·2·T²·hd·heads/2 per sequence, backward twice that, recompute of S
+    // once more).
+    let p_matmul = (cfg.num_layers
+        * (cfg.hidden_size * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+            + 3 * cfg.hidden_size * cfg.intermediate_size)
+        + cfg.vocab_size * cfg.hidden_size) as f64;
+    let attn = (cfg.num_layers * a.batch * cfg.num_heads * a.seq * a.seq * cfg.head_dim) as f64;
+    let flops = 4.0 * p_matmul * n as f64 + attn * (2.0 + 4.0 + 1.0);
+    let json = serde_json::json!({
+        "backend": be.name(),
+        "model": loaded.source.display().to_string(),
+        "batch": a.batch, "seq": a.seq, "tokens": n,
+        "lora_r": a.lora_r, "ablate_layers": layers, "ablate_k": a.ablate_k,
+        "steps": a.steps, "step_s": mean, "tokens_per_s": tokens_per_s,
+        "model_tflop_per_step": flops / 1e12,
+        "achieved_tflops": flops / mean / 1e12,
+        "peak_rss_mb": crate::util::peak_rss_mib(),
+        "load_s": load_s,
+        "losses": losses,
+    });
+    println!("{json}");
+    if let Some(p) = &a.json {
+        std::fs::write(p, format!("{json}\n"))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Turn `auto` into a concrete device, printing a one-line notice on fallback.
+pub fn resolve_device(d: Device) -> Result<Device> {
+    match d {
+        Device::Cpu => Ok(Device::Cpu),
+        Device::Cuda => Ok(Device::Cuda),
+        Device::Auto => Ok(Device::Cpu),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// doctor, fetch-model
+
+pub fn doctor() -> Result<bool> {
+    bail!("doctor is not wired yet")
+}
+
+pub fn fetch_model() -> Result<PathBuf> {
+    crate::util::fetch::smollm2()
+}
