@@ -1,0 +1,176 @@
+// elementwise.cu: the memory-bound per-element ops.
+// defines: embedding_{bf16,f32}, add_bias_{bf16,f32}, swiglu_fwd_{bf16,f32},
+//          swiglu_bwd_{bf16,f32}, rope_{bf16,f32}, cast_from_f32_{bf16,f32},
+//          cast_to_f32_{bf16,f32}
+//
+// Math (storage T, arithmetic f32):
+//   embedding   out[i, :] = table[ids[i], :]
+//   add_bias    y[i, j] += bias[j]
+//   swiglu      out = silu(g) · u,  silu(g) = g · σ(g),  σ(g) = 1 / (1 + e^-g)
+//   swiglu_bwd  dg = dout · u · σ(g) · (1 + g · (1 - σ(g))),  du = dout · silu(g)
+//   rope        pairs (i, i + hd/2) of each head at position p = row % seq:
+//               x1' = x1 cos θ - x2 sin θ,  x2' = x2 cos θ + x1 sin θ   (θ -> -θ for the inverse)
+//   casts       f32 <-> T, round to nearest even.
+//
+// Memory plan: each thread handles one 16-byte vector of T when the row length allows it (so
+// each warp moves 512 contiguous bytes per access), one element otherwise; grid-stride loops
+// over the flat buffer with a grid sized by the host. Embedding and add_bias use one block row
+// per token row. Rope is one thread per rotated pair; the cos/sin table (f32, small) is read
+// through the read-only cache. Nothing here reduces, so results are trivially deterministic.
+
+#include "common.cuh"
+
+// ---- embedding --------------------------------------------------------------------------
+// grid.x = n rows (chunked by grid.y for large n is unnecessary: n < 2^31), block threads loop
+// over the row's d elements.
+template <typename T>
+__device__ __forceinline__ void embedding(T* __restrict__ out, const T* __restrict__ table,
+                                          const u32* __restrict__ ids, int d) {
+    const long long row = blockIdx.x;
+    const T* src = table + (long long)ids[row] * d;
+    T* dst = out + row * d;
+    if (d % Vec<T>::N == 0) {
+        for (int c = threadIdx.x; c < d / Vec<T>::N; c += blockDim.x)
+            store_vec(dst + c * Vec<T>::N, load_vec_ro(src + c * Vec<T>::N));
+    } else {
+        for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+    }
+}
+
+// ---- bias -------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void add_bias(T* __restrict__ y, const T* __restrict__ bias, int d) {
+    const long long row = blockIdx.x;
+    T* p = y + row * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x)
+        p[i] = from_f32<T>(to_f32(p[i]) + to_f32(bias[i]));
+}
+
+// ---- swiglu -----------------------------------------------------------------------------
+__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
+
+template <typename T>
+__device__ __forceinline__ void swiglu_fwd(T* __restrict__ out, const T* __restrict__ gate,
+                                           const T* __restrict__ up, long long len) {
+    constexpr int N = Vec<T>::N;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long nvec = len / N;
+    for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c < nvec; c += stride) {
+        Vec<T> g = load_vec(gate + c * N), u = load_vec(up + c * N), o;
+#pragma unroll
+        for (int e = 0; e < N; e++)
+            o.v[e] = from_f32<T>(silu_f(to_f32(g.v[e])) * to_f32(u.v[e]));
+        store_vec(out + c * N, o);
+    }
+    // Tail (len not a multiple of N): handled by the first threads of block 0.
+    if (blockIdx.x == 0) {
+        for (long long i = nvec * N + threadIdx.x; i < len; i += blockDim.x)
+            out[i] = from_f32<T>(silu_f(to_f32(gate[i])) * to_f32(up[i]));
+    }
+}
+
+__device__ __forceinline__ void swiglu_grad(float g, float u, float dout, float& dg, float& du) {
+    const float sig = 1.0f / (1.0f + expf(-g));
+    const float silu = g * sig;
+    du = dout * silu;
+    dg = dout * u * sig * (1.0f + g * (1.0f - sig));
+}
+
+template <typename T>
+__device__ __forceinline__ void swiglu_bwd(T* __restrict__ dgate, T* __restrict__ dup,
+                                           const T* __restrict__ dout, const T* __restrict__ gate,
+                                           const T* __restrict__ up, long long len) {
+    constexpr int N = Vec<T>::N;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long nvec = len / N;
+    for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c < nvec; c += stride) {
+        Vec<T> g = load_vec(gate + c * N), u = load_vec(up + c * N), d = load_vec(dout + c * N);
+        Vec<T> dg, du;
+#pragma unroll
+        for (int e = 0; e < N; e++) {
+            float a, b;
+            swiglu_grad(to_f32(g.v[e]), to_f32(u.v[e]), to_f32(d.v[e]), a, b);
+            dg.v[e] = from_f32<T>(a);
+            du.v[e] = from_f32<T>(b);
+        }
+        store_vec(dgate + c * N, dg);
+        store_vec(dup + c * N, du);
+    }
+    if (blockIdx.x == 0) {
+        for (long long i = nvec * N + threadIdx.x; i < len; i += blockDim.x) {
+            float a, b;
+            swiglu_grad(to_f32(gate[i]), to_f32(up[i]), to_f32(dout[i]), a, b);
+            dgate[i] = from_f32<T>(a);
+            dup[i] = from_f32<T>(b);
+        }
+    }
+}
+
+// ---- rope -------------------------------------------------------------------------------
+// One thread per (row, head, i < hd/2); x: [rows, n_heads * hd]; table: [max_pos, hd/2] of
+// (cos, sin) pairs. sign = +1 forward, -1 inverse.
+template <typename T>
+__device__ __forceinline__ void rope(T* __restrict__ x, const float* __restrict__ table,
+                                     long long rows, int seq, int n_heads, int hd, float sign) {
+    const int half = hd / 2;
+    const long long total = rows * n_heads * half;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += stride) {
+        const int i = (int)(t % half);
+        const long long rh = t / half;  // row * n_heads + head
+        const long long row = rh / n_heads;
+        const int pos = (int)(row % seq);
+        const float2 cs = __ldg(reinterpret_cast<const float2*>(table) + (long long)pos * half + i);
+        const float c = cs.x, s = sign * cs.y;
+        T* p = x + rh * hd;
+        const float x1 = to_f32(p[i]), x2 = to_f32(p[i + half]);
+        p[i] = from_f32<T>(x1 * c - x2 * s);
+        p[i + half] = from_f32<T>(x2 * c + x1 * s);
+    }
+}
+
+// ---- casts ------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void cast_from_f32(T* __restrict__ dst, const float* __restrict__ src,
+                                              long long len) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride)
+        dst[i] = from_f32<T>(src[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void cast_to_f32(float* __restrict__ dst, const T* __restrict__ src,
+                                            long long len) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride)
+        dst[i] = to_f32(src[i]);
+}
+
+#define ELEMENTWISE_ENTRY(T, SUF)                                                             \
+    extern "C" __global__ void embedding_##SUF(T* out, const T* table, const u32* ids, int d) { \
+        embedding<T>(out, table, ids, d);                                                     \
+    }                                                                                         \
+    extern "C" __global__ void add_bias_##SUF(T* y, const T* bias, int d) {                   \
+        add_bias<T>(y, bias, d);                                                              \
+    }                                                                                         \
+    extern "C" __global__ void swiglu_fwd_##SUF(T* out, const T* gate, const T* up,           \
+                                                long long len) {                              \
+        swiglu_fwd<T>(out, gate, up, len);                                                    \
+    }                                                                                         \
+    extern "C" __global__ void swiglu_bwd_##SUF(T* dgate, T* dup, const T* dout,              \
+                                                const T* gate, const T* up, long long len) {  \
+        swiglu_bwd<T>(dgate, dup, dout, gate, up, len);                                       \
+    }                                                                                         \
+    extern "C" __global__ void rope_##SUF(T* x, const float* table, long long rows, int seq,  \
+                                          int n_heads, int hd, float sign) {                  \
+        rope<T>(x, table, rows, seq, n_heads, hd, sign);                                      \
+    }                                                                                         \
+    extern "C" __global__ void cast_from_f32_##SUF(T* dst, const float* src, long long len) { \
+        cast_from_f32<T>(dst, src, len);                                                      \
+    }                                                                                         \
+    extern "C" __global__ void cast_to_f32_##SUF(float* dst, const T* src, long long len) {   \
+        cast_to_f32<T>(dst, src, len);                                                        \
+    }
+
+ELEMENTWISE_ENTRY(bf16, bf16)
+ELEMENTWISE_ENTRY(float, f32)
