@@ -101,8 +101,8 @@ fn bwd_small_tile(d: usize) -> usize {
 fn forward_launch(shape: &AttnShape, suffix: &str) -> Launch {
     let path = Path::select(suffix, shape.head_dim);
     let (rows_per_cta, smem) = match path {
-        // Q is staged in K's buffer, so two tiles: K and V.
-        Path::Mma(d) => (TILE, 2 * tile_bytes(TILE, d)),
+        // Two (K, V) buffers; the Q tile is staged in the first K buffer.
+        Path::Mma(d) => (TILE, 4 * tile_bytes(TILE, d)),
         Path::Generic => (GENERIC_ROWS, 0),
     };
     Launch {
@@ -128,10 +128,11 @@ fn backward_launches(shape: &AttnShape, suffix: &str) -> [Launch; 3] {
     let (rows_per_cta, dkdv_smem, dq_smem) = match path {
         Path::Mma(d) => {
             let bm = bwd_small_tile(d);
-            // K, V (64 rows) + Q, dO (bm rows) + lse, Δ (bm floats each).
-            let dkdv = 2 * tile_bytes(TILE, d) + 2 * tile_bytes(bm, d) + 2 * bm * 4;
-            // Q and dO staged (64 rows each), then K, V (bm rows each) in the same space.
-            let dq = 2 * tile_bytes(TILE, d);
+            // K, V (64 rows) + two buffers of Q, dO (bm rows) and of lse, Δ (bm floats each).
+            let dkdv = 2 * tile_bytes(TILE, d) + 4 * tile_bytes(bm, d) + 4 * bm * 4;
+            // Q and dO staged (64 rows each), then two buffers of K, V (bm rows each) in the
+            // same space.
+            let dq = tile_bytes((2 * TILE).max(4 * bm), d);
             (TILE, dkdv, dq)
         }
         Path::Generic => (GENERIC_ROWS, 0, 0),
@@ -177,7 +178,7 @@ fn check_shape(shape: &AttnShape) -> Result<Scalars> {
          must be positive"
     );
     ensure!(
-        n_heads % n_kv_heads == 0,
+        n_heads.is_multiple_of(n_kv_heads),
         "attention: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
     );
     ensure!(
@@ -444,22 +445,25 @@ mod tests {
         // 100 rows: two 64-row tiles (the second one partial); generic: 25 warps-of-4.
         let l = forward_launch(&shape(100, 9, 3, 64), "bf16");
         assert_eq!(l.grid, (2, 9, 2));
-        assert_eq!(l.smem, 2 * 64 * 72 * 2);
+        assert_eq!(l.smem, 4 * 64 * 72 * 2); // two (K, V) buffers of 64 rows
         let l = forward_launch(&shape(100, 9, 3, 24), "bf16");
         assert_eq!((l.grid, l.smem), ((25, 9, 2), 0));
+
         let [p, a, b] = backward_launches(&shape(129, 8, 2, 128), "bf16");
         assert_eq!(p.grid, ((2 * 129 * 8usize).div_ceil(4) as u32, 1, 1));
-        assert_eq!(a.grid, (3, 2, 2)); // one CTA per 64 keys and kv head
-        assert_eq!(b.grid, (3, 8, 2)); // one CTA per 64 queries and head
-                                       // dK/dV at D=128: K, V 64x136, Q, dO 32x136 (bf16), lse and Δ 32 floats each.
-        assert_eq!(a.smem, (2 * 64 + 2 * 32) * 136 * 2 + 2 * 32 * 4);
+        // One dK/dV CTA per 64 keys and kv head; one dQ CTA per 64 queries and head.
+        assert_eq!(a.grid, (3, 2, 2));
+        assert_eq!(b.grid, (3, 8, 2));
+        // dK/dV at D=128: K, V 64x136 and two buffers of Q, dO 32x136 (bf16) and of lse, delta
+        // (32 floats each).
+        assert_eq!(a.smem, (2 * 64 + 4 * 32) * 136 * 2 + 4 * 32 * 4);
         assert!(a.smem > DEFAULT_SMEM_LIMIT, "needs the opt-in attribute");
+        // dQ at D=128: the Q, dO staging (2 x 64 rows) equals four K/V buffers of 32 rows.
         assert_eq!(b.smem, 2 * 64 * 136 * 2);
+
         let [_, a, b] = backward_launches(&shape(64, 4, 4, 64), "bf16");
-        assert_eq!(
-            (a.smem, b.smem),
-            (256 * 72 * 2 + 2 * 64 * 4, 2 * 64 * 72 * 2)
-        );
+        assert_eq!(a.smem, 384 * 72 * 2 + 4 * 64 * 4);
+        assert_eq!(b.smem, 4 * 64 * 72 * 2);
     }
 
     #[test]
