@@ -1,3 +1,6 @@
-//! Training: the learning-rate schedule and the optimizer step over a `Backend`.
+//! Training: data preparation, the optimizer and its schedule, the training loop, and the
+//! PEFT adapter it writes.
 
+pub mod adapter;
+pub mod data;
 pub mod optim;
