@@ -13,8 +13,8 @@
 use super::compile::{self, Output};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{
-    sys as drv, CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchArgs,
-    LaunchConfig, ValidAsZeroBits,
+    sys as drv, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr,
+    LaunchArgs, LaunchConfig, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
@@ -96,6 +96,9 @@ impl Runtime {
             .attribute(drv::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .context("reading the multiprocessor count")?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
+        // SAFETY: every buffer of this runtime is used on the one stream below, so cudarc's
+        // per-buffer events (which order uses across streams) have nothing to order.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         Ok(Runtime {
             ctx,
@@ -209,6 +212,15 @@ impl Runtime {
             )
         })?;
         Ok(())
+    }
+
+    /// The raw device address of a buffer or view, for kernel arguments and cuBLAS calls.
+    /// Everything runs on one stream with event tracking off, so no synchronisation guard is
+    /// needed; the address stays valid while `buf` is borrowed and, since frees are
+    /// stream-ordered, for work queued before `buf` is dropped.
+    pub fn ptr<T, S: DevicePtr<T>>(&self, buf: &S) -> u64 {
+        let (p, _guard) = buf.device_ptr(&self.stream);
+        p
     }
 
     /// Block until every queued operation finished, surfacing asynchronous kernel faults.
