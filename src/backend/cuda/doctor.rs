@@ -1,0 +1,84 @@
+//! `caft-fast doctor`: what GPU support this machine has, and whether every CUDA op agrees with
+//! the CPU reference here.
+
+use super::backend::CudaBackend;
+use super::compile;
+use super::parity;
+use super::probe::probe;
+use super::runtime::Runtime;
+use crate::backend::cpu::CpuBackend;
+use anyhow::Result;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Print the GPU, driver, NVRTC and cuBLAS found; compile every kernel; run every op of
+/// `CudaBackend<bf16>` and `CudaBackend<f32>` against the CPU reference. `Ok(false)` when any
+/// step fails (including: no usable GPU).
+pub fn doctor() -> Result<bool> {
+    let p = probe();
+    let yes = |b: bool| if b { "found" } else { "NOT FOUND" };
+    println!("libcuda    {}", yes(p.libcuda));
+    if let Some((ma, mi)) = p.driver_version {
+        println!("driver     CUDA {ma}.{mi}");
+    }
+    println!(
+        "libnvrtc   {}{}",
+        yes(p.libnvrtc),
+        p.nvrtc_version
+            .map(|(a, b)| format!(" (NVRTC {a}.{b})"))
+            .unwrap_or_default()
+    );
+    println!("libcublas  {}", yes(p.libcublas));
+    for g in &p.gpus {
+        println!(
+            "gpu {}      {} (compute {}.{}, {:.1} GiB)",
+            g.ordinal,
+            g.name,
+            g.compute_capability.0,
+            g.compute_capability.1,
+            g.total_mem_bytes as f64 / (1u64 << 30) as f64
+        );
+    }
+    if let Some(problem) = &p.problem {
+        println!("cannot use the GPU: {problem}");
+        return Ok(false);
+    }
+
+    let rt = Arc::new(Runtime::new(0)?);
+    let mut ok = true;
+    println!(
+        "kernels    sources hash {}, compiled for {}",
+        compile::sources_hash(),
+        compile::arch_name(rt.arch().0, rt.arch().1)
+    );
+    for m in compile::module_names() {
+        let t = Instant::now();
+        match rt.module(m) {
+            Ok(_) => println!("  {m:<14} ok ({:.2} s)", t.elapsed().as_secs_f64()),
+            Err(e) => {
+                ok = false;
+                println!("  {m:<14} FAILED: {e:#}");
+            }
+        }
+    }
+
+    let cpu = CpuBackend::new();
+    let shapes = parity::standard_shapes();
+    let bf16 = CudaBackend::<half::bf16>::with_runtime(rt.clone())?;
+    match bf16.gemm().version() {
+        Ok(v) => println!("cuBLAS     {v}"),
+        Err(e) => println!("cuBLAS     version unknown: {e:#}"),
+    }
+    let t = Instant::now();
+    let res = parity::run_all(&bf16, &cpu, &shapes, 1);
+    ok &= parity::print_table("bf16", &res);
+    let f32b = CudaBackend::<f32>::with_runtime(rt.clone())?;
+    let res = parity::run_all(&f32b, &cpu, &shapes, 2);
+    ok &= parity::print_table("f32", &res);
+    println!(
+        "parity     {} ({:.1} s)",
+        if ok { "all ops pass" } else { "FAILURES above" },
+        t.elapsed().as_secs_f64()
+    );
+    Ok(ok)
+}
