@@ -1,0 +1,138 @@
+//! Every CUDA op against the CPU reference, on fresh random inputs at several shapes (odd
+//! sizes included), for bf16 and f32 storage; and determinism (two runs, bit-identical).
+//!
+//! The comparison itself is `caft_fast::backend::cuda::parity` (shared with `caft-fast doctor`):
+//! relative L2 error within 1e-2 (bf16) or 1e-5 (f32), NaN never passes, outputs NaN-poisoned
+//! before every run. Needs a CUDA GPU: run with `--include-ignored` on one.
+
+use caft_fast::backend::cpu::CpuBackend;
+use caft_fast::backend::cuda::parity::{self, CaseResult, Shape};
+use caft_fast::backend::cuda::{probe, CudaBackend, DeviceElem, Runtime};
+use std::sync::{Arc, OnceLock};
+
+fn runtime() -> Arc<Runtime> {
+    static RT: OnceLock<Arc<Runtime>> = OnceLock::new();
+    RT.get_or_init(|| {
+        let p = probe();
+        assert!(p.usable(), "{}", p.summary());
+        Arc::new(Runtime::new(0).expect("opening CUDA device 0"))
+    })
+    .clone()
+}
+
+fn check<T: DeviceElem>(prefix: &str, seed: u64) {
+    let gpu = CudaBackend::<T>::with_runtime(runtime()).expect("CUDA backend");
+    let cpu = CpuBackend::new();
+    let mut shapes = parity::standard_shapes();
+    // One more odd shape per test, drawn from the seed, so repeated runs cover more sizes.
+    shapes.push(Shape {
+        n: 5 + (seed as usize % 11),
+        d: 33 + 2 * (seed as usize % 17),
+        ffn: 41 + (seed as usize % 23),
+        vocab: 257 + (seed as usize % 31),
+        r: 1 + (seed as usize % 4),
+        k: 1 + (seed as usize % 7),
+        batch: 2,
+        seq: 3 + (seed as usize % 9),
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 64,
+    });
+    let results: Vec<CaseResult> = parity::run_matching(&gpu, &cpu, &shapes, seed, prefix);
+    assert!(!results.is_empty(), "no parity case matches {prefix:?}");
+    let ok = parity::print_table(T::SUFFIX, &results);
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|r| !r.pass())
+        .map(|r| {
+            format!(
+                "{} [{}] rel.err {:.3e} (tol {:.0e}), deterministic {}{}",
+                r.op,
+                r.shape,
+                r.rel_err,
+                r.tol,
+                r.deterministic,
+                r.error
+                    .as_ref()
+                    .map(|e| format!(", error: {e}"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    assert!(
+        ok && failed.is_empty(),
+        "{} failing case(s):\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+macro_rules! parity_tests {
+    ($($name:ident: $prefix:literal),* $(,)?) => {
+        mod bf16 {
+            $(
+                #[test]
+                #[ignore = "needs a CUDA GPU"]
+                fn $name() {
+                    super::check::<half::bf16>($prefix, 11);
+                }
+            )*
+        }
+        mod f32 {
+            $(
+                #[test]
+                #[ignore = "needs a CUDA GPU"]
+                fn $name() {
+                    super::check::<f32>($prefix, 12);
+                }
+            )*
+        }
+    };
+}
+
+parity_tests! {
+    embedding: "embedding",
+    linear: "linear",
+    lora_fwd: "lora_fwd",
+    lora_bwd: "lora_bwd",
+    resid_norm: "resid_",
+    rope: "rope",
+    attention: "attention",
+    swiglu: "swiglu",
+    cross_entropy: "cross_entropy",
+    sum_squares: "sum_squares",
+    adamw: "adamw",
+}
+
+/// Every case name is covered by one of the prefixes above (a new case cannot go untested).
+#[test]
+fn every_case_is_covered() {
+    let prefixes = [
+        "embedding",
+        "linear",
+        "lora_fwd",
+        "lora_bwd",
+        "resid_",
+        "rope",
+        "attention",
+        "swiglu",
+        "cross_entropy",
+        "sum_squares",
+        "adamw",
+    ];
+    for name in parity::case_names() {
+        assert!(
+            prefixes.iter().any(|p| name.starts_with(p)),
+            "parity case {name} is not run by any test"
+        );
+    }
+}
+
+/// rel_err is what the tests rely on: NaN never passes, zero error is zero.
+#[test]
+fn rel_err_rejects_nan() {
+    assert_eq!(parity::rel_err(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+    assert!(parity::rel_err(&[f32::NAN, 2.0], &[1.0, 2.0]).is_infinite());
+    assert!(parity::rel_err(&[1.0], &[1.0, 2.0]).is_infinite());
+    assert!((parity::rel_err(&[1.1], &[1.0]) - 0.1).abs() < 1e-6);
+}
