@@ -7,9 +7,8 @@ use crate::model::ablation::{random_directions, Directions};
 use crate::model::config::ModelConfig;
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::lora::{LoraConfig, LoraLayout, Target};
-use crate::model::transformer::{Batch, Model};
+use crate::model::transformer::Model;
 use crate::train::optim::{optimizer_step, OptimConfig};
-use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -119,80 +118,43 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
 }
 
 fn bench_impl<B: Backend>(be: &B, a: &BenchArgs, loaded: &LoadedModel) -> Result<()> {
-    let cfg = loaded.config.clone();
-    let t_load = Instant::now();
-    let mut model = Model::new(be, cfg.clone(), loaded.weights.as_ref())?;
-    let lora_cfg = LoraConfig {
-        r: a.lora_r,
-        alpha: a.lora_alpha,
-        rslora: true,
-        targets: Target::parse_list(&a.lora_targets)?,
-    };
-    let layout = LoraLayout::new(&cfg, &lora_cfg)?;
-    let mut params = layout.init_params(0);
-    // B starts at zero in real training; make it non-zero so every LoRA path does real work.
-    let mut rng = Rng::new(1);
-    for (_, _, s) in layout.iter() {
-        for x in &mut params[s.b_off..s.b_off + s.d_out * s.r] {
-            *x = 1e-3 * rng.normal() as f32;
-        }
-    }
-    model.set_lora(be, layout, &params)?;
+    use crate::train::bench::{step_flops, StepBench, StepSpec};
+    let cfg = &loaded.config;
     let layers = parse_layers(&a.ablate_layers)?;
-    if !layers.is_empty() {
-        model.set_ablation(be, &random_ablation(&cfg, a.ablate_k, &layers, 0)?)?;
-    }
-    be.synchronize()?;
-    let load_s = t_load.elapsed().as_secs_f64();
-    let mut rng = Rng::new(2);
-    let n = a.batch * a.seq;
-    let batch = Batch {
+    let spec = StepSpec {
         batch: a.batch,
         seq: a.seq,
-        ids: (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect(),
-        labels: Vec::new(),
+        lora_r: a.lora_r,
+        lora_alpha: a.lora_alpha,
+        targets: Target::parse_list(&a.lora_targets)?,
+        ablate_layers: layers.clone(),
+        ablate_k: a.ablate_k,
     };
-    let batch = Batch {
-        labels: batch.ids.iter().map(|&x| x as i32).collect(),
-        ..batch
-    };
-    let opt = OptimConfig {
-        total_steps: (a.steps + a.warmup) as u64,
-        ..OptimConfig::default()
-    };
-    let scale = 1.0 / batch.n_targets() as f32;
+    let t_load = Instant::now();
+    let mut bench = StepBench::new(be, cfg, loaded.weights.as_ref(), &spec)?;
+    be.synchronize()?;
+    let load_s = t_load.elapsed().as_secs_f64();
     let mut times = Vec::new();
     let mut losses = Vec::new();
     for i in 0..a.warmup + a.steps {
         let t = Instant::now();
-        let out = model.forward_backward(be, &batch, scale)?;
-        optimizer_step(be, model.lora.as_mut().expect("lora set"), &opt)?;
-        be.synchronize()?;
+        let loss = bench.step(be)?;
         let dt = t.elapsed().as_secs_f64();
-        losses.push(out.loss_sum / out.n_targets as f64);
-        eprintln!("step {i}: {dt:.3} s, loss {:.4}", losses[i]);
+        losses.push(loss);
+        eprintln!("step {i}: {dt:.3} s, loss {loss:.4}");
         if i >= a.warmup {
             times.push(dt);
         }
     }
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
-    let tokens_per_s = n as f64 / mean;
-    // Model FLOPs of a LoRA step with frozen weights: forward 2·P·tokens and the input-gradient
-    // backward 2·P·tokens (no weight gradients), plus attention (QKᵀ and PV, halved by the
-    // causal mask: forward 2·2·T²·hd·heads/2 per sequence, backward twice that, recompute of S
-    // once more).
-    let p_matmul = (cfg.num_layers
-        * (cfg.hidden_size * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-            + 3 * cfg.hidden_size * cfg.intermediate_size)
-        + cfg.vocab_size * cfg.hidden_size) as f64;
-    let attn = (cfg.num_layers * a.batch * cfg.num_heads * a.seq * a.seq * cfg.head_dim) as f64;
-    let flops = 4.0 * p_matmul * n as f64 + attn * (2.0 + 4.0 + 1.0);
+    let n = a.batch * a.seq;
+    let flops = step_flops(cfg, a.batch, a.seq);
     let json = serde_json::json!({
         "backend": be.name(),
         "model": loaded.source.display().to_string(),
         "batch": a.batch, "seq": a.seq, "tokens": n,
         "lora_r": a.lora_r, "ablate_layers": layers, "ablate_k": a.ablate_k,
-        "steps": a.steps, "step_s": mean, "tokens_per_s": tokens_per_s,
+        "steps": a.steps, "step_s": mean, "tokens_per_s": n as f64 / mean,
         "model_tflop_per_step": flops / 1e12,
         "achieved_tflops": flops / mean / 1e12,
         "peak_rss_mb": crate::util::peak_rss_mib(),

@@ -2,5 +2,6 @@
 //! PEFT adapter it writes.
 
 pub mod adapter;
+pub mod bench;
 pub mod data;
 pub mod optim;
