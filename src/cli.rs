@@ -72,8 +72,12 @@ fn random_ablation(cfg: &ModelConfig, k: usize, layers: &[usize], seed: u64) -> 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Model: a Hugging Face folder or a GGUF file (default: SmolLM2-135M-Instruct).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "shape")]
     pub model: Option<PathBuf>,
+    /// Instead of a model file, random weights of a known shape: qwen2.5-1.5b, llama-3.2-1b,
+    /// smollm2-135m.
+    #[arg(long)]
+    pub shape: Option<String>,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: Device,
     #[arg(long, default_value_t = 4)]
@@ -109,8 +113,19 @@ pub struct BenchArgs {
 
 pub fn bench_step(a: BenchArgs) -> Result<()> {
     set_threads(a.threads);
-    let path = model_path(&a.model)?;
-    let loaded = load_model(&path)?;
+    let loaded = match &a.shape {
+        Some(shape) => {
+            let config = crate::model::random::preset(shape)?;
+            LoadedModel {
+                weights: Box::new(crate::model::random::RandomWeights::new(config.clone(), 0)),
+                config,
+                tokenizer: None,
+                chat_template: None,
+                source: PathBuf::from(format!("random:{shape}")),
+            }
+        }
+        None => load_model(&model_path(&a.model)?)?,
+    };
     match resolve_device(a.device)? {
         Device::Cuda => bail!("the CUDA backend is not wired yet"),
         _ => bench_impl(&CpuBackend::new(), &a, &loaded),
@@ -158,6 +173,7 @@ fn bench_impl<B: Backend>(be: &B, a: &BenchArgs, loaded: &LoadedModel) -> Result
         "model_tflop_per_step": flops / 1e12,
         "achieved_tflops": flops / mean / 1e12,
         "peak_rss_mb": crate::util::peak_rss_mib(),
+        "device_mem_mb": be.device_memory_used_mib(),
         "load_s": load_s,
         "losses": losses,
     });

@@ -111,11 +111,21 @@ pub trait Backend {
     ) -> Result<()>;
     /// Wait for queued work (no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
+    /// Device memory in use now, in MiB (GPU backends; `None` where the host's RSS is the
+    /// measure). Buffers are allocated up front, so after a step this is the step's peak.
+    fn device_memory_used_mib(&self) -> Option<f64> {
+        None
+    }
 
     // ---- embedding ------------------------------------------------------------------------
     /// `out[i, :] = table[ids[i], :]`, `table: [vocab, d]`. Ids are validated by the caller.
-    fn embedding(&self, out: &mut Self::Act, table: &Self::Act, ids: &[u32], d: usize)
-        -> Result<()>;
+    fn embedding(
+        &self,
+        out: &mut Self::Act,
+        table: &Self::Act,
+        ids: &[u32],
+        d: usize,
+    ) -> Result<()>;
 
     // ---- linear layers ----------------------------------------------------------------------
     /// `y[n, d_out] (+)= x[n, d_in] Wᵀ (+ bias)` with `W: [d_out, d_in]`.

@@ -7,6 +7,7 @@ pub mod config;
 pub mod gguf;
 pub mod loader;
 pub mod lora;
+pub mod random;
 pub mod tokenizer;
 pub mod transformer;
 pub mod weights;
