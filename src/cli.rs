@@ -127,7 +127,7 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
         None => load_model(&model_path(&a.model)?)?,
     };
     match resolve_device(a.device)? {
-        Device::Cuda => bail!("the CUDA backend is not wired yet"),
+        Device::Cuda => bench_impl(&cuda_backend()?, &a, &loaded),
         _ => bench_impl(&CpuBackend::new(), &a, &loaded),
     }
 }
@@ -185,12 +185,25 @@ fn bench_impl<B: Backend>(be: &B, a: &BenchArgs, loaded: &LoadedModel) -> Result
     Ok(())
 }
 
+/// The GPU backend used for training: bf16 weights and activations, f32 LoRA state.
+fn cuda_backend() -> Result<crate::backend::cuda::backend::CudaBackend<half::bf16>> {
+    crate::backend::cuda::backend::CudaBackend::new(0)
+}
+
 /// Turn `auto` into a concrete device, printing a one-line notice on fallback.
 pub fn resolve_device(d: Device) -> Result<Device> {
     match d {
         Device::Cpu => Ok(Device::Cpu),
         Device::Cuda => Ok(Device::Cuda),
-        Device::Auto => Ok(Device::Cpu),
+        Device::Auto => {
+            let p = crate::backend::cuda::probe::probe();
+            if p.usable() {
+                Ok(Device::Cuda)
+            } else {
+                eprintln!("note: running on the CPU ({})", p.summary());
+                Ok(Device::Cpu)
+            }
+        }
     }
 }
 
@@ -198,7 +211,7 @@ pub fn resolve_device(d: Device) -> Result<Device> {
 // doctor, fetch-model
 
 pub fn doctor() -> Result<bool> {
-    bail!("doctor is not wired yet")
+    crate::backend::cuda::doctor::doctor()
 }
 
 pub fn fetch_model() -> Result<PathBuf> {
@@ -274,7 +287,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let path = model_path(&a.model)?;
     let loaded = load_model(&path)?;
     match resolve_device(a.device)? {
-        Device::Cuda => bail!("the CUDA backend is not wired yet"),
+        Device::Cuda => train_impl(&cuda_backend()?, &a, &loaded),
         _ => train_impl(&CpuBackend::new(), &a, &loaded),
     }
 }
