@@ -270,7 +270,7 @@ impl GgmlType {
     /// number of blocks.
     pub fn byte_size(self, n_elements: u64) -> Option<u64> {
         let (block, size) = self.block_layout()?;
-        if n_elements % block != 0 {
+        if !n_elements.is_multiple_of(block) {
             return None;
         }
         (n_elements / block).checked_mul(size)
@@ -570,14 +570,14 @@ impl GgufHeader {
             let ggml_type = GgmlType(r.u32(&what)?);
             let offset = r.u64(&what)?;
             ensure!(
-                offset % alignment == 0,
+                offset.is_multiple_of(alignment),
                 "{what}: data offset {offset} is not a multiple of the alignment {alignment}"
             );
             let n_bytes = match ggml_type.block_layout() {
                 None => None,
                 Some((block, _)) => {
                     ensure!(
-                        ne[0] % block == 0,
+                        ne[0].is_multiple_of(block),
                         "{what}: first dimension {} is not a multiple of the {} block size {block}",
                         ne[0],
                         ggml_type.name()
@@ -919,7 +919,7 @@ pub fn hf_name_for_gguf(name: &str) -> Option<String> {
 /// `[R, C]` and biases `[R]` (C = 1).
 pub fn unpermute_qk(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<Vec<f32>> {
     ensure!(
-        n_head > 0 && rows % (2 * n_head) == 0,
+        n_head > 0 && rows.is_multiple_of(2 * n_head),
         "cannot undo the q/k permutation: {rows} rows are not a multiple of 2 x {n_head} heads"
     );
     ensure!(data.len() == rows * cols, "q/k tensor size mismatch");
@@ -1063,7 +1063,7 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         Some(_) => usize_key("llama.attention.key_length")?,
         None => {
             ensure!(
-                hidden_size % num_heads == 0,
+                hidden_size.is_multiple_of(num_heads),
                 "{path}: embedding_length {hidden_size} is not a multiple of head_count {num_heads}"
             );
             hidden_size / num_heads

@@ -169,7 +169,7 @@ pub fn config_from_hf_json(path: &Path) -> Result<ModelConfig> {
         None => num_heads,
     };
     ensure!(
-        num_kv_heads > 0 && num_heads % num_kv_heads == 0,
+        num_kv_heads > 0 && num_heads.is_multiple_of(num_kv_heads),
         k.err(
             "num_key_value_heads",
             &format!("= {num_kv_heads} must divide num_attention_heads = {num_heads}")
@@ -179,7 +179,7 @@ pub fn config_from_hf_json(path: &Path) -> Result<ModelConfig> {
         Some(d) => d,
         None => {
             ensure!(
-                hidden_size % num_heads == 0,
+                hidden_size.is_multiple_of(num_heads),
                 k.err(
                     "hidden_size",
                     &format!(
@@ -191,7 +191,7 @@ pub fn config_from_hf_json(path: &Path) -> Result<ModelConfig> {
         }
     };
     ensure!(
-        head_dim % 2 == 0,
+        head_dim.is_multiple_of(2),
         k.err("head_dim", "must be even for rotary embeddings")
     );
 
