@@ -200,13 +200,13 @@ impl<B: Backend> Model<B> {
         let kvw = cfg.num_kv_heads * cfg.head_dim;
         let f = cfg.intermediate_size;
         let v = cfg.vocab_size;
-        if cfg.head_dim % 2 != 0 {
+        if !cfg.head_dim.is_multiple_of(2) {
             bail!(
                 "head_dim {} must be even for rotary embeddings",
                 cfg.head_dim
             );
         }
-        if cfg.num_kv_heads == 0 || cfg.num_heads % cfg.num_kv_heads != 0 {
+        if cfg.num_kv_heads == 0 || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 cfg.num_heads,
@@ -351,7 +351,7 @@ impl<B: Backend> Model<B> {
         let kvw = c.num_kv_heads * c.head_dim;
         // The largest divisor of n within the budget, so every chunk has the same size.
         let max_rows = (LOGITS_CHUNK_ELEMS / v).clamp(1, n);
-        let chunk_rows = (1..=max_rows).rev().find(|r| n % r == 0).unwrap_or(1);
+        let chunk_rows = (1..=max_rows).rev().find(|r| n.is_multiple_of(*r)).unwrap_or(1);
         let act = |len: usize| be.alloc_act(len);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
