@@ -44,7 +44,10 @@ pub fn rope(
     head_dim: usize,
     inverse: bool,
 ) {
-    assert!(head_dim.is_multiple_of(2), "rope: head_dim {head_dim} is odd");
+    assert!(
+        head_dim.is_multiple_of(2),
+        "rope: head_dim {head_dim} is odd"
+    );
     let width = n_heads * head_dim;
     let half = head_dim / 2;
     check_len("rope", "x", x.len(), batch * seq * width);

@@ -17,9 +17,15 @@ use rayon::prelude::*;
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
 
+multiversion! {
+    fn sum_squares_chunk(c: &[f32]) -> f64 {
+        dot_f64(c, c)
+    }
+}
+
 pub fn sum_squares(g: &[f32]) -> f64 {
     // Per-chunk partials collected in order and summed sequentially: deterministic.
-    let parts: Vec<f64> = g.par_chunks(CHUNK).map(|c| dot_f64(c, c)).collect();
+    let parts: Vec<f64> = g.par_chunks(CHUNK).map(sum_squares_chunk).collect();
     parts.iter().sum()
 }
 
