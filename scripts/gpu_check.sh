@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark, on the GPU machine (x86-64, CUDA 13 driver, PyTorch; no Rust, no
+# network), from the executables scripts/stage.sh put in stage/. About six minutes in all.
+#
+#   scripts/gpu_check.sh [LOGDIR]      (default ./gpu-logs; one log per step, summary last)
+#
+# Steps, each under its own timeout and all within $BUDGET seconds (default 360): caft-fast doctor; the staged test executables with
+# --include-ignored (cuda_parity first; the others too, the SmolLM2 GGUF at .cache/smollm2 is
+# used when present); the cuda_ops bench; scripts/gpu_compare.sh when it exists.
+set -u
+cd "$(dirname "$0")/.."
+LOG=${1:-gpu-logs}
+mkdir -p "$LOG"
+STAGE=${STAGE:-stage}
+
+# ---- libraries: libcuda (driver), libnvrtc and libcublas, wherever they are -------------------
+find_lib() { # soname-glob: print the folder of the first match
+  local pat=$1 d f
+  local dirs=(/usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib /usr/local/cuda/lib64 /usr/local/cuda*/lib64
+              /usr/local/cuda*/targets/x86_64-linux/lib /usr/local/nvidia/lib64 /usr/local/nvidia/lib
+              /opt/conda/lib)
+  for py in python3 python; do
+    command -v "$py" >/dev/null 2>&1 || continue
+    while read -r d; do dirs+=("$d/nvidia/cu13/lib" "$d/nvidia/cublas/lib" "$d/nvidia/cuda_nvrtc/lib" "$d/torch/lib"); done < <(
+      "$py" -c 'import site, sys; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null)
+    break
+  done
+  for d in "${dirs[@]}"; do
+    for f in "$d"/$pat; do
+      [ -e "$f" ] && { echo "$d"; return 0; }
+    done
+  done
+  f=$(ldconfig -p 2>/dev/null | awk -v p="${pat%%\**}" '$1 ~ "^"p {print $NF; exit}')
+  [ -n "$f" ] && { dirname "$f"; return 0; }
+  return 1
+}
+
+libpath=()
+for lib in "libcuda.so*" "libnvrtc.so.13*" "libcublas.so.13*" "libcublasLt.so.13*"; do
+  if d=$(find_lib "$lib"); then
+    echo "found $lib in $d"
+    libpath+=("$d")
+  else
+    echo "NOT FOUND: $lib"
+  fi
+done
+# NVRTC 12 / cuBLAS 12 as a fallback when no 13 is installed.
+[ -z "$(find_lib 'libnvrtc.so.13*')" ] && d=$(find_lib "libnvrtc.so.12*") && libpath+=("$d")
+[ -z "$(find_lib 'libcublas.so.13*')" ] && d=$(find_lib "libcublas.so.12*") && libpath+=("$d")
+LD_LIBRARY_PATH="$(IFS=:; echo "${libpath[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH
+export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$PWD/.cache}   # compiled-kernel cache
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$LOG/nvidia-smi.log" 2>&1
+
+# ---- steps -------------------------------------------------------------------------------------
+BUDGET=${BUDGET:-360}   # seconds for all steps together; later steps get what is left
+declare -a NAMES RESULTS TIMES
+step() { # name timeout-seconds command...
+  local name=$1 t=$2; shift 2
+  local start=$SECONDS rc left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 15 ]; then
+    NAMES+=("$name"); TIMES+=(0); RESULTS+=("skipped (no time)")
+    return
+  fi
+  [ "$t" -gt "$left" ] && t=$left
+  echo "== $name (timeout ${t}s)"
+  timeout "$t" "$@" > "$LOG/$name.log" 2>&1
+  rc=$?
+  NAMES+=("$name"); TIMES+=($((SECONDS - start)))
+  case $rc in
+    0) RESULTS+=("ok") ;;
+    124) RESULTS+=("TIMEOUT (${t}s)") ;;
+    *) RESULTS+=("FAILED (exit $rc)") ;;
+  esac
+  tail -n 3 "$LOG/$name.log" | sed 's/^/   /'
+}
+
+[ -x "$STAGE/caft-fast" ] && step doctor 120 "$STAGE/caft-fast" doctor
+[ -x "$STAGE/tests/cuda_parity" ] && step cuda_parity 120 "$STAGE/tests/cuda_parity" --include-ignored --test-threads=1 --nocapture
+for t in "$STAGE"/tests/*; do
+  name=$(basename "$t")
+  case $name in cuda_parity|cuda_compile) continue ;; esac
+  [ -x "$t" ] && step "test-$name" 60 "$t" --include-ignored
+done
+[ -x "$STAGE/benches/cuda_ops" ] && step cuda_ops 90 "$STAGE/benches/cuda_ops" --bench
+[ -x scripts/gpu_compare.sh ] && step gpu_compare 180 scripts/gpu_compare.sh "$LOG" "$STAGE/caft-fast"
+
+echo
+echo "summary ($LOG/):"
+printf '  %-28s %-20s %6s\n' step result seconds
+fail=0
+for i in "${!NAMES[@]}"; do
+  printf '  %-28s %-20s %6s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
+  [ "${RESULTS[$i]}" = ok ] || fail=1
+done
+exit $fail
