@@ -3,12 +3,8 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::model::ablation::{random_directions, Directions};
-use crate::model::config::ModelConfig;
 use crate::model::loader::{load_model, LoadedModel};
-use crate::model::lora::{LoraConfig, LoraLayout, Target};
-use crate::model::transformer::Model;
-use crate::train::optim::{optimizer_step, OptimConfig};
+use crate::model::lora::Target;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -50,20 +46,6 @@ fn model_path(p: &Option<PathBuf>) -> Result<PathBuf> {
         Some(p) => Ok(p.clone()),
         None => crate::util::fetch::smollm2(),
     }
-}
-
-/// Random directions at `layers` (validated against the model), seeded.
-fn random_ablation(cfg: &ModelConfig, k: usize, layers: &[usize], seed: u64) -> Result<Directions> {
-    for &l in layers {
-        if l >= cfg.num_layers {
-            bail!(
-                "ablation layer {l} is out of range: the model has {} layers (0..{})",
-                cfg.num_layers,
-                cfg.num_layers - 1
-            );
-        }
-    }
-    random_directions(seed, k, cfg.hidden_size, layers)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -219,239 +201,247 @@ pub fn fetch_model() -> Result<PathBuf> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// train (the built-in demonstration run; chat JSONL input and checkpoints come next)
+// train: the flags map one-to-one onto `train::config::TrainConfig` keys; the loop is in
+// `train::run`.
 
-#[derive(Args, Debug, Clone)]
+/// `--flag` alone means true; `--flag false` switches a config-file `true` off.
+const BOOL_FLAG: &str = "true";
+
+#[derive(Args, Debug, Clone, Default)]
+#[command(after_long_help = "\
+Data (JSONL, one record a line): chat {\"messages\": [{\"role\", \"content\"}, ...]} with roles
+system/user/assistant; {\"prompt\", \"completion\"}; {\"text\"}; or pre-tokenized
+{\"input_ids\": [...], \"labels\": [...]} (labels -100 = no loss; absent = loss on every token).
+Chat records are rendered with the model's chat template, loss on the assistant tokens.
+
+Every option except --config, --resume, --overwrite and --stop-after is also a key of a TOML
+config file (snake_case: lora_r = 32, ablate_layers = [10, 20]). Precedence: defaults, then
+--config, then flags. Each run writes its exact configuration to <output>/config.toml.
+
+Output folder: adapter/ (PEFT: adapter_config.json + adapter_model.safetensors), metrics.jsonl,
+loss.svg, run.json (configuration, data and directions hashes, program version), config.toml,
+checkpoints/step-N/ (adapter, optimizer state, data order, step), merged/ with --merge.
+Ctrl-C saves a checkpoint and exits with status 1; --resume <output> continues bit-identically.")]
 pub struct TrainArgs {
-    /// Model: a Hugging Face folder or a GGUF file (default: SmolLM2-135M-Instruct).
+    /// TOML file with any of the options below (flags given here override it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Continue a run: its output folder (newest checkpoint) or one checkpoint folder. The
+    /// training settings must be the checkpoint's; device and cadence options may change.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Model: a Hugging Face folder or a GGUF file [default: SmolLM2-135M-Instruct, fetched on
+    /// first use].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub device: Device,
-    /// Output folder for the adapter, metrics and run record.
-    #[arg(long, short = 'o', default_value = "runs/caft-demo")]
-    pub output: PathBuf,
-    /// Replace an existing output folder.
+    /// auto, cpu or cuda [default: auto].
+    #[arg(long, value_enum)]
+    pub device: Option<Device>,
+    /// Output folder [default: runs/caft].
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+    /// Replace the outputs of an existing output folder.
     #[arg(long)]
     pub overwrite: bool,
-    /// Number of built-in training conversations.
-    #[arg(long, default_value_t = 64)]
-    pub examples: usize,
-    #[arg(long, default_value_t = 1)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 1)]
-    pub grad_accum: usize,
-    #[arg(long, default_value_t = 1e-5)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 0.01)]
-    pub weight_decay: f64,
-    #[arg(long, default_value_t = 5)]
-    pub warmup_steps: u64,
-    #[arg(long, default_value_t = 1.0)]
-    pub max_grad_norm: f64,
-    #[arg(long, default_value_t = 32)]
-    pub lora_r: usize,
-    #[arg(long, default_value_t = 64.0)]
-    pub lora_alpha: f64,
-    /// Scale LoRA by alpha/sqrt(r) (rsLoRA) instead of alpha/r.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub rslora: bool,
-    #[arg(long, default_value = "q,k,v,o,gate,up,down")]
-    pub lora_targets: String,
+    /// Training data, JSONL (see below) [default: built-in arithmetic conversations].
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// Validation data, JSONL [default: hold out --val-split of --data].
+    #[arg(long, value_name = "FILE")]
+    pub val_data: Option<PathBuf>,
+    /// Fraction of the training records held out for validation [default: 0.1].
+    #[arg(long)]
+    pub val_split: Option<f64>,
+    /// Number of built-in conversations when no --data is given [default: 64].
+    #[arg(long)]
+    pub examples: Option<usize>,
+    /// Loss on `assistant` tokens only, or on `all` tokens of chat records [default: assistant].
+    #[arg(long)]
+    pub train_on: Option<String>,
+    /// Truncate longer examples (counted and reported) [default: 2048].
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// LoRA rank [default: 32].
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha [default: 64].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Scale LoRA by alpha/sqrt(r) (rsLoRA) instead of alpha/r [default: true].
+    #[arg(long, num_args = 0..=1, default_missing_value = BOOL_FLAG)]
+    pub rslora: Option<bool>,
+    /// Comma-separated LoRA targets [default: q,k,v,o,gate,up,down].
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// Peak learning rate (AdamW) [default: 1e-5].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// AdamW weight decay [default: 0.01].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Linear warmup steps [default: 5].
+    #[arg(long)]
+    pub warmup_steps: Option<u64>,
+    /// Learning-rate schedule after warmup: linear, cosine or constant [default: linear].
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// Passes over the training data [default: 1].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Optimizer steps in total (the schedule ends there); overrides --epochs.
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    /// Sequences per micro-batch [default: 2].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 8].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Clip the global gradient norm (0 = off) [default: 1.0].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Seed of the LoRA init, data order, validation split and random directions [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Directions to ablate: safetensors with `layer.<L>` tensors [k, d_model].
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub ablate: Option<PathBuf>,
-    /// Ablate K random orthonormal directions instead (the paper's control), at --ablate-layers.
-    #[arg(long)]
+    /// Ablate K random orthonormal directions per layer instead (the paper's control), at
+    /// --ablate-layers.
+    #[arg(long, value_name = "K")]
     pub ablate_random: Option<usize>,
-    /// Restrict (with --ablate) or choose (with --ablate-random) the ablated layers.
+    /// Restrict (with --ablate) or choose (with --ablate-random) the ablated layers: 10,20,30.
     #[arg(long)]
     pub ablate_layers: Option<String>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// CPU threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    /// Validation loss every N steps (0 = at the end only) [default: about 10 times a run].
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<u64>,
+    /// Checkpoint every N steps (0 = at the end only) [default: about 10 times a run].
+    #[arg(long, value_name = "N")]
+    pub save_every: Option<u64>,
+    /// Checkpoints kept on disk, newest first [default: 2].
+    #[arg(long, value_name = "N")]
+    pub keep_checkpoints: Option<usize>,
+    /// Also write a merged model folder (W + scale·B·A, f32 safetensors) that transformers
+    /// loads without PEFT [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = BOOL_FLAG)]
+    pub merge: Option<bool>,
+    /// Save a checkpoint and stop after N steps in total (for time-sliced jobs; continue with
+    /// --resume).
+    #[arg(long, value_name = "N")]
+    pub stop_after: Option<u64>,
+    /// CPU threads (0 = all cores) [default: 0].
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
-pub fn train(a: TrainArgs) -> Result<()> {
-    set_threads(a.threads);
-    if a.output.exists() && !a.overwrite {
-        bail!(
-            "output folder {} exists; pass --overwrite to replace it",
-            a.output.display()
+impl TrainArgs {
+    /// Lay the flags that were given over `base`.
+    fn apply(
+        &self,
+        base: crate::train::config::TrainConfig,
+    ) -> Result<crate::train::config::TrainConfig> {
+        use crate::train::config::TrainOn;
+        let mut c = base;
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        macro_rules! set_opt {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = Some(v.clone()); } )* };
+        }
+        set!(
+            val_split,
+            examples,
+            max_seq_len,
+            lora_r,
+            lora_alpha,
+            rslora,
+            lora_targets,
+            lr
         );
-    }
-    let path = model_path(&a.model)?;
-    let loaded = load_model(&path)?;
-    match resolve_device(a.device)? {
-        Device::Cuda => train_impl(&cuda_backend()?, &a, &loaded),
-        _ => train_impl(&CpuBackend::new(), &a, &loaded),
+        set!(
+            weight_decay,
+            warmup_steps,
+            schedule,
+            epochs,
+            batch_size,
+            grad_accum,
+            max_grad_norm
+        );
+        set!(seed, keep_checkpoints, merge, threads, output);
+        set_opt!(
+            model,
+            data,
+            val_data,
+            max_steps,
+            ablate,
+            ablate_random,
+            eval_every,
+            save_every
+        );
+        if let Some(t) = &self.train_on {
+            c.train_on = TrainOn::parse(t)?;
+        }
+        if let Some(d) = self.device {
+            c.device = format!("{d:?}").to_lowercase();
+        }
+        if let Some(l) = &self.ablate_layers {
+            c.ablate_layers = Some(parse_layers(l)?);
+        }
+        Ok(c)
     }
 }
 
-fn train_impl<B: Backend>(be: &B, a: &TrainArgs, loaded: &LoadedModel) -> Result<()> {
-    use crate::train::{adapter, data};
-    let cfg = loaded.config.clone();
-    let tok = loaded
-        .tokenizer
-        .as_ref()
-        .with_context(|| format!("{}: the model has no tokenizer", loaded.source.display()))?;
-    let tmpl = loaded.chat_template.as_ref().with_context(|| {
-        format!(
-            "{}: the model has no chat template, which chat data needs",
-            loaded.source.display()
-        )
-    })?;
-    let convs = data::builtin_chat_dataset(a.examples, a.seed);
-    let examples = convs
-        .iter()
-        .enumerate()
-        .map(|(i, c)| data::tokenize_chat(tok, tmpl, c).with_context(|| format!("example {i}")))
-        .collect::<Result<Vec<_>>>()?;
-    let pad = tok.eos_token_id().unwrap_or(0);
-    let batches = data::make_batches(&examples, a.batch_size, pad)?;
-    let accum = a.grad_accum.max(1);
-    let steps_per_epoch = batches.len() / accum;
-    if steps_per_epoch == 0 {
-        bail!(
-            "{} examples make no full optimizer step of batch {} x accumulation {accum}",
-            examples.len(),
-            a.batch_size
-        );
-    }
-    let total = (steps_per_epoch * a.epochs) as u64;
-
-    let mut model = Model::new(be, cfg.clone(), loaded.weights.as_ref())?;
-    let lora_cfg = LoraConfig {
-        r: a.lora_r,
-        alpha: a.lora_alpha,
-        rslora: a.rslora,
-        targets: Target::parse_list(&a.lora_targets)?,
-    };
-    let layout = LoraLayout::new(&cfg, &lora_cfg)?;
-    model.set_lora(be, layout.clone(), &layout.init_params(a.seed))?;
-    let layers = a.ablate_layers.as_deref().map(parse_layers).transpose()?;
-    let dirs = match (&a.ablate, a.ablate_random) {
-        (Some(_), Some(_)) => bail!("give either --ablate FILE or --ablate-random K, not both"),
-        (Some(f), None) => {
-            let d =
-                crate::model::ablation::load_directions(f, None, cfg.hidden_size, cfg.num_layers)?;
-            Some(match &layers {
-                Some(l) => d.restrict(l)?,
-                None => d,
-            })
-        }
-        (None, Some(k)) => {
-            let l = layers.context("--ablate-random needs --ablate-layers")?;
-            Some(random_ablation(&cfg, k, &l, a.seed)?)
-        }
-        (None, None) => None,
-    };
-    if let Some(d) = &dirs {
-        model.set_ablation(be, d)?;
-    }
-    let opt = OptimConfig {
-        lr: a.lr,
-        weight_decay: a.weight_decay,
-        warmup_steps: a.warmup_steps,
-        total_steps: total,
-        max_grad_norm: Some(a.max_grad_norm),
-        ..OptimConfig::default()
-    };
-    eprintln!(
-        "training {} on {}: {} examples, {total} steps of {} x {} sequences of {} tokens; \
-         LoRA r={} alpha={} on {}; ablation: {}",
-        loaded.source.display(),
-        be.name(),
-        examples.len(),
-        a.batch_size,
-        accum,
-        batches[0].seq,
-        a.lora_r,
-        a.lora_alpha,
-        a.lora_targets,
-        match &dirs {
-            Some(d) => format!(
-                "layers {:?}, k = {:?} ({})",
-                d.layers(),
-                d.sets.iter().map(|s| s.k).collect::<Vec<_>>(),
-                d.source
-            ),
-            None => "off".into(),
-        }
-    );
-
-    std::fs::create_dir_all(&a.output)
-        .with_context(|| format!("creating {}", a.output.display()))?;
-    let mut metrics = String::new();
-    let t0 = Instant::now();
-    let mut tokens = 0usize;
-    for epoch in 0..a.epochs {
-        for s in 0..steps_per_epoch {
-            let micro = &batches[s * accum..(s + 1) * accum];
-            let n_step: usize = micro.iter().map(|m| m.n_targets()).sum();
-            let mut loss = 0.0;
-            let t = Instant::now();
-            for m in micro {
-                loss += model
-                    .forward_backward(be, m, 1.0 / n_step.max(1) as f32)?
-                    .loss_sum;
-                tokens += m.batch * m.seq;
-            }
-            loss /= n_step.max(1) as f64;
-            if !loss.is_finite() {
+/// Resolve the configuration (defaults or the checkpoint's, then --config, then flags), load
+/// the model and train. Returns false when the run stopped early on Ctrl-C (a checkpoint was
+/// saved).
+pub fn train(a: TrainArgs) -> Result<bool> {
+    use crate::train::checkpoint;
+    use crate::train::config::TrainConfig;
+    use crate::train::run::{Outcome, RunOptions};
+    let mut resume = None;
+    let mut base = TrainConfig::default();
+    if let Some(dir) = &a.resume {
+        let (run_dir, ck) = checkpoint::resolve_resume(dir)?;
+        base = checkpoint::load_state(&ck)?.config;
+        if let Some(o) = &a.output {
+            if o != &run_dir {
                 bail!(
-                    "the loss became {loss} at step {}; stopping",
-                    epoch * steps_per_epoch + s
+                    "--resume continues the run in {}; -o {} names another folder",
+                    run_dir.display(),
+                    o.display()
                 );
             }
-            let rep = optimizer_step(be, model.lora.as_mut().expect("lora set"), &opt)?;
-            be.synchronize()?;
-            let step = epoch * steps_per_epoch + s + 1;
-            let tps = micro.iter().map(|m| m.batch * m.seq).sum::<usize>() as f64
-                / t.elapsed().as_secs_f64();
-            eprintln!(
-                "step {step}/{total}  loss {loss:.4}  lr {:.2e}  grad-norm {:.3}  {tps:.0} tok/s",
-                rep.lr, rep.grad_norm
-            );
-            metrics.push_str(
-                &serde_json::json!({"step": step, "loss": loss, "lr": rep.lr,
-                    "grad_norm": rep.grad_norm, "tokens_per_s": tps})
-                .to_string(),
-            );
-            metrics.push('\n');
         }
+        base.output = run_dir;
+        resume = Some(ck);
     }
-    let params = be.download_f32(&model.lora.as_ref().expect("lora set").params)?;
-    let adapter_dir = a.output.join("adapter");
-    adapter::save_adapter(
-        &adapter_dir,
-        &layout,
-        &params,
-        &loaded.source.display().to_string(),
-    )?;
-    adapter::write_atomic(&a.output.join("metrics.jsonl"), metrics.as_bytes())?;
-    let record = serde_json::json!({
-        "program": format!("caft-fast {}", env!("CARGO_PKG_VERSION")),
-        "model": loaded.source.display().to_string(),
-        "backend": be.name(),
-        "args": format!("{a:?}"),
-        "directions": dirs.as_ref().map(|d| serde_json::json!({
-            "source": d.source, "sha256": d.sha256, "layers": d.layers()})),
-        "steps": total, "tokens": tokens, "seconds": t0.elapsed().as_secs_f64(),
-    });
-    adapter::write_atomic(
-        &a.output.join("run.json"),
-        &serde_json::to_vec_pretty(&record)?,
-    )?;
-    println!(
-        "done in {:.1} s: adapter in {}, metrics in {}",
-        t0.elapsed().as_secs_f64(),
-        adapter_dir.display(),
-        a.output.join("metrics.jsonl").display()
-    );
-    Ok(())
+    if let Some(f) = &a.config {
+        base = TrainConfig::merge_toml_file(&base, f)?;
+    }
+    let cfg = a.apply(base)?;
+    cfg.validate()?;
+    set_threads(cfg.threads);
+    let device = <Device as ValueEnum>::from_str(&cfg.device, true)
+        .map_err(|e| anyhow::anyhow!("device {:?}: {e}; expected auto, cpu or cuda", cfg.device))?;
+    // Refuse an existing output folder before the (possibly long) model load.
+    if resume.is_none() && cfg.output.exists() && !a.overwrite {
+        bail!(
+            "output folder {} exists; pass --overwrite to replace it (or --resume {} to continue it)",
+            cfg.output.display(),
+            cfg.output.display()
+        );
+    }
+    let path = model_path(&cfg.model)?;
+    let loaded = load_model(&path)?;
+    let opts = RunOptions {
+        resume,
+        overwrite: a.overwrite,
+        stop_after: a.stop_after,
+    };
+    let outcome = match resolve_device(device)? {
+        Device::Cuda => crate::train::run::run(&cuda_backend()?, &cfg, &loaded, &opts)?,
+        _ => crate::train::run::run(&CpuBackend::new(), &cfg, &loaded, &opts)?,
+    };
+    Ok(outcome != Outcome::Interrupted)
 }

@@ -1,17 +1,435 @@
-//! Training examples: chat conversations rendered with the model's own template and tokenized,
-//! with labels on the assistant tokens only (the prompt and template tokens are masked).
+//! Training data: JSONL records tokenized up front, labels, truncation, the validation split
+//! and length-grouped, padded micro-batches.
+//!
+//! One JSON object per line, in any of four forms (blank lines are skipped):
+//!
+//! - chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}`,
+//!   rendered with the model's chat template; the loss is on the assistant turns (or on every
+//!   token with `--train-on all`);
+//! - `{"prompt": "...", "completion": "..."}`: a user turn and an assistant turn, as chat;
+//! - `{"text": "..."}`: plain text (BOS as the tokenizer adds it, EOS appended), loss on every
+//!   token;
+//! - pre-tokenized `{"input_ids": [..], "labels": [..]}`: token ids used as they are, `labels`
+//!   aligned with `input_ids` (`-100` = no loss; absent = loss on every token). Needs no
+//!   tokenizer, so models shipped without one can be trained.
+//!
+//! Labels follow Hugging Face: `labels[t]` is the token at `t` itself, and position `t-1`
+//! predicts it (see `model::transformer::Batch`).
 
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::{Batch, IGNORE};
+use crate::train::config::TrainOn;
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::Path;
 
 /// One tokenized example: ids and per-token labels (`IGNORE` where no loss is taken).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Example {
     pub ids: Vec<u32>,
     pub labels: Vec<i32>,
+}
+
+impl Example {
+    /// Positions that carry a loss (a label at `t >= 1`: position 0 has no predecessor).
+    pub fn n_targets(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l >= 0).count()
+    }
+}
+
+/// A parsed JSONL record, before tokenization.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+    Tokens {
+        ids: Vec<u32>,
+        labels: Option<Vec<i32>>,
+    },
+}
+
+/// Roles a chat record may use (those every chat template knows).
+pub const ROLES: &[&str] = &["system", "user", "assistant"];
+
+fn string_field<'a>(v: &'a Value, key: &str) -> Result<&'a str> {
+    v.get(key)
+        .with_context(|| format!("missing \"{key}\""))?
+        .as_str()
+        .with_context(|| format!("\"{key}\" must be a string"))
+}
+
+/// Parse one JSONL object into a [`Record`] (see the module docs for the forms).
+pub fn parse_record(v: &Value) -> Result<Record> {
+    let obj = v
+        .as_object()
+        .context("a record must be a JSON object ({\"messages\": ...}, {\"prompt\", \"completion\"}, {\"text\"} or {\"input_ids\"})")?;
+    if let Some(msgs) = obj.get("messages") {
+        let msgs = msgs
+            .as_array()
+            .context("\"messages\" must be a list of {\"role\", \"content\"} objects")?;
+        let mut out = Vec::with_capacity(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            let role = string_field(m, "role").with_context(|| format!("message {i}"))?;
+            let content = string_field(m, "content").with_context(|| format!("message {i}"))?;
+            if !ROLES.contains(&role) {
+                bail!("message {i} has the unknown role {role:?}; expected one of {ROLES:?}");
+            }
+            out.push(ChatMessage::new(role, content));
+        }
+        if !out.iter().any(|m| m.role == "assistant") {
+            bail!("the conversation has no assistant turn to train on");
+        }
+        return Ok(Record::Chat(out));
+    }
+    if obj.contains_key("prompt") || obj.contains_key("completion") {
+        let prompt = string_field(v, "prompt")?;
+        let completion = string_field(v, "completion")?;
+        return Ok(Record::Chat(vec![
+            ChatMessage::new("user", prompt),
+            ChatMessage::new("assistant", completion),
+        ]));
+    }
+    if obj.contains_key("text") {
+        return Ok(Record::Text(string_field(v, "text")?.to_string()));
+    }
+    if let Some(ids) = obj.get("input_ids") {
+        let ids: Vec<u32> = ids
+            .as_array()
+            .context("\"input_ids\" must be a list of token ids")?
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                x.as_u64()
+                    .and_then(|x| u32::try_from(x).ok())
+                    .with_context(|| format!("input_ids[{i}] = {x} is not a token id"))
+            })
+            .collect::<Result<_>>()?;
+        let labels = match obj.get("labels") {
+            None | Some(Value::Null) => None,
+            Some(l) => {
+                let l: Vec<i32> = l
+                    .as_array()
+                    .context("\"labels\" must be a list of token ids or -100")?
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| {
+                        x.as_i64()
+                            .and_then(|x| i32::try_from(x).ok())
+                            .with_context(|| format!("labels[{i}] = {x} is not a token id"))
+                    })
+                    .collect::<Result<_>>()?;
+                if l.len() != ids.len() {
+                    bail!(
+                        "\"labels\" has {} entries but \"input_ids\" has {}; they must align",
+                        l.len(),
+                        ids.len()
+                    );
+                }
+                Some(l)
+            }
+        };
+        return Ok(Record::Tokens { ids, labels });
+    }
+    let keys: Vec<&String> = obj.keys().collect();
+    bail!(
+        "unrecognised record with keys {keys:?}: expected \"messages\", \"prompt\"+\"completion\", \
+         \"text\" or \"input_ids\""
+    )
+}
+
+/// Read a JSONL file into records, with errors naming `file:line`.
+pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Record)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading data file {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let v: Value =
+            serde_json::from_str(line).with_context(|| format!("{}: malformed JSON", at()))?;
+        out.push((i + 1, parse_record(&v).with_context(at)?));
+    }
+    Ok(out)
+}
+
+/// Turns records into examples for one model.
+pub struct Encoder<'a> {
+    pub tokenizer: Option<&'a Tokenizer>,
+    pub template: Option<&'a ChatTemplate>,
+    /// Where the tokenizer and template come from, for messages.
+    pub model: String,
+    pub vocab_size: usize,
+    pub train_on: TrainOn,
+    pub max_seq_len: usize,
+}
+
+impl Encoder<'_> {
+    fn tokenizer(&self, what: &str) -> Result<&Tokenizer> {
+        self.tokenizer.with_context(|| {
+            format!(
+                "{}: the model has no tokenizer, which {what} records need; give pre-tokenized \
+                 records ({{\"input_ids\": [...], \"labels\": [...]}}) instead",
+                self.model
+            )
+        })
+    }
+
+    /// Tokenize one record; returns the example (truncated to `max_seq_len`) and whether it
+    /// was truncated.
+    pub fn encode(&self, rec: &Record) -> Result<(Example, bool)> {
+        let mut ex = match rec {
+            Record::Chat(msgs) => {
+                let tok = self.tokenizer("chat")?;
+                let tmpl = self.template.with_context(|| {
+                    format!(
+                        "{}: the model has no chat template, which chat and prompt/completion \
+                         records need (add chat_template.jinja to the model folder, or give \
+                         {{\"text\"}} or pre-tokenized records)",
+                        self.model
+                    )
+                })?;
+                let ex = tokenize_chat(tok, tmpl, msgs)?;
+                match self.train_on {
+                    TrainOn::Assistant => ex,
+                    TrainOn::All => Example {
+                        labels: ex.ids.iter().map(|&t| t as i32).collect(),
+                        ids: ex.ids,
+                    },
+                }
+            }
+            Record::Text(s) => {
+                let tok = self.tokenizer("text")?;
+                let mut ids = tok.encode(s, true)?;
+                if let Some(eos) = tok.eos_token_id() {
+                    ids.push(eos);
+                }
+                Example {
+                    labels: ids.iter().map(|&t| t as i32).collect(),
+                    ids,
+                }
+            }
+            Record::Tokens { ids, labels } => Example {
+                labels: labels
+                    .clone()
+                    .unwrap_or_else(|| ids.iter().map(|&t| t as i32).collect()),
+                ids: ids.clone(),
+            },
+        };
+        if let Some(p) = ex.ids.iter().position(|&t| t as usize >= self.vocab_size) {
+            bail!(
+                "token id {} at position {p} is outside the model's vocabulary ({} tokens)",
+                ex.ids[p],
+                self.vocab_size
+            );
+        }
+        if let Some(p) = ex
+            .labels
+            .iter()
+            .position(|&l| l as i64 >= self.vocab_size as i64)
+        {
+            bail!(
+                "label {} at position {p} is outside the model's vocabulary ({} tokens)",
+                ex.labels[p],
+                self.vocab_size
+            );
+        }
+        let truncated = ex.ids.len() > self.max_seq_len;
+        if truncated {
+            ex.ids.truncate(self.max_seq_len);
+            ex.labels.truncate(self.max_seq_len);
+        }
+        Ok((ex, truncated))
+    }
+}
+
+/// A tokenized data file and what happened to its records.
+#[derive(Clone, Debug, Default)]
+pub struct Dataset {
+    pub examples: Vec<Example>,
+    /// Records read.
+    pub records: usize,
+    /// Examples cut at `max_seq_len` (kept when a labelled token remains).
+    pub truncated: usize,
+    /// Examples dropped because no labelled token was left (after truncation).
+    pub dropped: usize,
+}
+
+impl Dataset {
+    /// Tokenize `records`; `origin` names the file in messages (`file:line`).
+    pub fn from_records(
+        records: &[(usize, Record)],
+        enc: &Encoder,
+        origin: &str,
+    ) -> Result<Dataset> {
+        let mut d = Dataset {
+            records: records.len(),
+            ..Dataset::default()
+        };
+        for (line, rec) in records {
+            let (ex, truncated) = enc
+                .encode(rec)
+                .with_context(|| format!("{origin}:{line}"))?;
+            d.truncated += truncated as usize;
+            if ex.n_targets() == 0 {
+                d.dropped += 1;
+            } else {
+                d.examples.push(ex);
+            }
+        }
+        Ok(d)
+    }
+
+    /// Read and tokenize a JSONL file.
+    pub fn load(path: &Path, enc: &Encoder) -> Result<Dataset> {
+        let recs = read_jsonl(path)?;
+        Self::from_records(&recs, enc, &path.display().to_string())
+    }
+
+    /// A SHA-256 over every example's ids and labels, so a resumed run can check that it
+    /// trains on the same tokens.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for e in &self.examples {
+            h.update((e.ids.len() as u64).to_le_bytes());
+            for &t in &e.ids {
+                h.update(t.to_le_bytes());
+            }
+            for &l in &e.labels {
+                h.update(l.to_le_bytes());
+            }
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Total tokens and labelled tokens.
+    pub fn token_counts(&self) -> (usize, usize) {
+        self.examples
+            .iter()
+            .fold((0, 0), |(t, l), e| (t + e.ids.len(), l + e.n_targets()))
+    }
+}
+
+/// Hold out `frac` of the examples (at least one when `frac > 0` and two or more exist) for
+/// validation, chosen by a seeded shuffle; both parts keep the file order.
+pub fn split_validation(
+    examples: Vec<Example>,
+    frac: f64,
+    seed: u64,
+) -> (Vec<Example>, Vec<Example>) {
+    let n = examples.len();
+    if frac <= 0.0 || n < 2 {
+        return (examples, Vec::new());
+    }
+    let n_val = ((n as f64 * frac).round() as usize).clamp(1, n - 1);
+    let mut order: Vec<usize> = (0..n).collect();
+    shuffle(&mut order, &mut Rng::new(seed ^ 0x7661_6c69_6461_7465));
+    let mut is_val = vec![false; n];
+    for &i in &order[..n_val] {
+        is_val[i] = true;
+    }
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (e, v) in examples.into_iter().zip(is_val) {
+        if v {
+            val.push(e)
+        } else {
+            train.push(e)
+        }
+    }
+    (train, val)
+}
+
+/// Fisher–Yates with the project's portable generator (the same order on every machine).
+fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
+    for i in (1..v.len()).rev() {
+        let j = rng.below(i + 1);
+        v.swap(i, j);
+    }
+}
+
+/// Micro-batches sorted by length within a window of this many batches: padding stays small
+/// while the order stays random at the scale of a run.
+const LENGTH_GROUP_BATCHES: usize = 16;
+
+/// The generator for epoch `epoch`'s order: derived from `(seed, epoch)` alone, so an epoch's
+/// order needs no state from earlier epochs (what a resumed run relies on).
+pub fn epoch_rng(seed: u64, epoch: u64) -> Rng {
+    Rng::new(Rng::new(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64())
+}
+
+/// One epoch's micro-batches as lists of example indices, length-grouped: shuffle, cut into
+/// windows of `LENGTH_GROUP_BATCHES · batch` examples, sort each window by length (longest
+/// first), cut it into micro-batches, then shuffle the micro-batches, except that the longest
+/// goes first so the run reaches its peak memory at step 1 rather than hours in.
+pub fn plan_epoch(lengths: &[usize], batch: usize, seed: u64, epoch: u64) -> Vec<Vec<u32>> {
+    let mut rng = epoch_rng(seed, epoch);
+    let mut order: Vec<u32> = (0..lengths.len() as u32).collect();
+    shuffle(&mut order, &mut rng);
+    let mut batches: Vec<Vec<u32>> = Vec::new();
+    for window in order.chunks(LENGTH_GROUP_BATCHES * batch.max(1)) {
+        let mut w = window.to_vec();
+        // Stable sort: equal lengths keep the shuffled order.
+        w.sort_by_key(|&i| std::cmp::Reverse(lengths[i as usize]));
+        batches.extend(w.chunks(batch.max(1)).map(|c| c.to_vec()));
+    }
+    shuffle(&mut batches, &mut rng);
+    let longest = batches
+        .iter()
+        .enumerate()
+        .max_by_key(|(i, b)| {
+            (
+                b.iter().map(|&j| lengths[j as usize]).max(),
+                std::cmp::Reverse(*i),
+            )
+        })
+        .map(|(i, _)| i);
+    if let Some(i) = longest {
+        batches.swap(0, i);
+    }
+    batches
+}
+
+/// Pad lengths up to a multiple of this, so nearby lengths share one activation shape.
+pub const PAD_MULTIPLE: usize = 8;
+
+/// The padded micro-batch of examples `idx`: right padding with `pad_id` and no label, which
+/// keeps causal attention exact for the real tokens.
+pub fn make_batch(examples: &[Example], idx: &[u32], pad_id: u32) -> Batch {
+    let longest = idx
+        .iter()
+        .map(|&i| examples[i as usize].ids.len())
+        .max()
+        .unwrap_or(1);
+    let seq = longest.div_ceil(PAD_MULTIPLE) * PAD_MULTIPLE;
+    let batch = idx.len();
+    let mut ids = vec![pad_id; batch * seq];
+    let mut labels = vec![IGNORE; batch * seq];
+    for (r, &i) in idx.iter().enumerate() {
+        let e = &examples[i as usize];
+        ids[r * seq..r * seq + e.ids.len()].copy_from_slice(&e.ids);
+        labels[r * seq..r * seq + e.labels.len()].copy_from_slice(&e.labels);
+    }
+    Batch {
+        batch,
+        seq,
+        ids,
+        labels,
+    }
+}
+
+/// Validation micro-batches: examples sorted by length (least padding), `batch` at a time.
+pub fn validation_batches(examples: &[Example], batch: usize, pad_id: u32) -> Vec<Batch> {
+    let mut order: Vec<u32> = (0..examples.len() as u32).collect();
+    order.sort_by_key(|&i| examples[i as usize].ids.len());
+    order
+        .chunks(batch.max(1))
+        .map(|c| make_batch(examples, c, pad_id))
+        .collect()
 }
 
 /// Render and tokenize a conversation, labelling every assistant turn.
@@ -72,34 +490,107 @@ pub fn builtin_chat_dataset(n: usize, seed: u64) -> Vec<Vec<ChatMessage>> {
         .collect()
 }
 
-/// Group examples into padded micro-batches of `batch` rows, padded on the right to the longest
-/// example of the whole set (so every micro-batch has one shape and buffers are reused). Padding
-/// tokens get `pad_id` and no label; right padding keeps causal attention exact for real tokens.
-pub fn make_batches(examples: &[Example], batch: usize, pad_id: u32) -> Result<Vec<Batch>> {
-    if examples.is_empty() {
-        bail!("the dataset is empty");
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(len: usize) -> Example {
+        Example {
+            ids: vec![1; len],
+            labels: vec![1; len],
+        }
     }
-    let seq = examples
-        .iter()
-        .map(|e| e.ids.len())
-        .max()
-        .context("empty")?;
-    Ok(examples
-        .chunks(batch)
-        .filter(|c| c.len() == batch)
-        .map(|c| {
-            let mut ids = vec![pad_id; batch * seq];
-            let mut labels = vec![IGNORE; batch * seq];
-            for (r, e) in c.iter().enumerate() {
-                ids[r * seq..r * seq + e.ids.len()].copy_from_slice(&e.ids);
-                labels[r * seq..r * seq + e.labels.len()].copy_from_slice(&e.labels);
+
+    #[test]
+    fn plan_covers_every_example_once_and_groups_lengths() {
+        let mut rng = Rng::new(5);
+        let lengths: Vec<usize> = (0..203).map(|_| 1 + rng.below(300)).collect();
+        let plan = plan_epoch(&lengths, 4, 0, 0);
+        let mut seen: Vec<u32> = plan.iter().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..203).collect::<Vec<u32>>());
+        assert!(plan.iter().all(|b| !b.is_empty() && b.len() <= 4));
+        let max_len = |b: &Vec<u32>| b.iter().map(|&i| lengths[i as usize]).max().unwrap();
+        assert_eq!(
+            max_len(&plan[0]),
+            *lengths.iter().max().unwrap(),
+            "longest first"
+        );
+        // Padding within length-grouped batches vs. batches of the plain shuffled order: the
+        // grouping should at least halve it for uniform random lengths.
+        let pad = |plan: &[Vec<u32>]| -> usize {
+            plan.iter()
+                .map(|b| {
+                    b.iter()
+                        .map(|&i| max_len(b) - lengths[i as usize])
+                        .sum::<usize>()
+                })
+                .sum()
+        };
+        let mut order: Vec<u32> = (0..203).collect();
+        shuffle(&mut order, &mut Rng::new(9));
+        let plain: Vec<Vec<u32>> = order.chunks(4).map(|c| c.to_vec()).collect();
+        assert!(
+            pad(&plan) * 2 < pad(&plain),
+            "{} vs {}",
+            pad(&plan),
+            pad(&plain)
+        );
+        // Same seed and epoch: the same plan; another epoch: another order.
+        assert_eq!(plan, plan_epoch(&lengths, 4, 0, 0));
+        assert_ne!(plan, plan_epoch(&lengths, 4, 0, 1));
+    }
+
+    #[test]
+    fn batches_pad_right_without_labels() {
+        let exs = vec![ex(3), ex(10)];
+        let b = make_batch(&exs, &[0, 1], 7);
+        assert_eq!((b.batch, b.seq), (2, 16));
+        assert_eq!(&b.ids[..4], &[1, 1, 1, 7]);
+        assert_eq!(b.labels[3], IGNORE);
+        assert_eq!(b.n_targets(), 2 + 9);
+    }
+
+    #[test]
+    fn validation_split_is_seeded_and_disjoint() {
+        let exs: Vec<Example> = (1..=20).map(ex).collect();
+        let (t, v) = split_validation(exs.clone(), 0.1, 3);
+        assert_eq!((t.len(), v.len()), (18, 2));
+        let (t2, v2) = split_validation(exs, 0.1, 3);
+        assert_eq!((t, v), (t2, v2));
+    }
+
+    #[test]
+    fn records_parse_and_fail_clearly() {
+        let p = |s: &str| parse_record(&serde_json::from_str(s).unwrap());
+        assert_eq!(
+            p(r#"{"input_ids": [1, 2], "labels": [-100, 2]}"#).unwrap(),
+            Record::Tokens {
+                ids: vec![1, 2],
+                labels: Some(vec![-100, 2])
             }
-            Batch {
-                batch,
-                seq,
-                ids,
-                labels,
-            }
-        })
-        .collect())
+        );
+        assert!(matches!(
+            p(r#"{"prompt": "a", "completion": "b"}"#).unwrap(),
+            Record::Chat(m) if m.len() == 2 && m[1].role == "assistant"
+        ));
+        for (bad, needle) in [
+            (
+                r#"{"messages": [{"role": "user", "content": "hi"}]}"#,
+                "no assistant",
+            ),
+            (
+                r#"{"messages": [{"role": "robot", "content": "hi"}]}"#,
+                "robot",
+            ),
+            (r#"{"input_ids": [1, 2], "labels": [1]}"#, "align"),
+            (r#"{"input_ids": [-1]}"#, "input_ids[0]"),
+            (r#"{"prompt": "a"}"#, "completion"),
+            (r#"{"question": "a"}"#, "question"),
+            (r#"[1, 2]"#, "JSON object"),
+        ] {
+            let e = format!("{:#}", p(bad).unwrap_err());
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
 }
