@@ -84,6 +84,17 @@ fn run<B: Backend>(
     steps: usize,
 ) -> Outputs {
     let loaded = load_model(path).unwrap();
+    run_loaded(be, &loaded, path, batch, seq, steps)
+}
+
+fn run_loaded<B: Backend>(
+    be: &B,
+    loaded: &caft_fast::model::loader::LoadedModel,
+    path: &std::path::Path,
+    batch: usize,
+    seq: usize,
+    steps: usize,
+) -> Outputs {
     let cfg = loaded.config.clone();
     let mut model = Model::new(be, cfg.clone(), loaded.weights.as_ref()).unwrap();
     let layout = lora_for(&cfg);
@@ -238,33 +249,55 @@ mod gpu {
         tiny::<bf16>(5e-2, 1e-1);
     }
 
+    /// SmolLM2 from its GGUF when the file is here; else (the GGUF machine copy is limited in
+    /// size) random weights of exactly SmolLM2's shape, which exercise the same kernels.
+    fn smollm2() -> (caft_fast::model::loader::LoadedModel, std::path::PathBuf) {
+        let p = caft_fast::util::fetch::smollm2_path();
+        if p.exists() {
+            return (load_model(&p).unwrap(), p);
+        }
+        println!("SmolLM2 GGUF not found: using random weights of its shape");
+        let config = caft_fast::model::random::preset("smollm2-135m").unwrap();
+        let loaded = caft_fast::model::loader::LoadedModel {
+            weights: Box::new(caft_fast::model::random::RandomWeights::new(
+                config.clone(),
+                5,
+            )),
+            config,
+            tokenizer: None,
+            chat_template: None,
+            source: "random:smollm2-135m".into(),
+        };
+        (loaded, p)
+    }
+
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn smollm2_bf16_matches_cpu() {
-        let Some(gguf) = smollm2_gguf() else { return };
+        let (m, p) = smollm2();
         let gpu = CudaBackend::<bf16>::new(0).expect("a CUDA GPU");
-        let want = run(&CpuBackend::new(), &gguf, 2, 64, 2);
-        let got = run(&gpu, &gguf, 2, 64, 2);
+        let want = run_loaded(&CpuBackend::new(), &m, &p, 2, 64, 2);
+        let got = run_loaded(&gpu, &m, &p, 2, 64, 2);
         compare("smollm2 bf16", &got, &want, 5e-2, 1e-1);
     }
 
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn smollm2_f32_matches_cpu() {
-        let Some(gguf) = smollm2_gguf() else { return };
+        let (m, p) = smollm2();
         let gpu = CudaBackend::<f32>::new(0).expect("a CUDA GPU");
-        let want = run(&CpuBackend::new(), &gguf, 2, 64, 1);
-        let got = run(&gpu, &gguf, 2, 64, 1);
+        let want = run_loaded(&CpuBackend::new(), &m, &p, 2, 64, 1);
+        let got = run_loaded(&gpu, &m, &p, 2, 64, 1);
         compare("smollm2 f32", &got, &want, 1e-4, 1e-3);
     }
 
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn same_step_twice_is_bit_identical() {
-        let Some(gguf) = smollm2_gguf() else { return };
+        let (m, p) = smollm2();
         let gpu = CudaBackend::<bf16>::new(0).expect("a CUDA GPU");
-        let a = run(&gpu, &gguf, 2, 128, 2);
-        let b = run(&gpu, &gguf, 2, 128, 2);
+        let a = run_loaded(&gpu, &m, &p, 2, 128, 2);
+        let b = run_loaded(&gpu, &m, &p, 2, 128, 2);
         assert_eq!(
             a.loss.to_bits(),
             b.loss.to_bits(),

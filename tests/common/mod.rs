@@ -5,8 +5,12 @@ use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The repository root: `$CAFT_REPO` when set (test executables copied to another machine,
+/// e.g. by scripts/stage.sh, run from a checkout elsewhere), else where they were built.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CAFT_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 pub fn fixtures() -> PathBuf {
