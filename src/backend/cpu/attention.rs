@@ -244,6 +244,7 @@ pub fn attention_bwd(
             // the heads sharing it (kvh*group .. (kvh+1)*group) of dq. Those sets are disjoint
             // across tasks, and the three buffers are borrowed mutably for the whole section.
             for i in 0..t {
+                // SAFETY: see above; row b*t+i, kv head kvh's columns (dk and dv start at 0).
                 unsafe {
                     std::ptr::write_bytes(dk_ptr.get().add(kv0 + i * kvw), 0, hd);
                     std::ptr::write_bytes(dv_ptr.get().add(kv0 + i * kvw), 0, hd);
