@@ -208,7 +208,7 @@ pub fn fetch_model() -> Result<PathBuf> {
 const BOOL_FLAG: &str = "true";
 
 #[derive(Args, Debug, Clone, Default)]
-#[command(after_long_help = "\
+#[command(args_override_self = true, after_long_help = "\
 Data (JSONL, one record a line): chat {\"messages\": [{\"role\", \"content\"}, ...]} with roles
 system/user/assistant; {\"prompt\", \"completion\"}; {\"text\"}; or pre-tokenized
 {\"input_ids\": [...], \"labels\": [...]} (labels -100 = no loss; absent = loss on every token).

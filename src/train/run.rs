@@ -347,8 +347,28 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Continue from `ck`, after checking that it belongs to this run: the same model, data,
     /// directions and training configuration (each mismatch is named).
     pub fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
+        self.check_resumable(&ck.state, &ck.dir)?;
         let s = &ck.state;
-        let at = ck.dir.display();
+        let be = self.be;
+        let lora = self.model.lora.as_mut().context("LoRA is not set")?;
+        lora.params = be.upload_f32(&ck.params)?;
+        lora.m = be.upload_f32(&ck.m)?;
+        lora.v = be.upload_f32(&ck.v)?;
+        be.zero_f32(&mut lora.grads)?;
+        lora.step = s.step;
+        // Keep this session's view of non-training settings (device, cadence), the stored
+        // progress.
+        let config = self.state.config.clone();
+        self.state = s.clone();
+        self.state.config = config;
+        self.state.program = program();
+        Ok(())
+    }
+
+    /// Check that checkpoint state `s` (from folder `dir`) belongs to this run, before any of
+    /// its tensors are read.
+    pub fn check_resumable(&self, s: &TrainerState, dir: &Path) -> Result<()> {
+        let at = dir.display();
         let diffs = self.state.config.training_differences(&s.config)?;
         if !diffs.is_empty() {
             bail!(
@@ -402,19 +422,6 @@ impl<'a, B: Backend> Trainer<'a, B> {
         {
             bail!("{at}: the stored data order does not fit the training set");
         }
-        let be = self.be;
-        let lora = self.model.lora.as_mut().context("LoRA is not set")?;
-        lora.params = be.upload_f32(&ck.params)?;
-        lora.m = be.upload_f32(&ck.m)?;
-        lora.v = be.upload_f32(&ck.v)?;
-        be.zero_f32(&mut lora.grads)?;
-        lora.step = s.step;
-        // Keep this session's view of non-training settings (device, cadence), the stored
-        // progress.
-        let config = self.state.config.clone();
-        self.state = s.clone();
-        self.state.config = config;
-        self.state.program = program();
         Ok(())
     }
 
@@ -755,6 +762,7 @@ pub fn run<B: Backend>(
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics = match &opts.resume {
         Some(ck_dir) => {
+            tr.check_resumable(&checkpoint::load_state(ck_dir)?, ck_dir)?;
             let ck = checkpoint::load(ck_dir, &tr.layout)?;
             tr.restore(&ck)?;
             metrics_up_to(&metrics_path, tr.state.step)?

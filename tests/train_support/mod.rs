@@ -39,6 +39,22 @@ pub fn progression_records(n: usize, seed: u64) -> String {
     s
 }
 
+/// `n` pre-tokenized records cycling through `distinct` random sequences of 8 to 23 tokens:
+/// data a LoRA fine-tune of the random tiny model can memorise within a few dozen steps
+/// (validation holds the same sequences, so its loss falls too).
+pub fn memorizable_records(n: usize, distinct: usize, seed: u64) -> String {
+    let mut rng = Rng::new(seed);
+    let seqs: Vec<Vec<usize>> = (0..distinct)
+        .map(|_| (0..8 + rng.below(16)).map(|_| rng.below(256)).collect())
+        .collect();
+    let mut s = String::new();
+    for i in 0..n {
+        s.push_str(&serde_json::json!({ "input_ids": seqs[i % distinct] }).to_string());
+        s.push('\n');
+    }
+    s
+}
+
 pub fn write(path: &Path, text: &str) -> PathBuf {
     std::fs::write(path, text).unwrap();
     path.to_path_buf()
