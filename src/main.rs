@@ -27,7 +27,7 @@ enum Cmd {
     /// Fine-tune LoRA adapters with concept ablation on chat/text JSONL (or built-in
     /// demonstration data) and save a PEFT adapter, metrics, a loss plot and checkpoints.
     /// The default model is SmolLM2-135M-Instruct, fetched on first use.
-    Train(cli::TrainArgs),
+    Train(Box<cli::TrainArgs>),
     /// Time LoRA training steps (random tokens, random directions) and print tokens/s and peak
     /// memory as JSON.
     BenchStep(cli::BenchArgs),
@@ -41,7 +41,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r: Result<bool> = match cli.cmd {
-        Cmd::Train(a) => cli::train(a),
+        Cmd::Train(a) => cli::train(*a),
         Cmd::BenchStep(a) => cli::bench_step(a).map(|_| true),
         Cmd::Doctor => cli::doctor(),
         Cmd::FetchModel => cli::fetch_model().map(|p| {

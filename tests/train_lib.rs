@@ -432,7 +432,7 @@ fn training_is_deterministic() {
     let cfg = tiny_config(&dir);
     let loaded = load_model(&tiny_llama()).unwrap();
     let be = CpuBackend::new();
-    let mut losses = vec![vec![], vec![]];
+    let mut losses = [vec![], vec![]];
     let mut params = vec![];
     for l in losses.iter_mut() {
         let data = prepare_data(&cfg, &loaded).unwrap();

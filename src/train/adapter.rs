@@ -78,9 +78,12 @@ pub fn f32_safetensors(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec
     Ok(safetensors::serialize(views, Some(meta))?)
 }
 
+/// Tensors by name: `(shape, data)` in f32.
+pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Read every tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted), keyed by
 /// name, with errors naming the file and the tensor.
-pub fn read_f32_safetensors(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_f32_safetensors(path: &Path) -> Result<NamedTensors> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;

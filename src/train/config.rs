@@ -183,13 +183,17 @@ impl TrainConfig {
         // Table over table: the file's keys replace the base's; then one typed parse checks
         // names (unknown keys are refused, so a typo does not silently keep a default) and types.
         let mut merged = toml::Table::try_from(base).context("serialising the base config")?;
+        let parse = |t: &toml::Table| -> std::result::Result<TrainConfig, toml::de::Error> {
+            toml::Value::Table(t.clone()).try_into()
+        };
+        // Key by key, so an error names the key at fault (a value carries no position).
         for (k, v) in over {
-            merged.insert(k, v);
+            merged.insert(k.clone(), v);
+            if let Err(e) = parse(&merged) {
+                bail!("key `{k}`: {}", e.message());
+            }
         }
-        let cfg: TrainConfig = toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{}", e.message()))?;
-        Ok(cfg)
+        parse(&merged).map_err(|e| anyhow::anyhow!("{}", e.message()))
     }
 
     /// The TOML text of this configuration (what `config.toml` in a run folder holds).

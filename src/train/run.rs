@@ -649,8 +649,11 @@ fn metrics_up_to(path: &Path, step: u64) -> Result<String> {
     Ok(out)
 }
 
+/// A plotted series: (step, loss) points.
+type Curve = Vec<(u64, f64)>;
+
 /// (step, loss) and (step, val_loss) series of a metrics file, for the plot.
-fn read_curves(text: &str) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+fn read_curves(text: &str) -> (Curve, Curve) {
     let (mut tr, mut va) = (Vec::new(), Vec::new());
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
