@@ -4,6 +4,7 @@
 #
 #   scripts/gpu_check.sh [LOGDIR]      (default ./gpu-logs; one log per step, summary last)
 #
+# GPU_CHECK_SKIP="step names" skips steps (e.g. "gpu_compare test-cuda_model").
 # Steps, each under its own timeout and all within $BUDGET seconds (default 360): caft-fast doctor; the staged test executables with
 # --include-ignored (cuda_parity first; the others too, the SmolLM2 GGUF at .cache/smollm2 is
 # used when present); the cuda_ops bench; scripts/gpu_compare.sh when it exists.
@@ -58,6 +59,10 @@ declare -a NAMES RESULTS TIMES
 step() { # name timeout-seconds command...
   local name=$1 t=$2; shift 2
   local start=$SECONDS rc left=$((BUDGET - SECONDS))
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+    NAMES+=("$name"); TIMES+=(0); RESULTS+=("skipped (GPU_CHECK_SKIP)")
+    return
+  fi
   if [ "$left" -lt 15 ]; then
     NAMES+=("$name"); TIMES+=(0); RESULTS+=("skipped (no time)")
     return

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build everything the GPU machine runs (it has no Rust toolchain) and put it in stage/:
 #   stage/caft-fast             the release binary
-#   stage/tests/<name>          the integration-test executables (cuda_parity, ...)
-#   stage/benches/<name>        the benchmark executables (cuda_ops, ...)
+#   stage/tests/<name>          the test executables with GPU tests (cuda_parity, ...)
+#   stage/benches/<name>        the benchmark executables that use the GPU (cuda_ops, ...)
 #   stage/scripts/              gpu_check.sh and the scripts it calls
 # Executables are stripped; the total is checked against a 60 MiB budget (the copy to the GPU
 # machine is limited). Then, on the GPU machine: scripts/gpu_check.sh [LOGDIR].
@@ -18,8 +18,8 @@ cargo build --release --bin caft-fast
 cp target/release/caft-fast "$stage/caft-fast"
 
 # Paths of the test and bench executables, from cargo's JSON messages.
-executables() { # cargo args...
-  cargo "$@" --release --no-run --message-format=json 2>/dev/null |
+executables() { # cargo args... (test --release, or bench: the bench profile is optimised)
+  cargo "$@" --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -32,11 +32,24 @@ for line in sys.stdin:
 '
 }
 
-{ executables test --tests; executables bench --benches; } | sort -u | while read -r kind name path; do
+# Only what the GPU machine has a reason to run (the rest runs in CI): test executables with a
+# test marked "needs a CUDA GPU" (the library's unit tests count as "lib"), benches that mention
+# CUDA. STAGE_ALL=1 stages everything.
+wanted() { # kind name
+  [ "${STAGE_ALL:-0}" = 1 ] && return 0
+  case $1 in
+    lib) grep -rqs "needs a CUDA GPU" src ;;
+    test) grep -qs "needs a CUDA GPU" "tests/$2.rs" ;;
+    bench) grep -qis "cuda" "benches/$2.rs" ;;
+    *) return 1 ;;
+  esac
+}
+{ executables test --release --tests; executables bench --benches; } | sort -u | while read -r kind name path; do
+  wanted "$kind" "$name" || continue
   case "$kind" in
-    test) [ "$name" = caft_fast ] && name=lib; cp "$path" "$stage/tests/$name" ;;
-    bench) cp "$path" "$stage/benches/$name" ;;
+    test) cp "$path" "$stage/tests/$name" ;;
     lib) cp "$path" "$stage/tests/lib" ;;
+    bench) cp "$path" "$stage/benches/$name" ;;
   esac
 done
 
