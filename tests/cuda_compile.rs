@@ -136,7 +136,7 @@ fn kernels_come_in_bf16_and_f32_pairs() {
             if let Some(op) = e.strip_suffix("_bf16") {
                 let twin = format!("{op}_f32");
                 assert!(
-                    entries.iter().any(|x| *x == twin),
+                    entries.contains(&twin),
                     "kernels/{name}: {e} has no f32 twin {twin}"
                 );
             }

@@ -156,6 +156,9 @@ fn bits_equal(a: &[Vec<f32>], b: &[Vec<f32>]) -> bool {
 /// The outputs of one op, as host vectors, in a fixed order.
 type Outputs = Vec<Vec<f32>>;
 
+/// CPU outputs, then the outputs of two GPU runs.
+type Compared = (Outputs, Outputs, Outputs);
+
 fn nan(len: usize) -> Vec<f32> {
     vec![f32::NAN; len]
 }
@@ -204,12 +207,12 @@ pub fn run_matching<T: DeviceElem>(
 /// runner, which returns (CPU outputs, GPU run 1, GPU run 2).
 struct Case {
     name: &'static str,
-    run: fn(&Runner<'_>, &Shape, &mut Draw<'_>) -> Result<(Outputs, Outputs, Outputs)>,
+    run: fn(&Runner<'_>, &Shape, &mut Draw<'_>) -> Result<Compared>,
 }
 
 /// Runs a case body on the CPU reference and twice on the GPU under test.
 struct Runner<'a> {
-    run: &'a dyn Fn(&dyn CaseBody) -> Result<(Outputs, Outputs, Outputs)>,
+    run: &'a dyn Fn(&dyn CaseBody) -> Result<Compared>,
 }
 
 /// A case body generic over the backend: given inputs, produce outputs.
@@ -226,7 +229,7 @@ fn run_case<T: DeviceElem>(
     s: &Shape,
     rng: &mut Rng,
 ) -> CaseResult {
-    let runner = |body: &dyn CaseBody| -> Result<(Outputs, Outputs, Outputs)> {
+    let runner = |body: &dyn CaseBody| -> Result<Compared> {
         let want = body.on_cpu(cpu).context("CPU reference")?;
         let (g1, g2) = dispatch::<T>(gpu, body)?;
         Ok((want, g1, g2))

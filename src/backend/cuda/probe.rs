@@ -59,6 +59,9 @@ impl DeviceProbe {
     }
 }
 
+/// Driver version and the GPUs, or why they could not be read.
+type DriverInfo = Result<(Option<(i32, i32)>, Vec<GpuInfo>), String>;
+
 /// Look for libcuda, a GPU, libnvrtc and libcublas. Never panics.
 pub fn probe() -> DeviceProbe {
     let mut p = DeviceProbe {
@@ -75,27 +78,25 @@ pub fn probe() -> DeviceProbe {
         p.problem = Some("libcuda not found (no NVIDIA driver, or not on the loader path)".into());
         return p;
     }
-    let driver =
-        std::panic::catch_unwind(|| -> Result<(Option<(i32, i32)>, Vec<GpuInfo>), String> {
-            let count = CudaContext::device_count().map_err(|e| format!("CUDA driver: {e}"))?;
-            let mut version: std::ffi::c_int = 0;
-            // SAFETY: libcuda is present and initialised by device_count; valid out-pointer.
-            let v = unsafe { drv::cuDriverGetVersion(&mut version) };
-            let version = (v == drv::CUresult::CUDA_SUCCESS)
-                .then_some((version / 1000, (version % 1000) / 10));
-            let mut gpus = Vec::new();
-            for ordinal in 0..count.max(0) as usize {
-                let ctx =
-                    CudaContext::new(ordinal).map_err(|e| format!("device {ordinal}: {e}"))?;
-                gpus.push(GpuInfo {
-                    ordinal,
-                    name: ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
-                    compute_capability: ctx.compute_capability().unwrap_or((0, 0)),
-                    total_mem_bytes: ctx.total_mem().unwrap_or(0),
-                });
-            }
-            Ok((version, gpus))
-        });
+    let driver = std::panic::catch_unwind(|| -> DriverInfo {
+        let count = CudaContext::device_count().map_err(|e| format!("CUDA driver: {e}"))?;
+        let mut version: std::ffi::c_int = 0;
+        // SAFETY: libcuda is present and initialised by device_count; valid out-pointer.
+        let v = unsafe { drv::cuDriverGetVersion(&mut version) };
+        let version =
+            (v == drv::CUresult::CUDA_SUCCESS).then_some((version / 1000, (version % 1000) / 10));
+        let mut gpus = Vec::new();
+        for ordinal in 0..count.max(0) as usize {
+            let ctx = CudaContext::new(ordinal).map_err(|e| format!("device {ordinal}: {e}"))?;
+            gpus.push(GpuInfo {
+                ordinal,
+                name: ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
+                compute_capability: ctx.compute_capability().unwrap_or((0, 0)),
+                total_mem_bytes: ctx.total_mem().unwrap_or(0),
+            });
+        }
+        Ok((version, gpus))
+    });
     match driver {
         Ok(Ok((version, gpus))) => {
             p.driver_version = version;
