@@ -351,7 +351,10 @@ impl<B: Backend> Model<B> {
         let kvw = c.num_kv_heads * c.head_dim;
         // The largest divisor of n within the budget, so every chunk has the same size.
         let max_rows = (LOGITS_CHUNK_ELEMS / v).clamp(1, n);
-        let chunk_rows = (1..=max_rows).rev().find(|r| n.is_multiple_of(*r)).unwrap_or(1);
+        let chunk_rows = (1..=max_rows)
+            .rev()
+            .find(|r| n.is_multiple_of(*r))
+            .unwrap_or(1);
         let act = |len: usize| be.alloc_act(len);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
