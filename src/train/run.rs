@@ -842,7 +842,7 @@ pub fn run<B: Backend>(
         let b = indicatif::ProgressBar::new(total).with_position(tr.state.step);
         b.set_style(
             indicatif::ProgressStyle::with_template(
-                "{bar:28.cyan/blue} {pos}/{len} steps  {msg}  [{elapsed_precise}, ETA {eta_precise}]",
+                "{bar:20.cyan/blue} {pos}/{len} [{elapsed_precise} ETA {eta_precise}] {wide_msg}",
             )
             .map_err(|e| anyhow::anyhow!("progress bar template: {e}"))?
             .progress_chars("=> "),
