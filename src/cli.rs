@@ -445,3 +445,13 @@ pub fn train(a: TrainArgs) -> Result<bool> {
     };
     Ok(outcome != Outcome::Interrupted)
 }
+
+// ---------------------------------------------------------------------------------------------
+// directions: arguments and glue in `directions::cli`, the work in `directions`.
+
+pub use crate::directions::cli::DirectionsArgs;
+
+/// `caft-fast directions ...`.
+pub fn directions(a: DirectionsArgs) -> Result<()> {
+    crate::directions::cli::run(a)
+}

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod directions;
 pub mod model;
 pub mod train;
 pub mod util;

@@ -36,6 +36,9 @@ enum Cmd {
     Doctor,
     /// Download the default model (SmolLM2-135M-Instruct GGUF) into the cache and print its path.
     FetchModel,
+    /// Find, choose and import concept directions: PCA of what a fine-tune changed in
+    /// resid_post, selection of components, random controls, imports from other tools.
+    Directions(cli::DirectionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
             println!("{}", p.display());
             true
         }),
+        Cmd::Directions(a) => cli::directions(a).map(|_| true),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,0 +1,291 @@
+//! Arguments of `caft-fast directions` and the thin glue from them to the library.
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::cli::{parse_layers, resolve_device, Device};
+use crate::directions::{
+    load_examples, load_peft_adapter, pad_id, pca, progress, select, token_batches,
+};
+use crate::model::ablation::{load_directions, random_directions, save_directions};
+use crate::model::loader::{load_model, LoadedModel};
+use crate::model::transformer::Model;
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug, Clone)]
+pub struct DirectionsArgs {
+    #[command(subcommand)]
+    pub cmd: DirectionsCmd,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum DirectionsCmd {
+    /// Principal components of resid_post(base + adapter) - resid_post(base) on the answer
+    /// tokens of a data file, per layer. Writes `layer.<L>` [k, d_model] (unit rows) and
+    /// `explained_variance.<L>`, `explained_variance_ratio.<L>` [k].
+    Pca(PcaArgs),
+    /// Keep chosen rows of a PCA (or directions) file as an ablation file for `train --ablate`.
+    Select(SelectArgs),
+    /// Random orthonormal directions (the paper's control), as an ablation file.
+    Random(RandomArgs),
+    /// Convert directions from other tools (.npy, or safetensors under other tensor names)
+    /// into an ablation file.
+    Import(ImportArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(after_long_help = "\
+Data: the JSONL forms `caft-fast train` reads (chat, prompt/completion, text, pre-tokenized
+{\"input_ids\", \"labels\"}). Answer tokens are the labelled ones (assistant turns of chat
+records, every token of text records, labels >= 0 of pre-tokenized ones).
+
+Memory: one d_model x d_model f64 covariance per layer (512 MiB at d_model = 8192), whatever
+the number of tokens.")]
+pub struct PcaArgs {
+    /// Base model: a Hugging Face folder or a GGUF file [default: SmolLM2-135M-Instruct].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The fine-tune: a PEFT LoRA adapter folder (adapter_config.json +
+    /// adapter_model.safetensors), e.g. <train output>/adapter.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Data whose tokens both models read (JSONL).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Layers whose output (resid_post) to compare: 10,20,30.
+    #[arg(long)]
+    pub layers: String,
+    /// Principal components kept per layer.
+    #[arg(long, default_value_t = 20)]
+    pub components: usize,
+    /// Output safetensors file.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+    /// Use every token, not only the answer tokens.
+    #[arg(long)]
+    pub all_tokens: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: Device,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Truncate longer examples.
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    /// Use only the first N examples of the data.
+    #[arg(long, value_name = "N")]
+    pub max_examples: Option<usize>,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SelectArgs {
+    /// A `directions pca` output (or any file with `layer.<L>` tensors).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// LAYER:ROWS, e.g. `--pick 10:0,12 20:3-5` (rows 0 and 12 of layer 10, rows 3..=5 of
+    /// layer 20), in the order given.
+    #[arg(long, num_args = 1.., required = true)]
+    pub pick: Vec<String>,
+    /// Output directions file (safetensors).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RandomArgs {
+    /// The model the directions are for (its d_model and layer count)
+    /// [default: SmolLM2-135M-Instruct].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Directions per layer.
+    #[arg(long)]
+    pub k: usize,
+    /// Layers: 10,20.
+    #[arg(long)]
+    pub layers: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directions file (safetensors).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(group = clap::ArgGroup::new("input").required(true).args(["npy", "from"]))]
+pub struct ImportArgs {
+    /// A .npy array [k, d_model] or [d_model] holding one layer's directions (with --layer).
+    #[arg(long, requires = "layer")]
+    pub npy: Option<PathBuf>,
+    /// The layer the .npy directions belong to.
+    #[arg(long)]
+    pub layer: Option<usize>,
+    /// A safetensors file with per-layer tensors under other names (with --rename).
+    #[arg(long, requires = "rename")]
+    pub from: Option<PathBuf>,
+    /// The tensor-name pattern of --from, `{L}` standing for the layer: 'blocks.{L}.dir'.
+    #[arg(long)]
+    pub rename: Option<String>,
+    /// Check the directions against this model (d_model and layer count).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The model's d_model, when no --model is given (needed for .npy).
+    #[arg(long)]
+    pub d_model: Option<usize>,
+    /// Output directions file (safetensors).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+}
+
+/// Run one `directions` subcommand.
+pub fn run(a: DirectionsArgs) -> Result<()> {
+    match a.cmd {
+        DirectionsCmd::Pca(a) => run_pca(&a),
+        DirectionsCmd::Select(a) => {
+            let picks = a
+                .pick
+                .iter()
+                .map(|p| select::parse_pick(p))
+                .collect::<Result<Vec<_>>>()?;
+            let dirs = select::select(&a.from, &picks)?;
+            save_directions(&a.output, &dirs)?;
+            report(&a.output, &dirs);
+            Ok(())
+        }
+        DirectionsCmd::Random(a) => {
+            let loaded = load_model(&model_path(&a.model)?)?;
+            let layers = parse_layers(&a.layers)?;
+            let n = loaded.config.num_layers;
+            if let Some(&l) = layers.iter().find(|&&l| l >= n) {
+                bail!(
+                    "layer {l} does not exist: the model has {n} layers (0..{})",
+                    n - 1
+                );
+            }
+            let dirs = random_directions(a.seed, a.k, loaded.config.hidden_size, &layers)?;
+            save_directions(&a.output, &dirs)?;
+            report(&a.output, &dirs);
+            Ok(())
+        }
+        DirectionsCmd::Import(a) => run_import(&a),
+    }
+}
+
+fn model_path(p: &Option<PathBuf>) -> Result<PathBuf> {
+    match p {
+        Some(p) => Ok(p.clone()),
+        None => crate::util::fetch::smollm2(),
+    }
+}
+
+fn report(path: &Path, dirs: &crate::model::ablation::Directions) {
+    let per: Vec<String> = dirs
+        .sets
+        .iter()
+        .map(|s| format!("layer {}: {}", s.layer, s.k))
+        .collect();
+    eprintln!(
+        "wrote {} ({}; sha256 {})",
+        path.display(),
+        per.join(", "),
+        &dirs.sha256[..12.min(dirs.sha256.len())]
+    );
+}
+
+fn run_import(a: &ImportArgs) -> Result<()> {
+    let loaded = match &a.model {
+        Some(m) => Some(load_model(m)?),
+        None => None,
+    };
+    let d_model = loaded.as_ref().map(|l| l.config.hidden_size).or(a.d_model);
+    let n_layers = loaded.as_ref().map(|l| l.config.num_layers);
+    let dirs = match (&a.npy, &a.from) {
+        (Some(npy), None) => {
+            let layer = a.layer.unwrap_or_default();
+            let Some(d) = d_model else {
+                bail!("importing a .npy file needs --model or --d-model (the expected width)");
+            };
+            load_directions(npy, Some(layer), d, n_layers.unwrap_or(usize::MAX))?
+        }
+        (None, Some(from)) => {
+            let pattern = a.rename.as_deref().unwrap_or("layer.{L}");
+            select::import_renamed(from, pattern, d_model, n_layers)?
+        }
+        _ => bail!("give exactly one of --npy FILE --layer L, or --from FILE --rename PATTERN"),
+    };
+    save_directions(&a.output, &dirs)?;
+    report(&a.output, &dirs);
+    Ok(())
+}
+
+fn run_pca(a: &PcaArgs) -> Result<()> {
+    if a.threads > 0 {
+        // An error means the pool already exists; keep it.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(a.threads)
+            .build_global();
+    }
+    let loaded = load_model(&model_path(&a.model)?)?;
+    match resolve_device(a.device)? {
+        Device::Cuda => pca_impl(
+            &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
+            a,
+            &loaded,
+        ),
+        _ => pca_impl(&CpuBackend::new(), a, &loaded),
+    }
+}
+
+fn pca_impl<B: Backend>(be: &B, a: &PcaArgs, loaded: &LoadedModel) -> Result<()> {
+    let cfg = loaded.config.clone();
+    let layers = parse_layers(&a.layers)?;
+    pca::check_request(&layers, a.components, cfg.num_layers, cfg.hidden_size)?;
+    let (layout, params) = load_peft_adapter(&a.adapter, &cfg)?;
+    let mut examples = load_examples(&a.data, loaded, a.all_tokens, a.max_seq_len)?;
+    if let Some(m) = a.max_examples {
+        examples.truncate(m.max(1));
+    }
+    let batches = token_batches(&examples, a.batch_size, pad_id(loaded), a.all_tokens);
+    let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
+    model.set_lora(be, layout, &params)?;
+    let bar = progress(batches.len() as u64, "pca");
+    let r = pca::pca(be, &mut model, &batches, &layers, a.components, |i| {
+        bar.set_position(i as u64)
+    })?;
+    bar.finish_and_clear();
+    let about = serde_json::json!({
+        "kind": "pca of resid_post differences (base + adapter minus base)",
+        "model": loaded.source.display().to_string(),
+        "adapter": a.adapter.display().to_string(),
+        "data": a.data.display().to_string(),
+        "examples": examples.len(),
+        "tokens": r.tokens,
+        "tokens_selected": if a.all_tokens { "all" } else { "answer" },
+        "layers": layers,
+        "components": a.components,
+        "backend": be.name(),
+        "program": format!("caft-fast {}", env!("CARGO_PKG_VERSION")),
+        "total_variance": r.layers.iter().map(|l| l.total_variance).collect::<Vec<_>>(),
+    });
+    pca::save(&a.output, &r, &about)?;
+    eprint!("{}", pca::summary(&r));
+    let fwd_tps = 2.0 * r.tokens_forwarded as f64 / r.forward_s.max(1e-9);
+    eprintln!(
+        "wrote {}: {} layers x {} components from {} tokens of {} examples \
+         ({:.1} s in forward passes, {:.0} tokens/s through either model; {:.2} s accumulating \
+         the covariance; {:.2} s eigensolver)",
+        a.output.display(),
+        layers.len(),
+        a.components,
+        r.tokens,
+        examples.len(),
+        r.forward_s,
+        fwd_tps,
+        r.accumulate_s,
+        r.eigen_s
+    );
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! Principal components of what a fine-tune changed in the residual stream.
+//!
+//! For each token `t` of the data and each chosen layer `L`, the difference
+//! `δ_t = resid_post_L(base + adapter)_t - resid_post_L(base)_t` (same tokens, no ablation).
+//! The differences are centred (`δ_t - mean δ`) and their covariance
+//! `C = Σ (δ_t - μ)(δ_t - μ)ᵀ / (n - 1)` is accumulated in f64 as the batches stream past,
+//! so memory is `d² · 8` bytes per layer whatever the number of tokens. The components are the
+//! top eigenvectors of `C`; `explained_variance` are their eigenvalues (the variance of the
+//! differences along each component) and `explained_variance_ratio` those over `trace C`.
+//! This equals an SVD of the centred difference matrix: `C = V Σ² Vᵀ / (n - 1)`.
+//!
+//! Output (safetensors, written atomically): per layer `layer.<L>` F32 `[k, d_model]` (unit
+//! rows, largest-magnitude entry positive), `explained_variance.<L>` and
+//! `explained_variance_ratio.<L>` F32 `[k]`, and a JSON description under the `caft_fast`
+//! metadata key. `caft-fast directions select` turns chosen rows into an ablation file.
+
+use crate::backend::Backend;
+use crate::directions::linalg::{top_eigenpairs, Covariance};
+use crate::directions::TokenBatch;
+use crate::model::transformer::Model;
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// Difference rows are buffered up to this many before one covariance GEMM, so the GEMM has
+/// a reasonable inner dimension even when batches hold few answer tokens.
+const FLUSH_ROWS: usize = 512;
+
+/// The principal components of one layer.
+#[derive(Clone, Debug)]
+pub struct LayerPca {
+    pub layer: usize,
+    /// Row-major `[k, d]`, unit rows.
+    pub components: Vec<f64>,
+    /// Eigenvalues of the difference covariance, descending.
+    pub variance: Vec<f64>,
+    /// `variance / trace(C)` (0 when the trace is 0: the adapter did not change this layer).
+    pub ratio: Vec<f64>,
+    /// `trace(C)`: the total variance of the differences.
+    pub total_variance: f64,
+    /// Norm of the mean difference (removed before the PCA).
+    pub mean_norm: f64,
+    /// Subspace iterations (0: solved exactly by Jacobi) and the final relative residual.
+    pub iterations: usize,
+    pub residual: f64,
+}
+
+/// The PCA of every requested layer, plus counts and timings.
+#[derive(Clone, Debug)]
+pub struct PcaResult {
+    pub d: usize,
+    pub k: usize,
+    pub layers: Vec<LayerPca>,
+    /// Difference rows (tokens) per layer.
+    pub tokens: u64,
+    /// Seconds in the two forward passes, in accumulating the covariance, in the eigensolver.
+    pub forward_s: f64,
+    pub accumulate_s: f64,
+    pub eigen_s: f64,
+    /// Tokens (real, unpadded) that went through each of the two models.
+    pub tokens_forwarded: u64,
+}
+
+/// resid_post at `layers` for the rows `rows` of `batch`, from base + adapter minus from the
+/// base model, as f64 `[rows.len(), d]` per layer.
+///
+/// `model` must carry the adapter (`Model::set_lora`). The adapter pass runs first: the
+/// model allocates its activation buffers (including each adapter's `x Aᵀ` buffers) on the
+/// first forward of a batch shape, so the base pass, with the adapter detached, reuses
+/// buffers that were sized with it and attaching it again needs no reallocation.
+pub fn differences<B: Backend>(
+    be: &B,
+    model: &mut Model<B>,
+    tb: &TokenBatch,
+    layers: &[usize],
+) -> Result<Vec<Vec<f64>>> {
+    if model.lora.is_none() {
+        bail!("differences: the model has no adapter attached");
+    }
+    let d = model.cfg.hidden_size;
+    let gather = |v: &[f32]| -> Vec<f64> {
+        let mut out = Vec::with_capacity(tb.rows.len() * d);
+        for &r in &tb.rows {
+            out.extend(v[r * d..(r + 1) * d].iter().map(|&x| x as f64));
+        }
+        out
+    };
+    model.forward(be, &tb.batch, false)?;
+    let mut tuned = Vec::with_capacity(layers.len());
+    for &l in layers {
+        tuned.push(gather(&model.resid_post(be, l)?));
+    }
+    let lora = model.lora.take();
+    let base = model.forward(be, &tb.batch, false);
+    model.lora = lora;
+    base?;
+    for (&l, t) in layers.iter().zip(&mut tuned) {
+        let b = gather(&model.resid_post(be, l)?);
+        t.iter_mut().zip(&b).for_each(|(x, y)| *x -= y);
+    }
+    Ok(tuned)
+}
+
+/// Check the layers and the component count against the model before any work.
+pub fn check_request(layers: &[usize], k: usize, n_layers: usize, d: usize) -> Result<()> {
+    if layers.is_empty() {
+        bail!("no layers given (e.g. --layers 10,20,30)");
+    }
+    let mut s = layers.to_vec();
+    s.sort_unstable();
+    if let Some(w) = s.windows(2).find(|w| w[0] == w[1]) {
+        bail!("layer {} is listed twice", w[0]);
+    }
+    if let Some(&l) = layers.iter().find(|&&l| l >= n_layers) {
+        bail!(
+            "layer {l} does not exist: the model has {n_layers} layers (0..{})",
+            n_layers.saturating_sub(1)
+        );
+    }
+    if k == 0 || k > d {
+        bail!("--components {k} must be between 1 and d_model = {d}");
+    }
+    Ok(())
+}
+
+/// Stream `batches` through base and base + adapter, accumulate the difference covariance of
+/// each layer and take the top `k` components. `on_batch` is called after each batch (for a
+/// progress bar).
+pub fn pca<B: Backend>(
+    be: &B,
+    model: &mut Model<B>,
+    batches: &[TokenBatch],
+    layers: &[usize],
+    k: usize,
+    mut on_batch: impl FnMut(usize),
+) -> Result<PcaResult> {
+    let d = model.cfg.hidden_size;
+    check_request(layers, k, model.cfg.num_layers, d)?;
+    let mut covs: Vec<Covariance> = layers.iter().map(|_| Covariance::new(d)).collect();
+    let mut pending: Vec<Vec<f64>> = layers.iter().map(|_| Vec::new()).collect();
+    let (mut forward_s, mut accumulate_s) = (0.0, 0.0);
+    let mut tokens_forwarded = 0u64;
+    for (i, tb) in batches.iter().enumerate() {
+        let t0 = Instant::now();
+        let diffs = differences(be, model, tb, layers)?;
+        be.synchronize()?;
+        forward_s += t0.elapsed().as_secs_f64();
+        tokens_forwarded += tb.batch.labels.len() as u64;
+        let t1 = Instant::now();
+        for (li, dl) in diffs.into_iter().enumerate() {
+            if let Some(r) = dl.iter().position(|x| !x.is_finite()) {
+                let (ex, pos) = tb.origin[r / d];
+                bail!(
+                    "layer {}: the resid_post difference is {} (NaN or Inf) at example {} \
+                     (in file order after filtering) position {pos}",
+                    layers[li],
+                    dl[r],
+                    ex + 1
+                );
+            }
+            pending[li].extend_from_slice(&dl);
+            if pending[li].len() >= FLUSH_ROWS * d {
+                covs[li].add_rows(&pending[li]);
+                pending[li].clear();
+            }
+        }
+        accumulate_s += t1.elapsed().as_secs_f64();
+        on_batch(i + 1);
+    }
+    let t1 = Instant::now();
+    for (c, p) in covs.iter_mut().zip(&pending) {
+        c.add_rows(p);
+    }
+    accumulate_s += t1.elapsed().as_secs_f64();
+    let tokens = covs[0].n;
+    if tokens < 2 {
+        bail!(
+            "only {tokens} token(s) to compare; PCA needs at least 2 (give more data, or \
+             --all-tokens to use every token rather than the answers only)"
+        );
+    }
+    let t2 = Instant::now();
+    let mut out = Vec::with_capacity(layers.len());
+    for (&layer, cov) in layers.iter().zip(&covs) {
+        let c = cov.covariance();
+        let total: f64 = (0..d).map(|i| c[i * d + i]).sum();
+        let e = top_eigenpairs(&c, d, k).with_context(|| format!("PCA of layer {layer}"))?;
+        let ratio = e
+            .values
+            .iter()
+            .map(|v| if total > 0.0 { v / total } else { 0.0 })
+            .collect();
+        out.push(LayerPca {
+            layer,
+            components: e.vectors,
+            variance: e.values,
+            ratio,
+            total_variance: total,
+            mean_norm: cov.mean.iter().map(|x| x * x).sum::<f64>().sqrt(),
+            iterations: e.iterations,
+            residual: e.residual,
+        });
+    }
+    Ok(PcaResult {
+        d,
+        k,
+        layers: out,
+        tokens,
+        forward_s,
+        accumulate_s,
+        eigen_s: t2.elapsed().as_secs_f64(),
+        tokens_forwarded,
+    })
+}
+
+/// The safetensors bytes of a PCA result (see the module docs); `about` goes into the
+/// `caft_fast` metadata entry as JSON.
+pub fn to_safetensors(r: &PcaResult, about: &serde_json::Value) -> Result<Vec<u8>> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let bytes =
+        |v: &[f64]| -> Vec<u8> { v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect() };
+    for l in &r.layers {
+        tensors.push((
+            format!("layer.{}", l.layer),
+            vec![r.k, r.d],
+            bytes(&l.components),
+        ));
+        tensors.push((
+            format!("explained_variance.{}", l.layer),
+            vec![r.k],
+            bytes(&l.variance),
+        ));
+        tensors.push((
+            format!("explained_variance_ratio.{}", l.layer),
+            vec![r.k],
+            bytes(&l.ratio),
+        ));
+    }
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| anyhow!("tensor {n}: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    let meta = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("caft_fast".to_string(), about.to_string()),
+    ]);
+    safetensors::serialize(views, Some(meta)).map_err(|e| anyhow!("serialising the PCA: {e}"))
+}
+
+/// Write a PCA result atomically (temporary file, then rename).
+pub fn save(path: &Path, r: &PcaResult, about: &serde_json::Value) -> Result<()> {
+    crate::train::adapter::write_atomic(path, &to_safetensors(r, about)?)
+}
+
+/// One line per layer: the share of variance in the first components.
+pub fn summary(r: &PcaResult) -> String {
+    let mut s = String::new();
+    for l in &r.layers {
+        let show: Vec<String> = l
+            .ratio
+            .iter()
+            .take(5)
+            .map(|x| format!("{:.1}%", 100.0 * x))
+            .collect();
+        let cum: f64 = l.ratio.iter().sum();
+        s.push_str(&format!(
+            "layer {}: total variance {:.4e}, |mean| {:.4e}, first components {} (top {} explain \
+             {:.1}%)\n",
+            l.layer,
+            l.total_variance,
+            l.mean_norm,
+            show.join(" "),
+            r.k,
+            100.0 * cum
+        ));
+    }
+    s
+}
