@@ -666,3 +666,47 @@ fn disk_full_while_saving_keeps_the_earlier_checkpoint() {
     ]));
     assert!(msg.contains("resuming at step 1"), "{msg}");
 }
+
+/// `--ablate FILE --ablate-layers L` keeps only layer L of the file; run.json records the
+/// file's hash and the layers; a layer the file lacks is refused.
+#[test]
+fn ablate_layers_restricts_a_directions_file() {
+    let dir = scratch("restrict");
+    let data = write(&dir.join("d.jsonl"), &progression_records(12, 1));
+    let file = tiny_llama().join("directions.safetensors");
+    let out = dir.join("run");
+    let extra = [
+        "--ablate",
+        s(&file),
+        "--ablate-layers",
+        "2",
+        "--max-steps",
+        "1",
+    ];
+    ok(&run_train(&tiny_args(&data, &out), &extra));
+    let run: serde_json::Value = serde_json::from_slice(&read(&out.join("run.json"))).unwrap();
+    assert_eq!(run["directions"]["layers"], serde_json::json!([2]));
+    assert_eq!(run["directions"]["k"], serde_json::json!([2]));
+    let sha = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(read(&file));
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert_eq!(run["directions"]["sha256"], sha.as_str());
+    let o = run_train(
+        &tiny_args(&data, &dir.join("run3")),
+        &[
+            "--ablate",
+            s(&file),
+            "--ablate-layers",
+            "3",
+            "--max-steps",
+            "1",
+        ],
+    );
+    fails(&o, &["no directions for layer 3"]);
+    assert!(
+        !dir.join("run3").exists(),
+        "nothing is written on a refused run"
+    );
+}
