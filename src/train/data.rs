@@ -290,21 +290,9 @@ impl Dataset {
         Self::from_records(&recs, enc, &path.display().to_string())
     }
 
-    /// A SHA-256 over every example's ids and labels, so a resumed run can check that it
-    /// trains on the same tokens.
+    /// See [`fingerprint`].
     pub fn fingerprint(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        for e in &self.examples {
-            h.update((e.ids.len() as u64).to_le_bytes());
-            for &t in &e.ids {
-                h.update(t.to_le_bytes());
-            }
-            for &l in &e.labels {
-                h.update(l.to_le_bytes());
-            }
-        }
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        fingerprint(&self.examples)
     }
 
     /// Total tokens and labelled tokens.
@@ -313,6 +301,23 @@ impl Dataset {
             .iter()
             .fold((0, 0), |(t, l), e| (t + e.ids.len(), l + e.n_targets()))
     }
+}
+
+/// A SHA-256 over every example's ids and labels, so a resumed run can check that it trains
+/// on the same tokens.
+pub fn fingerprint(examples: &[Example]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for e in examples {
+        h.update((e.ids.len() as u64).to_le_bytes());
+        for &t in &e.ids {
+            h.update(t.to_le_bytes());
+        }
+        for &l in &e.labels {
+            h.update(l.to_le_bytes());
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Hold out `frac` of the examples (at least one when `frac > 0` and two or more exist) for

@@ -58,19 +58,11 @@ pub struct Prepared {
 
 impl Prepared {
     pub fn train_fingerprint(&self) -> String {
-        fingerprint(&self.train)
+        data::fingerprint(&self.train)
     }
     pub fn val_fingerprint(&self) -> String {
-        fingerprint(&self.val)
+        data::fingerprint(&self.val)
     }
-}
-
-fn fingerprint(ex: &[Example]) -> String {
-    Dataset {
-        examples: ex.to_vec(),
-        ..Dataset::default()
-    }
-    .fingerprint()
 }
 
 fn file_sha256(p: &Path) -> Result<String> {
