@@ -401,7 +401,7 @@ pub fn top_eigenpairs(c: &[f64], d: usize, k: usize) -> Result<Eigen> {
         e.vectors.truncate(k * d);
         e
     } else {
-        subspace_eigh(c, d, k, 0x5eed_0f_9ca)?
+        subspace_eigh(c, d, k, 0x5EED_5CA1)?
     };
     for v in e.vectors.chunks_exact_mut(d) {
         let big = v
