@@ -32,6 +32,9 @@ pub enum DirectionsCmd {
     /// Convert directions from other tools (.npy, or safetensors under other tensor names)
     /// into an ablation file.
     Import(ImportArgs),
+    /// Interpret directions: the contexts of a corpus whose base-model resid_post projects
+    /// highest and lowest on each, as an HTML report and a JSON summary.
+    Explain(ExplainArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -140,6 +143,45 @@ pub struct ImportArgs {
     pub output: PathBuf,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct ExplainArgs {
+    /// Base model: a Hugging Face folder or a GGUF file [default: SmolLM2-135M-Instruct].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A `directions pca` output (or any file with `layer.<L>` tensors [k, d_model]).
+    #[arg(long)]
+    pub directions: PathBuf,
+    /// Corpus: JSONL ({"text": ...} or any form `train` reads) or plain text, one text a line.
+    #[arg(long)]
+    pub corpus: PathBuf,
+    /// Output folder (index.html, summary.json).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+    /// Contexts listed per direction, for the highest and for the lowest projections.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Tokens shown before the ranked token.
+    #[arg(long, default_value_t = 12)]
+    pub before: usize,
+    /// Tokens shown after the ranked token.
+    #[arg(long, default_value_t = 4)]
+    pub after: usize,
+    /// Use only the first N texts of the corpus.
+    #[arg(long, value_name = "N")]
+    pub max_texts: Option<usize>,
+    /// Cut texts at this many tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_seq_len: usize,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: Device,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
 /// Run one `directions` subcommand.
 pub fn run(a: DirectionsArgs) -> Result<()> {
     match a.cmd {
@@ -171,6 +213,7 @@ pub fn run(a: DirectionsArgs) -> Result<()> {
             Ok(())
         }
         DirectionsCmd::Import(a) => run_import(&a),
+        DirectionsCmd::Explain(a) => run_explain(&a),
     }
 }
 
@@ -221,13 +264,81 @@ fn run_import(a: &ImportArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_pca(a: &PcaArgs) -> Result<()> {
-    if a.threads > 0 {
+/// Set rayon's thread count once (0 = all cores).
+fn set_threads(n: usize) {
+    if n > 0 {
         // An error means the pool already exists; keep it.
         let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(a.threads)
+            .num_threads(n)
             .build_global();
     }
+}
+
+fn run_explain(a: &ExplainArgs) -> Result<()> {
+    set_threads(a.threads);
+    let loaded = load_model(&model_path(&a.model)?)?;
+    match resolve_device(a.device)? {
+        Device::Cuda => explain_impl(
+            &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
+            a,
+            &loaded,
+        ),
+        _ => explain_impl(&CpuBackend::new(), a, &loaded),
+    }
+}
+
+fn explain_impl<B: Backend>(be: &B, a: &ExplainArgs, loaded: &LoadedModel) -> Result<()> {
+    use crate::directions::explain;
+    let cfg = loaded.config.clone();
+    let dirs = explain::read_directions(&a.directions, cfg.hidden_size, cfg.num_layers)?;
+    let mut examples = explain::load_corpus(&a.corpus, loaded, a.max_seq_len)?;
+    if let Some(m) = a.max_texts {
+        examples.truncate(m.max(1));
+    }
+    let opt = explain::ExplainOptions {
+        top: a.top,
+        before: a.before,
+        after: a.after,
+        batch_size: a.batch_size,
+        pad: pad_id(loaded),
+    };
+    let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
+    let n_batches = examples.len().div_ceil(a.batch_size.max(1));
+    let bar = progress(n_batches as u64, "explain");
+    let t0 = std::time::Instant::now();
+    let (layers, tokens) = explain::explain(
+        be,
+        &mut model,
+        &examples,
+        &dirs,
+        loaded.tokenizer.as_ref(),
+        &opt,
+        |i| bar.set_position(i as u64),
+    )?;
+    bar.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    let report = explain::Report {
+        model: loaded.source.display().to_string(),
+        directions: a.directions.display().to_string(),
+        corpus: a.corpus.display().to_string(),
+        examples: examples.len(),
+        tokens,
+        layers,
+    };
+    explain::write_report(&a.output, &report)?;
+    let n_dirs: usize = dirs.iter().map(|l| l.k).sum();
+    eprintln!(
+        "wrote {}/index.html and summary.json: {n_dirs} directions at {} layers over {tokens}          tokens of {} texts ({secs:.1} s, {:.0} tokens/s)",
+        a.output.display(),
+        dirs.len(),
+        examples.len(),
+        tokens as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+fn run_pca(a: &PcaArgs) -> Result<()> {
+    set_threads(a.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
     match resolve_device(a.device)? {
         Device::Cuda => pca_impl(

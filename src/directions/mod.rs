@@ -12,6 +12,7 @@
 //! - [`cli`]: the subcommand's arguments; the work is done in the modules above.
 
 pub mod cli;
+pub mod explain;
 pub mod linalg;
 pub mod pca;
 pub mod select;
