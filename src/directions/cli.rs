@@ -328,7 +328,8 @@ fn explain_impl<B: Backend>(be: &B, a: &ExplainArgs, loaded: &LoadedModel) -> Re
     explain::write_report(&a.output, &report)?;
     let n_dirs: usize = dirs.iter().map(|l| l.k).sum();
     eprintln!(
-        "wrote {}/index.html and summary.json: {n_dirs} directions at {} layers over {tokens}          tokens of {} texts ({secs:.1} s, {:.0} tokens/s)",
+        "wrote {}/index.html and summary.json: {n_dirs} directions at {} layers over {tokens} \
+         tokens of {} texts ({secs:.1} s, {:.0} tokens/s)",
         a.output.display(),
         dirs.len(),
         examples.len(),
@@ -383,6 +384,14 @@ fn pca_impl<B: Backend>(be: &B, a: &PcaArgs, loaded: &LoadedModel) -> Result<()>
     });
     pca::save(&a.output, &r, &about)?;
     eprint!("{}", pca::summary(&r));
+    if r.tokens as usize <= a.components {
+        eprintln!(
+            "note: {} tokens give at most {} components with variance; the rest are arbitrary \
+             orthonormal completions (give more data)",
+            r.tokens,
+            r.tokens - 1
+        );
+    }
     let fwd_tps = 2.0 * r.tokens_forwarded as f64 / r.forward_s.max(1e-9);
     eprintln!(
         "wrote {}: {} layers x {} components from {} tokens of {} examples \
