@@ -32,7 +32,8 @@ fn write_dirs(path: &std::path::Path) -> Vec<(usize, Vec<f32>)> {
     vec![(1, l1), (2, l2)]
 }
 
-/// Every corpus token's projection onto each unit direction, computed one text at a time.
+/// Every corpus token's projection onto each unit direction, computed one text at a time,
+/// except each text's first token (not ranked by default: `--skip-first 1`).
 fn reference_projections(corpus: &[Vec<u32>], dirs: &[(usize, Vec<f32>)]) -> Vec<Vec<Vec<f64>>> {
     let be = CpuBackend::new();
     let loaded = load_model(&tiny_llama()).unwrap();
@@ -53,7 +54,7 @@ fn reference_projections(corpus: &[Vec<u32>], dirs: &[(usize, Vec<f32>)]) -> Vec
             let x = model.resid_post(&be, *layer).unwrap();
             for (c, u) in q.chunks_exact(64).enumerate() {
                 let n = dot(u, u).sqrt();
-                for row in x.chunks_exact(64) {
+                for row in x.chunks_exact(64).skip(1) {
                     out[li][c].push(dot(row, u) / n);
                 }
             }
@@ -106,6 +107,7 @@ fn explain_ranks_projections_and_writes_the_report() {
         serde_json::from_slice(&std::fs::read(report.join("summary.json")).unwrap()).unwrap();
     let n_tokens: usize = corpus.iter().map(|c| c.len()).sum();
     assert_eq!(summary["tokens"], n_tokens);
+    assert_eq!(summary["skip_first"], 1);
     let reference = reference_projections(&corpus, &dirs);
     let layers = summary["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 2);
@@ -146,6 +148,7 @@ fn explain_ranks_projections_and_writes_the_report() {
                 let tokens = e["tokens"].as_array().unwrap();
                 assert_eq!(tokens[marked], format!("⟨{}⟩", corpus[ex][pos]));
                 assert_eq!(e["projections"][marked], e["projection"]);
+                assert!(pos >= 1, "the first token is not ranked");
             }
         }
     }

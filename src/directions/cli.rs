@@ -166,6 +166,10 @@ pub struct ExplainArgs {
     /// Tokens shown after the ranked token.
     #[arg(long, default_value_t = 4)]
     pub after: usize,
+    /// Do not rank the first N tokens of each text (the first token's resid_post is usually
+    /// an outlier of huge norm that would top every list).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub skip_first: usize,
     /// Use only the first N texts of the corpus.
     #[arg(long, value_name = "N")]
     pub max_texts: Option<usize>,
@@ -301,6 +305,7 @@ fn explain_impl<B: Backend>(be: &B, a: &ExplainArgs, loaded: &LoadedModel) -> Re
         after: a.after,
         batch_size: a.batch_size,
         pad: pad_id(loaded),
+        skip_first: a.skip_first,
     };
     let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
     let n_batches = examples.len().div_ceil(a.batch_size.max(1));
@@ -323,6 +328,7 @@ fn explain_impl<B: Backend>(be: &B, a: &ExplainArgs, loaded: &LoadedModel) -> Re
         corpus: a.corpus.display().to_string(),
         examples: examples.len(),
         tokens,
+        skip_first: a.skip_first,
         layers,
     };
     explain::write_report(&a.output, &report)?;

@@ -128,6 +128,8 @@ pub struct Report {
     pub corpus: String,
     pub examples: usize,
     pub tokens: usize,
+    /// Positions below this in each text were not ranked.
+    pub skip_first: usize,
     pub layers: Vec<LayerReport>,
 }
 
@@ -141,6 +143,10 @@ pub struct ExplainOptions {
     pub after: usize,
     pub batch_size: usize,
     pub pad: u32,
+    /// Positions below this in each text are not ranked (nor counted in the statistics and
+    /// the colour scale): the first token's residual stream is typically an outlier of huge
+    /// norm (an "attention sink") that would fill every list.
+    pub skip_first: usize,
 }
 
 /// A token's text for display: the tokenizer's decoding of that one id (special tokens kept),
@@ -235,14 +241,30 @@ pub fn explain<B: Backend>(
             projections: (start..end).map(|q| p[offsets[e] + q]).collect(),
         }
     };
+    // The ranked tokens: every position from `skip_first` on.
+    let ranked: Vec<usize> = examples
+        .iter()
+        .zip(&offsets)
+        .flat_map(|(e, &o)| (opt.skip_first.min(e.ids.len())..e.ids.len()).map(move |q| o + q))
+        .collect();
+    if ranked.is_empty() {
+        bail!(
+            "every text is at most {} tokens long, so no token is ranked (lower --skip-first)",
+            opt.skip_first
+        );
+    }
     let mut layers = Vec::with_capacity(dirs.len());
     for (li, l) in dirs.iter().enumerate() {
         let mut comps = Vec::with_capacity(l.k);
         for (c, p) in proj[li].iter().enumerate() {
-            let n = p.len().max(1) as f64;
-            let mean = p.iter().map(|&x| x as f64).sum::<f64>() / n;
-            let var = p.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
-            let mut order: Vec<usize> = (0..p.len()).collect();
+            let n = ranked.len() as f64;
+            let mean = ranked.iter().map(|&g| p[g] as f64).sum::<f64>() / n;
+            let var = ranked
+                .iter()
+                .map(|&g| (p[g] as f64 - mean).powi(2))
+                .sum::<f64>()
+                / n;
+            let mut order = ranked.clone();
             // Descending by projection; ties by corpus order, so reports repeat exactly.
             order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
             let top = opt.top.min(order.len());
@@ -258,7 +280,7 @@ pub fn explain<B: Backend>(
                 explained_variance_ratio: l.ratio.as_ref().map(|r| r[c]),
                 mean,
                 std: var.sqrt(),
-                max_abs: p.iter().fold(0f32, |m, &x| m.max(x.abs())),
+                max_abs: ranked.iter().fold(0f32, |m, &g| m.max(p[g].abs())),
                 highest,
                 lowest,
             });
@@ -380,13 +402,15 @@ pub fn html(r: &Report) -> String {
          resid_post (the output of the layer) is projected onto the unit direction; the \
          contexts with the highest and the lowest projections are shown, each token coloured \
          by its own projection (red positive, blue negative, scaled by the largest |projection| \
-         of the component), the ranked token outlined.</p>\n<nav><ul>",
+         of the component over the ranked tokens), the ranked token outlined. The first {} token(s) \
+         of each text are not ranked.</p>\n<nav><ul>",
         escape(&r.directions),
         escape(&r.model),
         escape(&r.directions),
         escape(&r.corpus),
         r.examples,
-        r.tokens
+        r.tokens,
+        r.skip_first
     );
     for l in &r.layers {
         let _ = write!(
