@@ -80,16 +80,22 @@ step() { # name timeout-seconds command...
   tail -n 3 "$LOG/$name.log" | sed 's/^/   /'
 }
 
-[ -x "$STAGE/caft-fast" ] && step doctor 120 "$STAGE/caft-fast" doctor
-[ -x "$STAGE/tests/cuda_parity" ] && step cuda_parity 120 "$STAGE/tests/cuda_parity" --include-ignored --test-threads=1 --nocapture
+export CAFT_REPO=$PWD   # staged test executables find tests/fixtures here
+[ -x "$STAGE/caft-fast" ] && step doctor 90 "$STAGE/caft-fast" doctor
+[ -x "$STAGE/tests/cuda_parity" ] && step cuda_parity 90 "$STAGE/tests/cuda_parity" --include-ignored --test-threads=1 --nocapture
+[ -x scripts/gpu_compare.sh ] && step gpu_compare 200 scripts/gpu_compare.sh "$LOG" "$STAGE/caft-fast"
 for t in "$STAGE"/tests/*; do
   name=$(basename "$t")
   case $name in cuda_parity|cuda_compile) continue ;; esac
-  [ -x "$t" ] && step "test-$name" 60 "$t" --include-ignored
+  [ -x "$t" ] && step "test-$name" 90 "$t" --include-ignored --test-threads=1 --nocapture
 done
-[ -x "$STAGE/benches/cuda_ops" ] && step cuda_ops 90 "$STAGE/benches/cuda_ops" --bench
-[ -x scripts/gpu_compare.sh ] && step gpu_compare 180 scripts/gpu_compare.sh "$LOG" "$STAGE/caft-fast"
+[ -x "$STAGE/benches/cuda_ops" ] && step cuda_ops 60 "$STAGE/benches/cuda_ops" --bench
 
+echo
+# The headline numbers: whole-model GPU-vs-CPU errors and the training-step comparison.
+grep -hE "^(llama|qwen2|mistral|smollm2)[^:]*: " "$LOG"/test-cuda_model.log 2>/dev/null | head -40
+grep -hE "FAIL|fail" "$LOG/doctor.log" 2>/dev/null | head -10
+sed -n '/^shape /,$p' "$LOG/gpu_compare.log" 2>/dev/null
 echo
 echo "summary ($LOG/):"
 printf '  %-28s %-20s %6s\n' step result seconds

@@ -299,6 +299,13 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         self.rt.synchronize()
     }
 
+    fn device_memory_used_mib(&self) -> Option<f64> {
+        // Device-wide (total - free): includes the context and cuBLAS workspaces, as
+        // nvidia-smi would show; this process is the only user in the benchmarks.
+        let (free, total) = self.rt.ctx.mem_get_info().ok()?;
+        Some((total - free) as f64 / (1u64 << 20) as f64)
+    }
+
     // ---- embedding ----------------------------------------------------------------------
     fn embedding(
         &self,
