@@ -9,7 +9,7 @@ use crate::directions::{
 use crate::model::ablation::{load_directions, random_directions, save_directions};
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::transformer::Model;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 
@@ -35,6 +35,61 @@ pub enum DirectionsCmd {
     /// Interpret directions: the contexts of a corpus whose base-model resid_post projects
     /// highest and lowest on each, as an HTML report and a JSON summary.
     Explain(ExplainArgs),
+    /// Directions from sparse autoencoders: latents of an SAE on the base model's resid_post,
+    /// ranked by how much the adapter changes their mean activation on the answer tokens;
+    /// writes the top latents' decoder rows as `layer.<L>`.
+    Sae(SaeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(after_long_help = "\
+SAE files: safetensors with SAELens names (W_enc [d, m], b_enc, W_dec [m, d], b_dec, optional
+threshold [m]; apply_b_dec_to_input read from a cfg.json beside it) or dictionary_learning names
+(encoder.weight [m, d], encoder.bias, decoder.weight [d, m], b_dec, optional threshold and k).
+The architecture is guessed from the tensors (threshold per latent: jumprelu; scalar threshold
+and k: batchtopk; k alone: topk; else relu) unless --sae-arch is given.")]
+pub struct SaeArgs {
+    /// Base model: a Hugging Face folder or a GGUF file [default: SmolLM2-135M-Instruct].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The fine-tune: a PEFT LoRA adapter folder.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Data whose tokens both models read (JSONL, as for `pca`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// LAYER=FILE: the SAE trained on that layer's resid_post (repeat for more layers).
+    #[arg(long, required = true, value_name = "LAYER=FILE")]
+    pub sae: Vec<String>,
+    /// relu, jumprelu, topk or batchtopk [default: guessed from the file].
+    #[arg(long)]
+    pub sae_arch: Option<String>,
+    /// k of a topk SAE (when the file does not say).
+    #[arg(long)]
+    pub sae_k: Option<usize>,
+    /// Latents kept per layer, largest |change of mean activation| first.
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+    /// Output safetensors file.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+    /// Use every token, not only the answer tokens.
+    #[arg(long)]
+    pub all_tokens: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: Device,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Truncate longer examples.
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    /// Use only the first N examples of the data.
+    #[arg(long, value_name = "N")]
+    pub max_examples: Option<usize>,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -218,6 +273,7 @@ pub fn run(a: DirectionsArgs) -> Result<()> {
         }
         DirectionsCmd::Import(a) => run_import(&a),
         DirectionsCmd::Explain(a) => run_explain(&a),
+        DirectionsCmd::Sae(a) => run_sae(&a),
     }
 }
 
@@ -341,6 +397,71 @@ fn explain_impl<B: Backend>(be: &B, a: &ExplainArgs, loaded: &LoadedModel) -> Re
         examples.len(),
         tokens as f64 / secs.max(1e-9)
     );
+    Ok(())
+}
+
+fn run_sae(a: &SaeArgs) -> Result<()> {
+    set_threads(a.threads);
+    let loaded = load_model(&model_path(&a.model)?)?;
+    match resolve_device(a.device)? {
+        Device::Cuda => sae_impl(
+            &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
+            a,
+            &loaded,
+        ),
+        _ => sae_impl(&CpuBackend::new(), a, &loaded),
+    }
+}
+
+fn sae_impl<B: Backend>(be: &B, a: &SaeArgs, loaded: &LoadedModel) -> Result<()> {
+    use crate::directions::sae::{rank_latents, save, Sae};
+    let cfg = loaded.config.clone();
+    let mut saes = Vec::with_capacity(a.sae.len());
+    for spec in &a.sae {
+        let (l, f) = spec.split_once('=').with_context(|| {
+            format!("--sae {spec:?}: expected LAYER=FILE, e.g. --sae 12=layer12.safetensors")
+        })?;
+        let layer: usize = l
+            .trim()
+            .parse()
+            .with_context(|| format!("--sae {spec:?}: layer {l:?} is not a number"))?;
+        let sae = Sae::load(Path::new(f), a.sae_arch.as_deref(), a.sae_k)?;
+        saes.push((layer, sae));
+    }
+    let (layout, params) = load_peft_adapter(&a.adapter, &cfg)?;
+    let mut examples = load_examples(&a.data, loaded, a.all_tokens, a.max_seq_len)?;
+    if let Some(m) = a.max_examples {
+        examples.truncate(m.max(1));
+    }
+    let batches = token_batches(&examples, a.batch_size, pad_id(loaded), a.all_tokens);
+    let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
+    model.set_lora(be, layout, &params)?;
+    let bar = progress(batches.len() as u64, "sae");
+    let ranked = rank_latents(be, &mut model, &batches, &saes, a.top, |i| {
+        bar.set_position(i as u64)
+    })?;
+    bar.finish_and_clear();
+    let about = serde_json::json!({
+        "kind": "sae latents ranked by the change of mean activation (base + adapter minus base)",
+        "model": loaded.source.display().to_string(),
+        "adapter": a.adapter.display().to_string(),
+        "data": a.data.display().to_string(),
+        "saes": a.sae,
+        "tokens": ranked.first().map(|r| r.tokens),
+        "program": format!("caft-fast {}", env!("CARGO_PKG_VERSION")),
+    });
+    save(&a.output, &ranked, &about)?;
+    for r in &ranked {
+        let show: Vec<String> = r
+            .latents
+            .iter()
+            .zip(&r.scores)
+            .take(5)
+            .map(|(j, s)| format!("{j} ({s:+.3})"))
+            .collect();
+        eprintln!("layer {}: top latents {}", r.layer, show.join(", "));
+    }
+    eprintln!("wrote {}", a.output.display());
     Ok(())
 }
 

@@ -15,14 +15,25 @@ use anyhow::{bail, Result};
 /// Largest matrix solved by full Jacobi; larger ones use subspace iteration.
 pub const JACOBI_MAX_DIM: usize = 192;
 
+/// The element types [`gemm`] multiplies (those the gemm crate has kernels for).
+pub trait GemmFloat: Copy + Default + 'static {
+    const ONE: Self;
+}
+impl GemmFloat for f32 {
+    const ONE: f32 = 1.0;
+}
+impl GemmFloat for f64 {
+    const ONE: f64 = 1.0;
+}
+
 /// `dst[m, n] = (accumulate ? dst : 0) + A[m, k] · B[k, n]`, every matrix addressed by
 /// element strides `(row stride, column stride)`, `dst` row-major with row stride `n`.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_f64(
-    dst: &mut [f64],
-    a: &[f64],
+pub fn gemm<T: GemmFloat>(
+    dst: &mut [T],
+    a: &[T],
     (a_rs, a_cs): (usize, usize),
-    b: &[f64],
+    b: &[T],
     (b_rs, b_cs): (usize, usize),
     m: usize,
     n: usize,
@@ -36,15 +47,15 @@ pub fn gemm_f64(
             (rows - 1) * rs + (cols - 1) * cs + 1
         }
     };
-    assert!(dst.len() >= m * n, "gemm_f64: destination too short");
-    assert!(a.len() >= span(m, k, a_rs, a_cs), "gemm_f64: A too short");
-    assert!(b.len() >= span(k, n, b_rs, b_cs), "gemm_f64: B too short");
+    assert!(dst.len() >= m * n, "gemm: destination too short");
+    assert!(a.len() >= span(m, k, a_rs, a_cs), "gemm: A too short");
+    assert!(b.len() >= span(k, n, b_rs, b_cs), "gemm: B too short");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            dst[..m * n].fill(T::default());
         }
         return;
     }
@@ -71,8 +82,8 @@ pub fn gemm_f64(
             b.as_ptr(),
             b_cs as isize,
             b_rs as isize,
-            1.0,
-            1.0,
+            T::ONE,
+            T::ONE,
             false,
             false,
             false,
@@ -139,7 +150,7 @@ impl Covariance {
             }
         }
         // m2[d, d] += Xcᵀ[d, nb] · Xc[nb, d]; Xcᵀ is Xc read with swapped strides.
-        gemm_f64(
+        gemm(
             &mut self.m2,
             &centred,
             (1, d),
@@ -331,10 +342,10 @@ pub fn subspace_eigh(c: &[f64], d: usize, k: usize, seed: u64) -> Result<Eigen> 
         iters += 1;
         orthonormalize_columns(&mut y, d, p, &mut rng);
         // Z = C Q.
-        gemm_f64(&mut z, c, (d, 1), &y, (p, 1), d, p, d, false);
+        gemm(&mut z, c, (d, 1), &y, (p, 1), d, p, d, false);
         // H = Qᵀ Z, symmetrised.
         let mut h = vec![0.0; p * p];
-        gemm_f64(&mut h, &y, (1, p), &z, (p, 1), p, p, d, false);
+        gemm(&mut h, &y, (1, p), &z, (p, 1), p, p, d, false);
         for i in 0..p {
             for j in 0..i {
                 let s = 0.5 * (h[i * p + j] + h[j * p + i]);
@@ -346,9 +357,9 @@ pub fn subspace_eigh(c: &[f64], d: usize, k: usize, seed: u64) -> Result<Eigen> 
         theta.copy_from_slice(&e.values);
         // W: columns = Ritz vectors of H; e.vectors rows are them, so W = e.vectorsᵀ.
         // X = Q W and Y = Z W (= C X).
-        gemm_f64(&mut x, &y, (p, 1), &e.vectors, (1, p), d, p, p, false);
+        gemm(&mut x, &y, (p, 1), &e.vectors, (1, p), d, p, p, false);
         let mut y_next = vec![0.0; d * p];
-        gemm_f64(&mut y_next, &z, (p, 1), &e.vectors, (1, p), d, p, p, false);
+        gemm(&mut y_next, &z, (p, 1), &e.vectors, (1, p), d, p, p, false);
         let scale = theta.iter().fold(0.0f64, |m, t| m.max(t.abs())).max(1e-300);
         worst = 0.0;
         for (i, th) in theta.iter().enumerate().take(k) {

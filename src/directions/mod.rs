@@ -8,6 +8,8 @@
 //!   directions from other tools (`.npy`, safetensors under other names).
 //! - [`explain`]: project a generic corpus's resid_post onto every direction and report the
 //!   contexts with the highest and lowest projections (HTML for people, JSON for programs).
+//! - [`sae`]: directions from a sparse autoencoder's latents, ranked by how much the
+//!   fine-tune changes their mean activation.
 //! - [`linalg`]: the f64 covariance and eigensolvers behind the PCA.
 //! - [`cli`]: the subcommand's arguments; the work is done in the modules above.
 
@@ -15,6 +17,7 @@ pub mod cli;
 pub mod explain;
 pub mod linalg;
 pub mod pca;
+pub mod sae;
 pub mod select;
 
 use crate::model::config::ModelConfig;

@@ -64,27 +64,30 @@ pub struct PcaResult {
     pub tokens_forwarded: u64,
 }
 
-/// resid_post at `layers` for the rows `rows` of `batch`, from base + adapter minus from the
-/// base model, as f64 `[rows.len(), d]` per layer.
+/// `(tuned, base)` activations: per layer, `[rows * d]` f32.
+pub type Paired = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
+/// resid_post at `layers` for the collected rows of `tb`, from base + adapter and from the
+/// base model: `(tuned, base)`, each `[layer][rows.len() * d]` f32.
 ///
 /// `model` must carry the adapter (`Model::set_lora`). The adapter pass runs first: the
 /// model allocates its activation buffers (including each adapter's `x Aᵀ` buffers) on the
 /// first forward of a batch shape, so the base pass, with the adapter detached, reuses
 /// buffers that were sized with it and attaching it again needs no reallocation.
-pub fn differences<B: Backend>(
+pub fn paired_resid<B: Backend>(
     be: &B,
     model: &mut Model<B>,
     tb: &TokenBatch,
     layers: &[usize],
-) -> Result<Vec<Vec<f64>>> {
+) -> Result<Paired> {
     if model.lora.is_none() {
-        bail!("differences: the model has no adapter attached");
+        bail!("comparing base and fine-tuned activations needs an adapter attached");
     }
     let d = model.cfg.hidden_size;
-    let gather = |v: &[f32]| -> Vec<f64> {
+    let gather = |v: &[f32]| -> Vec<f32> {
         let mut out = Vec::with_capacity(tb.rows.len() * d);
         for &r in &tb.rows {
-            out.extend(v[r * d..(r + 1) * d].iter().map(|&x| x as f64));
+            out.extend_from_slice(&v[r * d..(r + 1) * d]);
         }
         out
     };
@@ -97,11 +100,32 @@ pub fn differences<B: Backend>(
     let base = model.forward(be, &tb.batch, false);
     model.lora = lora;
     base?;
-    for (&l, t) in layers.iter().zip(&mut tuned) {
-        let b = gather(&model.resid_post(be, l)?);
-        t.iter_mut().zip(&b).for_each(|(x, y)| *x -= y);
+    let mut base = Vec::with_capacity(layers.len());
+    for &l in layers {
+        base.push(gather(&model.resid_post(be, l)?));
     }
-    Ok(tuned)
+    Ok((tuned, base))
+}
+
+/// The differences `resid_post(base + adapter) - resid_post(base)` at `layers` for the
+/// collected rows of `tb`, as f64 `[rows.len() * d]` per layer (see [`paired_resid`]).
+pub fn differences<B: Backend>(
+    be: &B,
+    model: &mut Model<B>,
+    tb: &TokenBatch,
+    layers: &[usize],
+) -> Result<Vec<Vec<f64>>> {
+    let (tuned, base) = paired_resid(be, model, tb, layers)?;
+    Ok(tuned
+        .iter()
+        .zip(&base)
+        .map(|(t, b)| {
+            t.iter()
+                .zip(b)
+                .map(|(&x, &y)| x as f64 - y as f64)
+                .collect()
+        })
+        .collect())
 }
 
 /// Check the layers and the component count against the model before any work.

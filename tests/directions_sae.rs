@@ -1,0 +1,206 @@
+//! SAE latents as directions: every activation function against a hand computation, both file
+//! layouts, and the ranking on the tiny model with a planted adapter.
+
+mod directions_support;
+
+use caft_fast::directions::sae::{Activation, Sae};
+use directions_support::*;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+use std::path::Path;
+
+/// Write tensors (F32 unless given as I64) as safetensors.
+fn write_st(path: &Path, f32s: &[(&str, Vec<usize>, Vec<f32>)], i64s: &[(&str, i64)]) {
+    let f32_bytes: Vec<Vec<u8>> = f32s
+        .iter()
+        .map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let i64_bytes: Vec<Vec<u8>> = i64s.iter().map(|(_, v)| v.to_le_bytes().to_vec()).collect();
+    let mut views = Vec::new();
+    for ((n, s, _), b) in f32s.iter().zip(&f32_bytes) {
+        views.push((
+            n.to_string(),
+            TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+        ));
+    }
+    for ((n, _), b) in i64s.iter().zip(&i64_bytes) {
+        views.push((
+            n.to_string(),
+            TensorView::new(Dtype::I64, vec![], b).unwrap(),
+        ));
+    }
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// d = 2, m = 3: W_enc columns (1,0), (0,1), (1,1); b_enc (0, -1, 0.5); b_dec (0.5, 0).
+fn small_saelens(path: &Path, threshold: Option<Vec<f32>>) {
+    let mut t = vec![
+        ("W_enc", vec![2, 3], vec![1.0, 0.0, 1.0, 0.0, 1.0, 1.0]),
+        ("b_enc", vec![3], vec![0.0, -1.0, 0.5]),
+        ("W_dec", vec![3, 2], vec![1.0, 0.0, 0.0, 1.0, 0.6, 0.8]),
+        ("b_dec", vec![2], vec![0.5, 0.0]),
+    ];
+    if let Some(th) = threshold {
+        t.push(("threshold", vec![3], th));
+    }
+    write_st(path, &t, &[]);
+}
+
+/// The pre-activations of x = (2, 0.5) and x = (-1, 3) for the SAE above (no b_dec
+/// subtraction): (2, -0.5, 3) and (-1, 2, 2.5).
+const X: [f32; 4] = [2.0, 0.5, -1.0, 3.0];
+
+#[test]
+fn activations_match_hand_computation() {
+    let tmp = TempDir::new("sae-act");
+    let p = tmp.path("sae.safetensors");
+    small_saelens(&p, None);
+    let relu = Sae::load(&p, None, None).unwrap();
+    assert_eq!(relu.act, Activation::Relu);
+    assert_eq!(relu.encode(&X), [2.0, 0.0, 3.0, 0.0, 2.0, 2.5]);
+
+    small_saelens(&p, Some(vec![2.5, 0.0, 2.6]));
+    let jump = Sae::load(&p, None, None).unwrap();
+    assert!(matches!(jump.act, Activation::JumpRelu(_)));
+    // Kept where pre > θ_j: 2 > 2.5 no, -0.5 > 0 no, 3 > 2.6 yes; -1 no, 2 > 0 yes, 2.5 no.
+    assert_eq!(jump.encode(&X), [0.0, 0.0, 3.0, 0.0, 2.0, 0.0]);
+
+    let topk = Sae::load(&p, Some("topk"), Some(1)).unwrap();
+    assert_eq!(topk.encode(&X), [0.0, 0.0, 3.0, 0.0, 0.0, 2.5]);
+
+    // dictionary_learning layout: encoder.weight [m, d] = W_encᵀ, decoder.weight [d, m]; b_dec
+    // is subtracted first: x - b_dec = (1.5, 0.5), (-1.5, 3) -> pre (1.5, -0.5, 2.5),
+    // (-1.5, 2, 2); BatchTopK's global threshold 1.8 keeps 2.5; 2, 2.
+    let q = tmp.path("dl.safetensors");
+    write_st(
+        &q,
+        &[
+            (
+                "encoder.weight",
+                vec![3, 2],
+                vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+            ),
+            ("encoder.bias", vec![3], vec![0.0, -1.0, 0.5]),
+            (
+                "decoder.weight",
+                vec![2, 3],
+                vec![1.0, 0.0, 0.6, 0.0, 1.0, 0.8],
+            ),
+            ("b_dec", vec![2], vec![0.5, 0.0]),
+            ("threshold", vec![], vec![1.8]),
+        ],
+        &[("k", 2)],
+    );
+    let btk = Sae::load(&q, None, None).unwrap();
+    assert_eq!(btk.act, Activation::BatchTopK(1.8));
+    assert_eq!(
+        btk.w_dec, relu.w_dec,
+        "decoder rows read through the transpose"
+    );
+    assert_eq!(btk.encode(&X), [0.0, 0.0, 2.5, 0.0, 2.0, 2.0]);
+
+    // Bad files say what is wrong.
+    let e = Sae::load(&p, Some("batchtopk"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("scalar `threshold`"), "{e}");
+    let e = Sae::load(&p, Some("gated"), None).unwrap_err().to_string();
+    assert!(e.contains("expected relu, jumprelu"), "{e}");
+    let r = tmp.path("r.safetensors");
+    write_st(&r, &[("x", vec![1], vec![0.0])], &[]);
+    let e = Sae::load(&r, None, None).unwrap_err().to_string();
+    assert!(e.contains("not an SAE file"), "{e}");
+}
+
+/// The planted adapter adds `s_t v` to resid_post at layer 1. An SAE whose decoder rows are
+/// unit vectors `w_j` with `w_5 = v`, encoder `W_dec ᵀ` and a bias of 10 (so the ReLU never
+/// clips: |x·w| stays below 10 on this model) has `f_j = x·w_j + 10`, so the score of latent j
+/// is exactly `mean(s)·(v·w_j)`: latent 5 first, every other score in the ratio `v·w_j` to it.
+/// Checked to 1e-3 of latent 5's score: f32 activations near 10 round by <= 4.8e-7 each, so a
+/// difference of two, and its mean over tokens, is off by <= 1e-6, which is < 2e-4 of the
+/// |mean s| >= 5e-3 asserted first.
+#[test]
+fn planted_direction_ranks_its_latent_first() {
+    let tmp = TempDir::new("sae-rank");
+    let cfg = tiny_config();
+    let d = cfg.hidden_size;
+    let v = unit_vector(d, 21);
+    let adapter = tmp.path("adapter");
+    write_planted_adapter(&adapter, &cfg, 1, &v);
+    let m = 16;
+    let mut w_dec: Vec<f32> = Vec::new();
+    for j in 0..m {
+        if j == 5 {
+            w_dec.extend_from_slice(&v);
+        } else {
+            w_dec.extend(unit_vector(d, 100 + j as u64));
+        }
+    }
+    let mut w_enc = vec![0f32; d * m];
+    for j in 0..m {
+        for i in 0..d {
+            w_enc[i * m + j] = w_dec[j * d + i];
+        }
+    }
+    let sae = tmp.path("sae1.safetensors");
+    write_st(
+        &sae,
+        &[
+            ("W_enc", vec![d, m], w_enc),
+            ("b_enc", vec![m], vec![10.0; m]),
+            ("W_dec", vec![m, d], w_dec.clone()),
+            ("b_dec", vec![d], vec![0.0; d]),
+        ],
+        &[],
+    );
+    let data = tmp.path("data.jsonl");
+    write_tokens_jsonl(&data, 20, 5);
+    let out = tmp.path("latents.safetensors");
+    let err = assert_ok(&directions(&[
+        "sae",
+        "--model",
+        s(&tiny_llama()),
+        "--adapter",
+        s(&adapter),
+        "--data",
+        s(&data),
+        "--sae",
+        &format!("1={}", s(&sae)),
+        "--top",
+        "4",
+        "--device",
+        "cpu",
+        "-o",
+        s(&out),
+    ]));
+    assert!(err.contains("layer 1: top latents 5 "), "{err}");
+    let t = read_tensors(&out);
+    let latents = &t["sae_latent.1"].1;
+    let scores = &t["sae_score.1"].1;
+    assert_eq!(latents[0], 5.0);
+    let s5 = scores[0] as f64;
+    assert!(s5.abs() > 5e-3, "mean shift along v is {s5}");
+    for (&j, &sc) in latents.iter().zip(scores) {
+        let j = j as usize;
+        let want = s5 * dot(&v, &w_dec[j * d..(j + 1) * d]);
+        assert!(
+            (sc as f64 - want).abs() <= 1e-3 * s5.abs(),
+            "latent {j}: {sc} vs {want}"
+        );
+    }
+    assert_eq!(t["layer.1"].0, [4, d]);
+    assert_eq!(t["layer.1"].1[..d], v[..], "decoder row of latent 5");
+    // The output selects like a PCA file.
+    let sel = tmp.path("sel.safetensors");
+    assert_ok(&directions(&[
+        "select",
+        "--from",
+        s(&out),
+        "--pick",
+        "1:0",
+        "-o",
+        s(&sel),
+    ]));
+    let dirs = caft_fast::model::ablation::load_directions(&sel, None, d, 4).unwrap();
+    assert_eq!(dirs.layers(), [1]);
+}
