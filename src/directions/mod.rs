@@ -10,6 +10,8 @@
 //!   contexts with the highest and lowest projections (HTML for people, JSON for programs).
 //! - [`sae`]: directions from a sparse autoencoder's latents, ranked by how much the
 //!   fine-tune changes their mean activation.
+//! - [`sae_train`]: training a BatchTopK SAE on a corpus's resid_post, for models without
+//!   published SAEs.
 //! - [`linalg`]: the f64 covariance and eigensolvers behind the PCA.
 //! - [`cli`]: the subcommand's arguments; the work is done in the modules above.
 
@@ -18,6 +20,7 @@ pub mod explain;
 pub mod linalg;
 pub mod pca;
 pub mod sae;
+pub mod sae_train;
 pub mod select;
 
 use crate::model::config::ModelConfig;

@@ -1,0 +1,88 @@
+//! Training a BatchTopK SAE recovers a planted sparse dictionary, and the saved file loads back
+//! as the same BatchTopK SAE.
+
+mod directions_support;
+
+use caft_fast::directions::sae::{Activation, Sae};
+use caft_fast::directions::sae_train::{save, train, TrainConfig};
+use caft_fast::util::rng::Rng;
+use directions_support::*;
+
+/// Data `x = Σ_{j∈S} a_j D_j + b` from 24 random unit atoms in d = 32, |S| = 2 per token,
+/// `a_j ~ U(1, 3)`, a shared offset `b`, no noise: the sparsest explanation is the dictionary
+/// itself. A BatchTopK SAE with 48 latents and k = 2 trained for 3000 Adam steps must leave
+/// <= 0.1% of the variance unexplained, and every atom must have a decoder row with
+/// |cos| >= 0.99 (a random unit row in d = 32 has |cos| ~ 0.18; measured: FVU < 5e-5 and all
+/// 24 atoms). The thresholded inference encoding of the saved, reloaded SAE must reconstruct
+/// held-out data as well (<= 1% unexplained; measured < 5e-5).
+#[test]
+fn batchtopk_recovers_a_planted_dictionary() {
+    let (d, atoms, n) = (32, 24, 6000);
+    let mut rng = Rng::new(12);
+    let dict: Vec<Vec<f32>> = (0..atoms).map(|j| unit_vector(d, 500 + j as u64)).collect();
+    let offset: Vec<f32> = rng.normal_vec(d);
+    let mut data = Vec::with_capacity((n + 500) * d);
+    for _ in 0..n + 500 {
+        let a = rng.below(atoms);
+        let mut b = rng.below(atoms - 1);
+        if b >= a {
+            b += 1;
+        }
+        let (ca, cb) = (rng.uniform(1.0, 3.0) as f32, rng.uniform(1.0, 3.0) as f32);
+        for i in 0..d {
+            data.push(offset[i] + ca * dict[a][i] + cb * dict[b][i]);
+        }
+    }
+    let (train_x, test_x) = data.split_at(n * d);
+    let cfg = TrainConfig {
+        m: 48,
+        k: 2,
+        lr: 3e-3,
+        batch: 256,
+        steps: 3000,
+        seed: 1,
+    };
+    let mut last = 1.0;
+    let sae = train(train_x, d, &cfg, |_, fvu| last = fvu).unwrap();
+    assert!(last <= 1e-3, "fraction of variance unexplained {last}");
+    let found = dict
+        .iter()
+        .filter(|atom| {
+            sae.w_dec
+                .chunks_exact(d)
+                .any(|row| dot(row, atom).abs() >= 0.99)
+        })
+        .count();
+    eprintln!("train FVU {last:.4}, atoms recovered {found}/{atoms}");
+    assert!(found == atoms, "only {found} of {atoms} atoms recovered");
+
+    let tmp = TempDir::new("saetrain");
+    let p = tmp.path("sae.safetensors");
+    save(&p, &sae, 2).unwrap();
+    let back = Sae::load(&p, None, None).unwrap();
+    assert_eq!(back.w_dec, sae.w_dec);
+    assert_eq!(back.w_enc, sae.w_enc);
+    assert!(matches!(back.act, Activation::BatchTopK(t) if t > 0.0));
+    let f = back.encode(test_x);
+    let (mut err, mut var) = (0f64, 0f64);
+    let rows = test_x.len() / d;
+    let mean: Vec<f64> = (0..d)
+        .map(|i| (0..rows).map(|r| test_x[r * d + i] as f64).sum::<f64>() / rows as f64)
+        .collect();
+    for r in 0..rows {
+        for i in 0..d {
+            let xh: f64 = back.b_dec[i] as f64
+                + (0..back.m)
+                    .map(|j| f[r * back.m + j] as f64 * back.w_dec[j * d + i] as f64)
+                    .sum::<f64>();
+            err += (xh - test_x[r * d + i] as f64).powi(2);
+            var += (test_x[r * d + i] as f64 - mean[i]).powi(2);
+        }
+    }
+    eprintln!("held-out FVU {:.4}", err / var);
+    assert!(
+        err / var <= 1e-2,
+        "held-out FVU with the threshold: {}",
+        err / var
+    );
+}
