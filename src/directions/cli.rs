@@ -39,6 +39,59 @@ pub enum DirectionsCmd {
     /// ranked by how much the adapter changes their mean activation on the answer tokens;
     /// writes the top latents' decoder rows as `layer.<L>`.
     Sae(SaeArgs),
+    /// Train a BatchTopK sparse autoencoder on the base model's resid_post at one layer over a
+    /// corpus (for `directions sae`, when no published SAE fits the model).
+    SaeTrain(SaeTrainArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SaeTrainArgs {
+    /// Base model: a Hugging Face folder or a GGUF file [default: SmolLM2-135M-Instruct].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Corpus: JSONL ({"text": ...} or any form `train` reads) or plain text, one text a line.
+    #[arg(long)]
+    pub corpus: PathBuf,
+    /// The layer whose output (resid_post) the SAE reads.
+    #[arg(long)]
+    pub layer: usize,
+    /// Latents (dictionary size).
+    #[arg(long, default_value_t = 4096)]
+    pub latents: usize,
+    /// Mean active latents per token.
+    #[arg(long, default_value_t = 32)]
+    pub k: usize,
+    /// Adam steps.
+    #[arg(long, default_value_t = 2000)]
+    pub steps: usize,
+    /// Tokens per step.
+    #[arg(long, default_value_t = 1024)]
+    pub batch_tokens: usize,
+    /// Learning rate [default: 2e-4 / sqrt(latents / 16384), as dictionary_learning scales it].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Activations kept in memory (tokens x d_model f32).
+    #[arg(long, default_value_t = 200_000)]
+    pub max_tokens: usize,
+    /// Do not train on the first N tokens of each text (outlier "attention sink" norms).
+    #[arg(long, default_value_t = 1)]
+    pub skip_first: usize,
+    /// Cut texts at this many tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_seq_len: usize,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: Device,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Output SAE file (safetensors, dictionary_learning layout).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -274,6 +327,7 @@ pub fn run(a: DirectionsArgs) -> Result<()> {
         DirectionsCmd::Import(a) => run_import(&a),
         DirectionsCmd::Explain(a) => run_explain(&a),
         DirectionsCmd::Sae(a) => run_sae(&a),
+        DirectionsCmd::SaeTrain(a) => run_sae_train(&a),
     }
 }
 
@@ -462,6 +516,97 @@ fn sae_impl<B: Backend>(be: &B, a: &SaeArgs, loaded: &LoadedModel) -> Result<()>
         eprintln!("layer {}: top latents {}", r.layer, show.join(", "));
     }
     eprintln!("wrote {}", a.output.display());
+    Ok(())
+}
+
+fn run_sae_train(a: &SaeTrainArgs) -> Result<()> {
+    set_threads(a.threads);
+    let loaded = load_model(&model_path(&a.model)?)?;
+    match resolve_device(a.device)? {
+        Device::Cuda => sae_train_impl(
+            &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
+            a,
+            &loaded,
+        ),
+        _ => sae_train_impl(&CpuBackend::new(), a, &loaded),
+    }
+}
+
+fn sae_train_impl<B: Backend>(be: &B, a: &SaeTrainArgs, loaded: &LoadedModel) -> Result<()> {
+    use crate::directions::sae_train::{save, train, TrainConfig};
+    let cfg = loaded.config.clone();
+    let d = cfg.hidden_size;
+    if a.layer >= cfg.num_layers {
+        bail!(
+            "layer {} does not exist: the model has {} layers (0..{})",
+            a.layer,
+            cfg.num_layers,
+            cfg.num_layers - 1
+        );
+    }
+    let examples = crate::directions::explain::load_corpus(&a.corpus, loaded, a.max_seq_len)?;
+    let batches = token_batches(&examples, a.batch_size, pad_id(loaded), true);
+    let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
+    let t0 = std::time::Instant::now();
+    let bar = progress(batches.len() as u64, "activations");
+    let mut acts: Vec<f32> = Vec::new();
+    for (i, tb) in batches.iter().enumerate() {
+        if acts.len() >= a.max_tokens * d {
+            break;
+        }
+        model.forward(be, &tb.batch, false)?;
+        let x = model.resid_post(be, a.layer)?;
+        for (&row, &(_, pos)) in tb.rows.iter().zip(&tb.origin) {
+            if pos >= a.skip_first && acts.len() < a.max_tokens * d {
+                acts.extend_from_slice(&x[row * d..(row + 1) * d]);
+            }
+        }
+        bar.set_position(i as u64 + 1);
+    }
+    bar.finish_and_clear();
+    if let Some(i) = acts.iter().position(|x| !x.is_finite()) {
+        bail!(
+            "layer {}: resid_post value {} is NaN or Inf",
+            a.layer,
+            i % d
+        );
+    }
+    let n = acts.len() / d;
+    let collect_s = t0.elapsed().as_secs_f64();
+    let lr = a.lr.unwrap_or(2e-4 / (a.latents as f64 / 16384.0).sqrt());
+    let tc = TrainConfig {
+        m: a.latents,
+        k: a.k,
+        lr,
+        batch: a.batch_tokens.min(n.max(1)),
+        steps: a.steps,
+        seed: a.seed,
+    };
+    let bar = progress(a.steps as u64, "sae");
+    let t1 = std::time::Instant::now();
+    let mut last = f64::NAN;
+    let sae = train(&acts, d, &tc, |step, fvu| {
+        last = fvu;
+        bar.set_position(step as u64);
+        if step % 100 == 0 {
+            bar.set_message(format!("sae (unexplained {:.1}%)", 100.0 * fvu));
+        }
+    })?;
+    bar.finish_and_clear();
+    save(&a.output, &sae, a.k)?;
+    eprintln!(
+        "wrote {}: {} latents, k = {}, trained on {n} tokens of layer {} ({:.1} s collecting, \
+         {:.1} s training {} steps, lr {lr:.2e}); last batch left {:.2}% of the variance \
+         unexplained",
+        a.output.display(),
+        a.latents,
+        a.k,
+        a.layer,
+        collect_s,
+        t1.elapsed().as_secs_f64(),
+        a.steps,
+        100.0 * last
+    );
     Ok(())
 }
 
