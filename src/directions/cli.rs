@@ -55,12 +55,25 @@ pub struct SaeTrainArgs {
     /// The layer whose output (resid_post) the SAE reads.
     #[arg(long)]
     pub layer: usize,
+    /// batchtopk (k active latents per token on average) or jumprelu (an L0 penalty with
+    /// learned per-latent thresholds).
+    #[arg(long, default_value = "batchtopk")]
+    pub arch: String,
     /// Latents (dictionary size).
     #[arg(long, default_value_t = 4096)]
     pub latents: usize,
-    /// Mean active latents per token.
+    /// Mean active latents per token (batchtopk).
     #[arg(long, default_value_t = 32)]
     pub k: usize,
+    /// Weight of the L0 penalty (jumprelu).
+    #[arg(long, default_value_t = 1.0)]
+    pub l0_coeff: f64,
+    /// Width of the straight-through kernel, in activation units (jumprelu).
+    #[arg(long, default_value_t = 0.1)]
+    pub bandwidth: f64,
+    /// Starting threshold of every latent (jumprelu).
+    #[arg(long, default_value_t = 0.3)]
+    pub init_threshold: f64,
     /// Adam steps.
     #[arg(long, default_value_t = 2000)]
     pub steps: usize,
@@ -533,7 +546,12 @@ fn run_sae_train(a: &SaeTrainArgs) -> Result<()> {
 }
 
 fn sae_train_impl<B: Backend>(be: &B, a: &SaeTrainArgs, loaded: &LoadedModel) -> Result<()> {
-    use crate::directions::sae_train::{save, train, TrainConfig};
+    use crate::directions::sae_train::{save, save_jumprelu, train, train_jumprelu};
+    use crate::directions::sae_train::{JumpReluConfig, TrainConfig};
+    let arch = a.arch.to_ascii_lowercase();
+    if arch != "batchtopk" && arch != "jumprelu" {
+        bail!("--arch {:?}: expected batchtopk or jumprelu", a.arch);
+    }
     let cfg = loaded.config.clone();
     let d = cfg.hidden_size;
     if a.layer >= cfg.num_layers {
@@ -574,33 +592,55 @@ fn sae_train_impl<B: Backend>(be: &B, a: &SaeTrainArgs, loaded: &LoadedModel) ->
     let n = acts.len() / d;
     let collect_s = t0.elapsed().as_secs_f64();
     let lr = a.lr.unwrap_or(2e-4 / (a.latents as f64 / 16384.0).sqrt());
-    let tc = TrainConfig {
-        m: a.latents,
-        k: a.k,
-        lr,
-        batch: a.batch_tokens.min(n.max(1)),
-        steps: a.steps,
-        seed: a.seed,
-    };
+    let batch = a.batch_tokens.min(n.max(1));
     let bar = progress(a.steps as u64, "sae");
     let t1 = std::time::Instant::now();
     let mut last = f64::NAN;
-    let sae = train(&acts, d, &tc, |step, fvu| {
+    let mut l0 = f64::NAN;
+    let mut report = |step: usize, fvu: f64| {
         last = fvu;
         bar.set_position(step as u64);
-        if step % 100 == 0 {
+        if step.is_multiple_of(100) {
             bar.set_message(format!("sae (unexplained {:.1}%)", 100.0 * fvu));
         }
-    })?;
+    };
+    let what = if arch == "batchtopk" {
+        let tc = TrainConfig {
+            m: a.latents,
+            k: a.k,
+            lr,
+            batch,
+            steps: a.steps,
+            seed: a.seed,
+        };
+        let sae = train(&acts, d, &tc, &mut report)?;
+        save(&a.output, &sae, a.k)?;
+        format!("k = {}", a.k)
+    } else {
+        let jc = JumpReluConfig {
+            m: a.latents,
+            l0_coeff: a.l0_coeff,
+            bandwidth: a.bandwidth,
+            init_threshold: a.init_threshold,
+            lr,
+            batch,
+            steps: a.steps,
+            seed: a.seed,
+        };
+        let sae = train_jumprelu(&acts, d, &jc, |step, fvu, l| {
+            l0 = l;
+            report(step, fvu)
+        })?;
+        save_jumprelu(&a.output, &sae)?;
+        format!("jumprelu, λ = {}, last L0 {l0:.1}", a.l0_coeff)
+    };
     bar.finish_and_clear();
-    save(&a.output, &sae, a.k)?;
     eprintln!(
-        "wrote {}: {} latents, k = {}, trained on {n} tokens of layer {} ({:.1} s collecting, \
+        "wrote {}: {} latents, {what}, trained on {n} tokens of layer {} ({:.1} s collecting, \
          {:.1} s training {} steps, lr {lr:.2e}); last batch left {:.2}% of the variance \
          unexplained",
         a.output.display(),
         a.latents,
-        a.k,
         a.layer,
         collect_s,
         t1.elapsed().as_secs_f64(),

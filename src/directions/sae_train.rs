@@ -92,34 +92,14 @@ impl Trainer {
             bail!("SAE: no activations to train on");
         }
         let m = cfg.m;
-        let mut rng = Rng::new(cfg.seed);
-        let mut w_dec = vec![0f32; m * d];
-        for row in w_dec.chunks_exact_mut(d) {
-            let v: Vec<f64> = (0..d).map(|_| rng.normal()).collect();
-            let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-            for (r, x) in row.iter_mut().zip(&v) {
-                *r = (x / norm) as f32;
-            }
-        }
-        let mut w_enc = vec![0f32; d * m];
-        for j in 0..m {
-            for i in 0..d {
-                w_enc[i * m + j] = w_dec[j * d + i];
-            }
-        }
-        let mut b_dec = vec![0f64; d];
-        for r in first.chunks_exact(d) {
-            for (b, x) in b_dec.iter_mut().zip(r) {
-                *b += *x as f64 / n as f64;
-            }
-        }
+        let (w_enc, w_dec, b_dec) = init_weights(d, m, cfg.seed, first);
         let sae = Sae {
             d,
             m,
             w_enc,
             b_enc: vec![0.0; m],
             w_dec,
-            b_dec: b_dec.iter().map(|&x| x as f32).collect(),
+            b_dec,
             subtract_b_dec: true,
             act: Activation::BatchTopK(0.0),
         };
@@ -362,5 +342,226 @@ pub fn save(path: &Path, sae: &Sae, k: usize) -> Result<()> {
     ));
     let bytes =
         safetensors::serialize(views, None).map_err(|e| anyhow!("serialising the SAE: {e}"))?;
+    crate::train::adapter::write_atomic(path, &bytes)
+}
+
+// ---- JumpReLU ----------------------------------------------------------------------------
+//
+// JumpReLU SAEs (Rajamanoharan et al. 2024, the Gemma Scope architecture), without b_dec
+// subtraction at the input:
+//
+//     pre = x W_enc + b_enc;  f_j = pre_j · H(pre_j - θ_j);  x̂ = f W_dec + b_dec
+//     L   = (1/B) Σ_t |x̂_t - x_t|² + λ (1/B) Σ_t Σ_j H(pre_tj - θ_j)
+//
+// H has no useful derivative, so θ learns through straight-through pseudo-derivatives with a
+// rectangle kernel K(z) = [|z| < 1/2] of bandwidth ε:
+//     ∂f_j/∂θ_j ≈ -(θ_j/ε) K((pre_j - θ_j)/ε),   ∂H(pre_j - θ_j)/∂θ_j ≈ -(1/ε) K((pre_j - θ_j)/ε)
+// while pre gets the gradient of the active branch only (∂f_j/∂pre_j = H(pre_j - θ_j)).
+// θ = exp(log θ) stays positive; Adam updates log θ. Decoder rows are kept at unit norm as
+// for BatchTopK.
+
+/// Hyper-parameters of a JumpReLU SAE.
+#[derive(Clone, Debug)]
+pub struct JumpReluConfig {
+    pub m: usize,
+    /// λ: the weight of the L0 penalty.
+    pub l0_coeff: f64,
+    /// ε: the width of the straight-through kernel, in activation units.
+    pub bandwidth: f64,
+    /// Starting threshold of every latent.
+    pub init_threshold: f64,
+    pub lr: f64,
+    pub batch: usize,
+    pub steps: usize,
+    pub seed: u64,
+}
+
+/// Unit random decoder rows, the encoder their transpose, and the mean of `first` as `b_dec`.
+fn init_weights(d: usize, m: usize, seed: u64, first: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = (first.len() / d.max(1)).max(1);
+    let mut rng = Rng::new(seed);
+    let mut w_dec = vec![0f32; m * d];
+    for row in w_dec.chunks_exact_mut(d) {
+        let v: Vec<f64> = (0..d).map(|_| rng.normal()).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        for (r, x) in row.iter_mut().zip(&v) {
+            *r = (x / norm) as f32;
+        }
+    }
+    let mut w_enc = vec![0f32; d * m];
+    for j in 0..m {
+        for i in 0..d {
+            w_enc[i * m + j] = w_dec[j * d + i];
+        }
+    }
+    let mut b_dec = vec![0f64; d];
+    for r in first.chunks_exact(d) {
+        for (b, x) in b_dec.iter_mut().zip(r) {
+            *b += *x as f64 / n as f64;
+        }
+    }
+    (w_enc, w_dec, b_dec.iter().map(|&x| x as f32).collect())
+}
+
+/// Train a JumpReLU SAE on `acts` (`[n, d]`); `on_step(step, fvu, l0)` reports progress
+/// (fraction of variance unexplained and mean active latents per token of the batch).
+pub fn train_jumprelu(
+    acts: &[f32],
+    d: usize,
+    cfg: &JumpReluConfig,
+    mut on_step: impl FnMut(usize, f64, f64),
+) -> Result<Sae> {
+    let n = acts.len() / d.max(1);
+    let m = cfg.m;
+    if m == 0 || cfg.batch == 0 || n < cfg.batch {
+        bail!(
+            "JumpReLU SAE: need latents > 0 and at least one batch ({} rows, batch {})",
+            n,
+            cfg.batch
+        );
+    }
+    if !(cfg.bandwidth > 0.0 && cfg.init_threshold > 0.0) {
+        bail!("JumpReLU SAE: bandwidth and initial threshold must be positive");
+    }
+    let (mut w_enc, mut w_dec, mut b_dec) = init_weights(d, m, cfg.seed, &acts[..cfg.batch * d]);
+    let mut b_enc = vec![0f32; m];
+    let mut log_th = vec![cfg.init_threshold.ln() as f32; m];
+    let mut adam = [
+        Adam::new(d * m),
+        Adam::new(m),
+        Adam::new(m * d),
+        Adam::new(d),
+        Adam::new(m),
+    ];
+    let mut rng = Rng::new(cfg.seed ^ 0x1A3B_5C7D);
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut pos = n;
+    let b = cfg.batch;
+    let eps = cfg.bandwidth as f32;
+    let mut x = vec![0f32; b * d];
+    for step in 1..=cfg.steps {
+        for r in 0..b {
+            if pos == n {
+                for i in (1..n).rev() {
+                    order.swap(i, rng.below(i + 1));
+                }
+                pos = 0;
+            }
+            let i = order[pos];
+            pos += 1;
+            x[r * d..(r + 1) * d].copy_from_slice(&acts[i * d..(i + 1) * d]);
+        }
+        let th: Vec<f32> = log_th.iter().map(|l| l.exp()).collect();
+        let mut pre = vec![0f32; b * m];
+        for row in pre.chunks_exact_mut(m) {
+            row.copy_from_slice(&b_enc);
+        }
+        gemm(&mut pre, &x, (d, 1), &w_enc, (m, 1), b, m, d, true);
+        let mut f = vec![0f32; b * m];
+        let mut active = 0usize;
+        for (i, (fv, &p)) in f.iter_mut().zip(&pre).enumerate() {
+            if p > th[i % m] {
+                *fv = p;
+                active += 1;
+            }
+        }
+        let mut xh = vec![0f32; b * d];
+        gemm(&mut xh, &f, (m, 1), &w_dec, (d, 1), b, d, m, false);
+        let (mut err, mut var) = (0f64, 0f64);
+        let mut mean = vec![0f64; d];
+        for r in x.chunks_exact(d) {
+            mean.iter_mut()
+                .zip(r)
+                .for_each(|(mu, v)| *mu += *v as f64 / b as f64);
+        }
+        let mut g = vec![0f32; b * d];
+        for r in 0..b {
+            for c in 0..d {
+                let e = xh[r * d + c] + b_dec[c] - x[r * d + c];
+                err += (e as f64).powi(2);
+                var += (x[r * d + c] as f64 - mean[c]).powi(2);
+                g[r * d + c] = 2.0 * e / b as f32;
+            }
+        }
+        if !err.is_finite() {
+            bail!("JumpReLU SAE training diverged at step {step} (lower the learning rate)");
+        }
+        let mut dw_dec = vec![0f32; m * d];
+        gemm(&mut dw_dec, &f, (1, m), &g, (d, 1), m, d, b, false);
+        let mut db_dec = vec![0f32; d];
+        for r in g.chunks_exact(d) {
+            db_dec.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+        }
+        let mut df = vec![0f32; b * m];
+        gemm(&mut df, &g, (d, 1), &w_dec, (1, d), b, m, d, false);
+        // θ: the straight-through terms of the reconstruction and of the L0 penalty.
+        let mut dlog_th = vec![0f32; m];
+        let l0_w = (cfg.l0_coeff / b as f64) as f32;
+        for (i, (dv, &p)) in df.iter_mut().zip(&pre).enumerate() {
+            let j = i % m;
+            let in_kernel = (p - th[j]).abs() < 0.5 * eps;
+            if in_kernel {
+                let dth = *dv * (-th[j] / eps) + l0_w * (-1.0 / eps);
+                dlog_th[j] += dth * th[j];
+            }
+            if p <= th[j] {
+                *dv = 0.0;
+            }
+        }
+        let mut dw_enc = vec![0f32; d * m];
+        gemm(&mut dw_enc, &x, (1, d), &df, (m, 1), d, m, b, false);
+        let mut db_enc = vec![0f32; m];
+        for r in df.chunks_exact(m) {
+            db_enc.iter_mut().zip(r).for_each(|(a, v)| *a += v);
+        }
+        for (w, gw) in w_dec.chunks_exact(d).zip(dw_dec.chunks_exact_mut(d)) {
+            let along: f32 = w.iter().zip(gw.iter()).map(|(a, c)| a * c).sum();
+            gw.iter_mut().zip(w).for_each(|(c, a)| *c -= along * a);
+        }
+        let t = step as u64;
+        let [a0, a1, a2, a3, a4] = &mut adam;
+        a0.step(&mut w_enc, &dw_enc, cfg.lr, t);
+        a1.step(&mut b_enc, &db_enc, cfg.lr, t);
+        a2.step(&mut w_dec, &dw_dec, cfg.lr, t);
+        a3.step(&mut b_dec, &db_dec, cfg.lr, t);
+        a4.step(&mut log_th, &dlog_th, cfg.lr, t);
+        for w in w_dec.chunks_exact_mut(d) {
+            let nrm = w.iter().map(|&a| a as f64 * a as f64).sum::<f64>().sqrt();
+            if nrm > 0.0 {
+                w.iter_mut().for_each(|a| *a = (*a as f64 / nrm) as f32);
+            }
+        }
+        on_step(step, err / var.max(1e-30), active as f64 / b as f64);
+    }
+    Ok(Sae {
+        d,
+        m,
+        w_enc,
+        b_enc,
+        w_dec,
+        b_dec,
+        subtract_b_dec: false,
+        act: Activation::JumpRelu(log_th.iter().map(|l| l.exp()).collect()),
+    })
+}
+
+/// Write a JumpReLU SAE with SAELens names (`W_enc [d, m]`, `b_enc`, `W_dec [m, d]`, `b_dec`,
+/// `threshold [m]`), which `Sae::load` reads back as JumpReLU. Atomic.
+pub fn save_jumprelu(path: &Path, sae: &Sae) -> Result<()> {
+    let Activation::JumpRelu(th) = &sae.act else {
+        bail!("save_jumprelu: the SAE is not a JumpReLU SAE");
+    };
+    if sae.subtract_b_dec {
+        bail!("save_jumprelu: SAELens files without a cfg.json do not subtract b_dec");
+    }
+    let (d, m) = (sae.d, sae.m);
+    let tensors = vec![
+        ("W_enc".to_string(), vec![d, m], sae.w_enc.clone()),
+        ("b_enc".to_string(), vec![m], sae.b_enc.clone()),
+        ("W_dec".to_string(), vec![m, d], sae.w_dec.clone()),
+        ("b_dec".to_string(), vec![d], sae.b_dec.clone()),
+        ("threshold".to_string(), vec![m], th.clone()),
+    ];
+    let bytes = crate::train::adapter::f32_safetensors(&tensors)?;
     crate::train::adapter::write_atomic(path, &bytes)
 }
