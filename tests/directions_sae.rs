@@ -190,6 +190,28 @@ fn planted_direction_ranks_its_latent_first() {
     }
     assert_eq!(t["layer.1"].0, [4, d]);
     assert_eq!(t["layer.1"].1[..d], v[..], "decoder row of latent 5");
+    // explain names the latents.
+    let corpus = tmp.path("corpus.jsonl");
+    write_tokens_jsonl(&corpus, 6, 2);
+    let report = tmp.path("report");
+    assert_ok(&directions(&[
+        "explain",
+        "--model",
+        s(&tiny_llama()),
+        "--directions",
+        s(&out),
+        "--corpus",
+        s(&corpus),
+        "-o",
+        s(&report),
+        "--device",
+        "cpu",
+    ]));
+    let html = std::fs::read_to_string(report.join("index.html")).unwrap();
+    assert!(
+        html.contains("component 0 (SAE latent 5)"),
+        "latent named in the heading"
+    );
     // The output selects like a PCA file.
     let sel = tmp.path("sel.safetensors");
     assert_ok(&directions(&[

@@ -30,6 +30,8 @@ pub struct LayerDirections {
     pub rows: Vec<f32>,
     /// Share of variance per row when the file has `explained_variance_ratio.<L>`.
     pub ratio: Option<Vec<f32>>,
+    /// SAE latent index of each row when the file has `sae_latent.<L>` (`directions sae`).
+    pub latents: Option<Vec<usize>>,
 }
 
 /// Read every `layer.<L>` tensor (and its `explained_variance_ratio.<L>` if present).
@@ -73,12 +75,17 @@ pub fn read_directions(
             .get(&format!("explained_variance_ratio.{layer}"))
             .filter(|(s, _)| s.as_slice() == [k])
             .map(|(_, r)| r.clone());
+        let latents = t
+            .get(&format!("sae_latent.{layer}"))
+            .filter(|(s, _)| s.as_slice() == [k])
+            .map(|(_, r)| r.iter().map(|&x| x as usize).collect());
         out.push(LayerDirections {
             layer,
             k,
             d,
             rows: data.clone(),
             ratio,
+            latents,
         });
     }
     if out.is_empty() {
@@ -106,6 +113,8 @@ pub struct Excerpt {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ComponentReport {
     pub index: usize,
+    /// The SAE latent this direction is the decoder row of, for `directions sae` files.
+    pub sae_latent: Option<usize>,
     pub explained_variance_ratio: Option<f32>,
     pub mean: f64,
     pub std: f64,
@@ -277,6 +286,7 @@ pub fn explain<B: Backend>(
                 .collect();
             comps.push(ComponentReport {
                 index: c,
+                sae_latent: l.latents.as_ref().map(|v| v[c]),
                 explained_variance_ratio: l.ratio.as_ref().map(|r| r[c]),
                 mean,
                 std: var.sqrt(),
@@ -444,10 +454,13 @@ pub fn html(r: &Report) -> String {
             None => s.push_str("<p>(No explained variance in the directions file.)</p>\n"),
         }
         for c in &l.components {
-            let share = c
+            let mut share = c
                 .explained_variance_ratio
                 .map(|r| format!(", {:.2}% of the variance", 100.0 * r))
                 .unwrap_or_default();
+            if let Some(j) = c.sae_latent {
+                share.push_str(&format!(" (SAE latent {j})"));
+            }
             let _ = write!(
                 s,
                 "<div class=\"component\" id=\"layer-{}-component-{}\">\n<h3>Layer {}, \

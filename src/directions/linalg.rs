@@ -319,10 +319,10 @@ fn orthonormalize_columns(x: &mut [f64], d: usize, p: usize, rng: &mut crate::ut
 }
 
 /// Iteration cap of the subspace iteration.
-const MAX_SUBSPACE_ITERS: usize = 3000;
+pub const MAX_SUBSPACE_ITERS: usize = 3000;
 /// Converged when every returned pair has `|C v - λ v| <= SUBSPACE_TOL · |λ_1|`. The
 /// eigenvector error is then at most `SUBSPACE_TOL · |λ_1| / gap` (Davis–Kahan).
-const SUBSPACE_TOL: f64 = 1e-11;
+pub const SUBSPACE_TOL: f64 = 1e-11;
 
 /// The top `k` eigenpairs of the symmetric `[d, d]` matrix `c` by block subspace iteration:
 /// `Q = orth(Y)`, `Z = C Q`, `H = Qᵀ Z` (Rayleigh–Ritz), `H = W Θ Wᵀ` (Jacobi), `X = Q W`,

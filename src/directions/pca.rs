@@ -304,6 +304,14 @@ pub fn summary(r: &PcaResult) -> String {
             r.k,
             100.0 * cum
         ));
+        if l.iterations > 0 && l.residual > crate::directions::linalg::SUBSPACE_TOL {
+            s.push_str(&format!(
+                "  note: layer {}: the eigensolver stopped after {} iterations with relative \
+                 residual {:.1e} (the trailing components have nearly equal variance, so their \
+                 directions are not well defined)\n",
+                l.layer, l.iterations, l.residual
+            ));
+        }
     }
     s
 }
