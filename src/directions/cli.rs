@@ -707,8 +707,8 @@ fn pca_impl<B: Backend>(be: &B, a: &PcaArgs, loaded: &LoadedModel) -> Result<()>
     let fwd_tps = 2.0 * r.tokens_forwarded as f64 / r.forward_s.max(1e-9);
     eprintln!(
         "wrote {}: {} layers x {} components from {} tokens of {} examples \
-         ({:.1} s in forward passes, {:.0} tokens/s through either model; {:.2} s accumulating \
-         the covariance; {:.2} s eigensolver)",
+         ({:.1} s in forward passes, {:.0} padded tokens/s per forward pass; \
+         {:.2} s accumulating the covariance; {:.2} s eigensolver)",
         a.output.display(),
         layers.len(),
         a.components,

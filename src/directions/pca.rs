@@ -296,13 +296,18 @@ pub fn summary(r: &PcaResult) -> String {
         let cum: f64 = l.ratio.iter().sum();
         s.push_str(&format!(
             "layer {}: total variance {:.4e}, |mean| {:.4e}, first components {} (top {} explain \
-             {:.1}%)\n",
+             {:.1}%{})\n",
             l.layer,
             l.total_variance,
             l.mean_norm,
             show.join(" "),
             r.k,
-            100.0 * cum
+            100.0 * cum,
+            if l.iterations > 0 {
+                format!("; {} subspace iterations", l.iterations)
+            } else {
+                String::new()
+            }
         ));
         if l.iterations > 0 && l.residual > crate::directions::linalg::SUBSPACE_TOL {
             s.push_str(&format!(
