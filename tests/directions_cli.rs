@@ -352,3 +352,54 @@ fn pca_bad_input() {
     assert_error(&run("1", "2", &other), "has shape");
     assert!(!out.exists());
 }
+
+/// `--all-tokens` compares every real token (the metadata counts them), the default only the
+/// labelled half of each record.
+#[test]
+fn all_tokens_uses_every_real_token() {
+    let tmp = TempDir::new("alltok");
+    let cfg = tiny_config();
+    let adapter = tmp.path("adapter");
+    write_planted_adapter(&adapter, &cfg, 1, &unit_vector(64, 2));
+    let data = tmp.path("data.jsonl");
+    write_tokens_jsonl(&data, 7, 4);
+    let model = tiny_llama();
+    let (mut all, mut answers) = (0u64, 0u64);
+    for line in std::fs::read_to_string(&data).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        all += v["input_ids"].as_array().unwrap().len() as u64;
+        answers += v["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l.as_i64().unwrap() >= 0)
+            .count() as u64;
+    }
+    for (flag, want) in [(None, answers), (Some("--all-tokens"), all)] {
+        let out = tmp.path("pcs.safetensors");
+        let mut args = vec![
+            "pca",
+            "--model",
+            s(&model),
+            "--adapter",
+            s(&adapter),
+            "--data",
+            s(&data),
+            "--layers",
+            "1",
+            "--components",
+            "2",
+            "--device",
+            "cpu",
+            "-o",
+            s(&out),
+        ];
+        args.extend(flag);
+        assert_ok(&directions(&args));
+        let bytes = std::fs::read(&out).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let about: serde_json::Value =
+            serde_json::from_str(&meta.metadata().as_ref().unwrap()["caft_fast"]).unwrap();
+        assert_eq!(about["tokens"], want, "{flag:?}");
+    }
+}

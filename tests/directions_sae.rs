@@ -212,6 +212,27 @@ fn planted_direction_ranks_its_latent_first() {
         html.contains("component 0 (SAE latent 5)"),
         "latent named in the heading"
     );
+    // Bad --sae specs.
+    let bad = |spec: &str| {
+        directions(&[
+            "sae",
+            "--model",
+            s(&tiny_llama()),
+            "--adapter",
+            s(&adapter),
+            "--data",
+            s(&data),
+            "--sae",
+            spec,
+            "--device",
+            "cpu",
+            "-o",
+            s(&tmp.path("x.safetensors")),
+        ])
+    };
+    assert_error(&bad(s(&sae)), "expected LAYER=FILE");
+    assert_error(&bad(&format!("x={}", s(&sae))), "is not a number");
+    assert_error(&bad(&format!("7={}", s(&sae))), "layer 7 does not exist");
     // The output selects like a PCA file.
     let sel = tmp.path("sel.safetensors");
     assert_ok(&directions(&[
