@@ -1,5 +1,5 @@
 // norm.cu: the residual stream step with concept ablation, fused with the next rmsnorm.
-// defines: resid_ablate_norm_fwd_{bf16,f32}, resid_ablate_norm_bwd_{bf16,f32}
+// defines: resid_ablate_norm_{fwd,bwd}_r{1,2,4}_{bf16,f32} (R rows per block)
 //
 // Math, per token row (d elements; Q: [k, d] f32 with orthonormal rows, k may be 0):
 //   forward   s = a + b                    (b absent: s = a; the first layer's plain rmsnorm)
@@ -161,7 +161,9 @@ __device__ __forceinline__ void project_out(float* s, float* coef, int kpad, flo
     }
 }
 
-// Shared memory of one block, in floats: R rows, R·kpad coefficients, R·G staging.
+// Shared memory of one block, in floats, all dynamic (static __shared__ arrays would be
+// allocated once per inlined template instance): R rows, R·kpad coefficients, 32 staging,
+// 32·32 reduction scratch, 4 row statistics.
 // (The host computes the same: see `norm_rows_per_block` in backend.rs.)
 
 template <typename T, int N, int R>
@@ -173,11 +175,11 @@ __device__ __forceinline__ void resid_ablate_norm_fwd(T* __restrict__ resid, T* 
                                                       const T* __restrict__ w, int n, int d,
                                                       float eps) {
     extern __shared__ float smem[];
-    __shared__ float red[32 * 32];
-    __shared__ float stats[R];
     const int kpad = (k + DIR_GROUP - 1) / DIR_GROUP * DIR_GROUP;
     float* s = smem;
     float* coef = smem + R * d;
+    float* red = coef + R * kpad + 32;  // after the staging area
+    float* stats = red + 32 * 32;
     const int row0 = blockIdx.x * R;
     const int nchunk = d / N;
 
@@ -250,11 +252,11 @@ __device__ __forceinline__ void resid_ablate_norm_bwd(T* __restrict__ dresid,
                                                       const float* __restrict__ q, int k,
                                                       const T* __restrict__ w, int n, int d) {
     extern __shared__ float smem[];
-    __shared__ float red[32 * 32];
-    __shared__ float stats[R];
     const int kpad = (k + DIR_GROUP - 1) / DIR_GROUP * DIR_GROUP;
     float* t = smem;
     float* coef = smem + R * d;
+    float* red = coef + R * kpad + 32;  // after the staging area
+    float* stats = red + 32 * 32;
     const int row0 = blockIdx.x * R;
     const int nchunk = d / N;
 
@@ -328,46 +330,37 @@ __device__ __forceinline__ void resid_ablate_norm_bwd(T* __restrict__ dresid,
     }
 }
 
-// Entry points. The host launches ceil(n / R) blocks of R rows each (R = rows_per_block, one
-// of 1, 2, 4, chosen so the rows fit in shared memory) with dynamic shared memory of
-// R·d + R·roundup(k, DIR_GROUP) + 32 floats; the vector path is taken when d is a multiple of
+// Entry points. The host launches ceil(n / R) blocks of R rows each (R one of 1, 2, 4, chosen so the rows fit in shared memory) with dynamic shared memory of
+// R·d + R·roundup(k, DIR_GROUP) + 32 + 1024 + 4 floats; the vector path is taken when d is a multiple of
 // 16 B. More rows per block means Q (shared by every row) is read from L2 fewer times.
-#define NORM_DISPATCH(CALL, N)                                                                \
-    switch (rows_per_block) {                                                                 \
-        case 4: CALL(N, 4); break;                                                            \
-        case 2: CALL(N, 2); break;                                                            \
-        default: CALL(N, 1); break;                                                           \
-    }
-#define NORM_ENTRY(T, SUF)                                                                    \
-    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                            \
-        resid_ablate_norm_fwd_##SUF(T* resid, T* normed, float* rstd, const T* a, const T* b, \
-                                    const float* q, int k, const T* w, int n, int d,          \
-                                    float eps, int rows_per_block) {                          \
-        if (d % Vec<T>::N == 0) {                                                             \
-            NORM_DISPATCH(NORM_FWD_##SUF, Vec<T>::N)                                          \
-        } else {                                                                              \
-            NORM_DISPATCH(NORM_FWD_##SUF, 1)                                                  \
-        }                                                                                     \
+// One entry point per (direction, R, type): a single template instance per kernel keeps the
+// register allocation of each as tight as the one-row kernel's (one kernel holding every R
+// spilled).
+#define NORM_ENTRY(T, SUF, R)                                                                 \
+    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS, 2)                          \
+        resid_ablate_norm_fwd_r##R##_##SUF(T* resid, T* normed, float* rstd, const T* a,      \
+                                           const T* b, const float* q, int k, const T* w,     \
+                                           int n, int d, float eps) {                         \
+        if (d % Vec<T>::N == 0)                                                               \
+            resid_ablate_norm_fwd<T, Vec<T>::N, R>(resid, normed, rstd, a, b, q, k, w, n, d,  \
+                                                   eps);                                      \
+        else                                                                                  \
+            resid_ablate_norm_fwd<T, 1, R>(resid, normed, rstd, a, b, q, k, w, n, d, eps);    \
     }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                            \
-        resid_ablate_norm_bwd_##SUF(T* dresid, const T* dnormed, const T* resid,              \
-                                    const float* rstd, const float* q, int k, const T* w,     \
-                                    int n, int d, int rows_per_block) {                       \
-        if (d % Vec<T>::N == 0) {                                                             \
-            NORM_DISPATCH(NORM_BWD_##SUF, Vec<T>::N)                                          \
-        } else {                                                                              \
-            NORM_DISPATCH(NORM_BWD_##SUF, 1)                                                  \
-        }                                                                                     \
+    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS, 2)                          \
+        resid_ablate_norm_bwd_r##R##_##SUF(T* dresid, const T* dnormed, const T* resid,       \
+                                           const float* rstd, const float* q, int k,          \
+                                           const T* w, int n, int d) {                        \
+        if (d % Vec<T>::N == 0)                                                               \
+            resid_ablate_norm_bwd<T, Vec<T>::N, R>(dresid, dnormed, resid, rstd, q, k, w, n,  \
+                                                   d);                                        \
+        else                                                                                  \
+            resid_ablate_norm_bwd<T, 1, R>(dresid, dnormed, resid, rstd, q, k, w, n, d);      \
     }
 
-#define NORM_FWD_bf16(N, R) \
-    resid_ablate_norm_fwd<bf16, N, R>(resid, normed, rstd, a, b, q, k, w, n, d, eps)
-#define NORM_BWD_bf16(N, R) \
-    resid_ablate_norm_bwd<bf16, N, R>(dresid, dnormed, resid, rstd, q, k, w, n, d)
-#define NORM_FWD_f32(N, R) \
-    resid_ablate_norm_fwd<float, N, R>(resid, normed, rstd, a, b, q, k, w, n, d, eps)
-#define NORM_BWD_f32(N, R) \
-    resid_ablate_norm_bwd<float, N, R>(dresid, dnormed, resid, rstd, q, k, w, n, d)
-
-NORM_ENTRY(bf16, bf16)
-NORM_ENTRY(float, f32)
+NORM_ENTRY(bf16, bf16, 1)
+NORM_ENTRY(bf16, bf16, 2)
+NORM_ENTRY(bf16, bf16, 4)
+NORM_ENTRY(float, f32, 1)
+NORM_ENTRY(float, f32, 2)
+NORM_ENTRY(float, f32, 4)

@@ -24,7 +24,7 @@ run() { # name timeout command...
 
 for cfg in "qwen2.5-1.5b:7,14,21" "llama-3.2-1b:4,8,12"; do
   shape=${cfg%%:*}; layers=${cfg#*:}
-  run "pytorch $shape" 150 "$PY" scripts/pytorch_step.py --config "$shape" --batch 8 --seq 1024 \
+  [ "${SKIP_PYTORCH:-0}" = 1 ] || run "pytorch $shape" 150 "$PY" scripts/pytorch_step.py --config "$shape" --batch 8 --seq 1024 \
       --dtype bf16 --device cuda --ablate-layers "$layers" --ablate-k 8 --both \
       --steps "$STEPS" --warmup "$WARMUP" --json "$LOG/pytorch-$shape.jsonl"
   [ -f "$LOG/pytorch-$shape.jsonl" ] && sed "s/^{/{\"impl\":\"pytorch\",\"shape\":\"$shape\",/" \

@@ -101,12 +101,12 @@ fn row_chunks<T>(d: usize) -> usize {
 }
 
 /// Rows per block of the fused residual/ablation/norm kernels and their dynamic shared memory
-/// in bytes: R rows of d f32, R·roundup(k, DIR_GROUP) coefficients and 32 staging floats
-/// (norm.cu). The most rows (of 4, 2, 1; 8 would spill registers) whose block fits in `NORM_SMEM_BUDGET`: Q is read
+/// in bytes: R rows of d f32, R·roundup(k, DIR_GROUP) coefficients, 32 staging floats, the
+/// 32·32-float reduction scratch and 4 row statistics (norm.cu). The most rows (of 4, 2, 1; 8 would spill registers) whose block fits in `NORM_SMEM_BUDGET`: Q is read
 /// from L2 once per block, so more rows per block means less Q traffic per row.
 fn norm_rows_per_block(d: usize, k: usize) -> (i32, usize) {
     let kpad = k.div_ceil(DIR_GROUP) * DIR_GROUP;
-    let bytes = |r: usize| (r * d + r * kpad + 32) * 4;
+    let bytes = |r: usize| (r * d + r * kpad + 32 + 32 * 32 + 4) * 4;
     let r = [4, 2, 1]
         .into_iter()
         .find(|&r| bytes(r) <= NORM_SMEM_BUDGET)
@@ -668,8 +668,8 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         if n == 0 {
             return Ok(());
         }
-        let (f, name) = self.func("norm", "resid_ablate_norm_fwd")?;
         let (rows_per_block, smem) = norm_rows_per_block(d, k);
+        let (f, name) = self.func("norm", &format!("resid_ablate_norm_fwd_r{rows_per_block}"))?;
         self.allow_smem(&f, &name, smem)?;
         let chunks = row_chunks::<T>(d);
         let (rp, np, sp, ap) = (
@@ -692,8 +692,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             .arg(&wp)
             .arg(&n_i)
             .arg(&d_i)
-            .arg(&eps)
-            .arg(&rows_per_block);
+            .arg(&eps);
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(rows_per_block as usize) as u32, 1, 1),
             block_dim: (row_threads(chunks, ROW_THREADS), 1, 1),
@@ -701,7 +700,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         };
         // SAFETY: resid_ablate_norm_fwd(T* resid, T* normed, float* rstd, const T* a,
         // const T* b (nullable), const float* q, int k, const T* w, int n, int d, float eps,
-        // int rows_per_block): lengths checked above (n·d, n, k·d, d); ceil(n/R) blocks of R
+        // R = rows_per_block in the name): lengths checked above (n·d, n, k·d, d); ceil(n/R) blocks of R
         // rows; shared memory as `norm_rows_per_block` computes it, matching the kernel.
         unsafe { self.rt.launch(&name, cfg, args) }
     }
@@ -733,8 +732,8 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         if n == 0 {
             return Ok(());
         }
-        let (f, name) = self.func("norm", "resid_ablate_norm_bwd")?;
         let (rows_per_block, smem) = norm_rows_per_block(d, k);
+        let (f, name) = self.func("norm", &format!("resid_ablate_norm_bwd_r{rows_per_block}"))?;
         self.allow_smem(&f, &name, smem)?;
         let chunks = row_chunks::<T>(d);
         let (drp, dnp, rp, sp, wp) = (
@@ -754,16 +753,15 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             .arg(&k_i)
             .arg(&wp)
             .arg(&n_i)
-            .arg(&d_i)
-            .arg(&rows_per_block);
+            .arg(&d_i);
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(rows_per_block as usize) as u32, 1, 1),
             block_dim: (row_threads(chunks, ROW_THREADS), 1, 1),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: resid_ablate_norm_bwd(T* dresid, const T* dnormed, const T* resid,
-        // const float* rstd, const float* q, int k, const T* w, int n, int d,
-        // int rows_per_block): lengths checked above; ceil(n/R) blocks of R rows; shared
+        // const float* rstd, const float* q, int k, const T* w, int n, int d), R rows per
+        // block as in its name: lengths checked above; ceil(n/R) blocks of R rows; shared
         // memory as `norm_rows_per_block` computes it, matching the kernel.
         unsafe { self.rt.launch(&name, cfg, args) }
     }
