@@ -185,7 +185,7 @@ fn explain_plain_text_escapes_tokens() {
     let corpus = tmp.path("corpus.txt");
     std::fs::write(
         &corpus,
-        "a <b>bold</b> & plain line\n\nsecond line of text\n",
+        "a <b>bold</b> & plain line\n\nsecond line of text\nsecond line of text\n",
     )
     .unwrap();
     let report = tmp.path("report");
@@ -206,7 +206,30 @@ fn explain_plain_text_escapes_tokens() {
     ]));
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(report.join("summary.json")).unwrap()).unwrap();
-    assert_eq!(summary["examples"], 2, "the blank line is skipped");
+    assert_eq!(summary["examples"], 3, "the blank line is skipped");
+    // The repeated line gives equal projections; each list shows each window once.
+    for l in summary["layers"].as_array().unwrap() {
+        for c in l["components"].as_array().unwrap() {
+            for list in ["highest", "lowest"] {
+                let windows: Vec<String> = c[list]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| format!("{}|{}", e["tokens"], e["marked"]))
+                    .collect();
+                let mut uniq = windows.clone();
+                uniq.sort();
+                uniq.dedup();
+                assert_eq!(uniq.len(), windows.len(), "{list}: {windows:?}");
+                // Every distinct window of the corpus is listed (--top 50 exceeds them).
+                assert!(
+                    windows.len() >= 10,
+                    "{list}: only {} windows",
+                    windows.len()
+                );
+            }
+        }
+    }
     let html = std::fs::read_to_string(report.join("index.html")).unwrap();
     assert!(html.contains("&lt;"), "'<' is escaped");
     assert!(html.contains("&amp;"), "'&' is escaped");

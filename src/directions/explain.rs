@@ -276,14 +276,8 @@ pub fn explain<B: Backend>(
             let mut order = ranked.clone();
             // Descending by projection; ties by corpus order, so reports repeat exactly.
             order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-            let top = opt.top.min(order.len());
-            let highest = order[..top].iter().map(|&g| context(p, g)).collect();
-            let lowest = order
-                .iter()
-                .rev()
-                .take(top)
-                .map(|&g| context(p, g))
-                .collect();
+            let highest = distinct(order.iter().map(|&g| context(p, g)), opt.top);
+            let lowest = distinct(order.iter().rev().map(|&g| context(p, g)), opt.top);
             comps.push(ComponentReport {
                 index: c,
                 sae_latent: l.latents.as_ref().map(|v| v[c]),
@@ -301,6 +295,22 @@ pub fn explain<B: Backend>(
         });
     }
     Ok((layers, total))
+}
+
+/// The first `n` excerpts whose shown tokens differ: a corpus with repeated passages would
+/// otherwise fill a list with copies of one context.
+fn distinct(excerpts: impl Iterator<Item = Excerpt>, n: usize) -> Vec<Excerpt> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(n);
+    for e in excerpts {
+        if out.len() == n {
+            break;
+        }
+        if seen.insert((e.tokens.clone(), e.marked)) {
+            out.push(e);
+        }
+    }
+    out
 }
 
 fn escape(s: &str) -> String {
@@ -402,7 +412,7 @@ pub fn html(r: &Report) -> String {
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <title>caft-fast directions: {}</title><style>\
          body{{font-family:sans-serif;margin:2em;max-width:70em}}\
-         .ctx{{font-family:monospace;white-space:pre}}\
+         .ctx{{font-family:monospace;white-space:pre-wrap}}\
          .ctx span{{padding:0 1px}} .mark{{outline:2px solid #000;font-weight:bold}}\
          .val{{font-family:monospace;display:inline-block;width:6em}}\
          .where{{color:#888;font-size:80%}} ol{{padding-left:1.5em}}\
