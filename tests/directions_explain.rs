@@ -248,3 +248,65 @@ fn explain_plain_text_escapes_tokens() {
     ]);
     assert_error(&o, "nope.txt");
 }
+
+/// When Chromium is installed, the report parses as the HTML it was meant to be: after
+/// Chromium's parser (`--dump-dom`), the sections, component blocks, marked tokens and the chart
+/// are all still there in the same numbers (mis-nested or unclosed markup would be moved or
+/// dropped by the parser). Skipped, with a notice, without Chromium.
+#[test]
+fn report_survives_a_browser_parse() {
+    let Some(browser) = ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .find(|b| {
+            std::process::Command::new(b)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    else {
+        eprintln!("skipping: no chromium on PATH");
+        return;
+    };
+    let tmp = TempDir::new("explain-browser");
+    let dirs_path = tmp.path("dirs.safetensors");
+    write_dirs(&dirs_path);
+    let corpus = tmp.path("corpus.jsonl");
+    write_tokens_jsonl(&corpus, 8, 3);
+    let report = tmp.path("report");
+    assert_ok(&directions(&[
+        "explain",
+        "--model",
+        s(&tiny_llama()),
+        "--directions",
+        s(&dirs_path),
+        "--corpus",
+        s(&corpus),
+        "-o",
+        s(&report),
+        "--top",
+        "3",
+        "--device",
+        "cpu",
+    ]));
+    let html = std::fs::read_to_string(report.join("index.html")).unwrap();
+    let out = std::process::Command::new(browser)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"])
+        .arg(format!("file://{}", report.join("index.html").display()))
+        .output()
+        .expect("run chromium");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "<section",
+        "class=\"component\"",
+        "class=\"mark\"",
+        "<svg",
+        "<rect",
+    ] {
+        assert_eq!(
+            dom.matches(needle).count(),
+            html.matches(needle).count(),
+            "{needle} after parsing"
+        );
+    }
+    assert!(html.matches("class=\"mark\"").count() == 2 * 3 * 5);
+}
