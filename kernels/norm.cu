@@ -1,5 +1,5 @@
 // norm.cu: the residual stream step with concept ablation, fused with the next rmsnorm.
-// defines: resid_ablate_norm_{fwd,bwd}_r{1,2,4}_{bf16,f32} (R rows per block)
+// defines: resid_ablate_norm_fwd_{bf16,f32}, resid_ablate_norm_bwd_{bf16,f32}
 //
 // Math, per token row (d elements; Q: [k, d] f32 with orthonormal rows, k may be 0):
 //   forward   s = a + b                    (b absent: s = a; the first layer's plain rmsnorm)
@@ -11,16 +11,14 @@
 // Storage T (bf16 or f32), all arithmetic in f32. In bf16 the statistics are taken from the
 // rounded residual, the value the backward later reads, so forward and backward agree.
 //
-// Memory plan: a block of up to 256 threads handles R consecutive rows (R = 1, 2 or 4,
-// chosen by the host so the rows fit in shared memory); each thread owns the vector chunks
-// c = tid, tid + blockDim, ... of N = 16 B worth of elements in every one of the R rows. The
-// f32 rows live in dynamic shared memory (R·d floats, then R·kpad coefficients, then a small
-// staging area), so a, b, dnormed, resid are read from global memory once and resid / normed
-// written once, 16 B per access. Q is k·d·4 bytes shared by every row and stays in L2; it is
-// read twice per block (dot products, then the subtraction), each Q chunk applied to all R
-// rows while in registers, so its L2 traffic per row is 1/R of a row-per-block kernel's. The
-// dot products are formed G directions at a time (R·G ≤ 32 register accumulators per thread,
-// reduced over the block in a fixed order). Without directions the Q passes are skipped.
+// Memory plan: one block per row (up to 256 threads; each thread owns the vector chunks
+// c = tid, tid + blockDim, ... of N = 16 B worth of elements). The f32 row s lives in dynamic
+// shared memory (d floats, then the k coefficients), so a, b, dnormed, resid are read from
+// global memory once and resid / normed written once, 16 B per access. The k dot products
+// are formed 8 directions at a time (8 register accumulators per thread, reduced over the
+// block in a fixed order), reading Q through the read-only cache: Q is k·d·4 bytes, shared by
+// every row, so it stays resident in L2. Without directions the shared row is still used
+// (it saves re-reading a and b) and the Q passes are skipped.
 //
 // Determinism: every sum has a fixed order (per-thread chunk order, butterfly within warps,
 // warps in index order). No atomics.
@@ -95,272 +93,185 @@ __device__ __forceinline__ void block_sum_group(float (&acc)[G], float* red, flo
     __syncthreads();
 }
 
-// Directions reduced per pass for R rows: R·G accumulators per thread stay at 32 or fewer.
-template <int R> struct DirGroup {
-    static constexpr int G = (32 / R) < DIR_GROUP ? (32 / R) : DIR_GROUP;
-};
-
-// For the R rows s[r·d ..] of this block: s_r <- s_r - Σ_j <Q_j, s_r> Q_j over the chunks this
-// thread owns. Each Q chunk is loaded once and applied to all R rows, so Q is read from L2
-// twice per R rows instead of twice per row. coef: shared, R·kpad floats (row r's coefficients
-// at r·kpad). Call from every thread of the block.
-template <int N, int R>
-__device__ __forceinline__ void project_out(float* s, float* coef, int kpad, float* red,
-                                            const float* q, int k, int d) {
-    constexpr int G = DirGroup<R>::G;
+// s <- s - Σ_j <Q_j, s> Q_j over the chunks this thread owns (s in shared memory).
+// coef: shared, k rounded up to DIR_GROUP floats. Call from every thread of the block.
+template <int N>
+__device__ __forceinline__ void project_out(float* s, float* coef, float* red, const float* q,
+                                            int k, int d) {
     const int nchunk = d / N;
-    for (int j0 = 0; j0 < k; j0 += G) {
-        float acc[R * G];
+    for (int j0 = 0; j0 < k; j0 += DIR_GROUP) {
+        float acc[DIR_GROUP];
 #pragma unroll
-        for (int i = 0; i < R * G; i++) acc[i] = 0.0f;
+        for (int j = 0; j < DIR_GROUP; j++) acc[j] = 0.0f;
         for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
+            float x[N];
 #pragma unroll
-            for (int j = 0; j < G; j++) {
+            for (int e = 0; e < N; e++) x[e] = s[c * N + e];
+#pragma unroll
+            for (int j = 0; j < DIR_GROUP; j++) {
                 if (j0 + j < k) {
                     float qv[N];
                     load_q<N>(q + (long long)(j0 + j) * d + c * N, qv);
 #pragma unroll
-                    for (int r = 0; r < R; r++) {
-                        const float* x = s + r * d + c * N;
-#pragma unroll
-                        for (int e = 0; e < N; e++) acc[r * G + j] = fmaf(x[e], qv[e], acc[r * G + j]);
-                    }
+                    for (int e = 0; e < N; e++) acc[j] = fmaf(x[e], qv[e], acc[j]);
                 }
             }
         }
-        // out[r·G + j] -> coef[r·kpad + j0 + j]: reduce into a staging area, then scatter.
-        float* stage = coef + R * kpad;
-        block_sum_group<R * G>(acc, red, stage);
-        if (threadIdx.x < R * G) {
-            const int r = threadIdx.x / G, j = threadIdx.x % G;
-            if (j0 + j < k) coef[r * kpad + j0 + j] = stage[threadIdx.x];
-        }
-        __syncthreads();
+        block_sum_group<DIR_GROUP>(acc, red, coef + j0);
     }
     // Each thread rewrites only its own chunks, which only it reads: no barrier needed after.
     for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
-        float x[R][N];
+        float x[N];
 #pragma unroll
-        for (int r = 0; r < R; r++)
-#pragma unroll
-            for (int e = 0; e < N; e++) x[r][e] = s[r * d + c * N + e];
+        for (int e = 0; e < N; e++) x[e] = s[c * N + e];
         for (int j = 0; j < k; j++) {
+            const float cj = coef[j];
             float qv[N];
             load_q<N>(q + (long long)j * d + c * N, qv);
 #pragma unroll
-            for (int r = 0; r < R; r++) {
-                const float cj = coef[r * kpad + j];
-#pragma unroll
-                for (int e = 0; e < N; e++) x[r][e] = fmaf(-cj, qv[e], x[r][e]);
-            }
+            for (int e = 0; e < N; e++) x[e] = fmaf(-cj, qv[e], x[e]);
         }
 #pragma unroll
-        for (int r = 0; r < R; r++)
-#pragma unroll
-            for (int e = 0; e < N; e++) s[r * d + c * N + e] = x[r][e];
+        for (int e = 0; e < N; e++) s[c * N + e] = x[e];
     }
 }
 
-// Shared memory of one block, in floats, all dynamic (static __shared__ arrays would be
-// allocated once per inlined template instance): R rows, R·kpad coefficients, 32 staging,
-// 32·32 reduction scratch, 4 row statistics.
-// (The host computes the same: see `norm_rows_per_block` in backend.rs.)
-
-template <typename T, int N, int R>
+template <typename T, int N>
 __device__ __forceinline__ void resid_ablate_norm_fwd(T* __restrict__ resid, T* __restrict__ normed,
                                                       float* __restrict__ rstd_out,
                                                       const T* __restrict__ a,
                                                       const T* __restrict__ b,
                                                       const float* __restrict__ q, int k,
-                                                      const T* __restrict__ w, int n, int d,
-                                                      float eps) {
+                                                      const T* __restrict__ w, int d, float eps) {
     extern __shared__ float smem[];
-    const int kpad = (k + DIR_GROUP - 1) / DIR_GROUP * DIR_GROUP;
+    __shared__ float red[32 * DIR_GROUP];
     float* s = smem;
-    float* coef = smem + R * d;
-    float* red = coef + R * kpad + 32;  // after the staging area
-    float* stats = red + 32 * 32;
-    const int row0 = blockIdx.x * R;
+    float* coef = smem + d;
+    const long long off = (long long)blockIdx.x * d;
     const int nchunk = d / N;
 
-    // Rows past the end of the batch (the last block) compute on zeros and store nothing.
     for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
+        float x[N];
+        load_n<T, N>(a + off + c * N, x);
+        if (b != nullptr) {
+            float y[N];
+            load_n<T, N>(b + off + c * N, y);
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            float x[N];
-            if (row0 + r < n) {
-                const long long off = (long long)(row0 + r) * d + c * N;
-                load_n<T, N>(a + off, x);
-                if (b != nullptr) {
-                    float y[N];
-                    load_n<T, N>(b + off, y);
+            for (int e = 0; e < N; e++) x[e] += y[e];
+        }
 #pragma unroll
-                    for (int e = 0; e < N; e++) x[e] += y[e];
-                }
-            } else {
+        for (int e = 0; e < N; e++) s[c * N + e] = x[e];
+    }
+    if (k > 0) project_out<N>(s, coef, red, q, k, d);
+
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
+        float x[N];
 #pragma unroll
-                for (int e = 0; e < N; e++) x[e] = 0.0f;
-            }
+        for (int e = 0; e < N; e++) x[e] = s[c * N + e];
+        store_n<T, N>(resid + off + c * N, x);
 #pragma unroll
-            for (int e = 0; e < N; e++) s[r * d + c * N + e] = x[e];
+        for (int e = 0; e < N; e++) {
+            x[e] = to_f32(from_f32<T>(x[e]));  // the stored value (identity for f32)
+            s[c * N + e] = x[e];
+            ss = fmaf(x[e], x[e], ss);
         }
     }
-    if (k > 0) project_out<N, R>(s, coef, kpad, red, q, k, d);
-
-    float ss[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) ss[r] = 0.0f;
-    for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            float x[N];
-#pragma unroll
-            for (int e = 0; e < N; e++) x[e] = s[r * d + c * N + e];
-            if (row0 + r < n) store_n<T, N>(resid + (long long)(row0 + r) * d + c * N, x);
-#pragma unroll
-            for (int e = 0; e < N; e++) {
-                x[e] = to_f32(from_f32<T>(x[e]));  // the stored value (identity for f32)
-                s[r * d + c * N + e] = x[e];
-                ss[r] = fmaf(x[e], x[e], ss[r]);
-            }
-        }
-    }
-    block_sum_group<R>(ss, red, stats);
-    if (threadIdx.x < R && row0 + (int)threadIdx.x < n)
-        rstd_out[row0 + threadIdx.x] = 1.0f / sqrtf(stats[threadIdx.x] / (float)d + eps);
+    ss = block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / (float)d + eps);
+    if (threadIdx.x == 0) rstd_out[blockIdx.x] = r;
 
     for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
-        float wv[N];
+        float x[N], wv[N];
         load_n<T, N>(w + c * N, wv);
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            if (row0 + r >= n) continue;
-            const float rs = 1.0f / sqrtf(stats[r] / (float)d + eps);
-            float x[N];
-#pragma unroll
-            for (int e = 0; e < N; e++) x[e] = s[r * d + c * N + e] * rs * wv[e];
-            store_n<T, N>(normed + (long long)(row0 + r) * d + c * N, x);
-        }
+        for (int e = 0; e < N; e++) x[e] = s[c * N + e] * r * wv[e];
+        store_n<T, N>(normed + off + c * N, x);
     }
 }
 
-template <typename T, int N, int R>
+template <typename T, int N>
 __device__ __forceinline__ void resid_ablate_norm_bwd(T* __restrict__ dresid,
                                                       const T* __restrict__ dnormed,
                                                       const T* __restrict__ resid,
                                                       const float* __restrict__ rstd,
                                                       const float* __restrict__ q, int k,
-                                                      const T* __restrict__ w, int n, int d) {
+                                                      const T* __restrict__ w, int d) {
     extern __shared__ float smem[];
-    const int kpad = (k + DIR_GROUP - 1) / DIR_GROUP * DIR_GROUP;
+    __shared__ float red[32 * DIR_GROUP];
     float* t = smem;
-    float* coef = smem + R * d;
-    float* red = coef + R * kpad + 32;  // after the staging area
-    float* stats = red + 32 * 32;
-    const int row0 = blockIdx.x * R;
+    float* coef = smem + d;
+    const long long off = (long long)blockIdx.x * d;
     const int nchunk = d / N;
+    const float r = rstd[blockIdx.x];
 
-    // <g, s> per row with g = dnormed · w; g is kept in shared memory, s and dresid are read
-    // in the second pass (s again: an L1/L2 hit).
-    float gs[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) gs[r] = 0.0f;
+    // <g, s> with g = dnormed · w; g is kept in shared memory (one f32 row is what fits for
+    // large d), s and dresid are read in the second pass (s again: an L1/L2 hit).
+    float gs = 0.0f;
     for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
-        float wv[N];
+        float dn[N], wv[N], x[N];
+        load_n<T, N>(dnormed + off + c * N, dn);
         load_n<T, N>(w + c * N, wv);
+        load_n<T, N>(resid + off + c * N, x);
+        float g[N];
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            float g[N];
-            if (row0 + r < n) {
-                const long long off = (long long)(row0 + r) * d + c * N;
-                float dn[N], x[N];
-                load_n<T, N>(dnormed + off, dn);
-                load_n<T, N>(resid + off, x);
-#pragma unroll
-                for (int e = 0; e < N; e++) {
-                    g[e] = dn[e] * wv[e];
-                    gs[r] = fmaf(g[e], x[e], gs[r]);
-                }
-            } else {
-#pragma unroll
-                for (int e = 0; e < N; e++) g[e] = 0.0f;
-            }
-#pragma unroll
-            for (int e = 0; e < N; e++) t[r * d + c * N + e] = g[e];
+        for (int e = 0; e < N; e++) {
+            g[e] = dn[e] * wv[e];
+            gs = fmaf(g[e], x[e], gs);
         }
+#pragma unroll
+        for (int e = 0; e < N; e++) t[c * N + e] = g[e];
     }
-    block_sum_group<R>(gs, red, stats);
+    gs = block_sum(gs, red);
+    const float m = gs * r * r / (float)d;
 
     for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
+        float x[N], dr[N];
+        load_n<T, N>(resid + off + c * N, x);
+        load_n<T, N>(dresid + off + c * N, dr);
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            float dr[N];
-            if (row0 + r < n) {
-                const long long off = (long long)(row0 + r) * d + c * N;
-                const float rs = rstd[row0 + r];
-                const float m = stats[r] * rs * rs / (float)d;
-                float x[N];
-                load_n<T, N>(resid + off, x);
-                load_n<T, N>(dresid + off, dr);
+        for (int e = 0; e < N; e++) {
+            const float g = t[c * N + e];
+            dr[e] += r * (g - x[e] * m);
+        }
+        if (k > 0) {
 #pragma unroll
-                for (int e = 0; e < N; e++) dr[e] += rs * (t[r * d + c * N + e] - x[e] * m);
-                if (k == 0) store_n<T, N>(dresid + off, dr);
-            } else {
-#pragma unroll
-                for (int e = 0; e < N; e++) dr[e] = 0.0f;
-            }
-            if (k > 0) {
-#pragma unroll
-                for (int e = 0; e < N; e++) t[r * d + c * N + e] = dr[e];
-            }
+            for (int e = 0; e < N; e++) t[c * N + e] = dr[e];
+        } else {
+            store_n<T, N>(dresid + off + c * N, dr);
         }
     }
     if (k > 0) {
-        project_out<N, R>(t, coef, kpad, red, q, k, d);
+        project_out<N>(t, coef, red, q, k, d);
         for (int c = threadIdx.x; c < nchunk; c += blockDim.x) {
+            float x[N];
 #pragma unroll
-            for (int r = 0; r < R; r++) {
-                if (row0 + r >= n) continue;
-                float x[N];
-#pragma unroll
-                for (int e = 0; e < N; e++) x[e] = t[r * d + c * N + e];
-                store_n<T, N>(dresid + (long long)(row0 + r) * d + c * N, x);
-            }
+            for (int e = 0; e < N; e++) x[e] = t[c * N + e];
+            store_n<T, N>(dresid + off + c * N, x);
         }
     }
 }
 
-// Entry points. The host launches ceil(n / R) blocks of R rows each (R one of 1, 2, 4, chosen so the rows fit in shared memory) with dynamic shared memory of
-// R·d + R·roundup(k, DIR_GROUP) + 32 + 1024 + 4 floats; the vector path is taken when d is a multiple of
-// 16 B. More rows per block means Q (shared by every row) is read from L2 fewer times.
-// One entry point per (direction, R, type): a single template instance per kernel keeps the
-// register allocation of each as tight as the one-row kernel's (one kernel holding every R
-// spilled).
-#define NORM_ENTRY(T, SUF, R)                                                                 \
-    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS, 2)                          \
-        resid_ablate_norm_fwd_r##R##_##SUF(T* resid, T* normed, float* rstd, const T* a,      \
-                                           const T* b, const float* q, int k, const T* w,     \
-                                           int n, int d, float eps) {                         \
+// Entry points. The host launches one block per row with dynamic shared memory of
+// (d + roundup(k, DIR_GROUP)) floats; the vector path is taken when d is a multiple of 16 B.
+#define NORM_ENTRY(T, SUF)                                                                    \
+    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                            \
+        resid_ablate_norm_fwd_##SUF(T* resid, T* normed, float* rstd, const T* a, const T* b, \
+                                    const float* q, int k, const T* w, int d, float eps) {    \
         if (d % Vec<T>::N == 0)                                                               \
-            resid_ablate_norm_fwd<T, Vec<T>::N, R>(resid, normed, rstd, a, b, q, k, w, n, d,  \
-                                                   eps);                                      \
+            resid_ablate_norm_fwd<T, Vec<T>::N>(resid, normed, rstd, a, b, q, k, w, d, eps);  \
         else                                                                                  \
-            resid_ablate_norm_fwd<T, 1, R>(resid, normed, rstd, a, b, q, k, w, n, d, eps);    \
+            resid_ablate_norm_fwd<T, 1>(resid, normed, rstd, a, b, q, k, w, d, eps);          \
     }                                                                                         \
-    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS, 2)                          \
-        resid_ablate_norm_bwd_r##R##_##SUF(T* dresid, const T* dnormed, const T* resid,       \
-                                           const float* rstd, const float* q, int k,          \
-                                           const T* w, int n, int d) {                        \
+    extern "C" __global__ void __launch_bounds__(NORM_MAX_THREADS)                            \
+        resid_ablate_norm_bwd_##SUF(T* dresid, const T* dnormed, const T* resid,              \
+                                    const float* rstd, const float* q, int k, const T* w,     \
+                                    int d) {                                                  \
         if (d % Vec<T>::N == 0)                                                               \
-            resid_ablate_norm_bwd<T, Vec<T>::N, R>(dresid, dnormed, resid, rstd, q, k, w, n,  \
-                                                   d);                                        \
+            resid_ablate_norm_bwd<T, Vec<T>::N>(dresid, dnormed, resid, rstd, q, k, w, d);    \
         else                                                                                  \
-            resid_ablate_norm_bwd<T, 1, R>(dresid, dnormed, resid, rstd, q, k, w, n, d);      \
+            resid_ablate_norm_bwd<T, 1>(dresid, dnormed, resid, rstd, q, k, w, d);            \
     }
 
-NORM_ENTRY(bf16, bf16, 1)
-NORM_ENTRY(bf16, bf16, 2)
-NORM_ENTRY(bf16, bf16, 4)
-NORM_ENTRY(float, f32, 1)
-NORM_ENTRY(float, f32, 2)
-NORM_ENTRY(float, f32, 4)
+NORM_ENTRY(bf16, bf16)
+NORM_ENTRY(float, f32)

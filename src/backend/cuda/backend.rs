@@ -100,24 +100,6 @@ fn row_chunks<T>(d: usize) -> usize {
     }
 }
 
-/// Rows per block of the fused residual/ablation/norm kernels and their dynamic shared memory
-/// in bytes: R rows of d f32, R·roundup(k, DIR_GROUP) coefficients, 32 staging floats, the
-/// 32·32-float reduction scratch and 4 row statistics (norm.cu). The most rows (of 4, 2, 1; 8 would spill registers) whose block fits in `NORM_SMEM_BUDGET`: Q is read
-/// from L2 once per block, so more rows per block means less Q traffic per row.
-fn norm_rows_per_block(d: usize, k: usize) -> (i32, usize) {
-    let kpad = k.div_ceil(DIR_GROUP) * DIR_GROUP;
-    let bytes = |r: usize| (r * d + r * kpad + 32 + 32 * 32 + 4) * 4;
-    let r = [4, 2, 1]
-        .into_iter()
-        .find(|&r| bytes(r) <= NORM_SMEM_BUDGET)
-        .unwrap_or(1);
-    (r as i32, bytes(r))
-}
-
-/// Shared memory one fused-norm block may use: 3 blocks of 64 KiB fit an H100/H200 SM
-/// (228 KiB), 1 fits an sm_80 part (164 KiB).
-const NORM_SMEM_BUDGET: usize = 64 << 10;
-
 fn flat_grid(items: usize) -> u32 {
     // Grid-stride kernels: enough blocks to fill any GPU, never more than the items need.
     items.div_ceil(FLAT_THREADS).clamp(1, 65_535) as u32
@@ -668,8 +650,8 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         if n == 0 {
             return Ok(());
         }
-        let (rows_per_block, smem) = norm_rows_per_block(d, k);
-        let (f, name) = self.func("norm", &format!("resid_ablate_norm_fwd_r{rows_per_block}"))?;
+        let (f, name) = self.func("norm", "resid_ablate_norm_fwd")?;
+        let smem = (d + k.div_ceil(DIR_GROUP) * DIR_GROUP) * 4;
         self.allow_smem(&f, &name, smem)?;
         let chunks = row_chunks::<T>(d);
         let (rp, np, sp, ap) = (
@@ -680,7 +662,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         );
         let bp = b.map_or(0u64, |b| self.rt.ptr(b));
         let wp = self.rt.ptr(norm_w);
-        let (k_i, d_i, n_i) = (to_i32(op, "k", k), to_i32(op, "d", d), to_i32(op, "n", n));
+        let (k_i, d_i) = (to_i32(op, "k", k), to_i32(op, "d", d));
         let mut args = self.rt.stream.launch_builder(&f);
         args.arg(&rp)
             .arg(&np)
@@ -690,18 +672,17 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             .arg(&q_ptr)
             .arg(&k_i)
             .arg(&wp)
-            .arg(&n_i)
             .arg(&d_i)
             .arg(&eps);
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(rows_per_block as usize) as u32, 1, 1),
+            grid_dim: (n as u32, 1, 1),
             block_dim: (row_threads(chunks, ROW_THREADS), 1, 1),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: resid_ablate_norm_fwd(T* resid, T* normed, float* rstd, const T* a,
-        // const T* b (nullable), const float* q, int k, const T* w, int n, int d, float eps,
-        // R = rows_per_block in the name): lengths checked above (n·d, n, k·d, d); ceil(n/R) blocks of R
-        // rows; shared memory as `norm_rows_per_block` computes it, matching the kernel.
+        // const T* b (nullable), const float* q, int k, const T* w, int d, float eps): lengths
+        // checked above (n·d, n, k·d, d); one block per row; shared memory d + roundup(k, 8)
+        // floats as the kernel expects.
         unsafe { self.rt.launch(&name, cfg, args) }
     }
 
@@ -732,8 +713,8 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         if n == 0 {
             return Ok(());
         }
-        let (rows_per_block, smem) = norm_rows_per_block(d, k);
-        let (f, name) = self.func("norm", &format!("resid_ablate_norm_bwd_r{rows_per_block}"))?;
+        let (f, name) = self.func("norm", "resid_ablate_norm_bwd")?;
+        let smem = (d + k.div_ceil(DIR_GROUP) * DIR_GROUP) * 4;
         self.allow_smem(&f, &name, smem)?;
         let chunks = row_chunks::<T>(d);
         let (drp, dnp, rp, sp, wp) = (
@@ -743,7 +724,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             self.rt.ptr(rstd),
             self.rt.ptr(norm_w),
         );
-        let (k_i, d_i, n_i) = (to_i32(op, "k", k), to_i32(op, "d", d), to_i32(op, "n", n));
+        let (k_i, d_i) = (to_i32(op, "k", k), to_i32(op, "d", d));
         let mut args = self.rt.stream.launch_builder(&f);
         args.arg(&drp)
             .arg(&dnp)
@@ -752,17 +733,15 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             .arg(&q_ptr)
             .arg(&k_i)
             .arg(&wp)
-            .arg(&n_i)
             .arg(&d_i);
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(rows_per_block as usize) as u32, 1, 1),
+            grid_dim: (n as u32, 1, 1),
             block_dim: (row_threads(chunks, ROW_THREADS), 1, 1),
             shared_mem_bytes: smem as u32,
         };
         // SAFETY: resid_ablate_norm_bwd(T* dresid, const T* dnormed, const T* resid,
-        // const float* rstd, const float* q, int k, const T* w, int n, int d), R rows per
-        // block as in its name: lengths checked above; ceil(n/R) blocks of R rows; shared
-        // memory as `norm_rows_per_block` computes it, matching the kernel.
+        // const float* rstd, const float* q, int k, const T* w, int d): lengths checked above;
+        // one block per row; shared memory as the kernel expects.
         unsafe { self.rt.launch(&name, cfg, args) }
     }
 
