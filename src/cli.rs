@@ -208,7 +208,9 @@ pub fn fetch_model() -> Result<PathBuf> {
 const BOOL_FLAG: &str = "true";
 
 #[derive(Args, Debug, Clone, Default)]
-#[command(args_override_self = true, after_long_help = "\
+#[command(
+    args_override_self = true,
+    after_long_help = "\
 Data (JSONL, one record a line): chat {\"messages\": [{\"role\", \"content\"}, ...]} with roles
 system/user/assistant; {\"prompt\", \"completion\"}; {\"text\"}; or pre-tokenized
 {\"input_ids\": [...], \"labels\": [...]} (labels -100 = no loss; absent = loss on every token).
@@ -221,7 +223,8 @@ config file (snake_case: lora_r = 32, ablate_layers = [10, 20]). Precedence: def
 Output folder: adapter/ (PEFT: adapter_config.json + adapter_model.safetensors), metrics.jsonl,
 loss.svg, run.json (configuration, data and directions hashes, program version), config.toml,
 checkpoints/step-N/ (adapter, optimizer state, data order, step), merged/ with --merge.
-Ctrl-C saves a checkpoint and exits with status 1; --resume <output> continues bit-identically.")]
+Ctrl-C saves a checkpoint and exits with status 1; --resume <output> continues bit-identically."
+)]
 pub struct TrainArgs {
     /// TOML file with any of the options below (flags given here override it).
     #[arg(long, value_name = "FILE")]
