@@ -19,7 +19,7 @@
 //! the residual gradient (P is symmetric, so the backward of the projection is itself).
 //! Frozen weights get no gradient; LoRA parameters accumulate theirs in one flat buffer.
 
-use crate::backend::{AttnShape, Backend, LoraSlot};
+use crate::backend::{AttnShape, Backend};
 use crate::model::ablation::Directions;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::lora::{LoraLayout, Target};
@@ -190,6 +190,51 @@ fn load<B: Backend>(be: &B, src: &dyn WeightSource, name: &str, want: &[usize]) 
     }
     be.upload_act(&t.data)
         .with_context(|| format!("uploading {name} to {}", be.name()))
+}
+
+/// What the backward of one adapted projection needs besides its activations.
+struct LoraGrad<'a, B: Backend> {
+    params: &'a B::F32,
+    grads: &'a mut B::F32,
+    scale: f32,
+    layout: &'a LoraLayout,
+    cfg: &'a ModelConfig,
+    n: usize,
+}
+
+impl<B: Backend> LoraGrad<'_, B> {
+    /// Input gradient of projection `t` of layer `l`, a frozen `W` plus LoRA:
+    /// `dx (+)= dy W`, then the LoRA terms (`dA`, `dB` accumulate; `dx += scale·(dy B) A`).
+    #[allow(clippy::too_many_arguments)]
+    fn bwd(
+        &mut self,
+        be: &B,
+        l: usize,
+        t: Target,
+        dx: &mut B::Act,
+        dy: &B::Act,
+        x: &B::Act,
+        w: &B::Act,
+        lora_u: &[Option<B::F32>; 7],
+        accumulate: bool,
+    ) -> Result<()> {
+        let (d_in, d_out) = t.dims(self.cfg);
+        be.linear_bwd_input(dx, dy, w, self.n, d_in, d_out, accumulate)?;
+        if let (Some(slot), Some(u)) = (self.layout.slot(l, t), lora_u[t as usize].as_ref()) {
+            be.lora_bwd(
+                dx,
+                self.grads,
+                dy,
+                x,
+                u,
+                self.params,
+                slot,
+                self.scale,
+                self.n,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl<B: Backend> Model<B> {
@@ -677,40 +722,19 @@ impl<B: Backend> Model<B> {
 
     fn backward_layers(&mut self, be: &B, b: &Batch) -> Result<()> {
         let cfg = &self.cfg;
-        let (n, d, f) = (b.batch * b.seq, cfg.hidden_size, cfg.intermediate_size);
-        let qw = cfg.num_heads * cfg.head_dim;
-        let kvw = cfg.num_kv_heads * cfg.head_dim;
+        let (n, d) = (b.batch * b.seq, cfg.hidden_size);
         let shape = self.attn_shape(b.batch, b.seq);
         let a = self.acts.as_mut().expect("activations allocated");
         let w = &self.w;
         let lora = self.lora.as_mut().expect("lora present");
-        let (params, grads, scale, layout) =
-            (&lora.params, &mut lora.grads, lora.scale, &lora.layout);
-
-        // Gradient of a frozen projection plus its LoRA: dx (+)= dy W, then the LoRA terms.
-        #[allow(clippy::too_many_arguments)]
-        fn proj_bwd<B: Backend>(
-            be: &B,
-            dx: &mut B::Act,
-            grads: &mut B::F32,
-            dy: &B::Act,
-            x: &B::Act,
-            wt: &B::Act,
-            u: &Option<B::F32>,
-            slot: Option<&LoraSlot>,
-            params: &B::F32,
-            scale: f32,
-            n: usize,
-            d_in: usize,
-            d_out: usize,
-            accumulate: bool,
-        ) -> Result<()> {
-            be.linear_bwd_input(dx, dy, wt, n, d_in, d_out, accumulate)?;
-            if let (Some(slot), Some(u)) = (slot, u.as_ref()) {
-                be.lora_bwd(dx, grads, dy, x, u, params, slot, scale, n)?;
-            }
-            Ok(())
-        }
+        let mut lg = LoraGrad::<B> {
+            params: &lora.params,
+            grads: &mut lora.grads,
+            scale: lora.scale,
+            layout: &lora.layout,
+            cfg,
+            n,
+        };
 
         be.zero_act(&mut a.dres)?;
         for l in (0..cfg.num_layers).rev() {
@@ -739,55 +763,38 @@ impl<B: Backend> Model<B> {
             )?;
             // MLP: dres is the gradient of m = down(act).
             be.swiglu(&mut a.act, &la.gate, &la.up)?;
-            let s = |t| layout.slot(l, t);
-            let u = &la.lora_u;
-            proj_bwd(
+            lg.bwd(
                 be,
+                l,
+                Target::Down,
                 &mut a.d_act,
-                grads,
                 &a.dres,
                 &a.act,
                 &lw.wd,
-                &u[Target::Down as usize],
-                s(Target::Down),
-                params,
-                scale,
-                n,
-                f,
-                d,
+                &la.lora_u,
                 false,
             )?;
             be.swiglu_bwd(&mut a.d_gate, &mut a.d_up, &a.d_act, &la.gate, &la.up)?;
-            proj_bwd(
+            lg.bwd(
                 be,
+                l,
+                Target::Gate,
                 &mut a.dn,
-                grads,
                 &a.d_gate,
                 &la.n2,
                 &lw.wg,
-                &u[Target::Gate as usize],
-                s(Target::Gate),
-                params,
-                scale,
-                n,
-                d,
-                f,
+                &la.lora_u,
                 false,
             )?;
-            proj_bwd(
+            lg.bwd(
                 be,
+                l,
+                Target::Up,
                 &mut a.dn,
-                grads,
                 &a.d_up,
                 &la.n2,
                 &lw.wu,
-                &u[Target::Up as usize],
-                s(Target::Up),
-                params,
-                scale,
-                n,
-                d,
-                f,
+                &la.lora_u,
                 true,
             )?;
             // Through the mid-layer fused op (no ablation): dres += rmsnorm_bwd(dn2).
@@ -802,20 +809,15 @@ impl<B: Backend> Model<B> {
                 d,
             )?;
             // Attention output projection: dres is the gradient of o.
-            proj_bwd(
+            lg.bwd(
                 be,
+                l,
+                Target::O,
                 &mut a.d_att,
-                grads,
                 &a.dres,
                 &la.att,
                 &lw.wo,
-                &u[Target::O as usize],
-                s(Target::O),
-                params,
-                scale,
-                n,
-                qw,
-                d,
+                &la.lora_u,
                 false,
             )?;
             be.attention_bwd(
@@ -841,52 +843,37 @@ impl<B: Backend> Model<B> {
                 true,
             )?;
             let x = &a.n1[l];
-            proj_bwd(
+            lg.bwd(
                 be,
+                l,
+                Target::Q,
                 &mut a.dn,
-                grads,
                 &a.dq,
                 x,
                 &lw.wq,
-                &u[Target::Q as usize],
-                s(Target::Q),
-                params,
-                scale,
-                n,
-                d,
-                qw,
+                &la.lora_u,
                 false,
             )?;
-            proj_bwd(
+            lg.bwd(
                 be,
+                l,
+                Target::K,
                 &mut a.dn,
-                grads,
                 &a.dk,
                 x,
                 &lw.wk,
-                &u[Target::K as usize],
-                s(Target::K),
-                params,
-                scale,
-                n,
-                d,
-                kvw,
+                &la.lora_u,
                 true,
             )?;
-            proj_bwd(
+            lg.bwd(
                 be,
+                l,
+                Target::V,
                 &mut a.dn,
-                grads,
                 &a.dv,
                 x,
                 &lw.wv,
-                &u[Target::V as usize],
-                s(Target::V),
-                params,
-                scale,
-                n,
-                d,
-                kvw,
+                &la.lora_u,
                 true,
             )?;
             // Now dres is the gradient reaching resid[l] through the skip path and dn the
