@@ -1,7 +1,8 @@
 //! One LoRA training step of SmolLM2-135M-Instruct from its GGUF: LoRA r=32 alpha=64 on all
 //! seven projections, batch 4 x 256 tokens, 8 random directions ablated at layers 10 and 20,
-//! AdamW, on the CPU with 2 threads (the machine kind the PyTorch baseline in
-//! docs/benchmarks.md was measured on). Reports tokens/s and the achieved model FLOP/s.
+//! AdamW — on a CUDA GPU (bf16) when one is usable, else on the CPU with 2 threads (the machine
+//! kind the PyTorch baseline in docs/benchmarks.md was measured on). Reports tokens/s and the
+//! achieved model FLOP/s (MFU: divide by the device's peak).
 //!
 //!     cargo bench --bench train_step
 
