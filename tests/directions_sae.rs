@@ -99,6 +99,30 @@ fn activations_match_hand_computation() {
     );
     assert_eq!(btk.encode(&X), [0.0, 0.0, 2.5, 0.0, 2.0, 2.0]);
 
+    // Older dictionary_learning files call the decoder bias `bias`: the same SAE.
+    let q2 = tmp.path("dl-bias.safetensors");
+    write_st(
+        &q2,
+        &[
+            (
+                "encoder.weight",
+                vec![3, 2],
+                vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+            ),
+            ("encoder.bias", vec![3], vec![0.0, -1.0, 0.5]),
+            (
+                "decoder.weight",
+                vec![2, 3],
+                vec![1.0, 0.0, 0.6, 0.0, 1.0, 0.8],
+            ),
+            ("bias", vec![2], vec![0.5, 0.0]),
+            ("threshold", vec![], vec![1.8]),
+        ],
+        &[("k", 2)],
+    );
+    let btk2 = Sae::load(&q2, None, None).unwrap();
+    assert_eq!(btk2.encode(&X), [0.0, 0.0, 2.5, 0.0, 2.0, 2.0]);
+
     // Bad files say what is wrong.
     let e = Sae::load(&p, Some("batchtopk"), None)
         .unwrap_err()

@@ -19,7 +19,8 @@
 //!
 //! Files: safetensors with SAELens names (`W_enc [d, m]`, `b_enc`, `W_dec [m, d]`, `b_dec`,
 //! optional `threshold [m]`) or dictionary_learning names (`encoder.weight [m, d]`,
-//! `encoder.bias`, `decoder.weight [d, m]`, `b_dec`, optional scalar `threshold` and `k`).
+//! `encoder.bias`, `decoder.weight [d, m]`, `b_dec` (or `bias`), optional scalar `threshold`
+//! and `k`).
 //!
 //! The score of latent `j` is `mean_t f_j(x_t^tuned) - mean_t f_j(x_t^base)` over the answer
 //! tokens; latents are ranked by `|score|`. The output has `layer.<L>` `[n, d]` (the decoder
@@ -162,7 +163,12 @@ impl Sae {
                  `encoder.weight`/`decoder.weight` (dictionary_learning) tensors"
             );
         };
-        let b_dec = need("b_dec")?.1.clone();
+        // dictionary_learning names the decoder bias `b_dec` in newer releases and `bias` in
+        // older ones; SAELens always `b_dec`.
+        let b_dec = match get("b_dec").or_else(|| get("bias")) {
+            Some((_, v)) => v.clone(),
+            None => need("b_dec")?.1.clone(),
+        };
         // SAELens writes `apply_b_dec_to_input` into a cfg.json beside the weights.
         let subtract = match std::fs::read_to_string(path.with_file_name("cfg.json")) {
             Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
