@@ -850,3 +850,43 @@ fn random_directions_are_reproducible_orthonormal_and_seed_dependent() {
         &["layer 3"],
     );
 }
+
+#[test]
+fn annotation_tensors_of_directions_outputs_are_skipped() {
+    // A PCA output (`caft-fast directions pca`) carries explained variances beside the
+    // directions; it can be given to `--ablate` as it is. Other names are still refused.
+    let dir = TempDir::new("annotations");
+    let mut rng = Rng::new(33);
+    let rows = gaussian(&mut rng, 3, D_MODEL);
+    let var: Vec<f64> = vec![3.0, 2.0, 1.0];
+    let path = dir.path("pcs.safetensors");
+    write_st(
+        &path,
+        &[
+            ("layer.2", Dtype::F32, vec![3, D_MODEL], f32_bytes(&rows)),
+            ("explained_variance.2", Dtype::F32, vec![3], f32_bytes(&var)),
+            (
+                "explained_variance_ratio.2",
+                Dtype::F32,
+                vec![3],
+                f32_bytes(&var),
+            ),
+        ],
+    );
+    let dirs = load_directions(&path, None, D_MODEL, N_LAYERS).unwrap();
+    assert_eq!(dirs.layers(), vec![2]);
+    assert_eq!(dirs.get(2).unwrap().k, 3);
+
+    let bad = dir.path("bad.safetensors");
+    write_st(
+        &bad,
+        &[
+            ("layer.2", Dtype::F32, vec![3, D_MODEL], f32_bytes(&rows)),
+            ("explained_variance.x", Dtype::F32, vec![3], f32_bytes(&var)),
+        ],
+    );
+    assert_mentions(
+        &msg(load_directions(&bad, None, D_MODEL, N_LAYERS)),
+        &["explained_variance.x"],
+    );
+}

@@ -314,6 +314,14 @@ pub fn load_directions(
     })
 }
 
+/// Prefixes (followed by a layer index) of tensors that annotate directions and are skipped.
+const ANNOTATIONS: &[&str] = &[
+    "explained_variance.",
+    "explained_variance_ratio.",
+    "sae_latent.",
+    "sae_score.",
+];
+
 /// Parse `layer.<L>` with `L` a canonical decimal (no sign, no leading zeros).
 fn parse_layer_name(name: &str) -> Option<usize> {
     let digits = name.strip_prefix(LAYER_PREFIX)?;
@@ -348,6 +356,13 @@ fn load_safetensors(
             Some(l) => {
                 named.insert(l, (name, view));
             }
+            // Per-layer annotations that `caft-fast directions` writes beside the directions
+            // (explained variance of PCA components, SAE latent indices and scores): not
+            // directions, so a PCA or SAE output can be ablated as it is.
+            None if ANNOTATIONS.iter().any(|p| {
+                name.strip_prefix(p)
+                    .is_some_and(|l| l.parse::<usize>().is_ok())
+            }) => {}
             None => bad.push(name),
         }
     }
