@@ -107,6 +107,28 @@ pub struct SaeTrainArgs {
     pub threads: usize,
 }
 
+/// Options of the paired base / fine-tuned forward passes (`pca`, `sae`).
+#[derive(Args, Debug, Clone)]
+pub struct PassArgs {
+    /// Use every token, not only the answer tokens.
+    #[arg(long)]
+    pub all_tokens: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: Device,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Truncate longer examples.
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    /// Use only the first N examples of the data.
+    #[arg(long, value_name = "N")]
+    pub max_examples: Option<usize>,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
 #[derive(Args, Debug, Clone)]
 #[command(after_long_help = "\
 SAE files: safetensors with SAELens names (W_enc [d, m], b_enc, W_dec [m, d], b_dec, optional
@@ -139,23 +161,8 @@ pub struct SaeArgs {
     /// Output safetensors file.
     #[arg(long, short = 'o')]
     pub output: PathBuf,
-    /// Use every token, not only the answer tokens.
-    #[arg(long)]
-    pub all_tokens: bool,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub device: Device,
-    /// Sequences per forward pass.
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
-    /// Truncate longer examples.
-    #[arg(long, default_value_t = 2048)]
-    pub max_seq_len: usize,
-    /// Use only the first N examples of the data.
-    #[arg(long, value_name = "N")]
-    pub max_examples: Option<usize>,
-    /// CPU threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    #[command(flatten)]
+    pub pass: PassArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -186,23 +193,8 @@ pub struct PcaArgs {
     /// Output safetensors file.
     #[arg(long, short = 'o')]
     pub output: PathBuf,
-    /// Use every token, not only the answer tokens.
-    #[arg(long)]
-    pub all_tokens: bool,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub device: Device,
-    /// Sequences per forward pass.
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
-    /// Truncate longer examples.
-    #[arg(long, default_value_t = 2048)]
-    pub max_seq_len: usize,
-    /// Use only the first N examples of the data.
-    #[arg(long, value_name = "N")]
-    pub max_examples: Option<usize>,
-    /// CPU threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    #[command(flatten)]
+    pub pass: PassArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -468,9 +460,9 @@ fn explain_impl<B: Backend>(be: &B, a: &ExplainArgs, loaded: &LoadedModel) -> Re
 }
 
 fn run_sae(a: &SaeArgs) -> Result<()> {
-    set_threads(a.threads);
+    set_threads(a.pass.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
-    match resolve_device(a.device)? {
+    match resolve_device(a.pass.device)? {
         Device::Cuda => sae_impl(
             &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
             a,
@@ -496,11 +488,16 @@ fn sae_impl<B: Backend>(be: &B, a: &SaeArgs, loaded: &LoadedModel) -> Result<()>
         saes.push((layer, sae));
     }
     let (layout, params) = load_peft_adapter(&a.adapter, &cfg)?;
-    let mut examples = load_examples(&a.data, loaded, a.all_tokens, a.max_seq_len)?;
-    if let Some(m) = a.max_examples {
+    let mut examples = load_examples(&a.data, loaded, a.pass.all_tokens, a.pass.max_seq_len)?;
+    if let Some(m) = a.pass.max_examples {
         examples.truncate(m.max(1));
     }
-    let batches = token_batches(&examples, a.batch_size, pad_id(loaded), a.all_tokens);
+    let batches = token_batches(
+        &examples,
+        a.pass.batch_size,
+        pad_id(loaded),
+        a.pass.all_tokens,
+    );
     let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
     model.set_lora(be, layout, &params)?;
     let bar = progress(batches.len() as u64, "sae");
@@ -651,9 +648,9 @@ fn sae_train_impl<B: Backend>(be: &B, a: &SaeTrainArgs, loaded: &LoadedModel) ->
 }
 
 fn run_pca(a: &PcaArgs) -> Result<()> {
-    set_threads(a.threads);
+    set_threads(a.pass.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
-    match resolve_device(a.device)? {
+    match resolve_device(a.pass.device)? {
         Device::Cuda => pca_impl(
             &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
             a,
@@ -668,11 +665,16 @@ fn pca_impl<B: Backend>(be: &B, a: &PcaArgs, loaded: &LoadedModel) -> Result<()>
     let layers = parse_layers(&a.layers)?;
     pca::check_request(&layers, a.components, cfg.num_layers, cfg.hidden_size)?;
     let (layout, params) = load_peft_adapter(&a.adapter, &cfg)?;
-    let mut examples = load_examples(&a.data, loaded, a.all_tokens, a.max_seq_len)?;
-    if let Some(m) = a.max_examples {
+    let mut examples = load_examples(&a.data, loaded, a.pass.all_tokens, a.pass.max_seq_len)?;
+    if let Some(m) = a.pass.max_examples {
         examples.truncate(m.max(1));
     }
-    let batches = token_batches(&examples, a.batch_size, pad_id(loaded), a.all_tokens);
+    let batches = token_batches(
+        &examples,
+        a.pass.batch_size,
+        pad_id(loaded),
+        a.pass.all_tokens,
+    );
     let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
     model.set_lora(be, layout, &params)?;
     let bar = progress(batches.len() as u64, "pca");
@@ -687,7 +689,7 @@ fn pca_impl<B: Backend>(be: &B, a: &PcaArgs, loaded: &LoadedModel) -> Result<()>
         "data": a.data.display().to_string(),
         "examples": examples.len(),
         "tokens": r.tokens,
-        "tokens_selected": if a.all_tokens { "all" } else { "answer" },
+        "tokens_selected": if a.pass.all_tokens { "all" } else { "answer" },
         "layers": layers,
         "components": a.components,
         "backend": be.name(),
