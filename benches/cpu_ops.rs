@@ -247,7 +247,7 @@ fn elementwise(c: &mut Criterion) {
         .flat_map(|i| [(i as f32).cos(), (i as f32).sin()])
         .collect();
     let mut x = randn(&mut rng, N * 9 * 64, 1.0);
-    let mut run = || be.rope(&mut x, &table, 4, 256, 9, 64, false).unwrap();
+    let mut run = || be.rope(&mut x, &table, 4, 256, 9, 64, false, None).unwrap();
     print_bytes(
         "rope 1024x9x64",
         (2 * N * 9 * 64 * 4) as f64,

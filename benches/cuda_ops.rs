@@ -1,5 +1,7 @@
 //! Criterion benchmarks of every CUDA op (bf16 storage) at training shapes: 8 × 1024 tokens,
-//! d 2048, ffn 8192, 16/8 heads of 128, vocab 32768, LoRA r 32, 8 ablated directions.
+//! d 2048, ffn 8192, 16/8 heads of 128, vocab 32768, LoRA r 32, 8 ablated directions; and
+//! generation attention against a key/value cache (decoding 64 sequences with 4096 cached rows
+//! and one with 8192, counted as the cache bytes read; a prefill of the same 8 × 1024 tokens).
 //!
 //! Each bench also prints the achieved rate against the counted work: GB/s for memory-bound
 //! kernels (the bytes each op must read and write once) as a fraction of the measured
@@ -8,7 +10,7 @@
 //! usable GPU it prints a notice and exits 0.
 
 use caft_fast::backend::cuda::{probe, CudaBackend, Runtime};
-use caft_fast::backend::{AdamStep, AttnShape, Backend, LoraSlot};
+use caft_fast::backend::{AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
 use caft_fast::util::rng::Rng;
 use criterion::Criterion;
 use half::bf16;
@@ -199,7 +201,7 @@ fn run(c: &mut Criterion, b: &B) {
         b,
         "rope",
         || {
-            b.rope(&mut qa, &table, N / SEQ, SEQ, HEADS, HD, false)
+            b.rope(&mut qa, &table, N / SEQ, SEQ, HEADS, HD, false, None)
                 .expect("op")
         },
         |s| rep.bytes("rope", 2.0 * (N * HEADS * HD) as f64 * e, s),
@@ -246,6 +248,77 @@ fn run(c: &mut Criterion, b: &B) {
         |s| rep.flops("attention_bwd", 10.0 * causal_pairs * HD as f64, s),
     );
     drop((qa, kk, vv, out, lse, dout, dq, dk, dv));
+
+    // Generation: one decoding step against a key/value cache (memory-bound: every cached K/V
+    // row of a sequence is read once per kv head), and a prefill of the same 8 x 1024 tokens
+    // as above through the cached path (FMA kernel; compare with attention_fwd's TFLOP/s).
+    for (batch, cache) in [(64, 4096), (1, 8192)] {
+        let shape = CacheShape {
+            batch,
+            new: 1,
+            past: cache - 1,
+            cap: cache,
+            n_heads: HEADS,
+            n_kv_heads: KV_HEADS,
+            head_dim: HD,
+            window: None,
+        };
+        let mut kc = act(b, &mut rng, batch * cache * KV_HEADS * HD, 1.0);
+        let mut vc = act(b, &mut rng, batch * cache * KV_HEADS * HD, 1.0);
+        let q1 = act(b, &mut rng, batch * HEADS * HD, 1.0);
+        let k1 = act(b, &mut rng, batch * KV_HEADS * HD, 1.0);
+        let v1 = act(b, &mut rng, batch * KV_HEADS * HD, 1.0);
+        let mut o1 = b.alloc_act(batch * HEADS * HD).expect("alloc");
+        let start = vec![0u32; batch];
+        let name = format!("attention_decode_b{batch}_kv{cache}");
+        let cache_bytes = 2.0 * (batch * cache * KV_HEADS * HD) as f64 * e;
+        bench(
+            c,
+            b,
+            &name,
+            || {
+                b.attention_cached(&mut o1, &q1, &k1, &v1, &mut kc, &mut vc, &start, &shape)
+                    .expect("op")
+            },
+            |s| rep.bytes(&name, cache_bytes, s),
+        );
+    }
+    {
+        let shape = CacheShape {
+            batch: N / SEQ,
+            new: SEQ,
+            past: 0,
+            cap: SEQ,
+            n_heads: HEADS,
+            n_kv_heads: KV_HEADS,
+            head_dim: HD,
+            window: None,
+        };
+        let qa = act(b, &mut rng, N * HEADS * HD, 1.0);
+        let kk = act(b, &mut rng, N * KV_HEADS * HD, 1.0);
+        let vv = act(b, &mut rng, N * KV_HEADS * HD, 1.0);
+        let mut kc = b.alloc_act(N * KV_HEADS * HD).expect("alloc");
+        let mut vc = b.alloc_act(N * KV_HEADS * HD).expect("alloc");
+        let mut out = b.alloc_act(N * HEADS * HD).expect("alloc");
+        let start = vec![0u32; shape.batch];
+        let causal_pairs = (shape.batch * HEADS) as f64 * (SEQ * (SEQ + 1) / 2) as f64;
+        bench(
+            c,
+            b,
+            "attention_cached_prefill",
+            || {
+                b.attention_cached(&mut out, &qa, &kk, &vv, &mut kc, &mut vc, &start, &shape)
+                    .expect("op")
+            },
+            |s| {
+                rep.flops(
+                    "attention_cached_prefill",
+                    4.0 * causal_pairs * HD as f64,
+                    s,
+                )
+            },
+        );
+    }
 
     // SwiGLU.
     let gate = act(b, &mut rng, N * FFN, 1.0);

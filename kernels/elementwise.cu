@@ -8,7 +8,8 @@
 //   add_bias    y[i, j] += bias[j]
 //   swiglu      out = silu(g) · u,  silu(g) = g · σ(g),  σ(g) = 1 / (1 + e^-g)
 //   swiglu_bwd  dg = dout · u · σ(g) · (1 + g · (1 - σ(g))),  du = dout · silu(g)
-//   rope        pairs (i, i + hd/2) of each head at position p = row % seq:
+//   rope        pairs (i, i + hd/2) of each head at position p = row % seq (plus the row's
+//               sequence offset when offsets are given, clamped at 0):
 //               x1' = x1 cos θ - x2 sin θ,  x2' = x2 cos θ + x1 sin θ   (θ -> -θ for the inverse)
 //   casts       f32 <-> T, round to nearest even.
 //
@@ -111,7 +112,8 @@ __device__ __forceinline__ void swiglu_bwd(T* __restrict__ dgate, T* __restrict_
 // (cos, sin) pairs. sign = +1 forward, -1 inverse.
 template <typename T>
 __device__ __forceinline__ void rope(T* __restrict__ x, const float* __restrict__ table,
-                                     long long rows, int seq, int n_heads, int hd, float sign) {
+                                     const int* __restrict__ offsets, long long rows, int seq,
+                                     int n_heads, int hd, float sign) {
     const int half = hd / 2;
     const long long total = rows * n_heads * half;
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -119,7 +121,8 @@ __device__ __forceinline__ void rope(T* __restrict__ x, const float* __restrict_
         const int i = (int)(t % half);
         const long long rh = t / half;  // row * n_heads + head
         const long long row = rh / n_heads;
-        const int pos = (int)(row % seq);
+        int pos = (int)(row % seq);
+        if (offsets) pos = max(0, pos + offsets[row / seq]);
         const float2 cs = __ldg(reinterpret_cast<const float2*>(table) + (long long)pos * half + i);
         const float c = cs.x, s = sign * cs.y;
         T* p = x + rh * hd;
@@ -161,9 +164,10 @@ __device__ __forceinline__ void cast_to_f32(float* __restrict__ dst, const T* __
                                                 const T* gate, const T* up, long long len) {  \
         swiglu_bwd<T>(dgate, dup, dout, gate, up, len);                                       \
     }                                                                                         \
-    extern "C" __global__ void rope_##SUF(T* x, const float* table, long long rows, int seq,  \
-                                          int n_heads, int hd, float sign) {                  \
-        rope<T>(x, table, rows, seq, n_heads, hd, sign);                                      \
+    extern "C" __global__ void rope_##SUF(T* x, const float* table, const int* offsets,       \
+                                          long long rows, int seq, int n_heads, int hd,       \
+                                          float sign) {                                       \
+        rope<T>(x, table, offsets, rows, seq, n_heads, hd, sign);                             \
     }                                                                                         \
     extern "C" __global__ void cast_from_f32_##SUF(T* dst, const float* src, long long len) { \
         cast_from_f32<T>(dst, src, len);                                                      \

@@ -14,9 +14,10 @@ Writes (paths relative to the repository root):
     tests/fixtures/smollm2/
         tokenizer.json                      encode and chat-template cases
         logits.safetensors                  logits of the real GGUF model on 3 chat prompts
+        greedy.json                         greedy model.generate on 4 chat prompts (ids, text, margins)
 
 Usage:
-    python3 scripts/make_fixtures.py [--only tiny|smollm2] [--gguf PATH]
+    python3 scripts/make_fixtures.py [--only tiny|smollm2|greedy] [--gguf PATH]
 See docs/fixtures.md for what every tensor holds.
 """
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -609,9 +611,79 @@ def build_smollm2(gguf_path, out_dir):
                 next_token=[tok.decode([int(tensors[f"p{i}.argmax"][-1])]) for i in range(len(lens))])
 
 
+GREEDY_MAX_NEW = 40
+
+GREEDY_PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "I want to learn to cook. Where should I start?"}],
+    [{"role": "system", "content": "You are a concise assistant. Answer in one short sentence."},
+     {"role": "user", "content": "What is photosynthesis?"}],
+    [{"role": "user", "content": "I have a small garden behind my house that gets about four hours of direct "
+                                 "sunlight each day, mostly in the morning. The soil is rather sandy and drains "
+                                 "quickly. I would like to grow a few vegetables this summer without spending "
+                                 "much time on it. Which vegetables would you recommend, and why?"}],
+]
+
+
+def build_greedy(gguf_path, out_path):
+    """Greedy model.generate, one prompt at a time (batch 1, no padding), f32 on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    eos = model.generation_config.eos_token_id
+    eos = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])})
+    assert tok.eos_token_id in eos, (tok.eos_token_id, eos)
+
+    cases = []
+    for msgs in GREEDY_PROMPTS:
+        enc = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompt = [int(i) for i in enc["input_ids"]]
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        assert prompt == tok.encode(text, add_special_tokens=False)
+        ids = torch.tensor([prompt], dtype=torch.int64)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=GREEDY_MAX_NEW, return_dict_in_generate=True,
+                                 output_scores=True, output_logits=True)
+        new = [int(t) for t in out.sequences[0, len(prompt):]]
+        assert len(new) == len(out.logits) == len(out.scores)
+        margins = []
+        for step, (lg, sc) in enumerate(zip(out.logits, out.scores)):
+            lg = lg[0].float()
+            # No logits processors are active for this model, so scores are the raw logits.
+            assert torch.equal(lg, sc[0].float()), step
+            top = torch.topk(lg, 2)
+            assert int(top.indices[0]) == new[step], step
+            margins.append(round(float(top.values[0] - top.values[1]), 4))
+        # Generation stops at the first EOS, which is kept; otherwise it runs to max_new_tokens.
+        assert not any(t in eos for t in new[:-1]), new
+        assert new[-1] in eos or len(new) == GREEDY_MAX_NEW, new
+        cases.append({"messages": msgs, "prompt_ids": prompt, "generated_ids": new,
+                      "text": tok.decode(new, skip_special_tokens=True), "margins": margins})
+
+    with open(out_path, "w", encoding="utf-8") as f:
+        json.dump({"model": name, "max_new_tokens": GREEDY_MAX_NEW, "eos_token_ids": eos,
+                   "source": "transformers model.generate(input_ids, do_sample=False, max_new_tokens, "
+                             "default generation config of the GGUF) one prompt at a time, f32, CPU, eager; "
+                             "prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True); "
+                             "generated_ids = new ids only (ends with the EOS id if one was generated); "
+                             "text = tok.decode(generated_ids, skip_special_tokens=True); margins[i] = "
+                             "top-1 minus top-2 logit at generated step i",
+                   "cases": cases}, f, ensure_ascii=False, indent=1)
+        f.write("\n")
+    with open(out_path, encoding="utf-8") as f:  # one line per list of numbers
+        text = re.sub(r"\[\n[-0-9.,\s]*\]",
+                      lambda m: "[" + ", ".join(x.strip(",") for x in m.group(0)[1:-1].split()) + "]", f.read())
+    with open(out_path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return cases, eos
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["tiny", "smollm2"])
+    ap.add_argument("--only", choices=["tiny", "smollm2", "greedy"])
     ap.add_argument("--gguf", default=DEFAULT_GGUF)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--verify", action="store_true",
@@ -645,6 +717,17 @@ def main():
             r = build_smollm2(args.gguf, os.path.join(FIX, "smollm2"))
             print(f"smollm2: {r['n_cases']} encode cases, {r['n_chat']} chat cases, prompts of "
                   f"{r['prompt_lens']} tokens, greedy next tokens {r['next_token']}")
+    if args.only in (None, "greedy"):
+        if not os.path.exists(args.gguf):
+            print(f"skipping greedy: {args.gguf} not found")
+        else:
+            cases, eos = build_greedy(args.gguf, os.path.join(FIX, "smollm2", "greedy.json"))
+            for i, c in enumerate(cases):
+                low = [(j, m) for j, m in enumerate(c["margins"]) if m < 0.05]
+                print(f"greedy case {i}: prompt {len(c['prompt_ids'])} tokens, generated "
+                      f"{len(c['generated_ids'])} (ends with EOS: {c['generated_ids'][-1] in eos}), "
+                      f"min margin {min(c['margins']):.4f}, margins < 0.05 at {low}: {c['text']!r}")
+            print(f"greedy: eos_token_ids {eos}")
     total = 0
     for root, _, files in os.walk(FIX):
         total += sum(os.path.getsize(os.path.join(root, f)) for f in files)

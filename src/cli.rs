@@ -31,7 +31,7 @@ pub fn parse_layers(s: &str) -> Result<Vec<usize>> {
 }
 
 /// Set rayon's thread count once (0 = all cores).
-fn set_threads(n: usize) {
+pub fn set_threads(n: usize) {
     if n > 0 {
         // An error means the pool already exists (e.g. in tests); keep it.
         let _ = rayon::ThreadPoolBuilder::new()
@@ -41,7 +41,7 @@ fn set_threads(n: usize) {
 }
 
 /// The model path given, or the default model (fetched on first use).
-fn model_path(p: &Option<PathBuf>) -> Result<PathBuf> {
+pub fn model_path(p: &Option<PathBuf>) -> Result<PathBuf> {
     match p {
         Some(p) => Ok(p.clone()),
         None => crate::util::fetch::smollm2(),
@@ -93,9 +93,10 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
 }
 
-pub fn bench_step(a: BenchArgs) -> Result<()> {
-    set_threads(a.threads);
-    let loaded = match &a.shape {
+/// The model of a benchmark: random weights of a preset shape, or a model file (default
+/// SmolLM2).
+pub fn bench_model(shape: Option<&str>, model: &Option<PathBuf>) -> Result<LoadedModel> {
+    Ok(match shape {
         Some(shape) => {
             let config = crate::model::random::preset(shape)?;
             LoadedModel {
@@ -106,8 +107,13 @@ pub fn bench_step(a: BenchArgs) -> Result<()> {
                 source: PathBuf::from(format!("random:{shape}")),
             }
         }
-        None => load_model(&model_path(&a.model)?)?,
-    };
+        None => load_model(&model_path(model)?)?,
+    })
+}
+
+pub fn bench_step(a: BenchArgs) -> Result<()> {
+    set_threads(a.threads);
+    let loaded = bench_model(a.shape.as_deref(), &a.model)?;
     match resolve_device(a.device)? {
         Device::Cuda => bench_impl(&cuda_backend()?, &a, &loaded),
         _ => bench_impl(&CpuBackend::new(), &a, &loaded),
@@ -168,7 +174,7 @@ fn bench_impl<B: Backend>(be: &B, a: &BenchArgs, loaded: &LoadedModel) -> Result
 }
 
 /// The GPU backend used for training: bf16 weights and activations, f32 LoRA state.
-fn cuda_backend() -> Result<crate::backend::cuda::backend::CudaBackend<half::bf16>> {
+pub fn cuda_backend() -> Result<crate::backend::cuda::backend::CudaBackend<half::bf16>> {
     crate::backend::cuda::backend::CudaBackend::new(0)
 }
 

@@ -8,6 +8,8 @@
 pub mod backend;
 pub mod cli;
 pub mod directions;
+pub mod eval;
+pub mod generate;
 pub mod model;
 pub mod train;
 pub mod util;

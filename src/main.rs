@@ -39,6 +39,15 @@ enum Cmd {
     /// Find, choose and import concept directions: PCA of what a fine-tune changed in
     /// resid_post, selection of components, random controls, imports from other tools.
     Directions(cli::DirectionsArgs),
+    /// Evaluate a model or fine-tune: multiple-choice accuracy per split, held-out loss;
+    /// write the double multiple-choice spurious-correlation task.
+    Eval(caft_fast::eval::cli::EvalArgs),
+    /// Sample answers to questions (JSONL or YAML) with a KV cache, batched, with the chat
+    /// template applied; writes one JSON line per answer and prints tokens/s.
+    Generate(caft_fast::generate::cli::GenerateArgs),
+    /// Time greedy generation (prefill and decode tokens/s) at several batch sizes on random
+    /// prompts, as JSON lines.
+    BenchGenerate(caft_fast::generate::cli::BenchGenerateArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +61,9 @@ fn main() -> ExitCode {
             true
         }),
         Cmd::Directions(a) => cli::directions(a).map(|_| true),
+        Cmd::Eval(a) => caft_fast::eval::cli::run(a).map(|_| true),
+        Cmd::Generate(a) => caft_fast::generate::cli::run(a).map(|_| true),
+        Cmd::BenchGenerate(a) => caft_fast::generate::cli::bench(a).map(|_| true),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,

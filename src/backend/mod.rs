@@ -59,6 +59,31 @@ impl AttnShape {
     }
 }
 
+/// Shape of one [`Backend::attention_cached`] call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheShape {
+    pub batch: usize,
+    /// New rows per sequence (the padded prompt length at prefill, 1 per decoding step).
+    pub new: usize,
+    /// Timeline rows already in the cache; the new rows go to `past .. past + new`.
+    pub past: usize,
+    /// Cache rows per sequence.
+    pub cap: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub window: Option<usize>,
+}
+
+impl CacheShape {
+    pub fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+    pub fn kv_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+}
+
 /// AdamW hyper-parameters for one step, PyTorch semantics (`torch.optim.AdamW`):
 /// `m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²; p -= lr·wd·p; p -= lr · m̂ / (sqrt(v̂) + eps)`
 /// with `m̂ = m / (1 - b1^step)`, `v̂ = v / (1 - b2^step)`, `g = grad · grad_scale`.
@@ -224,8 +249,11 @@ pub trait Backend {
     // ---- rotary embeddings ------------------------------------------------------------------
     /// Rotate `x: [batch*seq, n_heads*head_dim]` in place with the Hugging Face "rotate_half"
     /// pairing `(i, i + head_dim/2)`: `x1' = x1 cos - x2 sin`, `x2' = x2 cos + x1 sin`, where
-    /// position `p = row % seq` and `cos/sin = table[p, i]`, `table: [max_pos, head_dim/2]` as
-    /// `(cos, sin)` pairs interleaved (`table[2*(p*hd/2 + i)] = cos`, `+1 = sin`).
+    /// `cos/sin = table[p, i]`, `table: [max_pos, head_dim/2]` as `(cos, sin)` pairs
+    /// interleaved (`table[2*(p*hd/2 + i)] = cos`, `+1 = sin`). Row `t` of sequence `b` sits at
+    /// position `p = t`, or `p = max(0, offsets[b] + t)` when `offsets` (one per sequence) are
+    /// given: generation continues a sequence from its cache length, and left-padded prompts
+    /// start below 0 (their padding rows are never attended to).
     /// `inverse` rotates by `-θ`, which is the backward (a rotation's transpose).
     #[allow(clippy::too_many_arguments)]
     fn rope(
@@ -237,6 +265,7 @@ pub trait Backend {
         n_heads: usize,
         head_dim: usize,
         inverse: bool,
+        offsets: Option<&[i32]>,
     ) -> Result<()>;
 
     // ---- attention --------------------------------------------------------------------------
@@ -251,6 +280,26 @@ pub trait Backend {
         k: &Self::Act,
         v: &Self::Act,
         shape: &AttnShape,
+    ) -> Result<()>;
+    /// Attention of new rows against a per-sequence key/value cache (generation; no backward).
+    /// The caches are `[batch*cap, kv_width]`, sequence `b` owning rows `b*cap .. (b+1)*cap`
+    /// indexed by a shared timeline. First the new keys and values `k, v: [batch*new,
+    /// kv_width]` (already rotated) are written to timeline rows `past .. past+new`; then new
+    /// row `i` of sequence `b` (timeline `t = past + i`) attends, scale `1/sqrt(head_dim)`, to
+    /// the cached rows `j` with `start[b] <= j <= t` (and `t - window < j` with a sliding
+    /// window). `start[b]` is where sequence `b`'s tokens begin (prompts are left-padded to a
+    /// common length); a row that sees no key (padding) gets zeros. `out: [batch*new, q_width]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_cached(
+        &self,
+        out: &mut Self::Act,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        k_cache: &mut Self::Act,
+        v_cache: &mut Self::Act,
+        start: &[u32],
+        shape: &CacheShape,
     ) -> Result<()>;
     /// Gradients of `attention_fwd` (overwritten, not accumulated).
     #[allow(clippy::too_many_arguments)]

@@ -2,9 +2,9 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::cli::{parse_layers, resolve_device, Device};
+use crate::cli::{model_path, parse_layers, resolve_device, set_threads, Device};
 use crate::directions::{
-    load_examples, load_peft_adapter, pad_id, pca, progress, select, token_batches,
+    load_examples, load_peft_adapter, pad_id, pca, probe, progress, select, token_batches,
 };
 use crate::model::ablation::{load_directions, random_directions, save_directions};
 use crate::model::loader::{load_model, LoadedModel};
@@ -27,6 +27,10 @@ pub enum DirectionsCmd {
     Pca(PcaArgs),
     /// Keep chosen rows of a PCA (or directions) file as an ablation file for `train --ablate`.
     Select(SelectArgs),
+    /// Choose components automatically: the base model reads labelled probe sentences that
+    /// carry one concept alone; per layer, keep the components whose projections best
+    /// separate the two labels (largest |Cohen's d|), as an ablation file.
+    ProbeSelect(ProbeSelectArgs),
     /// Random orthonormal directions (the paper's control), as an ablation file.
     Random(RandomArgs),
     /// Convert directions from other tools (.npy, or safetensors under other tensor names)
@@ -212,6 +216,59 @@ pub struct SelectArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+#[command(after_long_help = "\
+Probes: JSONL, one {\"text\": ..., \"label\": ...} a line (or {\"input_ids\": [...], \"label\": ...}
+for models without a tokenizer), with exactly two distinct labels, e.g. the probes.jsonl of
+`caft-fast eval make-task`. Texts are tokenized as `train` tokenizes {\"text\"} records.
+
+Rule: each probe's feature at layer L is the base model's resid_post averaged over its tokens
+(the first --skip-first left out: the first token's residual stream is an outlier of huge norm).
+Each component is scored by Cohen's d of the features' projections onto it between the two
+labels (sorted by name: d = (mean_b - mean_a) / pooled sd); the --per-layer components with
+the largest |d| are kept, best first. The AUC of the same projections is reported beside it.
+No test data is read: the probes carry the concept to remove and nothing else.
+
+Output: an ablation file (layer.<L> [k, d_model], the chosen rows bit for bit, as `select`
+writes them) and, with --json, every component's d, AUC and label means.")]
+pub struct ProbeSelectArgs {
+    /// Base model: a Hugging Face folder or a GGUF file [default: SmolLM2-135M-Instruct].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A `directions pca` output (or any file with `layer.<L>` tensors [k, d_model]).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Labelled probe sentences (JSONL, see below).
+    #[arg(long)]
+    pub probes: PathBuf,
+    /// Components kept per layer, largest |Cohen's d| first.
+    #[arg(long, default_value_t = 2)]
+    pub per_layer: usize,
+    /// Use only these layers of --from: 10,20 [default: every layer of the file].
+    #[arg(long)]
+    pub layers: Option<String>,
+    /// Leave the first N tokens of each probe out of its mean.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub skip_first: usize,
+    /// Cut probes at this many tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_seq_len: usize,
+    /// Output ablation file (safetensors).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+    /// Also write every component's scores as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: Device,
+    /// Probes per forward pass.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct RandomArgs {
     /// The model the directions are for (its d_model and layer count)
     /// [default: SmolLM2-135M-Instruct].
@@ -314,6 +371,7 @@ pub fn run(a: DirectionsArgs) -> Result<()> {
             report(&a.output, &dirs);
             Ok(())
         }
+        DirectionsCmd::ProbeSelect(a) => run_probe_select(&a),
         DirectionsCmd::Random(a) => {
             let loaded = load_model(&model_path(&a.model)?)?;
             let layers = parse_layers(&a.layers)?;
@@ -336,13 +394,6 @@ pub fn run(a: DirectionsArgs) -> Result<()> {
     }
 }
 
-fn model_path(p: &Option<PathBuf>) -> Result<PathBuf> {
-    match p {
-        Some(p) => Ok(p.clone()),
-        None => crate::util::fetch::smollm2(),
-    }
-}
-
 fn report(path: &Path, dirs: &crate::model::ablation::Directions) {
     let per: Vec<String> = dirs
         .sets
@@ -355,6 +406,84 @@ fn report(path: &Path, dirs: &crate::model::ablation::Directions) {
         per.join(", "),
         &dirs.sha256[..12.min(dirs.sha256.len())]
     );
+}
+
+fn run_probe_select(a: &ProbeSelectArgs) -> Result<()> {
+    set_threads(a.threads);
+    let loaded = load_model(&model_path(&a.model)?)?;
+    match resolve_device(a.device)? {
+        Device::Cuda => probe_select_impl(
+            &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
+            a,
+            &loaded,
+        ),
+        _ => probe_select_impl(&CpuBackend::new(), a, &loaded),
+    }
+}
+
+fn probe_select_impl<B: Backend>(be: &B, a: &ProbeSelectArgs, loaded: &LoadedModel) -> Result<()> {
+    let cfg = loaded.config.clone();
+    let mut dirs =
+        crate::directions::explain::read_directions(&a.from, cfg.hidden_size, cfg.num_layers)?;
+    if let Some(l) = &a.layers {
+        let want = parse_layers(l)?;
+        if let Some(&m) = want.iter().find(|&&l| !dirs.iter().any(|d| d.layer == l)) {
+            bail!(
+                "{}: no components for layer {m}; the file has layers {:?}",
+                a.from.display(),
+                dirs.iter().map(|d| d.layer).collect::<Vec<_>>()
+            );
+        }
+        dirs.retain(|d| want.contains(&d.layer));
+    }
+    let probes = probe::read_probes(&a.probes, loaded, a.max_seq_len)?;
+    let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
+    let opt = probe::FeatureOptions {
+        batch_size: a.batch_size,
+        pad: pad_id(loaded),
+        skip_first: a.skip_first,
+    };
+    let n_batches = probes.examples.len().div_ceil(a.batch_size.max(1));
+    let bar = progress(n_batches as u64, "probes");
+    let feats = probe::probe_features(be, &mut model, &probes, &dirs, opt, |i| {
+        bar.set_position(i as u64)
+    })?;
+    bar.finish_and_clear();
+    let layers = probe::score_layers(&dirs, &feats, &probes.labels, a.per_layer)?;
+    let picks: Vec<select::Pick> = layers
+        .iter()
+        .map(|l| select::Pick {
+            layer: l.layer,
+            rows: l.chosen.clone(),
+        })
+        .collect();
+    let chosen = select::select(&a.from, &picks)?;
+    save_directions(&a.output, &chosen)?;
+    eprint!("{}", probe::summary(&layers, &probes.names));
+    if let Some(j) = &a.json {
+        let counts: Vec<usize> = (0..2)
+            .map(|k| probes.labels.iter().filter(|&&l| l == k).count())
+            .collect();
+        let v = serde_json::json!({
+            "rule": "per layer, the components with the largest |Cohen's d| between the two \
+                     labels of the base model's mean resid_post (over each probe's tokens) \
+                     projected on each component",
+            "model": loaded.source.display().to_string(),
+            "from": a.from.display().to_string(),
+            "probes": a.probes.display().to_string(),
+            "labels": probes.names,
+            "probes_per_label": counts,
+            "skip_first": a.skip_first,
+            "per_layer": a.per_layer,
+            "output": a.output.display().to_string(),
+            "layers": layers,
+            "program": format!("caft-fast {}", env!("CARGO_PKG_VERSION")),
+        });
+        crate::eval::write_json(j, &v)?;
+        eprintln!("wrote {}", j.display());
+    }
+    report(&a.output, &chosen);
+    Ok(())
 }
 
 fn run_import(a: &ImportArgs) -> Result<()> {
@@ -381,16 +510,6 @@ fn run_import(a: &ImportArgs) -> Result<()> {
     save_directions(&a.output, &dirs)?;
     report(&a.output, &dirs);
     Ok(())
-}
-
-/// Set rayon's thread count once (0 = all cores).
-fn set_threads(n: usize) {
-    if n > 0 {
-        // An error means the pool already exists; keep it.
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global();
-    }
 }
 
 fn run_explain(a: &ExplainArgs) -> Result<()> {

@@ -6,6 +6,8 @@
 //!   and keep the top principal components of each layer.
 //! - [`select`]: make an ablation file from chosen components, random control directions, or
 //!   directions from other tools (`.npy`, safetensors under other names).
+//! - [`probe`]: choose components without test data: those whose projections best separate
+//!   the two labels of probe sentences that carry the unwanted concept alone.
 //! - [`explain`]: project a generic corpus's resid_post onto every direction and report the
 //!   contexts with the highest and lowest projections (HTML for people, JSON for programs).
 //! - [`sae`]: directions from a sparse autoencoder's latents, ranked by how much the
@@ -19,6 +21,7 @@ pub mod cli;
 pub mod explain;
 pub mod linalg;
 pub mod pca;
+pub mod probe;
 pub mod sae;
 pub mod sae_train;
 pub mod select;

@@ -26,6 +26,9 @@ use crate::model::lora::{LoraLayout, Target};
 use crate::model::weights::WeightSource;
 use anyhow::{bail, Context, Result};
 
+mod decode;
+pub use decode::KvCache;
+
 /// Labels at or below this are ignored (Hugging Face uses -100).
 pub const IGNORE: i32 = -100;
 
@@ -81,6 +84,28 @@ struct Weights<B: Backend> {
     final_norm: B::Act,
     /// `None` when the embeddings are tied.
     lm_head: Option<B::Act>,
+}
+
+impl<B: Backend> Weights<B> {
+    /// The norm applied to layer `l`'s output: the next layer's input norm, or the final norm.
+    fn next_norm(&self, l: usize) -> &B::Act {
+        self.layers
+            .get(l + 1)
+            .map_or(&self.final_norm, |n| &n.input_norm)
+    }
+}
+
+/// The directions to project out of layer `l`'s output, when ablation is switched `on`.
+fn layer_dirs<B: Backend>(
+    ablation: &[Option<(B::F32, usize)>],
+    on: bool,
+    l: usize,
+) -> Option<(&B::F32, usize)> {
+    if on {
+        ablation[l].as_ref().map(|(q, k)| (q, *k))
+    } else {
+        None
+    }
 }
 
 /// LoRA parameters, their gradients and AdamW moments, all flat (see `backend::LoraSlot`).
@@ -589,6 +614,7 @@ impl<B: Backend> Model<B> {
                 cfg.num_heads,
                 cfg.head_dim,
                 false,
+                None,
             )?;
             be.rope(
                 &mut la.k,
@@ -598,6 +624,7 @@ impl<B: Backend> Model<B> {
                 cfg.num_kv_heads,
                 cfg.head_dim,
                 false,
+                None,
             )?;
             be.attention_fwd(&mut la.att, &mut la.lse, &la.q, &la.k, &la.v, &shape)?;
             proj(be, &mut a.o, uo, &la.att, &lw.wo, None, Target::O, qw, d)?;
@@ -627,16 +654,8 @@ impl<B: Backend> Model<B> {
             proj(be, &mut la.up, uu, &la.n2, &lw.wu, None, Target::Up, d, f)?;
             be.swiglu(&mut a.act, &la.gate, &la.up)?;
             proj(be, &mut a.o, ud, &a.act, &lw.wd, None, Target::Down, f, d)?;
-            let next_norm = if l + 1 < cfg.num_layers {
-                &w.layers[l + 1].input_norm
-            } else {
-                &w.final_norm
-            };
-            let dirs = if self.ablate {
-                self.ablation[l].as_ref().map(|(q, k)| (q, *k))
-            } else {
-                None
-            };
+            let next_norm = w.next_norm(l);
+            let dirs = layer_dirs::<B>(&self.ablation, self.ablate, l);
             be.residual_ablate_norm(
                 &mut a.resid[l + 1],
                 &mut a.n1[l + 1],
@@ -740,16 +759,8 @@ impl<B: Backend> Model<B> {
         for l in (0..cfg.num_layers).rev() {
             let lw = &w.layers[l];
             let la = &a.layers[l];
-            let next_norm = if l + 1 < cfg.num_layers {
-                &w.layers[l + 1].input_norm
-            } else {
-                &w.final_norm
-            };
-            let dirs = if self.ablate {
-                self.ablation[l].as_ref().map(|(q, k)| (q, *k))
-            } else {
-                None
-            };
+            let next_norm = w.next_norm(l);
+            let dirs = layer_dirs::<B>(&self.ablation, self.ablate, l);
             // Through the layer-output fused op: dres = P(dres + rmsnorm_bwd(dn)).
             be.residual_ablate_norm_bwd(
                 &mut a.dres,
@@ -832,6 +843,7 @@ impl<B: Backend> Model<B> {
                 cfg.num_heads,
                 cfg.head_dim,
                 true,
+                None,
             )?;
             be.rope(
                 &mut a.dk,
@@ -841,6 +853,7 @@ impl<B: Backend> Model<B> {
                 cfg.num_kv_heads,
                 cfg.head_dim,
                 true,
+                None,
             )?;
             let x = &a.n1[l];
             lg.bwd(

@@ -60,24 +60,30 @@ fn string_field<'a>(v: &'a Value, key: &str) -> Result<&'a str> {
         .with_context(|| format!("\"{key}\" must be a string"))
 }
 
+/// Parse a `"messages"` value: a list of `{"role", "content"}` objects with known roles.
+pub fn parse_messages(msgs: &Value) -> Result<Vec<ChatMessage>> {
+    let msgs = msgs
+        .as_array()
+        .context("\"messages\" must be a list of {\"role\", \"content\"} objects")?;
+    let mut out = Vec::with_capacity(msgs.len());
+    for (i, m) in msgs.iter().enumerate() {
+        let role = string_field(m, "role").with_context(|| format!("message {i}"))?;
+        let content = string_field(m, "content").with_context(|| format!("message {i}"))?;
+        if !ROLES.contains(&role) {
+            bail!("message {i} has the unknown role {role:?}; expected one of {ROLES:?}");
+        }
+        out.push(ChatMessage::new(role, content));
+    }
+    Ok(out)
+}
+
 /// Parse one JSONL object into a [`Record`] (see the module docs for the forms).
 pub fn parse_record(v: &Value) -> Result<Record> {
     let obj = v
         .as_object()
         .context("a record must be a JSON object ({\"messages\": ...}, {\"prompt\", \"completion\"}, {\"text\"} or {\"input_ids\"})")?;
     if let Some(msgs) = obj.get("messages") {
-        let msgs = msgs
-            .as_array()
-            .context("\"messages\" must be a list of {\"role\", \"content\"} objects")?;
-        let mut out = Vec::with_capacity(msgs.len());
-        for (i, m) in msgs.iter().enumerate() {
-            let role = string_field(m, "role").with_context(|| format!("message {i}"))?;
-            let content = string_field(m, "content").with_context(|| format!("message {i}"))?;
-            if !ROLES.contains(&role) {
-                bail!("message {i} has the unknown role {role:?}; expected one of {ROLES:?}");
-            }
-            out.push(ChatMessage::new(role, content));
-        }
+        let out = parse_messages(msgs)?;
         if !out.iter().any(|m| m.role == "assistant") {
             bail!("the conversation has no assistant turn to train on");
         }
@@ -139,22 +145,33 @@ pub fn parse_record(v: &Value) -> Result<Record> {
     )
 }
 
-/// Read a JSONL file into records, with errors naming `file:line`.
-pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Record)>> {
+/// Every non-blank line of a JSONL file parsed as JSON, with its 1-based line number; errors
+/// name `file:line`. `what` says what the file is, for the message when it cannot be read.
+pub fn read_json_lines(path: &Path, what: &str) -> Result<Vec<(usize, Value)>> {
     let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading data file {}", path.display()))?;
+        .with_context(|| format!("reading {what} {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
             continue;
         }
-        let at = || format!("{}:{}", path.display(), i + 1);
-        let v: Value =
-            serde_json::from_str(line).with_context(|| format!("{}: malformed JSON", at()))?;
-        out.push((i + 1, parse_record(&v).with_context(at)?));
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: malformed JSON", path.display(), i + 1))?;
+        out.push((i + 1, v));
     }
     Ok(out)
+}
+
+/// Read a JSONL file into records, with errors naming `file:line`.
+pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Record)>> {
+    read_json_lines(path, "data file")?
+        .into_iter()
+        .map(|(line, v)| {
+            let rec = parse_record(&v).with_context(|| format!("{}:{line}", path.display()))?;
+            Ok((line, rec))
+        })
+        .collect()
 }
 
 /// Turns records into examples for one model.

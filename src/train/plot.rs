@@ -13,7 +13,7 @@ const TOP: f64 = 36.0;
 const BOTTOM: f64 = 48.0;
 
 /// "Nice" tick values covering `[lo, hi]` (steps of 1, 2 or 5 times a power of ten).
-fn ticks(lo: f64, hi: f64, want: usize) -> Vec<f64> {
+pub(crate) fn ticks(lo: f64, hi: f64, want: usize) -> Vec<f64> {
     let span = (hi - lo).max(1e-12);
     let raw = span / want.max(1) as f64;
     let mag = 10f64.powf(raw.log10().floor());
@@ -29,7 +29,7 @@ fn ticks(lo: f64, hi: f64, want: usize) -> Vec<f64> {
         .collect()
 }
 
-fn fmt_tick(t: f64) -> String {
+pub(crate) fn fmt_tick(t: f64) -> String {
     if t == 0.0 {
         "0".into()
     } else if t.abs() >= 1000.0 || t.abs() < 0.01 {
@@ -41,7 +41,7 @@ fn fmt_tick(t: f64) -> String {
 }
 
 /// Escape text for SVG.
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

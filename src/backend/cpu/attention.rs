@@ -16,7 +16,7 @@
 
 use super::simd::{exp_f32, exp_shift_sum, max_f32, multiversion};
 use super::{check_len, matmul, matmul_to_ptr, MatRef, SharedMut, Threads};
-use crate::backend::AttnShape;
+use crate::backend::{AttnShape, CacheShape};
 use rayon::prelude::*;
 
 /// Query rows per block.
@@ -340,6 +340,108 @@ pub fn attention_bwd(
     );
 }
 
+/// Generation attention against a key/value cache (see `Backend::attention_cached`): append
+/// the new rows, then one rayon task per new query row computes every head directly (scores,
+/// max-shifted softmax in f64 sums, weighted values). Decoding has one query per sequence, so
+/// there is no block to form a GEMM from; the work is dominated by reading the cache.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    start: &[u32],
+    shape: &CacheShape,
+) {
+    let op = "attention_cached";
+    let CacheShape {
+        batch,
+        new,
+        past,
+        cap,
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+        window,
+    } = *shape;
+    assert!(
+        n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
+        "{op}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}"
+    );
+    assert!(window != Some(0), "{op}: a sliding window of 0 sees no key");
+    assert!(
+        past + new <= cap,
+        "{op}: {past} cached + {new} new rows exceed the capacity {cap}"
+    );
+    assert!(
+        start.len() == batch,
+        "{op}: {} starts for {batch} sequences",
+        start.len()
+    );
+    let (qw, kvw) = (shape.q_width(), shape.kv_width());
+    let rows = batch * new;
+    check_len(op, "out", out.len(), rows * qw);
+    check_len(op, "q", q.len(), rows * qw);
+    check_len(op, "k", k.len(), rows * kvw);
+    check_len(op, "v", v.len(), rows * kvw);
+    check_len(op, "k_cache", k_cache.len(), batch * cap * kvw);
+    check_len(op, "v_cache", v_cache.len(), batch * cap * kvw);
+    for b in 0..batch {
+        let dst = (b * cap + past) * kvw..(b * cap + past + new) * kvw;
+        let src = b * new * kvw..(b + 1) * new * kvw;
+        k_cache[dst.clone()].copy_from_slice(&k[src.clone()]);
+        v_cache[dst].copy_from_slice(&v[src]);
+    }
+    let (kc, vc) = (&*k_cache, &*v_cache);
+    let group = n_heads / n_kv_heads;
+    let scale = 1.0 / (hd as f64).sqrt();
+    out[..rows * qw]
+        .par_chunks_mut(qw)
+        .enumerate()
+        .for_each(|(r, o)| {
+            let b = r / new;
+            let t = past + r % new;
+            let lo = (start[b] as usize).max(first_key(t, window));
+            if lo > t {
+                o.fill(0.0);
+                return;
+            }
+            let mut p = vec![0f64; t + 1 - lo];
+            let mut acc = vec![0f64; hd];
+            for h in 0..n_heads {
+                let kvh = h / group;
+                let qh = &q[r * qw + h * hd..r * qw + (h + 1) * hd];
+                let at = |j: usize| (b * cap + j) * kvw + kvh * hd;
+                let mut m = f64::NEG_INFINITY;
+                for (j, pj) in (lo..=t).zip(p.iter_mut()) {
+                    let s: f32 = qh
+                        .iter()
+                        .zip(&kc[at(j)..at(j) + hd])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    *pj = s as f64 * scale;
+                    m = m.max(*pj);
+                }
+                let mut sum = 0.0;
+                for pj in p.iter_mut() {
+                    *pj = (*pj - m).exp();
+                    sum += *pj;
+                }
+                acc.fill(0.0);
+                for (j, pj) in (lo..=t).zip(&p) {
+                    for (a, &x) in acc.iter_mut().zip(&vc[at(j)..at(j) + hd]) {
+                        *a += pj * x as f64;
+                    }
+                }
+                for (oo, a) in o[h * hd..(h + 1) * hd].iter_mut().zip(&acc) {
+                    *oo = (a / sum) as f32;
+                }
+            }
+        });
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;
@@ -470,6 +572,81 @@ mod tests {
             assert_close(&format!("dq {sh:?}"), &dq, &fd_q, 1e-5);
             assert_close(&format!("dk {sh:?}"), &dk, &fd_k, 1e-5);
             assert_close(&format!("dv {sh:?}"), &dv, &fd_v, 1e-5);
+        }
+    }
+
+    /// The cached path against the f64 definition: sequences of different lengths left-padded
+    /// to a common prompt length, a prefill of the prompt, then one row at a time; every row
+    /// must equal full causal attention over that sequence's own tokens (padding invisible),
+    /// with GQA and with a sliding window. Same 1e-5 bound as the forward.
+    #[test]
+    fn cached_matches_full_attention() {
+        let mut rng = Rng::new(67);
+        for &(nh, nkv, hd, w) in &[(4, 2, 8, None), (3, 3, 16, Some(3)), (6, 1, 4, None)] {
+            let lens = [7usize, 4, 9];
+            let (prompt, steps) = (5, 4);
+            let cap = prompt + steps + 2;
+            let batch = lens.len();
+            let total = prompt + steps; // timeline rows used
+                                        // Each sequence b's tokens occupy timeline rows start[b] .. total.
+            let start: Vec<u32> = lens.iter().map(|&l| (total - l) as u32).collect();
+            let full = shape(1, total, nh, nkv, hd, w);
+            let (qa, ka, va) = inputs(&mut rng, &shape(batch, total, nh, nkv, hd, w));
+            let (qw, kvw) = (full.q_width(), full.kv_width());
+            let cs = |new, past| CacheShape {
+                batch,
+                new,
+                past,
+                cap,
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                window: w,
+            };
+            let mut kc = rng.normal_vec(batch * cap * kvw); // garbage the op must not read
+            let mut vc = rng.normal_vec(batch * cap * kvw);
+            // Rows [t0, t1) of every sequence, batched as the op takes them.
+            let rows = |x: &[f32], width: usize, t0: usize, t1: usize| -> Vec<f32> {
+                (0..batch)
+                    .flat_map(|b| x[(b * total + t0) * width..(b * total + t1) * width].to_vec())
+                    .collect()
+            };
+            let mut got = vec![vec![0f32; 0]; batch];
+            let mut step = |t0: usize, t1: usize, kc: &mut Vec<f32>, vc: &mut Vec<f32>| {
+                let n = t1 - t0;
+                let mut out = vec![f32::NAN; batch * n * qw];
+                attention_cached(
+                    &mut out,
+                    &rows(&qa, qw, t0, t1),
+                    &rows(&ka, kvw, t0, t1),
+                    &rows(&va, kvw, t0, t1),
+                    kc,
+                    vc,
+                    &start,
+                    &cs(n, t0),
+                );
+                for (b, g) in got.iter_mut().enumerate() {
+                    g.extend_from_slice(&out[b * n * qw..(b + 1) * n * qw]);
+                }
+            };
+            step(0, prompt, &mut kc, &mut vc);
+            for t in prompt..total {
+                step(t, t + 1, &mut kc, &mut vc);
+            }
+            for (b, &len) in lens.iter().enumerate() {
+                let s = total - len;
+                let sub = |x: &[f32], width: usize| {
+                    f64s(&x[(b * total + s) * width..(b * total + total) * width])
+                };
+                let one = shape(1, len, nh, nkv, hd, w);
+                let (want, _) = naive(&sub(&qa, qw), &sub(&ka, kvw), &sub(&va, kvw), &one);
+                let g = &got[b];
+                assert!(
+                    g[..s * qw].iter().all(|&x| x == 0.0),
+                    "padding rows are zero"
+                );
+                assert_close("attention_cached", &g[s * qw..], &want, 1e-5);
+            }
         }
     }
 }

@@ -35,6 +35,7 @@ pub fn embedding(out: &mut [f32], table: &[f32], ids: &[u32], d: usize) {
         });
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn rope(
     x: &mut [f32],
     table: &[f32],
@@ -43,6 +44,7 @@ pub fn rope(
     n_heads: usize,
     head_dim: usize,
     inverse: bool,
+    offsets: Option<&[i32]>,
 ) {
     assert!(
         head_dim.is_multiple_of(2),
@@ -51,15 +53,24 @@ pub fn rope(
     let width = n_heads * head_dim;
     let half = head_dim / 2;
     check_len("rope", "x", x.len(), batch * seq * width);
+    if let Some(o) = offsets {
+        check_len("rope", "offsets", o.len(), batch);
+    }
+    // Position of token row `row` (see `Backend::rope`).
+    let pos = |row: usize| match offsets {
+        None => row % seq,
+        Some(o) => (o[row / seq] as i64 + (row % seq) as i64).max(0) as usize,
+    };
+    if width == 0 || batch * seq == 0 {
+        return;
+    }
+    let max_pos = (0..batch * seq).map(pos).max().unwrap_or(0);
     check_len(
         "rope",
         "table (max_pos·head_dim)",
         table.len(),
-        seq * head_dim,
+        (max_pos + 1) * head_dim,
     );
-    if width == 0 {
-        return;
-    }
     // Flipping the sign of sin rotates by -θ.
     let sign = if inverse { -1.0f32 } else { 1.0 };
     x[..batch * seq * width]
@@ -67,7 +78,7 @@ pub fn rope(
         .enumerate()
         .with_min_len(16)
         .for_each(|(row, xr)| {
-            let p = row % seq;
+            let p = pos(row);
             let cs = &table[p * head_dim..(p + 1) * head_dim];
             for head in xr.chunks_exact_mut(head_dim) {
                 let (x1, x2) = head.split_at_mut(half);
@@ -185,10 +196,21 @@ mod tests {
         hd: usize,
         inv: bool,
     ) -> Vec<f64> {
+        naive_rope_at(x, t, n_heads, hd, inv, &|row| row % seq)
+    }
+
+    fn naive_rope_at(
+        x: &[f64],
+        t: &[f32],
+        n_heads: usize,
+        hd: usize,
+        inv: bool,
+        pos: &dyn Fn(usize) -> usize,
+    ) -> Vec<f64> {
         let mut y = x.to_vec();
         let width = n_heads * hd;
         for row in 0..x.len() / width {
-            let p = row % seq;
+            let p = pos(row);
             for h in 0..n_heads {
                 for i in 0..hd / 2 {
                     let c = t[2 * (p * hd / 2 + i)] as f64;
@@ -200,6 +222,28 @@ mod tests {
             }
         }
         y
+    }
+
+    /// Per-sequence offsets (generation): row `t` of sequence `b` at `max(0, off[b] + t)`.
+    #[test]
+    fn rope_with_offsets() {
+        let mut rng = Rng::new(33);
+        let (batch, seq, heads, hd) = (3, 4, 2, 8);
+        let off = [5i32, -2, 0];
+        let t = table(&mut rng, 16, hd);
+        let x = rng.normal_vec(batch * seq * heads * hd);
+        let mut y = x.clone();
+        rope(&mut y, &t, batch, seq, heads, hd, false, Some(&off));
+        let want = naive_rope_at(&f64s(&x), &t, heads, hd, false, &|row| {
+            (off[row / seq] + (row % seq) as i32).max(0) as usize
+        });
+        assert_close("rope offsets", &y, &want, 1e-6);
+        // Offsets of zero are the plain positions.
+        let mut a = x.clone();
+        let mut b = x.clone();
+        rope(&mut a, &t, batch, seq, heads, hd, false, Some(&[0, 0, 0]));
+        rope(&mut b, &t, batch, seq, heads, hd, false, None);
+        assert_eq!(a, b);
     }
 
     /// Forward against f64 (two products and a sum per element: ~1e-7; bound 1e-6), the
@@ -214,7 +258,7 @@ mod tests {
             let t = table(&mut rng, max_pos, hd);
             let x = rng.normal_vec(batch * seq * heads * hd);
             let mut y = x.clone();
-            rope(&mut y, &t, batch, seq, heads, hd, false);
+            rope(&mut y, &t, batch, seq, heads, hd, false, None);
             assert_close(
                 "rope fwd",
                 &y,
@@ -222,7 +266,7 @@ mod tests {
                 1e-6,
             );
             let mut back = y.clone();
-            rope(&mut back, &t, batch, seq, heads, hd, true);
+            rope(&mut back, &t, batch, seq, heads, hd, true, None);
             assert_close("rope inverse(rope)", &back, &f64s(&x), 1e-6);
             let r = rng.normal_vec(x.len());
             let r64 = f64s(&r);
@@ -230,7 +274,7 @@ mod tests {
                 dot(&naive_rope(x, &t, seq, heads, hd, false), &r64)
             });
             let mut g = r.clone();
-            rope(&mut g, &t, batch, seq, heads, hd, true);
+            rope(&mut g, &t, batch, seq, heads, hd, true, None);
             assert_close("rope gradient", &g, &fd, 1e-6);
         }
     }

@@ -25,7 +25,7 @@ mod simd;
 #[cfg(test)]
 mod testutil;
 
-use super::{AdamStep, AttnShape, Backend, LoraSlot};
+use super::{AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
 use anyhow::Result;
 
 /// The f32 reference backend. Stateless: it uses rayon's global thread pool (size it with
@@ -400,8 +400,9 @@ impl Backend for CpuBackend {
         n_heads: usize,
         head_dim: usize,
         inverse: bool,
+        offsets: Option<&[i32]>,
     ) -> Result<()> {
-        elementwise::rope(x, table, batch, seq, n_heads, head_dim, inverse);
+        elementwise::rope(x, table, batch, seq, n_heads, head_dim, inverse, offsets);
         Ok(())
     }
 
@@ -415,6 +416,21 @@ impl Backend for CpuBackend {
         shape: &AttnShape,
     ) -> Result<()> {
         attention::attention_fwd(out, lse, q, k, v, shape);
+        Ok(())
+    }
+
+    fn attention_cached(
+        &self,
+        out: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        k_cache: &mut Vec<f32>,
+        v_cache: &mut Vec<f32>,
+        start: &[u32],
+        shape: &CacheShape,
+    ) -> Result<()> {
+        attention::attention_cached(out, q, k, v, k_cache, v_cache, start, shape);
         Ok(())
     }
 

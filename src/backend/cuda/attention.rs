@@ -1,5 +1,6 @@
 //! Host side of `kernels/attention.cu`: causal (optionally sliding-window) attention with GQA,
-//! forward and deterministic backward.
+//! forward and deterministic backward; and attention against a key/value cache for generation
+//! ([`attention_cached`], planned by [`cached_plan`]).
 //!
 //! Kernel choice: bf16 with `head_dim` 64 or 128 runs the tensor-core (FlashAttention-2 style)
 //! kernels `*_hd64_bf16` / `*_hd128_bf16`; every other case (f32, or bf16 with another head
@@ -23,7 +24,7 @@
 //! call; a caller that wants no allocation in the training step can later pass a workspace.
 
 use super::runtime::{DeviceElem, Runtime};
-use crate::backend::AttnShape;
+use crate::backend::{AttnShape, CacheShape};
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{sys::CUfunction_attribute, CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -400,6 +401,300 @@ pub fn attention_bwd<T: DeviceElem>(
     Ok(())
 }
 
+// ---- generation: attention against a key/value cache -------------------------------------------
+
+/// Query vectors (new rows x query heads of one kv head) per CTA of `attention_cached_*`
+/// (`ACACHE_QMAX` in attention.cu).
+const CACHED_QMAX: usize = 8;
+/// Key tiles the cached kernel takes, largest first (`ACACHE_MAX_KT` is the first); each divides
+/// [`THREADS`].
+const CACHED_KEY_TILES: [usize; 3] = [64, 32, 16];
+/// Shared memory budget of the double-buffered K/V staging when picking the key tile: with the
+/// rest (~6 KB) it leaves room for three CTAs per SM on Hopper, two on Ampere.
+const CACHED_KV_SMEM: usize = 72 * 1024;
+/// CTAs per SM the key-split heuristic aims for (enough loads in flight to stream the cache).
+const CACHED_CTAS_PER_SM: usize = 2;
+/// Most key splits of one call (bounds the workspace and the combine's loop).
+const CACHED_MAX_SPLITS: usize = 64;
+
+/// How one [`attention_cached`] call is cut into CTAs, from [`cached_plan`] (the numbers are the
+/// kernel's `rows_per_cta`, `heads_per_cta`, `splits` and `kt` arguments).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedPlan {
+    /// New rows of one sequence per CTA (1 when decoding).
+    pub rows_per_cta: usize,
+    /// Query heads of one kv head per CTA (the whole group unless it exceeds 8).
+    pub heads_per_cta: usize,
+    /// Pieces the key range of each CTA's rows is cut into (1 unless the grid would not fill
+    /// the GPU); their partial results are merged by a second kernel.
+    pub splits: usize,
+    /// Keys per shared-memory tile.
+    pub key_tile: usize,
+    /// f32 elements of workspace the splits need (0 when `splits == 1`).
+    pub workspace: usize,
+    /// Integer scalars of the attention kernel: window (0 = none).
+    window: i32,
+    append: Launch,
+    attend: Launch,
+    combine: Option<Launch>,
+}
+
+/// Validate a cached-attention shape (mirrors the CPU reference's checks, plus the kernels'
+/// 32-bit indices and grid limits) and plan its launches for a GPU with `sm_count` SMs.
+///
+/// The key split depends on `sm_count`, so results are bit-identical run to run on one GPU
+/// model but may differ in the last bits between GPUs with different SM counts.
+pub fn cached_plan(shape: &CacheShape, suffix: &str, sm_count: usize) -> Result<CachedPlan> {
+    let CacheShape {
+        batch,
+        new,
+        past,
+        cap,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        window,
+    } = *shape;
+    ensure!(
+        n_heads > 0 && n_kv_heads > 0 && head_dim > 0,
+        "attention_cached: n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) and head_dim \
+         ({head_dim}) must be positive"
+    );
+    ensure!(
+        n_heads.is_multiple_of(n_kv_heads),
+        "attention_cached: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
+    );
+    ensure!(
+        head_dim <= MAX_GENERIC_HEAD_DIM,
+        "attention_cached: head_dim {head_dim} is above the supported maximum \
+         {MAX_GENERIC_HEAD_DIM}"
+    );
+    if window == Some(0) {
+        bail!("attention_cached: a sliding window of 0 lets a row see no key; use None");
+    }
+    ensure!(
+        past + new <= cap,
+        "attention_cached: {past} cached + {new} new rows exceed the capacity {cap}"
+    );
+    ensure!(
+        cap < 1 << 30
+            && n_heads.saturating_mul(head_dim) <= i32::MAX as usize
+            && batch.saturating_mul(new) <= i32::MAX as usize,
+        "attention_cached: shape {shape:?} exceeds the kernels' 32-bit indices"
+    );
+
+    let elem = if suffix == "f32" { 4 } else { 2 };
+    let vec = 16 / elem;
+    let dpad = head_dim.div_ceil(vec) * vec;
+    // Shared K/V rows are an odd number of 16-byte chunks apart (bank-conflict-free reads).
+    let sd = ((dpad / vec) | 1) * vec;
+    let kv_bytes = |kt: usize| 4 * kt * sd * elem;
+    let key_tile = CACHED_KEY_TILES
+        .into_iter()
+        .find(|&kt| kv_bytes(kt) <= CACHED_KV_SMEM)
+        .unwrap_or(CACHED_KEY_TILES[2]);
+    let smem = kv_bytes(key_tile) + 4 * CACHED_QMAX * (dpad + key_tile + 3);
+
+    let group = n_heads / n_kv_heads;
+    // As few head chunks as the CTA's query vectors allow, of near-equal size, none empty.
+    let heads_per_cta = group.div_ceil(group.div_ceil(CACHED_QMAX));
+    let hchunks = group.div_ceil(heads_per_cta);
+    let rows_per_cta = (CACHED_QMAX / heads_per_cta).clamp(1, new.max(1));
+    let row_tiles = new.div_ceil(rows_per_cta);
+    ensure!(
+        n_kv_heads * hchunks <= 65535 && batch <= 65535,
+        "attention_cached: n_kv_heads ({n_kv_heads}) x head chunks ({hchunks}) and batch \
+         ({batch}) must be at most 65535 (CUDA grid)"
+    );
+    let ctas = row_tiles * n_kv_heads * hchunks * batch;
+    // Keys one CTA may visit: the union of its rows' ranges.
+    let keys = (past + new).min(window.map_or(usize::MAX, |w| w.saturating_add(rows_per_cta - 1)));
+    let target = CACHED_CTAS_PER_SM * sm_count.max(1);
+    let splits = if ctas == 0 || ctas >= target {
+        1
+    } else {
+        target
+            .div_ceil(ctas)
+            .min(keys.div_ceil(key_tile))
+            .clamp(1, CACHED_MAX_SPLITS)
+    };
+    let rows = batch * new;
+    let kv_width = n_kv_heads * head_dim;
+    let append_items = rows
+        * if kv_width.is_multiple_of(vec) {
+            kv_width / vec
+        } else {
+            kv_width
+        };
+    let flat = |items: usize| {
+        (
+            items.div_ceil(THREADS as usize).clamp(1, 65535) as u32,
+            1,
+            1,
+        )
+    };
+    Ok(CachedPlan {
+        rows_per_cta,
+        heads_per_cta,
+        splits,
+        key_tile,
+        workspace: if splits > 1 {
+            splits * rows * n_heads * (head_dim + 2)
+        } else {
+            0
+        },
+        window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
+        append: Launch {
+            name: format!("attention_cache_append_{suffix}"),
+            grid: flat(append_items),
+            smem: 0,
+        },
+        attend: Launch {
+            name: format!("attention_cached_{suffix}"),
+            grid: (
+                (row_tiles * splits) as u32,
+                (n_kv_heads * hchunks) as u32,
+                batch as u32,
+            ),
+            smem: smem as u32,
+        },
+        combine: (splits > 1).then(|| Launch {
+            name: format!("attention_cached_combine_{suffix}"),
+            grid: flat(rows * n_heads * head_dim),
+            smem: 0,
+        }),
+    })
+}
+
+/// Attention of new rows against a per-sequence key/value cache, as
+/// [`crate::backend::Backend::attention_cached`] specifies: appends `k`, `v` (`[batch*new,
+/// kv_width]`) to timeline rows `past .. past+new` of `k_cache`, `v_cache` (`[batch*cap,
+/// kv_width]`), then writes `out` (`[batch*new, q_width]`). `start` holds the `batch` first
+/// timeline rows of the sequences (device copy); `workspace` holds at least
+/// `plan.workspace` f32 (needed only when `plan.splits > 1`). `plan` must come from
+/// [`cached_plan`] for this `shape` and `T::SUFFIX`.
+///
+/// Three launches on `rt.stream` (append, attention, and the split merge when there are splits);
+/// nothing is synchronised. Deterministic for a given plan.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached<T: DeviceElem>(
+    rt: &Runtime,
+    plan: &CachedPlan,
+    out: &mut CudaSlice<T>,
+    q: &CudaSlice<T>,
+    k: &CudaSlice<T>,
+    v: &CudaSlice<T>,
+    k_cache: &mut CudaSlice<T>,
+    v_cache: &mut CudaSlice<T>,
+    start: &CudaSlice<u32>,
+    workspace: Option<&CudaSlice<f32>>,
+    shape: &CacheShape,
+) -> Result<()> {
+    let rows = shape.batch * shape.new;
+    let (nq, nkv) = (rows * shape.q_width(), rows * shape.kv_width());
+    let q_layout = "[batch*new, n_heads*head_dim]";
+    let kv_layout = "[batch*new, n_kv_heads*head_dim]";
+    check_len("q", q.len(), nq, q_layout)?;
+    check_len("k", k.len(), nkv, kv_layout)?;
+    check_len("v", v.len(), nkv, kv_layout)?;
+    check_len("out", out.len(), nq, q_layout)?;
+    let cache_len = shape.batch * shape.cap * shape.kv_width();
+    let cache_layout = "[batch*cap, n_kv_heads*head_dim]";
+    check_len("k_cache", k_cache.len(), cache_len, cache_layout)?;
+    check_len("v_cache", v_cache.len(), cache_len, cache_layout)?;
+    ensure!(
+        start.len() >= shape.batch,
+        "attention_cached: {} sequence starts on the device for a batch of {}",
+        start.len(),
+        shape.batch
+    );
+    let ws_len = workspace.map_or(0, |w| w.len());
+    ensure!(
+        ws_len >= plan.workspace,
+        "attention_cached: workspace of {ws_len} f32, the plan needs {}",
+        plan.workspace
+    );
+    if rows == 0 {
+        return Ok(());
+    }
+    let (new, past, cap) = (shape.new as i32, shape.past as i32, shape.cap as i32);
+    let (n_heads, n_kv_heads, head_dim) = (
+        shape.n_heads as i32,
+        shape.n_kv_heads as i32,
+        shape.head_dim as i32,
+    );
+    let kv_ld = shape.kv_width() as i32;
+
+    let f = prepare(rt, &plan.append)?;
+    let rows_ll = rows as i64;
+    let mut args = rt.stream.launch_builder(&f);
+    args.arg(&mut *k_cache)
+        .arg(&mut *v_cache)
+        .arg(k)
+        .arg(v)
+        .arg(&rows_ll)
+        .arg(&new)
+        .arg(&past)
+        .arg(&cap)
+        .arg(&kv_ld);
+    // SAFETY: matches ATTN_APPEND_ARGS (k_cache, v_cache, k, v, long long rows, then four i32);
+    // k, v hold rows·kv_ld and the caches batch·cap·kv_ld elements (checked), and every written
+    // row b·cap + past + i < b·cap + cap since past + new <= cap (checked by cached_plan).
+    unsafe { rt.launch(&plan.append.name, plan.append.config(), args) }?;
+
+    let ws_ptr = workspace.map_or(0u64, |w| rt.ptr(w));
+    let start_ptr = rt.ptr(start);
+    let scale = (1.0 / (shape.head_dim as f64).sqrt()) as f32;
+    let (rows_per_cta, heads_per_cta, splits, kt) = (
+        plan.rows_per_cta as i32,
+        plan.heads_per_cta as i32,
+        plan.splits as i32,
+        plan.key_tile as i32,
+    );
+    let f = prepare(rt, &plan.attend)?;
+    let mut args = rt.stream.launch_builder(&f);
+    args.arg(&mut *out)
+        .arg(&ws_ptr)
+        .arg(q)
+        .arg(&*k_cache)
+        .arg(&*v_cache)
+        .arg(&start_ptr)
+        .arg(&new)
+        .arg(&past)
+        .arg(&cap)
+        .arg(&n_heads)
+        .arg(&n_kv_heads)
+        .arg(&head_dim)
+        .arg(&plan.window)
+        .arg(&scale)
+        .arg(&rows_per_cta)
+        .arg(&heads_per_cta)
+        .arg(&splits)
+        .arg(&kt);
+    // SAFETY: matches ATTN_CACHED_ARGS in order and type; q, out, caches checked above, start
+    // holds >= batch u32; with splits > 1 the workspace holds splits·rows·n_heads·(head_dim + 2)
+    // f32 (checked against the plan), which is what the kernel indexes; the grid and shared
+    // memory come from cached_plan, which mirrors the kernel's layout (the kernel traps if the
+    // shared memory is short). The kernel reads cache rows < past + new of each sequence only.
+    unsafe { rt.launch(&plan.attend.name, plan.attend.config(), args) }?;
+
+    if let Some(combine) = &plan.combine {
+        let f = prepare(rt, combine)?;
+        let rows_i = rows as i32;
+        let mut args = rt.stream.launch_builder(&f);
+        args.arg(&mut *out)
+            .arg(&ws_ptr)
+            .arg(&rows_i)
+            .arg(&n_heads)
+            .arg(&head_dim)
+            .arg(&splits);
+        // SAFETY: matches ATTN_COMBINE_ARGS; out holds rows·n_heads·head_dim elements and the
+        // workspace the splits' outputs and (m, l) pairs written by the launch above.
+        unsafe { rt.launch(&combine.name, combine.config(), args) }?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,6 +776,115 @@ mod tests {
         assert_eq!(sc.scale, 0.125);
     }
 
+    fn cache_shape(
+        batch: usize,
+        new: usize,
+        past: usize,
+        heads: (usize, usize),
+        head_dim: usize,
+        window: Option<usize>,
+    ) -> CacheShape {
+        CacheShape {
+            batch,
+            new,
+            past,
+            cap: past + new + 5,
+            n_heads: heads.0,
+            n_kv_heads: heads.1,
+            head_dim,
+            window,
+        }
+    }
+
+    #[test]
+    fn cached_plan_splits_decoding_and_tiles_prefill() {
+        // SmolLM2 decoding one sequence on 132 SMs: 3 CTAs (one per kv head, all 3 query heads
+        // each) would idle the GPU; 264 wanted, but 1001 keys make only 16 tiles of 64: 16 splits.
+        let p = cached_plan(&cache_shape(1, 1, 1000, (9, 3), 64, None), "bf16", 132).unwrap();
+        assert_eq!((p.rows_per_cta, p.heads_per_cta, p.key_tile), (1, 3, 64));
+        assert_eq!(p.splits, 16);
+        assert_eq!(p.attend.grid, (16, 3, 1));
+        assert_eq!(p.workspace, 16 * 9 * (64 + 2));
+        assert_eq!(p.attend.name, "attention_cached_bf16");
+        assert_eq!(p.append.name, "attention_cache_append_bf16");
+        let combine = p.combine.expect("splits need the merge");
+        assert_eq!(combine.name, "attention_cached_combine_bf16");
+        assert_eq!(combine.grid, (((9 * 64) as u32).div_ceil(THREADS), 1, 1));
+        // K/V: 2 buffers x (K, V) x 64 keys x 72 bf16 (9 chunks: odd); f32 Q (8 x 64),
+        // scores (8 x 64), alpha, m, l (8 each).
+        assert_eq!(
+            p.attend.smem as usize,
+            4 * 64 * 72 * 2 + 4 * 8 * (64 + 64 + 3)
+        );
+        // A sliding window bounds the keys: 100 keys, two tiles, two splits.
+        let w = cache_shape(1, 1, 8000, (9, 3), 64, Some(100));
+        assert_eq!(cached_plan(&w, "bf16", 132).unwrap().splits, 2);
+        // 64 sequences decoding fill the GPU without splits.
+        let p = cached_plan(&cache_shape(64, 1, 4000, (16, 8), 128, None), "bf16", 132).unwrap();
+        assert_eq!((p.splits, p.workspace), (1, 0));
+        assert!(p.combine.is_none());
+        assert_eq!(p.attend.grid, (1, 8, 64));
+
+        // Prefill of 64 prompts of 2048: 2 rows x 3 heads per CTA, no split.
+        let p = cached_plan(&cache_shape(64, 2048, 0, (9, 3), 64, None), "bf16", 132).unwrap();
+        assert_eq!((p.rows_per_cta, p.heads_per_cta, p.splits), (2, 3, 1));
+        assert_eq!(p.attend.grid, (1024, 3, 64));
+        // MHA: 8 rows per CTA; a short prefill that leaves the GPU idle splits its keys too.
+        let p = cached_plan(&cache_shape(1, 100, 0, (4, 4), 64, None), "f32", 132).unwrap();
+        assert_eq!((p.rows_per_cta, p.heads_per_cta), (8, 1));
+        assert_eq!(p.attend.grid, (13 * 2, 4, 1));
+        // A group of 10 query heads is served by two CTAs of 5.
+        let p = cached_plan(&cache_shape(2, 1, 10, (20, 2), 128, None), "f32", 132).unwrap();
+        assert_eq!((p.heads_per_cta, p.attend.grid.1), (5, 4));
+    }
+
+    #[test]
+    fn cached_key_tile_fits_the_shared_memory_budget() {
+        for (suffix, d, kt) in [
+            ("bf16", 64, 64),
+            ("bf16", 128, 64),
+            ("bf16", 256, 32),
+            ("f32", 64, 64),
+            ("f32", 128, 32),
+            ("f32", 256, 16),
+            ("bf16", 18, 64),
+            ("f32", 18, 64),
+        ] {
+            let p = cached_plan(&cache_shape(1, 1, 0, (2, 1), d, None), suffix, 132).unwrap();
+            assert_eq!(p.key_tile, kt, "{suffix} head_dim {d}");
+            assert!(
+                p.attend.smem <= 100 * 1024,
+                "{suffix} head_dim {d}: {}",
+                p.attend.smem
+            );
+        }
+    }
+
+    #[test]
+    fn cached_plan_rejects_bad_shapes() {
+        let ok = cache_shape(2, 3, 4, (4, 2), 64, None);
+        assert!(cached_plan(&ok, "bf16", 132).is_ok());
+        let bad = [
+            CacheShape { cap: 6, ..ok },     // 4 cached + 3 new > 6
+            CacheShape { n_heads: 3, ..ok }, // 3 heads over 2 kv heads
+            CacheShape {
+                head_dim: 320,
+                ..ok
+            }, // head dim too large
+            CacheShape {
+                window: Some(0),
+                ..ok
+            }, // sees nothing
+            CacheShape {
+                n_kv_heads: 0,
+                ..ok
+            },
+        ];
+        for s in bad {
+            assert!(cached_plan(&s, "bf16", 132).is_err(), "{s:?}");
+        }
+    }
+
     /// Every kernel the host can pick exists in the module, for sm_80 and sm_90a, without
     /// register spills. Needs libnvrtc (not a GPU); skipped with a notice when it is absent.
     #[test]
@@ -496,6 +900,11 @@ mod tests {
                 wanted.push(forward_launch(&s, suffix).name);
                 wanted.extend(backward_launches(&s, suffix).map(|l| l.name));
             }
+        }
+        for suffix in ["bf16", "f32"] {
+            let p = cached_plan(&cache_shape(1, 1, 1000, (9, 3), 64, None), suffix, 132).unwrap();
+            wanted.extend([p.append.name, p.attend.name]);
+            wanted.extend(p.combine.map(|c| c.name));
         }
         wanted.sort();
         wanted.dedup();

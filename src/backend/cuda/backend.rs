@@ -11,7 +11,7 @@
 use super::attention;
 use super::gemm::{DType, Gemm, Operand, Output};
 use super::runtime::{DeviceElem, Runtime};
-use crate::backend::{AdamStep, AttnShape, Backend, LoraSlot};
+use crate::backend::{AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{
     sys::CUfunction_attribute, CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -38,8 +38,13 @@ const DEFAULT_SMEM: usize = 48 * 1024;
 struct Scratch<T> {
     ids: Option<CudaSlice<u32>>,
     targets: Option<CudaSlice<i32>>,
+    /// Per-sequence rope offsets and cache starts (generation).
+    offsets: Option<CudaSlice<i32>>,
+    starts: Option<CudaSlice<u32>>,
     row_loss: Option<CudaSlice<f32>>,
     partial: Option<CudaSlice<f32>>,
+    /// Per-split partial outputs of `attention_cached` (decoding small batches).
+    attn_splits: Option<CudaSlice<f32>>,
     /// `T` copies of LoRA `A`, `B`, `u` and `du` (used when `T` is not f32).
     lora: [Option<CudaSlice<T>>; 4],
 }
@@ -125,8 +130,11 @@ impl<T: DeviceElem> CudaBackend<T> {
             scratch: Mutex::new(Scratch {
                 ids: None,
                 targets: None,
+                offsets: None,
+                starts: None,
                 row_loss: None,
                 partial: None,
+                attn_splits: None,
                 lora: [None, None, None, None],
             }),
             _elem: PhantomData,
@@ -755,6 +763,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         n_heads: usize,
         head_dim: usize,
         inverse: bool,
+        offsets: Option<&[i32]>,
     ) -> Result<()> {
         assert!(
             head_dim.is_multiple_of(2),
@@ -762,11 +771,33 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         );
         let rows = batch * seq;
         check_len("rope", "x", x.len(), rows * n_heads * head_dim);
-        check_min("rope", "table", table.len(), seq * head_dim);
+        let max_pos = match offsets {
+            None => seq.max(1) - 1,
+            Some(o) => {
+                check_len("rope", "offsets", o.len(), batch);
+                o.iter()
+                    .map(|&p| (p as i64 + seq as i64 - 1).max(0) as usize)
+                    .max()
+                    .unwrap_or(0)
+            }
+        };
+        check_min("rope", "table", table.len(), (max_pos + 1) * head_dim);
         let total = rows * n_heads * head_dim / 2;
         if total == 0 {
             return Ok(());
         }
+        let mut sc = self.scratch();
+        let offsets_ptr = match offsets {
+            None => 0u64,
+            Some(o) => {
+                let dev = ensure(&self.rt, &mut sc.offsets, o.len())?;
+                self.rt
+                    .stream
+                    .memcpy_htod(o, &mut dev.slice_mut(0..o.len()))
+                    .context("uploading rope offsets")?;
+                self.rt.ptr(&*dev)
+            }
+        };
         let (f, name) = self.func("elementwise", "rope")?;
         let (xp, tp) = (self.rt.ptr(x), self.rt.ptr(table));
         let rows_i = rows as i64;
@@ -779,6 +810,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         let mut args = self.rt.stream.launch_builder(&f);
         args.arg(&xp)
             .arg(&tp)
+            .arg(&offsets_ptr)
             .arg(&rows_i)
             .arg(&seq_i)
             .arg(&nh_i)
@@ -789,8 +821,9 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             block_dim: (FLAT_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: rope(T* x, const float* table, long long rows, int seq, int n_heads, int hd,
-        // float sign): x holds rows·n_heads·hd, table at least seq·hd/2 (cos, sin) pairs.
+        // SAFETY: rope(T* x, const float* table, const int* offsets, long long rows, int seq,
+        // int n_heads, int hd, float sign): x holds rows·n_heads·hd, table covers every
+        // position used (checked above), offsets is null or holds `batch` ints.
         unsafe { self.rt.launch(&name, cfg, args) }
     }
 
@@ -805,6 +838,38 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         shape: &AttnShape,
     ) -> Result<()> {
         attention::attention_fwd::<T>(&self.rt, out, lse, q, k, v, shape)
+    }
+
+    fn attention_cached(
+        &self,
+        out: &mut Self::Act,
+        q: &Self::Act,
+        k: &Self::Act,
+        v: &Self::Act,
+        k_cache: &mut Self::Act,
+        v_cache: &mut Self::Act,
+        start: &[u32],
+        shape: &CacheShape,
+    ) -> Result<()> {
+        check_len("attention_cached", "start", start.len(), shape.batch);
+        let plan = attention::cached_plan(shape, T::SUFFIX, self.rt.sm_count())?;
+        if shape.batch * shape.new == 0 {
+            return Ok(());
+        }
+        let mut guard = self.scratch();
+        let sc = &mut *guard;
+        let starts = ensure(&self.rt, &mut sc.starts, start.len())?;
+        self.rt
+            .stream
+            .memcpy_htod(start, &mut starts.slice_mut(0..start.len()))
+            .context("uploading sequence starts")?;
+        let workspace = match plan.workspace {
+            0 => None,
+            len => Some(&*ensure(&self.rt, &mut sc.attn_splits, len)?),
+        };
+        attention::attention_cached::<T>(
+            &self.rt, &plan, out, q, k, v, k_cache, v_cache, starts, workspace, shape,
+        )
     }
 
     fn attention_bwd(

@@ -17,7 +17,7 @@
 use super::backend::CudaBackend;
 use super::runtime::DeviceElem;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AdamStep, AttnShape, Backend, LoraSlot};
+use crate::backend::{AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
 use crate::util::rng::Rng;
 use anyhow::{Context, Result};
 
@@ -385,7 +385,7 @@ body!(RopeCase { x: Vec<f32>, table: Vec<f32>, batch: usize, seq: usize, n_heads
                  head_dim: usize, inverse: bool } |self, b| {
     let mut x = b.upload_act(&self.x)?;
     let t = b.upload_f32(&self.table)?;
-    b.rope(&mut x, &t, self.batch, self.seq, self.n_heads, self.head_dim, self.inverse)?;
+    b.rope(&mut x, &t, self.batch, self.seq, self.n_heads, self.head_dim, self.inverse, None)?;
     Ok(vec![b.download_act(&x)?])
 });
 
@@ -416,6 +416,45 @@ body!(AttnBwdCase { q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, dout: Vec<f32>, shape
     let mut dv = b.upload_act(&nan(s.rows() * s.kv_width()))?;
     b.attention_bwd(&mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s)?;
     Ok(vec![b.download_act(&dq)?, b.download_act(&dk)?, b.download_act(&dv)?])
+});
+
+body!(AttnCachedCase { q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, start: Vec<u32>,
+                       shape: CacheShape, chunks: Vec<usize> } |self, b| {
+    // Generation as the model runs it: the caches start NaN-poisoned (a read of a row that was
+    // never written shows up as NaN), then one call per chunk of new rows (a prefill, possibly in
+    // pieces, then single-row decoding steps). q, k, v hold every sequence's whole timeline,
+    // [batch, total, width]; outputs are each call's `out`, then the written cache rows.
+    let s = self.shape;
+    let total: usize = self.chunks.iter().sum();
+    let (qw, kvw) = (s.q_width(), s.kv_width());
+    let rows = |x: &[f32], width: usize, t0: usize, n: usize| -> Vec<f32> {
+        (0..s.batch)
+            .flat_map(|bb| x[(bb * total + t0) * width..(bb * total + t0 + n) * width].to_vec())
+            .collect()
+    };
+    let mut kc = b.upload_act(&nan(s.batch * s.cap * kvw))?;
+    let mut vc = b.upload_act(&nan(s.batch * s.cap * kvw))?;
+    let mut outs = Vec::new();
+    let mut past = 0;
+    for &n in &self.chunks {
+        let q = b.upload_act(&rows(&self.q, qw, past, n))?;
+        let k = b.upload_act(&rows(&self.k, kvw, past, n))?;
+        let v = b.upload_act(&rows(&self.v, kvw, past, n))?;
+        let mut out = b.upload_act(&nan(s.batch * n * qw))?;
+        let sh = CacheShape { new: n, past, ..s };
+        b.attention_cached(&mut out, &q, &k, &v, &mut kc, &mut vc, &self.start, &sh)?;
+        outs.push(b.download_act(&out)?);
+        past += n;
+    }
+    for c in [&kc, &vc] {
+        let c = b.download_act(c)?;
+        outs.push(
+            (0..s.batch)
+                .flat_map(|bb| c[bb * s.cap * kvw..(bb * s.cap + total) * kvw].to_vec())
+                .collect(),
+        );
+    }
+    Ok(outs)
 });
 
 body!(SwigluCase { gate: Vec<f32>, up: Vec<f32> } |self, b| {
@@ -490,6 +529,52 @@ fn attn_shape(s: &Shape, window: Option<usize>) -> AttnShape {
         n_kv_heads: s.n_kv_heads,
         head_dim: s.head_dim,
         window,
+    }
+}
+
+/// A generation sequence for `attention_cached`: `batch` sequences left-padded to a common
+/// prompt (sequence 0 unpadded, the last one a single prompt token, the others half padding),
+/// the prompt fed in `prefill` chunks, then `steps` single-row decoding steps; the cache has a
+/// few spare rows.
+#[allow(clippy::too_many_arguments)]
+fn cached_case(
+    g: &mut Draw<'_>,
+    batch: usize,
+    prefill: &[usize],
+    steps: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    window: Option<usize>,
+) -> AttnCachedCase {
+    let prompt: usize = prefill.iter().sum();
+    let mut chunks = prefill.to_vec();
+    chunks.extend(std::iter::repeat_n(1, steps));
+    let total = prompt + steps;
+    let start = (0..batch)
+        .map(|b| match b {
+            0 => 0,
+            b if b + 1 == batch => prompt - 1,
+            _ => prompt / 2,
+        } as u32)
+        .collect();
+    let shape = CacheShape {
+        batch,
+        new: 0,
+        past: 0,
+        cap: total + 3,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        window,
+    };
+    AttnCachedCase {
+        q: g.act(batch * total * shape.q_width(), 1.0),
+        k: g.act(batch * total * shape.kv_width(), 1.0),
+        v: g.act(batch * total * shape.kv_width(), 1.0),
+        start,
+        shape,
+        chunks,
     }
 }
 
@@ -735,6 +820,50 @@ const CASES: &[Case] = &[
             dout: g.act(sh.rows() * sh.q_width(), 1.0),
             shape: sh,
         }
+    }),
+    // Cached attention. With 132 SMs (H200) the decoding steps of the first case's largest
+    // shape and of the last two cases split their keys (merge kernel); "long" also splits its
+    // multi-row prefill chunks; odd head dims take the scalar (non-16-byte) load path.
+    case!("attention_cached", |s, g| {
+        // The shape's GQA and head dim, a one-call prefill, no window.
+        cached_case(
+            g,
+            s.batch + 1,
+            &[s.seq],
+            3,
+            s.n_heads,
+            s.n_kv_heads,
+            s.head_dim,
+            None,
+        )
+    }),
+    case!("attention_cached_window", |s, g| {
+        // MHA (8 rows per CTA), a head dim that is no multiple of 4 or 8, a sliding window.
+        let h = s.n_heads;
+        let window = Some(s.seq / 3 + 1);
+        cached_case(
+            g,
+            s.batch + 1,
+            &[s.seq],
+            3,
+            h,
+            h,
+            s.head_dim / 2 + 2,
+            window,
+        )
+    }),
+    case!("attention_cached_long", |s, g| {
+        // A few hundred keys, the prefill in two calls (the second with past > 0), a window
+        // shorter than the sequence, head dims up to 256 (smaller key tiles).
+        let prompt = 256 + s.seq;
+        let hd = (4 * s.head_dim).min(256);
+        let chunks = [prompt / 2 + 1, prompt - prompt / 2 - 1];
+        cached_case(g, 2, &chunks, 3, 4, 2, hd, Some(3 * prompt / 4))
+    }),
+    case!("attention_cached_wide_group", |s, g| {
+        // One kv head shared by more than 8 query heads: split over two CTAs.
+        let prompt = 70 + s.seq;
+        cached_case(g, s.batch, &[prompt], 2, s.n_heads + 7, 1, s.head_dim, None)
     }),
     case!("swiglu", |s, g| {
         SwigluCase {

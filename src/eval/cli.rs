@@ -1,0 +1,221 @@
+//! Arguments of `caft-fast eval` and the thin glue from them to the library.
+
+use crate::cli::{parse_layers, Device};
+use crate::eval::loss::LossOptions;
+use crate::eval::task::TaskConfig;
+use crate::eval::{loss, mc, task, ModelSpec};
+use crate::train::config::TrainOn;
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    #[command(subcommand)]
+    pub cmd: EvalCmd,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum EvalCmd {
+    /// Multiple-choice accuracy: each option scored by the logit of its first token after the
+    /// prompt; accuracy per split and overall, as a table and as JSON with every prediction.
+    Mc(McArgs),
+    /// Mean cross-entropy and perplexity on the assistant tokens of held-out chat data,
+    /// masked exactly as `train` masks them.
+    Loss(LossArgs),
+    /// Write the double multiple-choice spurious-correlation task (animal vs. sentiment):
+    /// train.jsonl (chat), test.jsonl (multiple choice, splits id and ood), probes.jsonl
+    /// (sentiment sentences) and task.json.
+    MakeTask(MakeTaskArgs),
+    /// Compare `mc` results: a markdown table and an SVG grouped bar chart of the accuracy of
+    /// each split per run (axis 0-100%, chance line at 50%).
+    Chart(crate::eval::chart::ChartArgs),
+}
+
+/// The model to evaluate.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Base model: a Hugging Face folder or a GGUF file [default: SmolLM2-135M-Instruct].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder (e.g. <train output>/adapter) [default: the base model].
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Ablate these directions (safetensors `layer.<L>` [k, d_model]) while evaluating.
+    /// Training ablates; inference normally does not.
+    #[arg(long, value_name = "FILE")]
+    pub ablate: Option<PathBuf>,
+    /// Keep only these layers of --ablate: 10,20.
+    #[arg(long, requires = "ablate")]
+    pub ablate_layers: Option<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: Device,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl ModelArgs {
+    pub fn spec(&self) -> Result<ModelSpec> {
+        Ok(ModelSpec {
+            model: self.model.clone(),
+            adapter: self.adapter.clone(),
+            ablate: self.ablate.clone(),
+            ablate_layers: self
+                .ablate_layers
+                .as_deref()
+                .map(parse_layers)
+                .transpose()?,
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(after_long_help = "\
+Data: one JSON object a line:
+  {\"id\": \"q1\", \"messages\": [{\"role\": \"user\", \"content\": \"...\"}], \"options\": [\"A\", \"B\"],
+   \"answer\": 0, \"split\": \"ood\"}
+or a raw \"prompt\" string instead of \"messages\". Messages end with the user turn and are
+rendered with the model's chat template and its generation prompt. An option's score is the
+logit of its first token (as tokenized right after the prompt) at the prompt's last position;
+the first tokens of an item's options must differ. \"split\" defaults to \"all\".
+
+Output (-o): JSON with the model, adapter, directions, backend, the accuracy overall and per
+split, and per item the prediction, every option's logit and log-probability.")]
+pub struct McArgs {
+    /// Multiple-choice data (JSONL, see below).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompts per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Also write the results as JSON.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(after_long_help = "\
+Data: the JSONL forms `caft-fast train` reads (chat {\"messages\"}, {\"prompt\", \"completion\"},
+{\"text\"}, pre-tokenized {\"input_ids\", \"labels\"}), tokenized and masked as training does.
+The loss is Σ cross-entropy / labelled tokens in nats per token (what training logs as its
+validation loss); the perplexity is its exponential.")]
+pub struct LossArgs {
+    /// Held-out data (JSONL).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Truncate longer examples (counted and reported).
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Loss on `assistant` tokens only, or on `all` tokens of chat records.
+    #[arg(long, default_value = "assistant")]
+    pub train_on: String,
+    /// Also write the result as JSON.
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MakeTaskArgs {
+    /// Output folder (created; files of the same names are replaced).
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Training questions.
+    #[arg(long, default_value_t = 400)]
+    pub n_train: usize,
+    /// Questions in EACH test split (id and ood).
+    #[arg(long, default_value_t = 200)]
+    pub n_test: usize,
+    /// Probe sentences (half positive, half negative).
+    #[arg(long, default_value_t = 200)]
+    pub n_probes: usize,
+}
+
+/// Set rayon's thread count once (0 = all cores).
+fn set_threads(n: usize) {
+    if n > 0 {
+        // An error means the pool already exists; keep it.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+}
+
+/// Run one `eval` subcommand.
+pub fn run(a: EvalArgs) -> Result<()> {
+    match a.cmd {
+        EvalCmd::Mc(a) => {
+            set_threads(a.model.threads);
+            let r = mc::evaluate(
+                &a.model.spec()?,
+                a.model.device,
+                &a.data,
+                a.batch_size,
+                a.output.as_deref(),
+            )?;
+            print!("{}", mc::format_table(&r));
+            if let Some(o) = &a.output {
+                eprintln!("wrote {}", o.display());
+            }
+        }
+        EvalCmd::Loss(a) => {
+            set_threads(a.model.threads);
+            let opt = LossOptions {
+                max_seq_len: a.max_seq_len,
+                batch_size: a.batch_size,
+                train_on: TrainOn::parse(&a.train_on)?,
+            };
+            let r = loss::evaluate(
+                &a.model.spec()?,
+                a.model.device,
+                &a.data,
+                &opt,
+                a.output.as_deref(),
+            )?;
+            println!(
+                "loss {:.4} nats/token, perplexity {:.3} over {} tokens of {} examples",
+                r.loss, r.perplexity, r.tokens, r.examples
+            );
+            if r.truncated + r.dropped > 0 {
+                eprintln!(
+                    "note: {} examples cut at --max-seq-len {}, {} dropped (no labelled token left)",
+                    r.truncated, r.max_seq_len, r.dropped
+                );
+            }
+            if let Some(o) = &a.output {
+                eprintln!("wrote {}", o.display());
+            }
+        }
+        EvalCmd::Chart(a) => crate::eval::chart::run(&a)?,
+        EvalCmd::MakeTask(a) => {
+            let cfg = TaskConfig {
+                seed: a.seed,
+                n_train: a.n_train,
+                n_test: a.n_test,
+                n_probes: a.n_probes,
+            };
+            let f = task::write_task(&a.output, &cfg)?;
+            eprintln!(
+                "wrote {} ({} chat records), {} ({} id + {} ood questions), {} ({} sentences), {}",
+                f.train.display(),
+                cfg.n_train,
+                f.test.display(),
+                cfg.n_test,
+                cfg.n_test,
+                f.probes.display(),
+                cfg.n_probes,
+                f.about.display()
+            );
+        }
+    }
+    Ok(())
+}

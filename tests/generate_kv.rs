@@ -1,0 +1,135 @@
+//! The KV-cache path (`Model::prefill` / `Model::decode`) against the full forward.
+//!
+//! Tiny Llama (GQA, llama3 rope), Qwen2 (biases, tied) and Mistral (sliding window 8, shorter
+//! than the sequences here) with random LoRA adapters and ablation at two layers: prompts of
+//! different lengths share one left-padded cache, then every sequence decodes its own tokens.
+//! The logits of each step must equal the full forward's logits at that position of that
+//! sequence alone, within 1e-5 relative norm on the CPU (both sides f32; only summation orders
+//! differ). The same check runs on the CUDA backend with `--include-ignored` on a GPU machine:
+//! f32 storage within 1e-5, bf16 storage within 2e-2 (the cache and every activation rounded
+//! to 8 mantissa bits; the full forward rounds differently, so the two paths differ by a few
+//! bf16 ulps compounded over three layers).
+
+mod common;
+
+use caft_fast::backend::cpu::CpuBackend;
+use caft_fast::backend::Backend;
+use caft_fast::model::ablation::load_directions;
+use caft_fast::model::loader::load_model;
+use caft_fast::model::lora::{LoraConfig, LoraLayout, Target};
+use caft_fast::model::transformer::{Batch, Model, IGNORE};
+use caft_fast::util::rng::Rng;
+use common::*;
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+fn tiny_model<B: Backend>(name: &str, be: &B, rng: &mut Rng) -> Model<B> {
+    let dir = fixtures().join("tiny").join(name);
+    let loaded = load_model(&dir).unwrap();
+    let cfg = loaded.config.clone();
+    let mut model = Model::new(be, cfg.clone(), loaded.weights.as_ref()).unwrap();
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: Target::ALL.to_vec(),
+    };
+    let layout = LoraLayout::new(&cfg, &lora).unwrap();
+    // Both factors random (PEFT would start B at zero, which would hide the LoRA path).
+    let params: Vec<f32> = rng.normal_vec(layout.len).iter().map(|x| 0.1 * x).collect();
+    model.set_lora(be, layout, &params).unwrap();
+    let dirs = load_directions(
+        &dir.join("directions.safetensors"),
+        None,
+        cfg.hidden_size,
+        cfg.num_layers,
+    )
+    .unwrap();
+    model.set_ablation(be, &dirs).unwrap();
+    model
+}
+
+/// Full-forward logits of one sequence, `[len, vocab]`.
+fn full_logits<B: Backend>(model: &mut Model<B>, be: &B, ids: &[u32]) -> Vec<f32> {
+    let b = Batch {
+        batch: 1,
+        seq: ids.len(),
+        ids: ids.to_vec(),
+        labels: vec![IGNORE; ids.len()],
+    };
+    model.forward(be, &b, true).unwrap().logits.unwrap()
+}
+
+#[test]
+fn kv_cache_matches_full_forward() {
+    check_kv_cache(&CpuBackend::new(), 1e-5);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn kv_cache_matches_full_forward_cuda_f32() {
+    use caft_fast::backend::cuda::backend::CudaBackend;
+    check_kv_cache(&CudaBackend::<f32>::new(0).expect("a CUDA GPU"), 1e-5);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn kv_cache_matches_full_forward_cuda_bf16() {
+    use caft_fast::backend::cuda::backend::CudaBackend;
+    check_kv_cache(
+        &CudaBackend::<half::bf16>::new(0).expect("a CUDA GPU"),
+        2e-2,
+    );
+}
+
+fn check_kv_cache<B: Backend>(be: &B, tol: f64) {
+    let mut rng = Rng::new(4242);
+    for name in ["llama", "qwen2", "mistral"] {
+        let mut model = tiny_model(name, be, &mut rng);
+        let v = model.cfg.vocab_size;
+        let prompt_lens = [6usize, 11, 1];
+        let steps = 7;
+        let seqs: Vec<Vec<u32>> = prompt_lens
+            .iter()
+            .map(|&l| (0..l + steps).map(|_| rng.below(v) as u32).collect())
+            .collect();
+        let prompts: Vec<Vec<u32>> = seqs
+            .iter()
+            .zip(&prompt_lens)
+            .map(|(s, &l)| s[..l].to_vec())
+            .collect();
+        let cap = 11 + steps;
+        let mut cache = model.new_cache(be, seqs.len(), cap).unwrap();
+        let mut got: Vec<Vec<f32>> = vec![model.prefill(be, &mut cache, &prompts).unwrap()];
+        for t in 0..steps - 1 {
+            let ids: Vec<u32> = seqs
+                .iter()
+                .zip(&prompt_lens)
+                .map(|(s, &l)| s[l + t])
+                .collect();
+            got.push(model.decode(be, &mut cache, &ids).unwrap());
+        }
+        for (b, s) in seqs.iter().enumerate() {
+            let full = full_logits(&mut model, be, &s[..prompt_lens[b] + steps - 1]);
+            for (t, step) in got.iter().enumerate() {
+                let pos = prompt_lens[b] - 1 + t;
+                let want = &full[pos * v..(pos + 1) * v];
+                let have = &step[b * v..(b + 1) * v];
+                let e = rel_err(have, want);
+                assert!(
+                    e < tol,
+                    "{name}: sequence {b} step {t} (position {pos}): relative error {e:.2e}"
+                );
+            }
+        }
+        // A full cache refuses another step instead of writing past its end.
+        let mut small = model.new_cache(be, 1, 3).unwrap();
+        model.prefill(be, &mut small, &[vec![1, 2, 3]]).unwrap();
+        let err = model.decode(be, &mut small, &[4]).unwrap_err().to_string();
+        assert!(err.contains("KV cache is full"), "{err}");
+    }
+}
