@@ -7,7 +7,8 @@
 # GPU_CHECK_SKIP="step names" skips steps (e.g. "gpu_compare test-cuda_model").
 # Steps, each under its own timeout and all within $BUDGET seconds (default 360): caft-fast doctor; the staged test executables with
 # --include-ignored (cuda_parity first; the others too, the SmolLM2 GGUF at .cache/smollm2 is
-# used when present); the cuda_ops bench; scripts/gpu_compare.sh when it exists.
+# used when present); the cuda_ops bench; scripts/gpu_compare.sh (training step) and scripts/gpu_generate.sh
+# (generation) against PyTorch.
 set -u
 cd "$(dirname "$0")/.."
 LOG=${1:-gpu-logs}
@@ -54,7 +55,7 @@ export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$PWD/.cache}   # compiled-kernel cache
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$LOG/nvidia-smi.log" 2>&1
 
 # ---- steps -------------------------------------------------------------------------------------
-BUDGET=${BUDGET:-360}   # seconds for all steps together; later steps get what is left
+BUDGET=${BUDGET:-450}   # seconds for all steps together; later steps get what is left
 declare -a NAMES RESULTS TIMES
 step() { # name timeout-seconds command...
   local name=$1 t=$2; shift 2
@@ -90,12 +91,14 @@ for t in "$STAGE"/tests/*; do
   [ -x "$t" ] && step "test-$name" 90 "$t" --include-ignored --test-threads=1 --nocapture
 done
 [ -x "$STAGE/benches/cuda_ops" ] && step cuda_ops 60 "$STAGE/benches/cuda_ops" --bench
+[ -x scripts/gpu_generate.sh ] && step gpu_generate 150 scripts/gpu_generate.sh "$LOG" "$STAGE/caft-fast"
 
 echo
 # The headline numbers: whole-model GPU-vs-CPU errors and the training-step comparison.
 grep -hE "^(llama|qwen2|mistral|smollm2)[^:]*: " "$LOG"/test-cuda_model.log 2>/dev/null | head -40
 grep -hE "FAIL|fail" "$LOG/doctor.log" 2>/dev/null | head -10
 sed -n '/^shape /,$p' "$LOG/gpu_compare.log" 2>/dev/null
+sed -n '/^generate /,$p' "$LOG/gpu_generate.log" 2>/dev/null
 echo
 echo "summary ($LOG/):"
 printf '  %-28s %-20s %6s\n' step result seconds

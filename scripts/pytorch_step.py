@@ -80,6 +80,33 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def random_model(name, layers, device, dtype, seed):
+    """A model of config `name` with random weights (normal 0.02, norms 1, biases 0), built
+    directly on `device` in `dtype` without Hugging Face's initialisation."""
+    cls_name, cfg = CONFIGS[name]
+    cfg = dict(cfg)
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    cls = getattr(transformers, cls_name)
+    config = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))(**cfg)
+    config._attn_implementation = "sdpa"
+    with torch.device(device), transformers.initialization.no_init_weights():
+        model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    if config.tie_word_embeddings:
+        model.tie_weights()  # not done under no_init_weights
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif n.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model
+
+
 def build_model(args, device, dtype):
     t0 = time.perf_counter()
     if args.config == "smollm2-135m-gguf":
@@ -93,29 +120,7 @@ def build_model(args, device, dtype):
             model.config.num_hidden_layers = args.layers
         model = model.to(device=device, dtype=dtype)
     else:
-        cls_name, cfg = CONFIGS[args.config]
-        cfg = dict(cfg)
-        if args.layers is not None:
-            cfg["num_hidden_layers"] = args.layers
-        cls = getattr(transformers, cls_name)
-        config = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))(**cfg)
-        config._attn_implementation = "sdpa"
-        # Allocate directly on the target device in the target dtype, skip HF's init, then fill
-        # the weights with cheap random values on that device.
-        with torch.device(device), transformers.initialization.no_init_weights():
-            model = cls._from_config(config, dtype=dtype, attn_implementation="sdpa")
-        if config.tie_word_embeddings:
-            model.tie_weights()  # not done under no_init_weights
-            assert model.lm_head.weight is model.model.embed_tokens.weight
-        g = torch.Generator(device=device).manual_seed(args.seed)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif n.endswith(".bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, 0.02, generator=g)
+        model = random_model(args.config, args.layers, device, dtype, args.seed)
     model.config.use_cache = False
     lcfg = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, use_rslora=True, lora_dropout=0.0,
                            target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
