@@ -112,6 +112,12 @@ pub fn markdown_table(rows: &[Row]) -> String {
     s
 }
 
+/// `p` as a percentage with one decimal, `.0` dropped (99.5 is not rounded up to 100).
+fn percent(p: f64) -> String {
+    let s = format!("{:.1}", 100.0 * p);
+    s.strip_suffix(".0").map(str::to_string).unwrap_or(s)
+}
+
 /// Colours of the splits, in order (id blue, ood orange, then more).
 const COLORS: &[&str] = &["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"];
 
@@ -199,9 +205,9 @@ pub fn bar_chart_svg(title: &str, rows: &[Row]) -> String {
             );
             let _ = writeln!(
                 s,
-                r#"<text x="{xm:.1}" y="{:.1}" text-anchor="middle" font-size="11">{:.0}%</text>"#,
+                r#"<text x="{xm:.1}" y="{:.1}" text-anchor="middle" font-size="11">{}%</text>"#,
                 py(hi) - 4.0,
-                100.0 * b.accuracy
+                percent(b.accuracy)
             );
         }
         let _ = writeln!(
@@ -315,7 +321,7 @@ mod tests {
             },
             Row {
                 label: "plain <&>".into(),
-                bars: vec![bar("id", 1.0, 200), bar("ood", 0.13, 200)],
+                bars: vec![bar("id", 0.995, 200), bar("ood", 0.13, 200)],
             },
         ]
     }
@@ -327,7 +333,7 @@ mod tests {
             t,
             "| run | id | ood |\n| --- | ---: | ---: |\n\
              | base | 50.0% (100/200) | 50.0% (100/200) |\n\
-             | plain <&> | 100.0% (200/200) | 13.0% (26/200) |\n"
+             | plain <&> | 99.5% (199/200) | 13.0% (26/200) |\n"
         );
     }
 
@@ -337,7 +343,7 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         // 4 bars + 2 legend swatches + the background.
         assert_eq!(svg.matches("<rect").count(), 7);
-        for v in ["50%", "100%", "13%"] {
+        for v in ["50%", "99.5%", "13%"] {
             assert!(svg.contains(&format!(">{v}</text>")), "no label {v}");
         }
         assert!(svg.contains("plain &lt;&amp;&gt;"));
