@@ -51,8 +51,9 @@ pub fn model_path(p: &Option<PathBuf>) -> Result<PathBuf> {
 // ---------------------------------------------------------------------------------------------
 // bench-step
 
+/// The model of a benchmark.
 #[derive(Args, Debug, Clone)]
-pub struct BenchArgs {
+pub struct BenchModelArgs {
     /// Model: a Hugging Face folder or a GGUF file (default: SmolLM2-135M-Instruct).
     #[arg(long, conflicts_with = "shape")]
     pub model: Option<PathBuf>,
@@ -60,6 +61,31 @@ pub struct BenchArgs {
     /// smollm2-135m.
     #[arg(long)]
     pub shape: Option<String>,
+}
+
+impl BenchModelArgs {
+    /// Random weights of the preset shape, or the model file.
+    pub fn load(&self) -> Result<LoadedModel> {
+        Ok(match &self.shape {
+            Some(shape) => {
+                let config = crate::model::random::preset(shape)?;
+                LoadedModel {
+                    weights: Box::new(crate::model::random::RandomWeights::new(config.clone(), 0)),
+                    config,
+                    tokenizer: None,
+                    chat_template: None,
+                    source: PathBuf::from(format!("random:{shape}")),
+                }
+            }
+            None => load_model(&model_path(&self.model)?)?,
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub source: BenchModelArgs,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: Device,
     #[arg(long, default_value_t = 4)]
@@ -93,27 +119,9 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
 }
 
-/// The model of a benchmark: random weights of a preset shape, or a model file (default
-/// SmolLM2).
-pub fn bench_model(shape: Option<&str>, model: &Option<PathBuf>) -> Result<LoadedModel> {
-    Ok(match shape {
-        Some(shape) => {
-            let config = crate::model::random::preset(shape)?;
-            LoadedModel {
-                weights: Box::new(crate::model::random::RandomWeights::new(config.clone(), 0)),
-                config,
-                tokenizer: None,
-                chat_template: None,
-                source: PathBuf::from(format!("random:{shape}")),
-            }
-        }
-        None => load_model(&model_path(model)?)?,
-    })
-}
-
 pub fn bench_step(a: BenchArgs) -> Result<()> {
     set_threads(a.threads);
-    let loaded = bench_model(a.shape.as_deref(), &a.model)?;
+    let loaded = a.source.load()?;
     match resolve_device(a.device)? {
         Device::Cuda => bench_impl(&cuda_backend()?, &a, &loaded),
         _ => bench_impl(&CpuBackend::new(), &a, &loaded),

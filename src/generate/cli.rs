@@ -249,13 +249,8 @@ fn partial_path(out: &Path) -> PathBuf {
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchGenerateArgs {
-    /// Model: a Hugging Face folder or a GGUF file (default: SmolLM2-135M-Instruct).
-    #[arg(long, conflicts_with = "shape")]
-    pub model: Option<PathBuf>,
-    /// Instead of a model file, random weights of a known shape: qwen2.5-1.5b, llama-3.2-1b,
-    /// smollm2-135m.
-    #[arg(long)]
-    pub shape: Option<String>,
+    #[command(flatten)]
+    pub source: crate::cli::BenchModelArgs,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: Device,
     /// Batch sizes to time, comma-separated.
@@ -279,7 +274,7 @@ pub struct BenchGenerateArgs {
 /// hold against the memory bandwidth).
 pub fn bench(a: BenchGenerateArgs) -> Result<()> {
     set_threads(a.threads);
-    let loaded = crate::cli::bench_model(a.shape.as_deref(), &a.model)?;
+    let loaded = a.source.load()?;
     match resolve_device(a.device)? {
         Device::Cuda => bench_on(&crate::cli::cuda_backend()?, &a, &loaded),
         _ => bench_on(&CpuBackend::new(), &a, &loaded),
