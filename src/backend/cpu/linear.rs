@@ -10,14 +10,22 @@ use super::{check_len, matmul, MatRef, Threads};
 use crate::backend::LoraSlot;
 use rayon::prelude::*;
 
-/// Up to this many rows (a decoding step's batch) a linear layer streams the weights instead of
-/// calling the GEMM: each row of `W` is read from memory once and multiplied against every
-/// input row, which stay in cache. The GEMM packs `W` into panels first, which pays off only
-/// when many rows share the packed copy; with a handful of rows it doubles the memory traffic
-/// that decoding is bound by. Measured on SmolLM2 decoding (2 cores, AVX-512): streaming
-/// 34 / 78 / 155 ms a step at 1 / 8 / 16 rows against the GEMM's 46 / 123 / ~200; at 32 rows
-/// the GEMM wins (195 against 271 ms).
-const STREAM_MAX_ROWS: usize = 16;
+/// Linear layers over few rows (a decoding step's batch) take one of three paths. The GEMM
+/// crate packs its right operand; as `x Wᵀ` that operand is the whole weight matrix, which pays
+/// off only when many rows share the packed copy. Measured on SmolLM2 decoding (2 cores,
+/// AVX-512, ms a step at batch 1 / 4 / 8 / 16 / 32 / 128):
+///
+/// | path | 1 | 4 | 8 | 16 | 32 | 128 |
+/// | --- | ---: | ---: | ---: | ---: | ---: | ---: |
+/// | `x Wᵀ` (GEMM) | 46 | | 123 | ~200 | 195 | 315 |
+/// | streaming (below) | 36 | 57 | 85 | 144 | 271 | |
+/// | `(W xᵀ)ᵀ` (GEMM on the transpose) | 58 | 67 | 73 | 82 | 138 | 368 |
+///
+/// Up to `STREAM_MAX_ROWS` rows each weight row is streamed once against every input row (the
+/// memory-bound regime); up to `TRANSPOSED_MAX_ROWS` the GEMM computes the transpose, packing
+/// only the input rows; above that, the plain GEMM.
+const STREAM_MAX_ROWS: usize = 4;
+const TRANSPOSED_MAX_ROWS: usize = 64;
 
 /// Rows of `W` per parallel task of the streaming path.
 const STREAM_BLOCK: usize = 16;
@@ -70,6 +78,11 @@ fn linear_streaming(
     yt.par_chunks_mut(STREAM_BLOCK * n)
         .zip(w[..d_out * d_in].par_chunks(STREAM_BLOCK * d_in))
         .for_each(|(o, wb)| stream_block(wb, &x[..n * d_in], d_in, n, o));
+    add_transposed(y, &yt, n, d_out, accumulate);
+}
+
+/// `y (+)= ytᵀ` with `y: [n, d_out]`, `yt: [d_out, n]`.
+fn add_transposed(y: &mut [f32], yt: &[f32], n: usize, d_out: usize, accumulate: bool) {
     for (i, row) in y[..n * d_out].chunks_exact_mut(d_out).enumerate() {
         for (j, v) in row.iter_mut().enumerate() {
             let p = yt[j * n + i];
@@ -95,6 +108,22 @@ pub fn linear(
     check_len("linear", "w", w.len(), d_out * d_in);
     if n <= STREAM_MAX_ROWS {
         linear_streaming(y, x, w, n, d_in, d_out, accumulate);
+    } else if n <= TRANSPOSED_MAX_ROWS {
+        // yᵀ = W xᵀ: the GEMM then packs the few input rows and walks W as its left operand.
+        let mut yt = vec![0f32; d_out * n];
+        matmul(
+            &mut yt,
+            n,
+            MatRef::rows(w, d_in),
+            MatRef::transposed(x, d_in),
+            d_out,
+            n,
+            d_in,
+            1.0,
+            false,
+            Threads::All,
+        );
+        add_transposed(y, &yt, n, d_out, accumulate);
     } else {
         matmul(
             y,
@@ -330,10 +359,12 @@ mod tests {
     #[test]
     fn linear_matches_f64_with_bias_and_accumulate() {
         let mut rng = Rng::new(11);
-        // Up to STREAM_MAX_ROWS rows the weight-streaming path (row groups of 4 and leftovers, d_in
-        // with and without a tail past the 16-wide chunks), above it the GEMM.
+        // Each of the three paths: streaming (n <= 4; d_in with and without a tail past the
+        // 16-wide chunks), the GEMM on the transpose (5..=64 rows), the plain GEMM (above).
         for &(n, d_in, d_out) in &[
             (1, 1, 1),
+            (3, 35, 20),
+            (4, 48, 9),
             (5, 7, 3),
             (6, 48, 37),
             (16, 35, 20),
