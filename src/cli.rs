@@ -182,6 +182,22 @@ fn bench_impl<B: Backend>(be: &B, a: &BenchArgs, loaded: &LoadedModel) -> Result
 }
 
 /// The GPU backend used for training: bf16 weights and activations, f32 LoRA state.
+/// Work that runs on whichever backend the device resolves to (a closure cannot be generic
+/// over the backend type, a trait method can).
+pub trait BackendJob {
+    type Out;
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Out>;
+}
+
+/// Run `job` on `device`: the GPU (bf16 weights and activations, as training uses) or the CPU.
+pub fn on_device<J: BackendJob>(device: Device, job: J) -> Result<J::Out> {
+    match resolve_device(device)? {
+        Device::Cuda => job.run(&cuda_backend()?),
+        _ => job.run(&CpuBackend::new()),
+    }
+}
+
+/// The GPU backend every command uses: device 0, bf16 weights and activations.
 pub fn cuda_backend() -> Result<crate::backend::cuda::backend::CudaBackend<half::bf16>> {
     crate::backend::cuda::backend::CudaBackend::new(0)
 }

@@ -412,11 +412,7 @@ fn run_probe_select(a: &ProbeSelectArgs) -> Result<()> {
     set_threads(a.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
     match resolve_device(a.device)? {
-        Device::Cuda => probe_select_impl(
-            &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
-            a,
-            &loaded,
-        ),
+        Device::Cuda => probe_select_impl(&crate::cli::cuda_backend()?, a, &loaded),
         _ => probe_select_impl(&CpuBackend::new(), a, &loaded),
     }
 }
@@ -516,11 +512,7 @@ fn run_explain(a: &ExplainArgs) -> Result<()> {
     set_threads(a.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
     match resolve_device(a.device)? {
-        Device::Cuda => explain_impl(
-            &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
-            a,
-            &loaded,
-        ),
+        Device::Cuda => explain_impl(&crate::cli::cuda_backend()?, a, &loaded),
         _ => explain_impl(&CpuBackend::new(), a, &loaded),
     }
 }
@@ -582,11 +574,7 @@ fn run_sae(a: &SaeArgs) -> Result<()> {
     set_threads(a.pass.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
     match resolve_device(a.pass.device)? {
-        Device::Cuda => sae_impl(
-            &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
-            a,
-            &loaded,
-        ),
+        Device::Cuda => sae_impl(&crate::cli::cuda_backend()?, a, &loaded),
         _ => sae_impl(&CpuBackend::new(), a, &loaded),
     }
 }
@@ -652,11 +640,7 @@ fn run_sae_train(a: &SaeTrainArgs) -> Result<()> {
     set_threads(a.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
     match resolve_device(a.device)? {
-        Device::Cuda => sae_train_impl(
-            &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
-            a,
-            &loaded,
-        ),
+        Device::Cuda => sae_train_impl(&crate::cli::cuda_backend()?, a, &loaded),
         _ => sae_train_impl(&CpuBackend::new(), a, &loaded),
     }
 }
@@ -770,11 +754,7 @@ fn run_pca(a: &PcaArgs) -> Result<()> {
     set_threads(a.pass.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
     match resolve_device(a.pass.device)? {
-        Device::Cuda => pca_impl(
-            &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
-            a,
-            &loaded,
-        ),
+        Device::Cuda => pca_impl(&crate::cli::cuda_backend()?, a, &loaded),
         _ => pca_impl(&CpuBackend::new(), a, &loaded),
     }
 }

@@ -6,7 +6,8 @@
 //! ablates only when asked).
 
 use crate::backend::Backend;
-use crate::eval::{on_device, write_json, BackendJob, ModelSpec, Provenance};
+use crate::cli::{on_device, BackendJob};
+use crate::eval::{write_json, ModelSpec, Provenance};
 use crate::model::loader::LoadedModel;
 use crate::model::transformer::Model;
 use crate::train::config::TrainOn;

@@ -23,7 +23,8 @@
 //! refused, as are empty options.
 
 use crate::backend::Backend;
-use crate::eval::{on_device, write_json, BackendJob, ModelSpec, Provenance};
+use crate::cli::{on_device, BackendJob};
+use crate::eval::{write_json, ModelSpec, Provenance};
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::loader::LoadedModel;
 use crate::model::tokenizer::Tokenizer;

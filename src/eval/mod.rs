@@ -21,9 +21,7 @@ pub mod loss;
 pub mod mc;
 pub mod task;
 
-use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::cli::{resolve_device, Device};
 use crate::model::ablation::load_directions;
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::transformer::Model;
@@ -117,21 +115,6 @@ impl ModelSpec {
             backend: be.name(),
             program: crate::train::run::program(),
         }
-    }
-}
-
-/// Work that runs on whichever backend the device resolves to (a closure cannot be generic
-/// over the backend type, a trait method can).
-pub trait BackendJob {
-    type Out;
-    fn run<B: Backend>(self, be: &B) -> Result<Self::Out>;
-}
-
-/// Run `job` on `device`: the GPU (bf16 weights and activations, as training uses) or the CPU.
-pub fn on_device<J: BackendJob>(device: Device, job: J) -> Result<J::Out> {
-    match resolve_device(device)? {
-        Device::Cuda => job.run(&crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?),
-        _ => job.run(&CpuBackend::new()),
     }
 }
 

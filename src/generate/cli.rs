@@ -111,12 +111,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let loaded = load_model(&model_path(&a.model)?)?;
     match resolve_device(a.device)? {
-        Device::Cuda => run_on(
-            &crate::backend::cuda::backend::CudaBackend::<half::bf16>::new(0)?,
-            &a,
-            &loaded,
-            &questions,
-        ),
+        Device::Cuda => run_on(&crate::cli::cuda_backend()?, &a, &loaded, &questions),
         _ => run_on(&CpuBackend::new(), &a, &loaded, &questions),
     }
 }

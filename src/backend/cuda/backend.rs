@@ -39,8 +39,8 @@ struct Scratch<T> {
     ids: Option<CudaSlice<u32>>,
     targets: Option<CudaSlice<i32>>,
     /// Per-sequence rope offsets and cache starts (generation).
-    offsets: Option<CudaSlice<i32>>,
-    starts: Option<CudaSlice<u32>>,
+    offsets: Mirrored<i32>,
+    starts: Mirrored<u32>,
     row_loss: Option<CudaSlice<f32>>,
     partial: Option<CudaSlice<f32>>,
     /// Per-split partial outputs of `attention_cached` (decoding small batches).
@@ -65,6 +65,41 @@ fn ensure<'s, E: DeviceRepr + ValidAsZeroBits>(
         );
     }
     Ok(slot.as_mut().expect("just ensured"))
+}
+
+/// A small device array that remembers what it was last given. Generation passes the same
+/// per-sequence rope offsets and cache starts to every layer of a step (and the same starts to
+/// every step), so an upload is skipped when the values have not changed.
+struct Mirrored<E> {
+    dev: Option<CudaSlice<E>>,
+    host: Vec<E>,
+}
+
+impl<E> Default for Mirrored<E> {
+    fn default() -> Self {
+        Mirrored {
+            dev: None,
+            host: Vec::new(),
+        }
+    }
+}
+
+impl<E: DeviceRepr + ValidAsZeroBits + Copy + PartialEq> Mirrored<E> {
+    /// The device array holding `values` (in its first `values.len()` elements).
+    fn upload(&mut self, rt: &Runtime, values: &[E], what: &str) -> Result<&CudaSlice<E>> {
+        let fits = self
+            .dev
+            .as_ref()
+            .is_some_and(|d| d.len() >= values.len().max(1));
+        if !fits || self.host != values {
+            let dev = ensure(rt, &mut self.dev, values.len())?;
+            rt.stream
+                .memcpy_htod(values, &mut dev.slice_mut(0..values.len()))
+                .with_context(|| format!("uploading {what}"))?;
+            self.host = values.to_vec();
+        }
+        Ok(self.dev.as_ref().expect("uploaded"))
+    }
 }
 
 /// The CUDA implementation of [`Backend`].
@@ -130,8 +165,8 @@ impl<T: DeviceElem> CudaBackend<T> {
             scratch: Mutex::new(Scratch {
                 ids: None,
                 targets: None,
-                offsets: None,
-                starts: None,
+                offsets: Mirrored::default(),
+                starts: Mirrored::default(),
                 row_loss: None,
                 partial: None,
                 attn_splits: None,
@@ -790,12 +825,8 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         let offsets_ptr = match offsets {
             None => 0u64,
             Some(o) => {
-                let dev = ensure(&self.rt, &mut sc.offsets, o.len())?;
-                self.rt
-                    .stream
-                    .memcpy_htod(o, &mut dev.slice_mut(0..o.len()))
-                    .context("uploading rope offsets")?;
-                self.rt.ptr(&*dev)
+                let dev = sc.offsets.upload(&self.rt, o, "rope offsets")?;
+                self.rt.ptr(dev)
             }
         };
         let (f, name) = self.func("elementwise", "rope")?;
@@ -858,11 +889,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         }
         let mut guard = self.scratch();
         let sc = &mut *guard;
-        let starts = ensure(&self.rt, &mut sc.starts, start.len())?;
-        self.rt
-            .stream
-            .memcpy_htod(start, &mut starts.slice_mut(0..start.len()))
-            .context("uploading sequence starts")?;
+        let starts = sc.starts.upload(&self.rt, start, "sequence starts")?;
         let workspace = match plan.workspace {
             0 => None,
             len => Some(&*ensure(&self.rt, &mut sc.attn_splits, len)?),
