@@ -38,6 +38,10 @@ fn check<T: DeviceElem>(prefix: &str, seed: u64) {
         n_kv_heads: 1,
         head_dim: 64,
     });
+    if prefix == "resid_" {
+        // The fused norm kernels choose their launch variant from d: cover every variant.
+        shapes.extend(parity::wide_row_shapes());
+    }
     let results: Vec<CaseResult> = parity::run_matching(&gpu, &cpu, &shapes, seed, prefix);
     assert!(!results.is_empty(), "no parity case matches {prefix:?}");
     let ok = parity::print_table(T::SUFFIX, &results);

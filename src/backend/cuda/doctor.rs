@@ -70,10 +70,13 @@ pub fn doctor() -> Result<bool> {
         Err(e) => println!("cuBLAS     version unknown: {e:#}"),
     }
     let t = Instant::now();
-    let res = parity::run_all(&bf16, &cpu, &shapes, 1);
+    let wide = parity::wide_row_shapes();
+    let mut res = parity::run_all(&bf16, &cpu, &shapes, 1);
+    res.extend(parity::run_matching(&bf16, &cpu, &wide, 3, "resid_"));
     ok &= parity::print_table("bf16", &res);
     let f32b = CudaBackend::<f32>::with_runtime(rt.clone())?;
-    let res = parity::run_all(&f32b, &cpu, &shapes, 2);
+    let mut res = parity::run_all(&f32b, &cpu, &shapes, 2);
+    res.extend(parity::run_matching(&f32b, &cpu, &wide, 4, "resid_"));
     ok &= parity::print_table("f32", &res);
     println!(
         "parity     {} ({:.1} s)",

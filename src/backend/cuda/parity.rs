@@ -115,6 +115,28 @@ pub fn standard_shapes() -> Vec<Shape> {
     ]
 }
 
+/// Real model widths for the row kernels, whose launch shape depends on d (the fused
+/// residual/ablation/rmsnorm keeps 1, 2 or 4 16-byte chunks of a row per thread): Llama-3.2-1B
+/// (2048), Qwen2.5-7B (3584), Llama-3-8B (4096); a row count that is no multiple of 4.
+pub fn wide_row_shapes() -> Vec<Shape> {
+    [2048, 3584, 4096]
+        .into_iter()
+        .map(|d| Shape {
+            n: 9,
+            d,
+            ffn: 64,
+            vocab: 64,
+            r: 4,
+            k: 8,
+            batch: 1,
+            seq: 9,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 64,
+        })
+        .collect()
+}
+
 /// `‖got - want‖₂ / ‖want‖₂` (absolute when `want` is all zeros); infinite on NaN/inf or a
 /// length mismatch.
 pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
