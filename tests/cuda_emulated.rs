@@ -1,0 +1,648 @@
+//! The CUDA kernels of `kernels/norm.cu`, run on the CPU under emulation, against the CPU
+//! reference backend.
+//!
+//! Why: CI and most development machines have no GPU, so the kernels' logic (indexing, the
+//! vector and scalar paths, block reductions, barrier placement, which outputs get written)
+//! would otherwise be checked only when a GPU is at hand. Here each kernel is compiled as C++
+//! against `cuda_emulated/cuda_shim.hpp` (one std::thread per CUDA thread, real barriers for
+//! `__syncthreads`, a per-warp exchange for `__shfl_xor_sync`) and launched exactly as
+//! `src/backend/cuda/backend.rs` launches it; the outputs are compared with
+//! `caft_fast::backend::cpu` the way `backend::cuda::parity` compares a GPU: outputs
+//! NaN-poisoned first, relative L2 error within 1e-5 (f32) or 1e-2 (bf16), NaN never passes.
+//! The emulator also fails a launch that writes past a buffer or its dynamic shared memory,
+//! passes arguments of the wrong kind or count, or leaves a barrier short of threads.
+//!
+//! Races: threads leave every `__syncthreads` out of step (the shim makes some yield), and the
+//! shapes with the most directions run twice and must agree bit for bit, so a missing barrier
+//! usually shows as a wrong or varying result; usually, not always. `CAFT_EMU_SANITIZE=thread`
+//! builds the emulator with ThreadSanitizer, which names the unordered accesses.
+//!
+//! What it cannot check: timing, occupancy and register spills (tests/cuda_compile.rs); the
+//! GPU memory model beyond what barriers order; GPU arithmetic details (nvcc contracts a*b+c
+//! into FMA, g++ here does not: results differ by rounding); kernels with inline PTX or
+//! tensor-core instructions (attention). The real-GPU comparison stays tests/cuda_parity.rs.
+//!
+//! Without g++ the tests fail when `CI` is set and are skipped with a notice otherwise (as in
+//! tests/cuda_compile.rs). `CXX` picks another compiler; `CAFT_EMU_SANITIZE=address` (or
+//! `thread`, `undefined`) adds `-fsanitize=` to the emulator build; `CAFT_EMU_KERNELS=<dir>`
+//! takes the kernel sources from a directory instead of the ones embedded at build time.
+//!
+//! When the kernels change, adapt the section "The launches" (`norm_entries`, [`emulate_fwd`],
+//! [`emulate_bwd`]): the only place that knows entry-point names, argument order and launch
+//! shapes.
+
+#[path = "cuda_emulated/harness.rs"]
+mod harness;
+
+use caft_fast::backend::cpu::CpuBackend;
+use caft_fast::backend::cuda::compile::kernel_sources;
+use caft_fast::backend::cuda::parity::{rel_err, tolerance};
+use caft_fast::backend::cuda::{DeviceElem, NormLaunch};
+use caft_fast::backend::Backend;
+use caft_fast::util::rng::Rng;
+use harness::{Arg, Launch, Module};
+use std::sync::OnceLock;
+
+/// A storage type of the kernels (bf16 or f32) that can also be sent as bytes.
+trait Elem: DeviceElem + bytemuck::Pod {}
+impl<T: DeviceElem + bytemuck::Pod> Elem for T {}
+
+/// The outputs of one op, as f32, in a fixed order.
+type Outputs = Vec<Vec<f32>>;
+
+// ==== The launches: as src/backend/cuda/backend.rs makes them ===============================
+// Entry point, grid, block and shared memory come from the backend's own `NormLaunch`; only
+// the argument lists are written out here (in the kernels' parameter order).
+
+/// Every entry point norm.cu defines (the emulator's table; macro-made names cannot be found
+/// by scanning the source).
+fn norm_entries() -> Vec<String> {
+    let mut v = Vec::new();
+    for pass in ["fwd", "bwd"] {
+        for suffix in ["f32", "bf16"] {
+            for variant in NormLaunch::VARIANTS {
+                v.push(format!("resid_ablate_norm_{pass}_{suffix}_{variant}"));
+            }
+        }
+    }
+    v
+}
+
+/// `CudaBackend::<T>::residual_ablate_norm`: returns (resid, normed, rstd) as f32.
+fn emulate_fwd<T: Elem>(m: &Module, x: &FwdInputs) -> Result<Outputs, String> {
+    let (n, d) = (x.n, x.d);
+    let k = x.q.as_ref().map_or(0, |(_, k)| *k);
+    let shape = NormLaunch::new::<T>("emulate_fwd", d).map_err(|e| e.to_string())?;
+    let launch = Launch {
+        entry: shape.entry("fwd", T::SUFFIX),
+        grid: [shape.blocks(n), 1, 1],
+        block: [shape.threads, 1, 1],
+        smem_bytes: shape.smem_bytes(k),
+        args: vec![
+            poisoned::<T>(n * d),                                 // 0 T* resid
+            poisoned::<T>(n * d),                                 // 1 T* normed
+            poisoned::<f32>(n),                                   // 2 float* rstd
+            act::<T>(&x.a),                                       // 3 const T* a
+            x.b.as_ref().map_or(Arg::Null, |b| act::<T>(b)),      // 4 const T* b (nullable)
+            x.q.as_ref().map_or(Arg::Null, |(q, _)| Arg::buf(q)), // 5 const float* q
+            Arg::I32(k as i32),                                   // 6 int k
+            act::<T>(&x.w),                                       // 7 const T* w
+            Arg::I32(n as i32),                                   // 8 int n
+            Arg::I32(d as i32),                                   // 9 int d
+            Arg::F32(x.eps),                                      // 10 float eps
+        ],
+    };
+    let after = m.run(&launch)?;
+    Ok(vec![
+        to_f32(&after.get::<T>(0)),
+        to_f32(&after.get::<T>(1)),
+        after.get::<f32>(2),
+    ])
+}
+
+/// `CudaBackend::<T>::residual_ablate_norm_bwd`: returns the new dresid as f32.
+fn emulate_bwd<T: Elem>(m: &Module, x: &BwdInputs) -> Result<Outputs, String> {
+    let (n, d) = (x.n, x.d);
+    let k = x.q.as_ref().map_or(0, |(_, k)| *k);
+    let shape = NormLaunch::new::<T>("emulate_bwd", d).map_err(|e| e.to_string())?;
+    let launch = Launch {
+        entry: shape.entry("bwd", T::SUFFIX),
+        grid: [shape.blocks(n), 1, 1],
+        block: [shape.threads, 1, 1],
+        smem_bytes: shape.smem_bytes(k),
+        args: vec![
+            act::<T>(&x.dresid),                                  // 0 T* dresid (in and out)
+            act::<T>(&x.dnormed),                                 // 1 const T* dnormed
+            act::<T>(&x.resid),                                   // 2 const T* resid
+            Arg::buf(&x.rstd),                                    // 3 const float* rstd
+            x.q.as_ref().map_or(Arg::Null, |(q, _)| Arg::buf(q)), // 4 const float* q
+            Arg::I32(k as i32),                                   // 5 int k
+            act::<T>(&x.w),                                       // 6 const T* w
+            Arg::I32(n as i32),                                   // 7 int n
+            Arg::I32(d as i32),                                   // 8 int d
+        ],
+    };
+    let after = m.run(&launch)?;
+    Ok(vec![to_f32(&after.get::<T>(0))])
+}
+
+// ==== Inputs and the CPU reference ===========================================================
+
+fn act<T: Elem>(v: &[f32]) -> Arg {
+    let t: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
+    Arg::buf(&t)
+}
+
+/// An output buffer filled with NaN, so an element the kernel does not write fails the test.
+fn poisoned<T: Elem>(len: usize) -> Arg {
+    Arg::buf(&vec![T::from_f32(f32::NAN); len])
+}
+
+fn to_f32<T: Elem>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// Normal values times `scale`, rounded through `T` so both sides see the same inputs.
+fn draw<T: Elem>(rng: &mut Rng, len: usize, scale: f32) -> Vec<f32> {
+    rng.normal_vec(len)
+        .into_iter()
+        .map(|x| T::from_f32(x * scale).to_f32())
+        .collect()
+}
+
+/// `k` orthonormal rows of length `d` (Gram–Schmidt twice over in f64, as parity.rs does).
+fn directions(rng: &mut Rng, k: usize, d: usize) -> Vec<f32> {
+    let mut q: Vec<Vec<f64>> = Vec::with_capacity(k);
+    while q.len() < k {
+        let mut v: Vec<f64> = (0..d).map(|_| rng.normal()).collect();
+        for _ in 0..2 {
+            for u in &q {
+                let dot: f64 = v.iter().zip(u).map(|(a, b)| a * b).sum();
+                v.iter_mut().zip(u).for_each(|(a, b)| *a -= dot * b);
+            }
+        }
+        let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+        if norm > 1e-6 {
+            q.push(v.iter().map(|a| a / norm).collect());
+        }
+    }
+    q.into_iter().flatten().map(|x| x as f32).collect()
+}
+
+struct FwdInputs {
+    n: usize,
+    d: usize,
+    a: Vec<f32>,
+    b: Option<Vec<f32>>,
+    q: Option<(Vec<f32>, usize)>,
+    w: Vec<f32>,
+    eps: f32,
+}
+
+struct BwdInputs {
+    n: usize,
+    d: usize,
+    dresid: Vec<f32>,
+    dnormed: Vec<f32>,
+    resid: Vec<f32>,
+    rstd: Vec<f32>,
+    q: Option<(Vec<f32>, usize)>,
+    w: Vec<f32>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    n: usize,
+    d: usize,
+    k: usize,
+    with_b: bool,
+}
+
+/// Every d with every k (0: no projection; 13: a partial second group of directions), n and
+/// the presence of b rotating through the combinations. The widths reach every launch variant
+/// of both types (`NormLaunch`): 37 the scalar path; 24, 64, 1536, 2048 one chunk per thread
+/// and 4 rows per block (f32 2048: two chunks, 2 rows); 3584 two chunks (f32: four); 6144,
+/// bf16 only (f32 rows that wide are not supported), four chunks and one row.
+fn shapes<T: Elem>() -> Vec<Shape> {
+    const DS: [usize; 7] = [24, 37, 64, 1536, 2048, 3584, 6144];
+    const KS: [usize; 4] = [0, 1, 8, 13];
+    const NS: [usize; 4] = [1, 3, 7, 9];
+    let mut out = Vec::new();
+    for (i, &d) in DS.iter().enumerate() {
+        if NormLaunch::new::<T>("shapes", d).is_err() {
+            continue;
+        }
+        for (j, &k) in KS.iter().enumerate() {
+            out.push(Shape {
+                n: NS[(i + j) % NS.len()],
+                d,
+                k,
+                with_b: (i + j) % 2 == 0,
+            });
+        }
+    }
+    out
+}
+
+fn fwd_inputs<T: Elem>(rng: &mut Rng, s: Shape) -> FwdInputs {
+    FwdInputs {
+        n: s.n,
+        d: s.d,
+        a: draw::<T>(rng, s.n * s.d, 1.0),
+        b: s.with_b.then(|| draw::<T>(rng, s.n * s.d, 1.0)),
+        q: (s.k > 0).then(|| (directions(rng, s.k, s.d), s.k)),
+        w: draw::<T>(rng, s.d, 1.0),
+        eps: 1e-5,
+    }
+}
+
+fn bwd_inputs<T: Elem>(rng: &mut Rng, s: Shape) -> BwdInputs {
+    BwdInputs {
+        n: s.n,
+        d: s.d,
+        dresid: draw::<T>(rng, s.n * s.d, 1.0),
+        dnormed: draw::<T>(rng, s.n * s.d, 1.0),
+        resid: draw::<T>(rng, s.n * s.d, 1.0),
+        rstd: rng
+            .normal_vec(s.n)
+            .into_iter()
+            .map(|x| 1.0 + (0.1 * x).abs())
+            .collect(),
+        q: (s.k > 0).then(|| (directions(rng, s.k, s.d), s.k)),
+        w: draw::<T>(rng, s.d, 1.0),
+    }
+}
+
+fn cpu_fwd(x: &FwdInputs) -> Outputs {
+    let (n, d) = (x.n, x.d);
+    let (mut resid, mut normed, mut rstd) = (
+        vec![f32::NAN; n * d],
+        vec![f32::NAN; n * d],
+        vec![f32::NAN; n],
+    );
+    CpuBackend::new()
+        .residual_ablate_norm(
+            &mut resid,
+            &mut normed,
+            &mut rstd,
+            &x.a,
+            x.b.as_ref(),
+            x.q.as_ref().map(|(q, k)| (q, *k)),
+            &x.w,
+            n,
+            d,
+            x.eps,
+        )
+        .expect("CPU forward");
+    vec![resid, normed, rstd]
+}
+
+fn cpu_bwd(x: &BwdInputs) -> Outputs {
+    let mut dresid = x.dresid.clone();
+    CpuBackend::new()
+        .residual_ablate_norm_bwd(
+            &mut dresid,
+            &x.dnormed,
+            &x.resid,
+            &x.rstd,
+            x.q.as_ref().map(|(q, k)| (q, *k)),
+            &x.w,
+            x.n,
+            x.d,
+        )
+        .expect("CPU backward");
+    vec![dresid]
+}
+
+// ==== Building and comparing =================================================================
+
+/// The skip policy: false (after a notice) without a C++ compiler, a failure when `CI` is set.
+fn have_compiler(test: &str) -> bool {
+    if harness::compiler().is_some() {
+        return true;
+    }
+    let msg = "no C++ compiler: install g++ (or set CXX) to run the kernels under emulation";
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED cuda_emulated::{test}: {msg}");
+    false
+}
+
+/// The kernel sources as NVRTC sees them (embedded by build.rs), or the `*.cu` / `*.cuh` files
+/// of `$CAFT_EMU_KERNELS` when set (to try other kernel sources without rebuilding), each
+/// passed through `edit(file name, text)`.
+fn sources(edit: impl Fn(&str, String) -> String) -> Vec<(String, String)> {
+    let files: Vec<(String, String)> = match std::env::var_os("CAFT_EMU_KERNELS") {
+        Some(dir) => std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("CAFT_EMU_KERNELS={}: {e}", dir.to_string_lossy()))
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh"))
+            .map(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                let text =
+                    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                (name, text)
+            })
+            .collect(),
+        None => kernel_sources()
+            .iter()
+            .map(|(name, text)| (name.to_string(), text.to_string()))
+            .collect(),
+    };
+    files
+        .into_iter()
+        .map(|(name, text)| {
+            let text = edit(&name, text);
+            (name, text)
+        })
+        .collect()
+}
+
+/// norm.cu under emulation, compiled once per test run.
+fn norm_module() -> &'static Module {
+    static M: OnceLock<Result<Module, String>> = OnceLock::new();
+    M.get_or_init(|| {
+        Module::build(
+            "norm",
+            &sources(|_, t| t),
+            "norm.cu",
+            &norm_entries()
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+    })
+    .as_ref()
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Largest relative error over the outputs (infinite on NaN or a length mismatch).
+fn worst(got: &[Vec<f32>], want: &[Vec<f32>]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| rel_err(g, w))
+        .fold(0.0, f64::max)
+}
+
+fn bits_equal(a: &[Vec<f32>], b: &[Vec<f32>]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
+        })
+}
+
+/// Run every shape through `emulate` and `cpu`; panic listing the shapes out of tolerance.
+/// Shapes with the most directions run twice and must agree bit for bit: the kernels' sums
+/// have a fixed order, so however the OS interleaves the threads the result is the same.
+fn check<T: Elem, I>(
+    op: &str,
+    seed: u64,
+    make: fn(&mut Rng, Shape) -> I,
+    emulate: fn(&Module, &I) -> Result<Outputs, String>,
+    cpu: fn(&I) -> Outputs,
+) {
+    let m = norm_module();
+    let tol = tolerance::<T>();
+    let mut rng = Rng::new(seed);
+    let mut failures = Vec::new();
+    let k_max = shapes::<T>().iter().map(|s| s.k).max().unwrap_or(0);
+    for s in shapes::<T>() {
+        let inputs = make(&mut rng, s);
+        let want = cpu(&inputs);
+        let run = || emulate(m, &inputs).map_err(|e| format!("{s:?}: {e}"));
+        let got = match run() {
+            Ok(got) => got,
+            Err(e) => {
+                failures.push(e);
+                continue;
+            }
+        };
+        let err = worst(&got, &want);
+        let repeat = (s.k == k_max).then(|| run().map(|again| bits_equal(&got, &again)));
+        let ok = err.is_finite() && err <= tol;
+        println!(
+            "{op:<22} {:<5} n{:<2} d{:<5} k{:<3} b {:<5} rel.err {err:.2e}{}{}",
+            T::SUFFIX,
+            s.n,
+            s.d,
+            s.k,
+            s.with_b,
+            match repeat {
+                Some(Ok(true)) => "  (repeat: bit-identical)",
+                Some(_) => "  (repeat: DIFFERS)",
+                None => "",
+            },
+            if ok { "" } else { "  FAIL" }
+        );
+        if !ok {
+            failures.push(format!("{s:?}: rel.err {err:.3e} (tol {tol:.0e})"));
+        }
+        match repeat {
+            Some(Err(e)) => failures.push(e),
+            Some(Ok(false)) => failures.push(format!(
+                "{s:?}: a second run gave other bits: the result depends on how the threads \
+                 interleave, a race (CAFT_EMU_SANITIZE=thread names the accesses)"
+            )),
+            _ => {}
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{op} ({}) under emulation:\n{}",
+        T::SUFFIX,
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn resid_ablate_norm_fwd_f32() {
+    if have_compiler("resid_ablate_norm_fwd_f32") {
+        check::<f32, _>(
+            "resid_ablate_norm_fwd",
+            11,
+            fwd_inputs::<f32>,
+            emulate_fwd::<f32>,
+            cpu_fwd,
+        );
+    }
+}
+
+#[test]
+fn resid_ablate_norm_fwd_bf16() {
+    if have_compiler("resid_ablate_norm_fwd_bf16") {
+        check::<half::bf16, _>(
+            "resid_ablate_norm_fwd",
+            12,
+            fwd_inputs::<half::bf16>,
+            emulate_fwd::<half::bf16>,
+            cpu_fwd,
+        );
+    }
+}
+
+#[test]
+fn resid_ablate_norm_bwd_f32() {
+    if have_compiler("resid_ablate_norm_bwd_f32") {
+        check::<f32, _>(
+            "resid_ablate_norm_bwd",
+            13,
+            bwd_inputs::<f32>,
+            emulate_bwd::<f32>,
+            cpu_bwd,
+        );
+    }
+}
+
+#[test]
+fn resid_ablate_norm_bwd_bf16() {
+    if have_compiler("resid_ablate_norm_bwd_bf16") {
+        check::<half::bf16, _>(
+            "resid_ablate_norm_bwd",
+            14,
+            bwd_inputs::<half::bf16>,
+            emulate_bwd::<half::bf16>,
+            cpu_bwd,
+        );
+    }
+}
+
+/// The harness can fail: with the last butterfly step of the block reduction in norm.cu
+/// dropped (lanes 2i and 2i+1 never combine for the sums of squares), the forward must be out
+/// of tolerance. If norm.cu changes shape, update `BROKEN_FROM`.
+#[test]
+fn a_broken_block_sum_is_caught() {
+    if !have_compiler("a_broken_block_sum_is_caught") {
+        return;
+    }
+    const BROKEN_FROM: &str = "o = LANES_PER_VALUE / 2; o > 0; o >>= 1";
+    const BROKEN_TO: &str = "o = LANES_PER_VALUE / 2; o > 1; o >>= 1";
+    let files = sources(|name, text| {
+        if name == "norm.cu" {
+            assert!(text.contains(BROKEN_FROM), "norm.cu: update BROKEN_FROM");
+            text.replacen(BROKEN_FROM, BROKEN_TO, 1)
+        } else {
+            text
+        }
+    });
+    let m = Module::build(
+        "norm-broken",
+        &files,
+        "norm.cu",
+        &norm_entries()
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let mut rng = Rng::new(5);
+    let s = Shape {
+        n: 3,
+        d: 64,
+        k: 8,
+        with_b: true,
+    };
+    let x = fwd_inputs::<f32>(&mut rng, s);
+    let err = worst(&emulate_fwd::<f32>(&m, &x).unwrap(), &cpu_fwd(&x));
+    println!("broken block sum: rel.err {err:.2e}");
+    let passes = err.is_finite() && err <= tolerance::<f32>();
+    assert!(!passes, "a broken block sum passed (rel.err {err:.2e})");
+}
+
+// ==== The shim itself ========================================================================
+
+/// A kernel with known answers: dynamic shared memory across a barrier (reversal), a block sum
+/// from a float butterfly plus a static `__shared__` array, an int shuffle, and a read of
+/// shared memory no thread wrote (NaN-filled by the emulator).
+const SELF_TEST_CU: &str = r#"
+extern "C" __global__ void self_test(float* rev, float* sums, int* partner, float* unwritten,
+                                     const float* x) {
+    extern __shared__ float buf[];
+    __shared__ float part[32];
+    const int t = threadIdx.x, i = blockIdx.x * blockDim.x + t;
+    buf[t] = x[i];
+    __syncthreads();
+    rev[i] = buf[blockDim.x - 1 - t];
+    float v = x[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((t & 31) == 0) part[t >> 5] = v;
+    __syncthreads();
+    if (t == 0) {
+        float s = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x / 32); w++) s += part[w];
+        sums[blockIdx.x] = s;
+        unwritten[blockIdx.x] = buf[blockDim.x];
+    }
+    partner[i] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 5);
+}
+"#;
+
+#[test]
+fn shim_self_test() {
+    if !have_compiler("shim_self_test") {
+        return;
+    }
+    let files = vec![("self_test.cu".to_string(), SELF_TEST_CU.to_string())];
+    let m = Module::build("self-test", &files, "self_test.cu", &["self_test"]).unwrap();
+    for (grid, block) in [(3usize, 64usize), (2, 1024)] {
+        let len = grid * block;
+        // Small integers: every partial sum is exact, so the answers are too.
+        let x: Vec<f32> = (0..len).map(|i| (i % 7) as f32 - 3.0).collect();
+        let after = m
+            .run(&Launch {
+                entry: "self_test".into(),
+                grid: [grid as u32, 1, 1],
+                block: [block as u32, 1, 1],
+                smem_bytes: (block + 1) * 4,
+                args: vec![
+                    Arg::buf(&vec![f32::NAN; len]),
+                    Arg::buf(&vec![f32::NAN; grid]),
+                    Arg::buf(&vec![-1i32; len]),
+                    Arg::buf(&vec![0.0f32; grid]),
+                    Arg::buf(&x),
+                ],
+            })
+            .unwrap();
+        let (rev, sums) = (after.get::<f32>(0), after.get::<f32>(1));
+        let (partner, unwritten) = (after.get::<i32>(2), after.get::<f32>(3));
+        for b in 0..grid {
+            let row = &x[b * block..(b + 1) * block];
+            let want_rev: Vec<f32> = row.iter().rev().copied().collect();
+            assert_eq!(&rev[b * block..(b + 1) * block], &want_rev[..], "block {b}");
+            assert_eq!(sums[b], row.iter().sum::<f32>(), "block {b} sum");
+            assert!(
+                unwritten[b].is_nan(),
+                "block {b}: unwritten smem read {}",
+                unwritten[b]
+            );
+        }
+        for (i, &p) in partner.iter().enumerate() {
+            assert_eq!(p as usize, (i % block) ^ 5, "thread {i}");
+        }
+    }
+}
+
+/// A launch whose arguments do not match the entry point's parameters is an error, not a
+/// silent reinterpretation.
+#[test]
+fn argument_mismatch_is_reported() {
+    if !have_compiler("argument_mismatch_is_reported") {
+        return;
+    }
+    let mut rng = Rng::new(1);
+    let s = Shape {
+        n: 1,
+        d: 24,
+        k: 0,
+        with_b: false,
+    };
+    let x = fwd_inputs::<f32>(&mut rng, s);
+    let m = norm_module();
+    let shape = NormLaunch::new::<f32>("argument_mismatch_is_reported", 24).unwrap();
+    let mut launch = Launch {
+        entry: shape.entry("fwd", "f32"),
+        grid: [1, 1, 1],
+        block: [shape.threads, 1, 1],
+        smem_bytes: 0,
+        args: vec![
+            poisoned::<f32>(24),
+            poisoned::<f32>(24),
+            poisoned::<f32>(1),
+            act::<f32>(&x.a),
+            Arg::Null,
+            Arg::Null,
+            Arg::I32(0),
+            act::<f32>(&x.w),
+            Arg::I32(1),
+            Arg::F32(24.0), // d passed as a float
+            Arg::F32(1e-5),
+        ],
+    };
+    let e = m.run(&launch).err().expect("a float for `int d` must fail");
+    assert!(e.contains("argument 9 is i32"), "{e}");
+    launch.args.pop();
+    let e = m.run(&launch).err().expect("10 arguments for 11 must fail");
+    assert!(e.contains("takes 11 arguments"), "{e}");
+}

@@ -1,0 +1,370 @@
+// cuda_shim.hpp: enough of the CUDA device language for block-level kernels (no inline PTX)
+// to compile as plain C++20 and run on the CPU, one std::thread per CUDA thread.
+//
+// Model: a launch runs its blocks one after another (so `__shared__` can be a function-local
+// `static`: only one block is alive at a time); the threads of a block run concurrently and
+// meet at real barriers, so indexing, reductions and barrier placement are exercised for real.
+// Warp shuffles exchange values through a per-warp array and a per-warp barrier: every lane of
+// the warp must reach every shuffle, as the full mask promises.
+//
+// Threads leave every __syncthreads out of step (see jitter()), so that races the barriers do
+// not order show up as wrong or varying results.
+//
+// Checks on the way: dynamic shared memory is filled with 0xff bytes (a float NaN) before
+// every block, so a read of a value no thread wrote shows up as NaN; writes past the end of
+// dynamic shared memory or of a kernel argument's buffer fail the launch; a barrier that not
+// every thread reaches fails it after CUDA_EMU_BARRIER_TIMEOUT_S with the block and thread.
+//
+// Not emulated: warp-synchronous code without shuffles/__syncwarp, partial-warp masks, atomics,
+// inline PTX, textures, cooperative groups, clusters; static `__shared__` arrays are not
+// poisoned (they keep what the previous block left).
+//
+// Dynamic shared memory (`extern __shared__ T name[];`) cannot be spelled in C++; the harness
+// rewrites that declaration in the kernel source to `T* const name = ...dynamic_smem()`.
+//
+// Build: g++ -std=c++20 -O2 -pthread -fno-strict-aliasing -Wno-unknown-pragmas (the kernels
+// load vectors through reinterpret_cast, which CUDA allows and ISO C++ aliasing rules do not).
+
+#pragma once
+
+#include <atomic>
+#include <bit>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <thread>
+#include <vector>
+#if defined(__linux__)
+#include <climits>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+// ---- qualifiers ---------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define __shared__ static  // blocks run one at a time, see above
+#define __constant__ static
+// __restrict__ is a g++ keyword already.
+
+// ---- vector and index types ---------------------------------------------------------------
+struct uint3 {
+    unsigned int x, y, z;
+};
+struct dim3 {
+    unsigned int x, y, z;
+    constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1)
+        : x(x_), y(y_), z(z_) {}
+};
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned int x, y;
+};
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
+struct alignas(16) int4 {
+    int x, y, z, w;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+// Per CUDA thread (= per std::thread).
+inline thread_local uint3 threadIdx{0, 0, 0};
+inline thread_local uint3 blockIdx{0, 0, 0};
+inline thread_local dim3 blockDim{1, 1, 1};
+inline thread_local dim3 gridDim{1, 1, 1};
+constexpr int warpSize = 32;
+
+namespace cuda_emu {
+
+[[noreturn]] inline void fail(const char* what) {
+    std::fprintf(stderr, "cuda_emu: %s (block %u,%u,%u thread %u,%u,%u)\n", what, blockIdx.x,
+                 blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+    std::fflush(stderr);
+    std::abort();
+}
+
+// Longest a thread waits at one barrier before the launch is declared stuck.
+#ifndef CUDA_EMU_BARRIER_TIMEOUT_S
+#define CUDA_EMU_BARRIER_TIMEOUT_S 60
+#endif
+
+// A barrier for `expected` threads; an exited thread leaves it (arrive_and_drop), as an exited
+// CUDA thread no longer holds back __syncthreads. Not std::barrier: libstdc++ parks waiters
+// through a process-wide table of atomics, which ThreadSanitizer takes for synchronisation
+// between unrelated threads and so hides real races. Here the only ordering is the barrier's
+// own: arrivals under a per-barrier mutex, departures acquire the phase counter.
+class Barrier {
+  public:
+    explicit Barrier(unsigned expected, const char* what) : expected_(expected), what_(what) {}
+    void arrive_and_wait() { arrive(false); }
+    void arrive_and_drop() { arrive(true); }
+
+  private:
+    void arrive(bool drop) {
+        unsigned phase;
+        {
+            std::lock_guard<std::mutex> lock(m_);
+            phase = phase_.load(std::memory_order_relaxed);
+            dropped_ += drop;
+            if (++arrived_ == expected_) {
+                expected_ -= dropped_;
+                arrived_ = dropped_ = 0;
+                phase_.store(phase + 1, std::memory_order_release);
+                wake();
+                return;
+            }
+        }
+        if (drop) return;
+        const auto limit =
+            std::chrono::steady_clock::now() + std::chrono::seconds(CUDA_EMU_BARRIER_TIMEOUT_S);
+        while (phase_.load(std::memory_order_acquire) == phase) {
+            park(phase);
+            if (std::chrono::steady_clock::now() > limit) stuck();
+        }
+    }
+#if defined(__linux__)
+    // Sleep while the phase is still `phase` (1 s at most, so the timeout above can fire).
+    void park(unsigned phase) {
+        timespec ts{1, 0};
+        syscall(SYS_futex, reinterpret_cast<unsigned*>(&phase_), FUTEX_WAIT_PRIVATE, phase, &ts,
+                nullptr, 0);
+    }
+    void wake() {
+        syscall(SYS_futex, reinterpret_cast<unsigned*>(&phase_), FUTEX_WAKE_PRIVATE, INT_MAX,
+                nullptr, nullptr, 0);
+    }
+#else
+    void park(unsigned) { std::this_thread::yield(); }
+    void wake() {}
+#endif
+    [[noreturn]] void stuck();
+
+    std::mutex m_;
+    std::atomic<unsigned> phase_{0};
+    static_assert(sizeof(std::atomic<unsigned>) == sizeof(unsigned));
+    unsigned expected_, arrived_ = 0, dropped_ = 0;
+    const char* what_;
+};
+
+struct Warp {
+    Barrier bar{32, "a warp shuffle or __syncwarp"};
+    // Two exchange arrays used alternately: a lane writes array p of shuffle i+2 only after
+    // every lane passed the barrier of shuffle i+1, i.e. after all reads of shuffle i.
+    std::uint64_t slot[2][32];
+};
+
+struct Block {
+    explicit Block(unsigned nthreads) : sync(nthreads, "__syncthreads"), warps(nthreads / 32) {
+        for (auto& w : warps) w = std::make_unique<Warp>();
+    }
+    Barrier sync;
+    std::vector<std::unique_ptr<Warp>> warps;
+};
+
+struct Self {
+    Block* block = nullptr;
+    Warp* warp = nullptr;
+    unsigned lane = 0;
+    unsigned phase = 0;  // which exchange array the next shuffle uses
+    unsigned char* smem = nullptr;
+    std::uint32_t rng = 1;  // xorshift32 state for the scheduling jitter
+};
+inline thread_local Self self;
+
+inline unsigned char* dynamic_smem() { return self.smem; }
+
+inline void Barrier::stuck() {
+    static std::atomic<bool> reported{false};
+    if (reported.exchange(true)) {
+        for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));  // the first one aborts
+    }
+    unsigned arrived, expected;
+    {
+        std::lock_guard<std::mutex> lock(m_);
+        arrived = arrived_, expected = expected_;
+    }
+    char msg[256];
+    std::snprintf(msg, sizeof msg,
+                  "stuck: %s waited %d s with %u of %u threads arrived (a barrier or shuffle "
+                  "inside a branch not every thread takes?)",
+                  what_, CUDA_EMU_BARRIER_TIMEOUT_S, arrived, expected);
+    fail(msg);
+}
+
+// After a block barrier, one thread in four gives up its time slice, so warps leave the
+// barrier out of step. Races the barriers do not order (a warp still reading shared memory
+// another one already overwrites, or reading before it is written) then show as wrong or
+// varying results far more often than with the OS's natural interleaving.
+inline void jitter() {
+    std::uint32_t x = self.rng;
+    x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+    self.rng = x;
+    if ((x & 3u) == 0) std::this_thread::yield();
+}
+
+inline void check_mask(unsigned mask) {
+    if (mask != 0xffffffffu) fail("only full-warp masks (0xffffffff) are emulated");
+}
+
+// Lane `src` of this warp's value `v` (src out of range: own value, as CUDA does).
+template <typename T> inline T exchange(T v, unsigned src) {
+    static_assert(sizeof(T) <= 8, "shuffles of at most 8 bytes");
+    Self& s = self;
+    Warp& w = *s.warp;
+    std::uint64_t* slots = w.slot[s.phase];
+    s.phase ^= 1u;
+    std::uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    slots[s.lane] = bits;
+    w.bar.arrive_and_wait();
+    bits = slots[src < 32 ? src : s.lane];
+    T r;
+    std::memcpy(&r, &bits, sizeof(T));
+    return r;
+}
+
+// Buffers (dynamic shared memory here, kernel arguments in cuda_driver.hpp) are followed by
+// guard bytes, checked after the launch, so a write past the end fails the launch. Under
+// AddressSanitizer there are none: the exact-size allocation lets it catch reads as well.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr std::size_t kGuard = 0;
+#else
+constexpr std::size_t kGuard = 256;
+#endif
+constexpr unsigned char kGuardByte = 0xa5;
+constexpr std::align_val_t kAlign{256};  // cuMemAlloc gives 256-byte aligned buffers
+
+inline unsigned char* alloc_guarded(std::size_t bytes) {
+    const std::size_t size = bytes + kGuard ? bytes + kGuard : 1;
+    auto* p = static_cast<unsigned char*>(::operator new(size, kAlign));
+    std::memset(p + bytes, kGuardByte, kGuard);
+    return p;
+}
+
+inline bool guard_intact(const unsigned char* p, std::size_t bytes) {
+    for (std::size_t i = 0; i < kGuard; i++)
+        if (p[bytes + i] != kGuardByte) return false;
+    return true;
+}
+
+inline void free_guarded(unsigned char* p) { ::operator delete(p, kAlign); }
+
+// Run `body()` on grid.x*y*z blocks of block.x*y*z threads, blocks in order, every thread of
+// a block on its own std::thread; `smem_bytes` of dynamic shared memory per block.
+template <typename F>
+void launch(dim3 grid, dim3 block, std::size_t smem_bytes, const F& body) {
+    const unsigned nthreads = block.x * block.y * block.z;
+    if (nthreads == 0 || nthreads > 1024 || nthreads % 32 != 0) {
+        std::fprintf(stderr, "cuda_emu: block of %u threads (need a multiple of 32, <= 1024)\n",
+                     nthreads);
+        std::abort();
+    }
+    unsigned char* smem = alloc_guarded(smem_bytes);
+    for (unsigned bz = 0; bz < grid.z; bz++)
+        for (unsigned by = 0; by < grid.y; by++)
+            for (unsigned bx = 0; bx < grid.x; bx++) {
+                std::memset(smem, 0xff, smem_bytes);
+                Block blk(nthreads);
+                std::vector<std::thread> threads;
+                threads.reserve(nthreads);
+                for (unsigned t = 0; t < nthreads; t++) {
+                    threads.emplace_back([&, t] {
+                        threadIdx = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+                        blockIdx = {bx, by, bz};
+                        blockDim = block;
+                        gridDim = grid;
+                        self = Self{&blk, blk.warps[t / 32].get(), t % 32, 0, smem,
+                                    0x9e3779b9u * (t + 1) ^ (bx * 0x85ebca6bu + 1)};
+                        body();
+                        // An exited thread no longer holds back its block's or warp's barriers.
+                        self.warp->bar.arrive_and_drop();
+                        blk.sync.arrive_and_drop();
+                    });
+                }
+                for (auto& th : threads) th.join();
+                if (!guard_intact(smem, smem_bytes)) {
+                    std::fprintf(stderr,
+                                 "cuda_emu: block %u,%u,%u wrote past its %zu bytes of dynamic "
+                                 "shared memory\n",
+                                 bx, by, bz, smem_bytes);
+                    std::abort();
+                }
+            }
+    free_guarded(smem);
+}
+
+}  // namespace cuda_emu
+
+// ---- synchronisation and warp intrinsics --------------------------------------------------
+inline void __syncthreads() {
+    cuda_emu::self.block->sync.arrive_and_wait();
+    cuda_emu::jitter();
+}
+
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    cuda_emu::check_mask(mask);
+    cuda_emu::self.warp->bar.arrive_and_wait();
+}
+
+template <typename T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    cuda_emu::check_mask(mask);
+    const unsigned lane = cuda_emu::self.lane, src = lane ^ (unsigned)lane_mask;
+    // Outside the lane's width-wide segment: its own value.
+    return cuda_emu::exchange(v, src / width == lane / width ? src : 32u);
+}
+
+template <typename T> inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+    cuda_emu::check_mask(mask);
+    const unsigned lane = cuda_emu::self.lane;
+    return cuda_emu::exchange(v, (lane / width) * width + ((unsigned)src_lane % width));
+}
+
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    cuda_emu::check_mask(mask);
+    const unsigned lane = cuda_emu::self.lane;
+    return cuda_emu::exchange(v, lane % width + delta < (unsigned)width ? lane + delta : 32u);
+}
+
+template <typename T> inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+    cuda_emu::check_mask(mask);
+    const unsigned lane = cuda_emu::self.lane;
+    return cuda_emu::exchange(v, lane % width >= delta ? lane - delta : 32u);
+}
+
+[[noreturn]] inline void __trap() { cuda_emu::fail("__trap()"); }
+
+// ---- memory and bit casts -----------------------------------------------------------------
+template <typename T> inline T __ldg(const T* p) { return *p; }
+
+inline unsigned int __float_as_uint(float x) { return std::bit_cast<unsigned int>(x); }
+inline float __uint_as_float(unsigned int x) { return std::bit_cast<float>(x); }
+inline int __float_as_int(float x) { return std::bit_cast<int>(x); }
+inline float __int_as_float(int x) { return std::bit_cast<float>(x); }
+
+// ---- math (fmaf, sqrtf, expf, ... come from <cmath>) --------------------------------------
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float x, float y) { return x / y; }
+inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
