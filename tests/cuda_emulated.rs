@@ -39,6 +39,7 @@ use caft_fast::backend::cuda::compile::kernel_sources;
 use caft_fast::backend::cuda::parity::{rel_err, tolerance};
 use caft_fast::backend::cuda::{DeviceElem, NormLaunch};
 use caft_fast::backend::Backend;
+use caft_fast::model::ablation::gaussian_orthonormal;
 use caft_fast::util::rng::Rng;
 use harness::{Arg, Launch, Module};
 use std::sync::OnceLock;
@@ -150,23 +151,9 @@ fn draw<T: Elem>(rng: &mut Rng, len: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// `k` orthonormal rows of length `d` (Gram–Schmidt twice over in f64, as parity.rs does).
+/// `k` random orthonormal rows of length `d`.
 fn directions(rng: &mut Rng, k: usize, d: usize) -> Vec<f32> {
-    let mut q: Vec<Vec<f64>> = Vec::with_capacity(k);
-    while q.len() < k {
-        let mut v: Vec<f64> = (0..d).map(|_| rng.normal()).collect();
-        for _ in 0..2 {
-            for u in &q {
-                let dot: f64 = v.iter().zip(u).map(|(a, b)| a * b).sum();
-                v.iter_mut().zip(u).for_each(|(a, b)| *a -= dot * b);
-            }
-        }
-        let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
-        if norm > 1e-6 {
-            q.push(v.iter().map(|a| a / norm).collect());
-        }
-    }
-    q.into_iter().flatten().map(|x| x as f32).collect()
+    gaussian_orthonormal(rng, k, d).expect("k <= d Gaussian rows are independent")
 }
 
 struct FwdInputs {

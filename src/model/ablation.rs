@@ -686,6 +686,16 @@ impl DictParser<'_> {
     }
 }
 
+/// `k` random orthonormal rows of width `d` (row-major, f32): standard Gaussian rows, whose span
+/// is uniformly distributed, through [`orthonormalize`].
+pub fn gaussian_orthonormal(rng: &mut Rng, k: usize, d: usize) -> Result<Vec<f32>> {
+    let rows: Vec<f64> = (0..k * d).map(|_| rng.normal()).collect();
+    Ok(orthonormalize(&rows, k, d)?
+        .into_iter()
+        .map(|x| x as f32)
+        .collect())
+}
+
 /// Random orthonormal directions, the paper's control: ablating as many random directions as
 /// chosen ones shows whether the effect comes from the concepts or from removing any subspace.
 ///
@@ -716,15 +726,13 @@ pub fn random_directions(
         // Hash (seed, layer) into an independent seed; Rng::new mixes it further.
         let layer_seed =
             Rng::new(seed ^ (layer as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)).next_u64();
-        let mut rng = Rng::new(layer_seed);
-        let rows: Vec<f64> = (0..k * d_model).map(|_| rng.normal()).collect();
-        let q = orthonormalize(&rows, k, d_model)
+        let q = gaussian_orthonormal(&mut Rng::new(layer_seed), k, d_model)
             .with_context(|| format!("random directions for layer {layer} (seed {seed})"))?;
         sets.push(DirectionSet {
             layer,
             k,
             d: d_model,
-            q: q.iter().map(|&x| x as f32).collect(),
+            q,
         });
     }
     let mut dirs = Directions {

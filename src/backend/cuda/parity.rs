@@ -18,6 +18,7 @@ use super::backend::CudaBackend;
 use super::runtime::DeviceElem;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
+use crate::model::ablation::gaussian_orthonormal;
 use crate::util::rng::Rng;
 use anyhow::{Context, Result};
 
@@ -642,23 +643,9 @@ impl Draw<'_> {
     fn below(&mut self, n: usize) -> usize {
         self.rng.below(n)
     }
-    /// `k` orthonormal rows of length `d` (Gram–Schmidt twice over, in f64), as f32.
+    /// `k` random orthonormal rows of length `d`.
     fn directions(&mut self, k: usize, d: usize) -> Vec<f32> {
-        let mut q: Vec<Vec<f64>> = Vec::with_capacity(k);
-        while q.len() < k {
-            let mut v: Vec<f64> = (0..d).map(|_| self.rng.normal()).collect();
-            for _ in 0..2 {
-                for u in &q {
-                    let dot: f64 = v.iter().zip(u).map(|(a, b)| a * b).sum();
-                    v.iter_mut().zip(u).for_each(|(a, b)| *a -= dot * b);
-                }
-            }
-            let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
-            if norm > 1e-6 {
-                q.push(v.iter().map(|a| a / norm).collect());
-            }
-        }
-        q.into_iter().flatten().map(|x| x as f32).collect()
+        gaussian_orthonormal(self.rng, k, d).expect("k <= d Gaussian rows are independent")
     }
 }
 
