@@ -21,6 +21,8 @@
 //! GPU memory model beyond what barriers order; GPU arithmetic details (nvcc contracts a*b+c
 //! into FMA, g++ here does not: results differ by rounding); kernels with inline PTX or
 //! tensor-core instructions (attention). The real-GPU comparison stays tests/cuda_parity.rs.
+//! The other kernels (elementwise.cu, loss.cu, optim.cu) are tests/cuda_emulated_ops.rs; what
+//! both files share is tests/cuda_emulated/common.rs.
 //!
 //! Without g++ the tests fail when `CI` is set and are skipped with a notice otherwise (as in
 //! tests/cuda_compile.rs). `CXX` picks another compiler; `CAFT_EMU_SANITIZE=address` (or
@@ -31,25 +33,19 @@
 //! [`emulate_bwd`]): the only place that knows entry-point names, argument order and launch
 //! shapes.
 
+#[path = "cuda_emulated/common.rs"]
+mod common;
 #[path = "cuda_emulated/harness.rs"]
 mod harness;
 
 use caft_fast::backend::cpu::CpuBackend;
-use caft_fast::backend::cuda::compile::kernel_sources;
-use caft_fast::backend::cuda::parity::{rel_err, tolerance};
-use caft_fast::backend::cuda::{DeviceElem, NormLaunch};
+use caft_fast::backend::cuda::NormLaunch;
 use caft_fast::backend::Backend;
 use caft_fast::model::ablation::gaussian_orthonormal;
 use caft_fast::util::rng::Rng;
+use common::{act, draw, have_compiler, poisoned, to_f32, Elem, Outputs};
 use harness::{Arg, Launch, Module};
 use std::sync::OnceLock;
-
-/// A storage type of the kernels (bf16 or f32) that can also be sent as bytes.
-trait Elem: DeviceElem + bytemuck::Pod {}
-impl<T: DeviceElem + bytemuck::Pod> Elem for T {}
-
-/// The outputs of one op, as f32, in a fixed order.
-type Outputs = Vec<Vec<f32>>;
 
 // ==== The launches: as src/backend/cuda/backend.rs makes them ===============================
 // Entry point, grid, block and shared memory come from the backend's own `NormLaunch`; only
@@ -128,28 +124,6 @@ fn emulate_bwd<T: Elem>(m: &Module, x: &BwdInputs) -> Result<Outputs, String> {
 }
 
 // ==== Inputs and the CPU reference ===========================================================
-
-fn act<T: Elem>(v: &[f32]) -> Arg {
-    let t: Vec<T> = v.iter().map(|&x| T::from_f32(x)).collect();
-    Arg::buf(&t)
-}
-
-/// An output buffer filled with NaN, so an element the kernel does not write fails the test.
-fn poisoned<T: Elem>(len: usize) -> Arg {
-    Arg::buf(&vec![T::from_f32(f32::NAN); len])
-}
-
-fn to_f32<T: Elem>(v: &[T]) -> Vec<f32> {
-    v.iter().map(|x| x.to_f32()).collect()
-}
-
-/// Normal values times `scale`, rounded through `T` so both sides see the same inputs.
-fn draw<T: Elem>(rng: &mut Rng, len: usize, scale: f32) -> Vec<f32> {
-    rng.normal_vec(len)
-        .into_iter()
-        .map(|x| T::from_f32(x * scale).to_f32())
-        .collect()
-}
 
 /// `k` random orthonormal rows of length `d`.
 fn directions(rng: &mut Rng, k: usize, d: usize) -> Vec<f32> {
@@ -283,86 +257,16 @@ fn cpu_bwd(x: &BwdInputs) -> Outputs {
 
 // ==== Building and comparing =================================================================
 
-/// The skip policy: false (after a notice) without a C++ compiler, a failure when `CI` is set.
-fn have_compiler(test: &str) -> bool {
-    if harness::compiler().is_some() {
-        return true;
-    }
-    let msg = "no C++ compiler: install g++ (or set CXX) to run the kernels under emulation";
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED cuda_emulated::{test}: {msg}");
-    false
-}
-
-/// The kernel sources as NVRTC sees them (embedded by build.rs), or the `*.cu` / `*.cuh` files
-/// of `$CAFT_EMU_KERNELS` when set (to try other kernel sources without rebuilding), each
-/// passed through `edit(file name, text)`.
-fn sources(edit: impl Fn(&str, String) -> String) -> Vec<(String, String)> {
-    let files: Vec<(String, String)> = match std::env::var_os("CAFT_EMU_KERNELS") {
-        Some(dir) => std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("CAFT_EMU_KERNELS={}: {e}", dir.to_string_lossy()))
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "cu" || x == "cuh"))
-            .map(|p| {
-                let name = p.file_name().unwrap().to_string_lossy().into_owned();
-                let text =
-                    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-                (name, text)
-            })
-            .collect(),
-        None => kernel_sources()
-            .iter()
-            .map(|(name, text)| (name.to_string(), text.to_string()))
-            .collect(),
-    };
-    files
-        .into_iter()
-        .map(|(name, text)| {
-            let text = edit(&name, text);
-            (name, text)
-        })
-        .collect()
-}
-
 /// norm.cu under emulation, compiled once per test run.
 fn norm_module() -> &'static Module {
     static M: OnceLock<Result<Module, String>> = OnceLock::new();
-    M.get_or_init(|| {
-        Module::build(
-            "norm",
-            &sources(|_, t| t),
-            "norm.cu",
-            &norm_entries()
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        )
-    })
-    .as_ref()
-    .unwrap_or_else(|e| panic!("{e}"))
+    M.get_or_init(|| common::build_module("norm", "norm.cu", &norm_entries(), |t| t))
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Largest relative error over the outputs (infinite on NaN or a length mismatch).
-fn worst(got: &[Vec<f32>], want: &[Vec<f32>]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| rel_err(g, w))
-        .fold(0.0, f64::max)
-}
-
-fn bits_equal(a: &[Vec<f32>], b: &[Vec<f32>]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
-        })
-}
-
-/// Run every shape through `emulate` and `cpu`; panic listing the shapes out of tolerance.
-/// Shapes with the most directions run twice and must agree bit for bit: the kernels' sums
-/// have a fixed order, so however the OS interleaves the threads the result is the same.
+/// Every shape of [`shapes`] through `emulate` and `cpu` ([`common::check`]); the shapes
+/// with the most directions run twice and must agree bit for bit.
 fn check<T: Elem, I>(
     op: &str,
     seed: u64,
@@ -370,57 +274,17 @@ fn check<T: Elem, I>(
     emulate: fn(&Module, &I) -> Result<Outputs, String>,
     cpu: fn(&I) -> Outputs,
 ) {
-    let m = norm_module();
-    let tol = tolerance::<T>();
-    let mut rng = Rng::new(seed);
-    let mut failures = Vec::new();
-    let k_max = shapes::<T>().iter().map(|s| s.k).max().unwrap_or(0);
-    for s in shapes::<T>() {
-        let inputs = make(&mut rng, s);
-        let want = cpu(&inputs);
-        let run = || emulate(m, &inputs).map_err(|e| format!("{s:?}: {e}"));
-        let got = match run() {
-            Ok(got) => got,
-            Err(e) => {
-                failures.push(e);
-                continue;
-            }
-        };
-        let err = worst(&got, &want);
-        let repeat = (s.k == k_max).then(|| run().map(|again| bits_equal(&got, &again)));
-        let ok = err.is_finite() && err <= tol;
-        println!(
-            "{op:<22} {:<5} n{:<2} d{:<5} k{:<3} b {:<5} rel.err {err:.2e}{}{}",
-            T::SUFFIX,
-            s.n,
-            s.d,
-            s.k,
-            s.with_b,
-            match repeat {
-                Some(Ok(true)) => "  (repeat: bit-identical)",
-                Some(_) => "  (repeat: DIFFERS)",
-                None => "",
-            },
-            if ok { "" } else { "  FAIL" }
-        );
-        if !ok {
-            failures.push(format!("{s:?}: rel.err {err:.3e} (tol {tol:.0e})"));
-        }
-        match repeat {
-            Some(Err(e)) => failures.push(e),
-            Some(Ok(false)) => failures.push(format!(
-                "{s:?}: a second run gave other bits: the result depends on how the threads \
-                 interleave, a race (CAFT_EMU_SANITIZE=thread names the accesses)"
-            )),
-            _ => {}
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{op} ({}) under emulation:\n{}",
-        T::SUFFIX,
-        failures.join("\n")
-    );
+    let shapes = shapes::<T>();
+    let k_max = shapes.iter().map(|s| s.k).max().unwrap_or(0);
+    common::check::<T, _, _>(common::Check {
+        op,
+        seed,
+        shapes: &shapes,
+        make: &|rng, s| make(rng, *s),
+        emulate: &|x| emulate(norm_module(), x),
+        cpu: &cpu,
+        repeat: &|s| s.k == k_max,
+    });
 }
 
 #[test]
@@ -485,23 +349,9 @@ fn a_broken_block_sum_is_caught() {
     }
     const BROKEN_FROM: &str = "o = LANES_PER_VALUE / 2; o > 0; o >>= 1";
     const BROKEN_TO: &str = "o = LANES_PER_VALUE / 2; o > 1; o >>= 1";
-    let files = sources(|name, text| {
-        if name == "norm.cu" {
-            assert!(text.contains(BROKEN_FROM), "norm.cu: update BROKEN_FROM");
-            text.replacen(BROKEN_FROM, BROKEN_TO, 1)
-        } else {
-            text
-        }
-    });
-    let m = Module::build(
-        "norm-broken",
-        &files,
-        "norm.cu",
-        &norm_entries()
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
+    let m = common::build_module("norm-broken", "norm.cu", &norm_entries(), |t| {
+        common::mutate("norm.cu", t, BROKEN_FROM, BROKEN_TO)
+    })
     .unwrap();
     let mut rng = Rng::new(5);
     let s = Shape {
@@ -511,10 +361,11 @@ fn a_broken_block_sum_is_caught() {
         with_b: true,
     };
     let x = fwd_inputs::<f32>(&mut rng, s);
-    let err = worst(&emulate_fwd::<f32>(&m, &x).unwrap(), &cpu_fwd(&x));
-    println!("broken block sum: rel.err {err:.2e}");
-    let passes = err.is_finite() && err <= tolerance::<f32>();
-    assert!(!passes, "a broken block sum passed (rel.err {err:.2e})");
+    common::assert_caught::<f32>(
+        "a broken block sum",
+        &emulate_fwd::<f32>(&m, &x).unwrap(),
+        &cpu_fwd(&x),
+    );
 }
 
 // ==== The shim itself ========================================================================

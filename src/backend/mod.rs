@@ -100,6 +100,74 @@ pub struct AdamStep {
     pub grad_scale: f32,
 }
 
+/// The constants of one AdamW step, formed in f64 from the hyper-parameters and rounded to f32
+/// once, where PyTorch rounds them (it holds hyper-parameters as Python floats). The CPU
+/// reference and the CUDA kernel both take exactly these, so they agree bit for bit on them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamScalars {
+    pub grad_scale: f32,
+    /// `1 - lr·wd`
+    pub decay: f32,
+    /// `1 - β1` (the weight of torch's lerp)
+    pub w1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    /// `sqrt(1 - β2^t)`
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    /// `-lr / (1 - β1^t)`
+    pub neg_step_size: f32,
+}
+
+impl AdamScalars {
+    /// In the order of `adamw_f32`'s scalar parameters (kernels/optim.cu).
+    pub fn to_array(self) -> [f32; 8] {
+        [
+            self.grad_scale,
+            self.decay,
+            self.w1,
+            self.beta2,
+            self.one_minus_beta2,
+            self.bc2_sqrt,
+            self.eps,
+            self.neg_step_size,
+        ]
+    }
+}
+
+/// The f64 nearest to the shortest decimal that rounds to `x` (0.999f32 -> 0.999f64).
+///
+/// Hyper-parameters are written as decimals and PyTorch holds them as Python floats (f64);
+/// `AdamStep` carries f32. Widening 0.999f32 directly gives 0.99900001287, which moves
+/// `1 - β2` by 1.3e-5 relative; going through the decimal recovers the value the user wrote.
+fn decimal(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
+impl AdamStep {
+    /// This step's constants. Panics on β1 <= 0.5 (torch's lerp form is used, which is its
+    /// form only for weights below one half) and on step 0 (steps are 1-based).
+    pub fn scalars(&self) -> AdamScalars {
+        assert!(self.step >= 1, "adamw: step is 1-based, got {}", self.step);
+        let (lr, b1, b2) = (decimal(self.lr), decimal(self.beta1), decimal(self.beta2));
+        let t = self.step.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2 = 1.0 - b2.powi(t);
+        let w1 = 1.0 - b1;
+        assert!(w1 < 0.5, "adamw: beta1 {b1} <= 0.5 is not supported");
+        AdamScalars {
+            grad_scale: self.grad_scale,
+            decay: (1.0 - lr * decimal(self.weight_decay)) as f32,
+            w1: w1 as f32,
+            beta2: self.beta2,
+            one_minus_beta2: (1.0 - b2) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: decimal(self.eps) as f32,
+            neg_step_size: (-(lr / bc1)) as f32,
+        }
+    }
+}
+
 /// The model's ops. Every method works on whole buffers of the backend's own storage; sizes are
 /// passed explicitly and checked by the implementation (a mismatch is a programming error and
 /// panics with the op name). Methods that may fail for reasons outside the program (device

@@ -11,7 +11,7 @@
 
 use super::check_len;
 use super::simd::{dot_f64, multiversion};
-use crate::backend::AdamStep;
+use crate::backend::{AdamScalars, AdamStep};
 use rayon::prelude::*;
 
 /// Elements per rayon task.
@@ -29,21 +29,8 @@ pub fn sum_squares(g: &[f32]) -> f64 {
     parts.iter().sum()
 }
 
-/// The step's scalars, rounded to f32 where PyTorch rounds them.
-#[derive(Clone, Copy)]
-struct Scalars {
-    grad_scale: f32,
-    decay: f32,
-    w1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    bc2_sqrt: f32,
-    eps: f32,
-    neg_step_size: f32,
-}
-
 multiversion! {
-    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: Scalars) {
+    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: AdamScalars) {
         for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
             let g = *g * k.grad_scale;
             *p *= k.decay;
@@ -55,38 +42,12 @@ multiversion! {
     }
 }
 
-/// The f64 nearest to the shortest decimal that rounds to `x` (0.999f32 -> 0.999f64).
-///
-/// Hyper-parameters are written as decimals and PyTorch holds them as Python floats (f64);
-/// `AdamStep` carries f32. Widening 0.999f32 directly gives 0.99900001287, which moves
-/// `1 - β2` by 1.3e-5 relative; going through the decimal recovers the value the user wrote.
-fn decimal(x: f32) -> f64 {
-    x.to_string().parse().unwrap_or(x as f64)
-}
-
 pub fn adamw(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamStep) {
     let n = params.len();
     check_len("adamw", "grads", grads.len(), n);
     check_len("adamw", "m", m.len(), n);
     check_len("adamw", "v", v.len(), n);
-    assert!(hp.step >= 1, "adamw: step is 1-based, got {}", hp.step);
-    let (lr, b1, b2) = (decimal(hp.lr), decimal(hp.beta1), decimal(hp.beta2));
-    let t = hp.step.min(i32::MAX as u64) as i32;
-    let bc1 = 1.0 - b1.powi(t);
-    let bc2 = 1.0 - b2.powi(t);
-    let w1 = 1.0 - b1;
-    // The lerp form used is only PyTorch's for weights below one half (β1 > 0.5 in practice).
-    assert!(w1 < 0.5, "adamw: beta1 {b1} <= 0.5 is not supported");
-    let k = Scalars {
-        grad_scale: hp.grad_scale,
-        decay: (1.0 - lr * decimal(hp.weight_decay)) as f32,
-        w1: w1 as f32,
-        beta2: hp.beta2,
-        one_minus_beta2: (1.0 - b2) as f32,
-        bc2_sqrt: bc2.sqrt() as f32,
-        eps: decimal(hp.eps) as f32,
-        neg_step_size: (-(lr / bc1)) as f32,
-    };
+    let k = hp.scalars();
     params
         .par_chunks_mut(CHUNK)
         .zip(grads[..n].par_chunks(CHUNK))

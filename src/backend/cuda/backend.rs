@@ -211,6 +211,93 @@ fn flat_grid(items: usize) -> u32 {
     items.div_ceil(FLAT_THREADS).clamp(1, 65_535) as u32
 }
 
+/// Grid and block (x dimension; y = z = 1, no dynamic shared memory) of the launches of the
+/// elementwise, loss and optimizer kernels. Public so the emulated-kernel tests
+/// (tests/cuda_emulated_ops.rs) launch exactly what the backend launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelLaunch {
+    pub grid: u32,
+    pub block: u32,
+}
+
+impl KernelLaunch {
+    /// `embedding_*`: one block per token row, threads over the row's 16-byte chunks.
+    pub fn embedding<T>(n: usize, d: usize) -> Self {
+        Self {
+            grid: n as u32,
+            block: row_threads(row_chunks::<T>(d), ROW_THREADS),
+        }
+    }
+
+    /// `add_bias_*`: one block per row, threads over the row's elements.
+    pub fn add_bias(n: usize, d: usize) -> Self {
+        Self {
+            grid: n as u32,
+            block: row_threads(d, ROW_THREADS),
+        }
+    }
+
+    /// `swiglu_fwd_*` and `swiglu_bwd_*` over `len` elements: a thread per 16-byte vector.
+    pub fn swiglu<T>(len: usize) -> Self {
+        Self::flat(len / (16 / std::mem::size_of::<T>()))
+    }
+
+    /// `rope_*`: a thread per rotated pair.
+    pub fn rope(pairs: usize) -> Self {
+        Self::flat(pairs)
+    }
+
+    /// `cast_from_f32_*` over `len` elements: a thread per element.
+    pub fn cast(len: usize) -> Self {
+        Self::flat(len)
+    }
+
+    /// `cross_entropy_*`: one block of `CE_THREADS` per row.
+    pub fn cross_entropy(n: usize) -> Self {
+        Self {
+            grid: n as u32,
+            block: CE_THREADS,
+        }
+    }
+
+    /// `ce_loss_accumulate_f32`: one block.
+    pub fn ce_loss_accumulate() -> Self {
+        Self {
+            grid: 1,
+            block: 256,
+        }
+    }
+
+    /// `sum_squares_partial_f32` over `len` values: a fixed number of blocks for a length
+    /// (`grid` partial sums), so the result does not depend on the GPU.
+    pub fn sum_squares(len: usize) -> Self {
+        Self {
+            grid: len.div_ceil(4 * FLAT_THREADS).clamp(1, SUMSQ_MAX_BLOCKS) as u32,
+            block: FLAT_THREADS as u32,
+        }
+    }
+
+    /// `adamw_f32` over `len` parameters: a thread per 4 of them.
+    pub fn adamw(len: usize) -> Self {
+        Self::flat(len.div_ceil(4))
+    }
+
+    fn flat(items: usize) -> Self {
+        Self {
+            grid: flat_grid(items),
+            block: FLAT_THREADS as u32,
+        }
+    }
+
+    fn config(self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.grid, 1, 1),
+            block_dim: (self.block, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
 fn to_i32(op: &str, what: &str, x: usize) -> i32 {
     i32::try_from(x).unwrap_or_else(|_| panic!("{op}: {what} = {x} exceeds i32"))
 }
@@ -276,11 +363,7 @@ impl<T: DeviceElem> CudaBackend<T> {
         let len_i = len as i64;
         let mut args = self.rt.stream.launch_builder(&f);
         args.arg(&dst_ptr).arg(&src).arg(&len_i);
-        let cfg = LaunchConfig {
-            grid_dim: (flat_grid(len), 1, 1),
-            block_dim: (FLAT_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = KernelLaunch::cast(len).config();
         // SAFETY: cast_from_f32(T* dst, const float* src, long long len); dst holds >= len
         // elements (ensured above), src holds len f32 values (caller).
         unsafe { self.rt.launch(&name, cfg, args) }?;
@@ -441,15 +524,10 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             .context("uploading token ids")?;
         let (f, name) = self.func("elementwise", "embedding")?;
         let d_i = to_i32("embedding", "d", d);
-        let chunks = row_chunks::<T>(d);
         let (o, t, i) = (self.rt.ptr(out), self.rt.ptr(table), self.rt.ptr(&*ids_dev));
         let mut args = self.rt.stream.launch_builder(&f);
         args.arg(&o).arg(&t).arg(&i).arg(&d_i);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (row_threads(chunks, ROW_THREADS), 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = KernelLaunch::embedding::<T>(n, d).config();
         // SAFETY: embedding(T* out, const T* table, const u32* ids, int d): out holds n·d,
         // ids holds n valid row indices of table (validated by the caller), grid = n rows.
         unsafe { self.rt.launch(&name, cfg, args) }
@@ -499,11 +577,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             let d_i = to_i32("linear", "d_out", d_out);
             let mut args = self.rt.stream.launch_builder(&f);
             args.arg(&yp).arg(&bp).arg(&d_i);
-            let cfg = LaunchConfig {
-                grid_dim: (n as u32, 1, 1),
-                block_dim: (row_threads(d_out, ROW_THREADS), 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = KernelLaunch::add_bias(n, d_out).config();
             // SAFETY: add_bias(T* y, const T* bias, int d): y holds n rows of d_out, bias d_out.
             unsafe { self.rt.launch(&name, cfg, args) }?;
         }
@@ -918,11 +992,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             .arg(&nh_i)
             .arg(&hd_i)
             .arg(&sign);
-        let cfg = LaunchConfig {
-            grid_dim: (flat_grid(total), 1, 1),
-            block_dim: (FLAT_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = KernelLaunch::rope(total).config();
         // SAFETY: rope(T* x, const float* table, const int* offsets, long long rows, int seq,
         // int n_heads, int hd, float sign): x holds rows·n_heads·hd, table covers every
         // position used (checked above), offsets is null or holds `batch` ints.
@@ -999,11 +1069,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         let len_i = len as i64;
         let mut args = self.rt.stream.launch_builder(&f);
         args.arg(&op).arg(&gp).arg(&upp).arg(&len_i);
-        let cfg = LaunchConfig {
-            grid_dim: (flat_grid(len / (16 / std::mem::size_of::<T>())), 1, 1),
-            block_dim: (FLAT_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = KernelLaunch::swiglu::<T>(len).config();
         // SAFETY: swiglu_fwd(T* out, const T* gate, const T* up, long long len): all three hold
         // len elements (whole buffers, so 16-byte aligned for the vector path).
         unsafe { self.rt.launch(&name, cfg, args) }
@@ -1039,11 +1105,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             args.arg(p);
         }
         args.arg(&len_i);
-        let cfg = LaunchConfig {
-            grid_dim: (flat_grid(len / (16 / std::mem::size_of::<T>())), 1, 1),
-            block_dim: (FLAT_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = KernelLaunch::swiglu::<T>(len).config();
         // SAFETY: swiglu_bwd(T* dgate, T* dup, const T* dout, const T* gate, const T* up,
         // long long len): all five hold len elements.
         unsafe { self.rt.launch(&name, cfg, args) }
@@ -1091,11 +1153,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             .arg(&vocab_i)
             .arg(&scale)
             .arg(&write_grad);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (CE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = KernelLaunch::cross_entropy(n).config();
         // SAFETY: cross_entropy(T* logits, float* row_loss, const int* targets, int vocab,
         // float grad_scale, int write_grad): logits n·vocab, row_loss and targets n (scratch
         // ensured), targets in -1..vocab (checked); block size = CE_THREADS.
@@ -1106,11 +1164,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         let n_i = to_i32("cross_entropy", "rows", n);
         let mut args = self.rt.stream.launch_builder(&f);
         args.arg(&acc).arg(&rl).arg(&n_i);
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = KernelLaunch::ce_loss_accumulate().config();
         // SAFETY: ce_loss_accumulate_f32(float* acc, const float* row_loss, int n): acc holds
         // >= 1 element, row_loss n; one block.
         unsafe { self.rt.launch("ce_loss_accumulate_f32", cfg, args) }
@@ -1122,7 +1176,8 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         if len == 0 {
             return Ok(0.0);
         }
-        let blocks = len.div_ceil(4 * FLAT_THREADS).clamp(1, SUMSQ_MAX_BLOCKS);
+        let shape = KernelLaunch::sum_squares(len);
+        let blocks = shape.grid as usize;
         let mut sc = self.scratch();
         let part = ensure(&self.rt, &mut sc.partial, blocks)?;
         let f = self.rt.function("optim", "sum_squares_partial_f32")?;
@@ -1130,11 +1185,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         let len_i = len as i64;
         let mut args = self.rt.stream.launch_builder(&f);
         args.arg(&pp).arg(&gp).arg(&len_i);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (FLAT_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = shape.config();
         // SAFETY: sum_squares_partial_f32(float* partial, const float* g, long long len):
         // partial holds >= blocks elements, g holds len.
         unsafe { self.rt.launch("sum_squares_partial_f32", cfg, args) }?;
@@ -1162,21 +1213,8 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         if len == 0 {
             return Ok(());
         }
-        // The step's scalars in f64, rounded once, as the CPU reference (and PyTorch) do.
-        let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
-        let t = hp.step.min(i32::MAX as u64) as i32;
-        let bc1 = 1.0 - b1.powi(t);
-        let bc2 = 1.0 - b2.powi(t);
-        let scalars: [f32; 8] = [
-            hp.grad_scale,
-            (1.0 - lr * hp.weight_decay as f64) as f32,
-            (1.0 - b1) as f32,
-            hp.beta2,
-            (1.0 - b2) as f32,
-            bc2.sqrt() as f32,
-            hp.eps,
-            (-(lr / bc1)) as f32,
-        ];
+        // The step's constants, exactly those the CPU reference uses.
+        let scalars = hp.scalars().to_array();
         let f = self.rt.function("optim", "adamw_f32")?;
         let ptrs = [
             self.rt.ptr(params),
@@ -1193,11 +1231,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         for s in &scalars {
             args.arg(s);
         }
-        let cfg = LaunchConfig {
-            grid_dim: (flat_grid(len.div_ceil(4)), 1, 1),
-            block_dim: (FLAT_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = KernelLaunch::adamw(len).config();
         // SAFETY: adamw_f32(float* p, const float* g, float* m, float* v, long long len,
         // 8 × float): the four buffers hold len elements (checked), scalars in kernel order.
         unsafe { self.rt.launch("adamw_f32", cfg, args) }
@@ -1241,5 +1275,31 @@ mod tests {
             .expect_err("too wide")
             .to_string();
         assert!(err.contains("4096"), "{err}");
+    }
+
+    /// The flat and per-row launch shapes the emulated-kernel tests rely on.
+    #[test]
+    fn kernel_launch_shapes() {
+        let l = |grid, block| KernelLaunch { grid, block };
+        // Rows: one block each; threads over 16-byte chunks (embedding) or elements (bias).
+        assert_eq!(KernelLaunch::embedding::<half::bf16>(5, 64), l(5, 32));
+        assert_eq!(KernelLaunch::embedding::<f32>(3, 37), l(3, 64));
+        assert_eq!(KernelLaunch::embedding::<f32>(2, 4104), l(2, 256));
+        assert_eq!(KernelLaunch::add_bias(7, 64), l(7, 64));
+        assert_eq!(KernelLaunch::add_bias(1, 1000), l(1, 256));
+        // Flat: a thread per vector, pair, element or float4; at least one block.
+        assert_eq!(KernelLaunch::swiglu::<half::bf16>(3), l(1, 256));
+        assert_eq!(KernelLaunch::swiglu::<half::bf16>(8 * 257), l(2, 256));
+        assert_eq!(KernelLaunch::swiglu::<f32>(4 * 257), l(2, 256));
+        assert_eq!(KernelLaunch::rope(257), l(2, 256));
+        assert_eq!(KernelLaunch::cast(1), l(1, 256));
+        assert_eq!(KernelLaunch::adamw(4 * 256 + 1), l(2, 256));
+        assert_eq!(KernelLaunch::cast(1 << 30), l(65_535, 256));
+        // Loss and the sum of squares.
+        assert_eq!(KernelLaunch::cross_entropy(7), l(7, 512));
+        assert_eq!(KernelLaunch::ce_loss_accumulate(), l(1, 256));
+        assert_eq!(KernelLaunch::sum_squares(1), l(1, 256));
+        assert_eq!(KernelLaunch::sum_squares(4 * 256 + 1), l(2, 256));
+        assert_eq!(KernelLaunch::sum_squares(1 << 22), l(1024, 256));
     }
 }

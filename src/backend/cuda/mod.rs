@@ -18,7 +18,7 @@ pub mod parity;
 pub mod probe;
 pub mod runtime;
 
-pub use backend::{CudaBackend, NormLaunch};
+pub use backend::{CudaBackend, KernelLaunch, NormLaunch};
 pub use doctor::doctor;
 pub use probe::{probe, DeviceProbe};
 pub use runtime::{DeviceElem, Runtime};
