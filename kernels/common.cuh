@@ -78,6 +78,30 @@ template <typename T> __device__ __forceinline__ void store_vec(T* p, const Vec<
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&x);
 }
 
+// Load / store N consecutive elements as floats: one 16-byte access when N fills a Vec<T>.
+template <typename T, int N> __device__ __forceinline__ void load_n(const T* p, float* f) {
+    if constexpr (N == Vec<T>::N) {
+        Vec<T> v = load_vec(p);
+#pragma unroll
+        for (int e = 0; e < N; e++) f[e] = to_f32(v.v[e]);
+    } else {
+#pragma unroll
+        for (int e = 0; e < N; e++) f[e] = to_f32(p[e]);
+    }
+}
+
+template <typename T, int N> __device__ __forceinline__ void store_n(T* p, const float* f) {
+    if constexpr (N == Vec<T>::N) {
+        Vec<T> v;
+#pragma unroll
+        for (int e = 0; e < N; e++) v.v[e] = from_f32<T>(f[e]);
+        store_vec(p, v);
+    } else {
+#pragma unroll
+        for (int e = 0; e < N; e++) p[e] = from_f32<T>(f[e]);
+    }
+}
+
 // True when a row of length d starting at every multiple of d from an aligned base can use Vec.
 template <typename T> __device__ __forceinline__ bool vec_ok(long long d) {
     return (d % Vec<T>::N) == 0;

@@ -16,8 +16,8 @@
 // Memory plan: each thread handles one 16-byte vector of T when the row length allows it (so
 // each warp moves 512 contiguous bytes per access), one element otherwise; grid-stride loops
 // over the flat buffer with a grid sized by the host. Embedding and add_bias use one block row
-// per token row. Rope is one thread per rotated pair; the cos/sin table (f32, small) is read
-// through the read-only cache. Nothing here reduces, so results are trivially deterministic.
+// per token row. Rope is one thread per 16 bytes of rotated pairs (one pair when hd/2 does not
+// allow vectors); the cos/sin table (f32, small) is read through the read-only cache. Nothing here reduces, so results are trivially deterministic.
 
 #include "common.cuh"
 
@@ -108,27 +108,53 @@ __device__ __forceinline__ void swiglu_bwd(T* __restrict__ dgate, T* __restrict_
 }
 
 // ---- rope -------------------------------------------------------------------------------
-// One thread per (row, head, i < hd/2); x: [rows, n_heads * hd]; table: [max_pos, hd/2] of
-// (cos, sin) pairs. sign = +1 forward, -1 inverse.
-template <typename T>
+// x: [rows, n_heads * hd]; table: [max_pos, hd/2] of (cos, sin) pairs. sign = +1 forward, -1
+// inverse. One thread per M consecutive pairs (i0 .. i0 + M) of one (row, head): M = 16 bytes
+// of T when hd/2 allows it, so x1, x2 and the table are each read with 16-byte accesses, and
+// the index arithmetic (64-bit divisions) is paid once per M pairs.
+template <typename T, int M>
 __device__ __forceinline__ void rope(T* __restrict__ x, const float* __restrict__ table,
                                      const int* __restrict__ offsets, long long rows, int seq,
                                      int n_heads, int hd, float sign) {
-    const int half = hd / 2;
-    const long long total = rows * n_heads * half;
+    const int half = hd / 2, per_head = half / M;
+    const long long total = rows * n_heads * per_head;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long t = (long long)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += stride) {
-        const int i = (int)(t % half);
-        const long long rh = t / half;  // row * n_heads + head
+        const int i0 = (int)(t % per_head) * M;
+        const long long rh = t / per_head;  // row * n_heads + head
         const long long row = rh / n_heads;
         int pos = (int)(row % seq);
         if (offsets) pos = max(0, pos + offsets[row / seq]);
-        const float2 cs = __ldg(reinterpret_cast<const float2*>(table) + (long long)pos * half + i);
-        const float c = cs.x, s = sign * cs.y;
-        T* p = x + rh * hd;
-        const float x1 = to_f32(p[i]), x2 = to_f32(p[i + half]);
-        p[i] = from_f32<T>(x1 * c - x2 * s);
-        p[i + half] = from_f32<T>(x2 * c + x1 * s);
+        const float* cs = table + ((long long)pos * half + i0) * 2;
+        float c[M], s[M];
+        if constexpr (M % 2 == 0) {
+#pragma unroll
+            for (int e = 0; e < M; e += 2) {
+                const float4 v = __ldg(reinterpret_cast<const float4*>(cs + 2 * e));
+                c[e] = v.x;
+                s[e] = sign * v.y;
+                c[e + 1] = v.z;
+                s[e + 1] = sign * v.w;
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < M; e++) {
+                const float2 v = __ldg(reinterpret_cast<const float2*>(cs + 2 * e));
+                c[e] = v.x;
+                s[e] = sign * v.y;
+            }
+        }
+        T* p = x + rh * hd + i0;
+        float x1[M], x2[M], y1[M], y2[M];
+        load_n<T, M>(p, x1);
+        load_n<T, M>(p + half, x2);
+#pragma unroll
+        for (int e = 0; e < M; e++) {
+            y1[e] = x1[e] * c[e] - x2[e] * s[e];
+            y2[e] = x2[e] * c[e] + x1[e] * s[e];
+        }
+        store_n<T, M>(p, y1);
+        store_n<T, M>(p + half, y2);
     }
 }
 
@@ -167,7 +193,10 @@ __device__ __forceinline__ void cast_to_f32(float* __restrict__ dst, const T* __
     extern "C" __global__ void rope_##SUF(T* x, const float* table, const int* offsets,       \
                                           long long rows, int seq, int n_heads, int hd,       \
                                           float sign) {                                       \
-        rope<T>(x, table, offsets, rows, seq, n_heads, hd, sign);                             \
+        if ((hd / 2) % Vec<T>::N == 0)                                                        \
+            rope<T, Vec<T>::N>(x, table, offsets, rows, seq, n_heads, hd, sign);              \
+        else                                                                                  \
+            rope<T, 1>(x, table, offsets, rows, seq, n_heads, hd, sign);                      \
     }                                                                                         \
     extern "C" __global__ void cast_from_f32_##SUF(T* dst, const float* src, long long len) { \
         cast_from_f32<T>(dst, src, len);                                                      \

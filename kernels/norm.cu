@@ -37,30 +37,6 @@
 #define NORM_MAX_WARPS (NORM_MAX_THREADS / 32)
 #define DIR_GROUP 8
 
-// Load / store N consecutive elements as floats: one 16-byte access when N fills a Vec<T>.
-template <typename T, int N> __device__ __forceinline__ void load_n(const T* p, float* f) {
-    if constexpr (N == Vec<T>::N) {
-        Vec<T> v = load_vec(p);
-#pragma unroll
-        for (int e = 0; e < N; e++) f[e] = to_f32(v.v[e]);
-    } else {
-#pragma unroll
-        for (int e = 0; e < N; e++) f[e] = to_f32(p[e]);
-    }
-}
-
-template <typename T, int N> __device__ __forceinline__ void store_n(T* p, const float* f) {
-    if constexpr (N == Vec<T>::N) {
-        Vec<T> v;
-#pragma unroll
-        for (int e = 0; e < N; e++) v.v[e] = from_f32<T>(f[e]);
-        store_vec(p, v);
-    } else {
-#pragma unroll
-        for (int e = 0; e < N; e++) p[e] = from_f32<T>(f[e]);
-    }
-}
-
 // N consecutive elements kept in their storage type (bf16 pairs packed in 32-bit registers,
 // half the registers of floats), converted where used by get(e). Zero bits are +0.0.
 template <typename T, int N> struct __align__(N * sizeof(T) == 16 ? 16 : alignof(T)) Raw {

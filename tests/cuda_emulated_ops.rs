@@ -593,7 +593,7 @@ fn emulate_rope<T: Elem>(m: &Module, x: &RopeInputs) -> Result<Outputs, String> 
     let sign: f32 = if s.inverse { -1.0 } else { 1.0 };
     let after = m.run(&launch(
         typed::<T>("rope"),
-        KernelLaunch::rope(rows * s.n_heads * s.head_dim / 2),
+        KernelLaunch::rope::<T>(rows * s.n_heads, s.head_dim),
         vec![
             act::<T>(&x.x),                        // 0 T* x (in and out)
             Arg::buf(&x.table),                    // 1 const float* table
@@ -1219,8 +1219,8 @@ fn a_broken_rope_is_caught() {
         return;
     }
     let m = Kernels::Elementwise.build_mutated(
-        "p[i + half] = from_f32<T>(x2 * c + x1 * s);",
-        "p[i + half] = from_f32<T>(x2 * c - x1 * s);",
+        "y2[e] = x2[e] * c[e] + x1[e] * s[e];",
+        "y2[e] = x2[e] * c[e] - x1[e] * s[e];",
     );
     let shape = rope_shapes()
         .into_iter()

@@ -242,9 +242,13 @@ impl KernelLaunch {
         Self::flat(len / (16 / std::mem::size_of::<T>()))
     }
 
-    /// `rope_*`: a thread per rotated pair.
-    pub fn rope(pairs: usize) -> Self {
-        Self::flat(pairs)
+    /// `rope_*` over `heads` head vectors (rows × heads per row) of `head_dim`: a thread per
+    /// 16 bytes of pairs when head_dim / 2 allows it (as the kernel decides), else per pair.
+    pub fn rope<T>(heads: usize, head_dim: usize) -> Self {
+        let half = head_dim / 2;
+        let vec = 16 / std::mem::size_of::<T>();
+        let per_thread = if half.is_multiple_of(vec) { vec } else { 1 };
+        Self::flat(heads * (half / per_thread))
     }
 
     /// `cast_from_f32_*` over `len` elements: a thread per element.
@@ -992,7 +996,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             .arg(&nh_i)
             .arg(&hd_i)
             .arg(&sign);
-        let cfg = KernelLaunch::rope(total).config();
+        let cfg = KernelLaunch::rope::<T>(rows * n_heads, head_dim).config();
         // SAFETY: rope(T* x, const float* table, const int* offsets, long long rows, int seq,
         // int n_heads, int hd, float sign): x holds rows·n_heads·hd, table covers every
         // position used (checked above), offsets is null or holds `batch` ints.
@@ -1291,7 +1295,10 @@ mod tests {
         assert_eq!(KernelLaunch::swiglu::<half::bf16>(3), l(1, 256));
         assert_eq!(KernelLaunch::swiglu::<half::bf16>(8 * 257), l(2, 256));
         assert_eq!(KernelLaunch::swiglu::<f32>(4 * 257), l(2, 256));
-        assert_eq!(KernelLaunch::rope(257), l(2, 256));
+        // 257 heads of 64: 32 pairs each, 4 threads of 8 (bf16), 8 of 4 (f32); odd halves: 1.
+        assert_eq!(KernelLaunch::rope::<half::bf16>(257, 64), l(5, 256));
+        assert_eq!(KernelLaunch::rope::<f32>(257, 64), l(9, 256));
+        assert_eq!(KernelLaunch::rope::<f32>(257, 2), l(2, 256));
         assert_eq!(KernelLaunch::cast(1), l(1, 256));
         assert_eq!(KernelLaunch::adamw(4 * 256 + 1), l(2, 256));
         assert_eq!(KernelLaunch::cast(1 << 30), l(65_535, 256));
