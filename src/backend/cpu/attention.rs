@@ -14,7 +14,7 @@
 //! per (sequence, kv head), looping over the heads sharing it, so dK and dV are each written by
 //! a single task. Every GEMM is single-threaded inside its task.
 
-use super::simd::{exp_f32, exp_shift_sum, max_f32, multiversion};
+use super::simd::{dot_f64, exp_f32, exp_shift_sum, max_f32, multiversion};
 use super::{check_len, matmul, matmul_to_ptr, MatRef, SharedMut, Threads};
 use crate::backend::{AttnShape, CacheShape};
 use rayon::prelude::*;
@@ -396,11 +396,11 @@ pub fn attention_cached(
     }
     let (kc, vc) = (&*k_cache, &*v_cache);
     let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = (1.0 / (hd as f64).sqrt()) as f32;
     out[..rows * qw]
         .par_chunks_mut(qw)
         .enumerate()
-        .for_each(|(r, o)| {
+        .for_each_init(Vec::new, |p, (r, o)| {
             let b = r / new;
             let t = past + r % new;
             let lo = (start[b] as usize).max(first_key(t, window));
@@ -408,38 +408,35 @@ pub fn attention_cached(
                 o.fill(0.0);
                 return;
             }
-            let mut p = vec![0f64; t + 1 - lo];
-            let mut acc = vec![0f64; hd];
-            for h in 0..n_heads {
-                let kvh = h / group;
-                let qh = &q[r * qw + h * hd..r * qw + (h + 1) * hd];
-                let at = |j: usize| (b * cap + j) * kvw + kvh * hd;
-                let mut m = f64::NEG_INFINITY;
-                for (j, pj) in (lo..=t).zip(p.iter_mut()) {
-                    let s: f32 = qh
-                        .iter()
-                        .zip(&kc[at(j)..at(j) + hd])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    *pj = s as f64 * scale;
-                    m = m.max(*pj);
-                }
-                let mut sum = 0.0;
-                for pj in p.iter_mut() {
-                    *pj = (*pj - m).exp();
-                    sum += *pj;
-                }
-                acc.fill(0.0);
-                for (j, pj) in (lo..=t).zip(&p) {
-                    for (a, &x) in acc.iter_mut().zip(&vc[at(j)..at(j) + hd]) {
-                        *a += pj * x as f64;
-                    }
-                }
-                for (oo, a) in o[h * hd..(h + 1) * hd].iter_mut().zip(&acc) {
-                    *oo = (a / sum) as f32;
-                }
+            p.resize(t + 1 - lo, 0.0);
+            for (h, oh) in o.chunks_exact_mut(hd).enumerate() {
+                let qh = &q[r * qw + h * hd..][..hd];
+                let kv = (b * cap + lo) * kvw + (h / group) * hd;
+                attend_cached(oh, qh, kc, vc, kv, kvw, scale, p);
             }
         });
+}
+
+multiversion! {
+    /// One query head against its visible cached keys: `o = softmax(c q Kᵀ) V` with the
+    /// forward's arithmetic (f32 scores, f32 exp, the softmax sum in f64). Key `j` of the
+    /// `p.len()` visible ones is at `kv + j · kvw` in both caches.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_cached(o: &mut [f32], qh: &[f32], kc: &[f32], vc: &[f32], kv: usize, kvw: usize, scale: f32, p: &mut [f32]) {
+        let hd = qh.len();
+        for (j, pj) in p.iter_mut().enumerate() {
+            *pj = dot_f64(qh, &kc[kv + j * kvw..][..hd]) as f32 * scale;
+        }
+        let m = max_f32(p);
+        let inv = (1.0 / exp_shift_sum(p, m)) as f32;
+        o.fill(0.0);
+        for (j, pj) in p.iter().enumerate() {
+            let w = pj * inv;
+            for (a, x) in o.iter_mut().zip(&vc[kv + j * kvw..][..hd]) {
+                *a += w * x;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
