@@ -287,56 +287,50 @@ fn check<T: Elem, I>(
     });
 }
 
-#[test]
-fn resid_ablate_norm_fwd_f32() {
-    if have_compiler("resid_ablate_norm_fwd_f32") {
-        check::<f32, _>(
+/// The forward for storage `T`, as test `test`.
+fn fwd<T: Elem>(test: &str, seed: u64) {
+    if have_compiler(test) {
+        check::<T, _>(
             "resid_ablate_norm_fwd",
-            11,
-            fwd_inputs::<f32>,
-            emulate_fwd::<f32>,
+            seed,
+            fwd_inputs::<T>,
+            emulate_fwd::<T>,
             cpu_fwd,
         );
     }
+}
+
+/// The backward for storage `T`, as test `test`.
+fn bwd<T: Elem>(test: &str, seed: u64) {
+    if have_compiler(test) {
+        check::<T, _>(
+            "resid_ablate_norm_bwd",
+            seed,
+            bwd_inputs::<T>,
+            emulate_bwd::<T>,
+            cpu_bwd,
+        );
+    }
+}
+
+#[test]
+fn resid_ablate_norm_fwd_f32() {
+    fwd::<f32>("resid_ablate_norm_fwd_f32", 11);
 }
 
 #[test]
 fn resid_ablate_norm_fwd_bf16() {
-    if have_compiler("resid_ablate_norm_fwd_bf16") {
-        check::<half::bf16, _>(
-            "resid_ablate_norm_fwd",
-            12,
-            fwd_inputs::<half::bf16>,
-            emulate_fwd::<half::bf16>,
-            cpu_fwd,
-        );
-    }
+    fwd::<half::bf16>("resid_ablate_norm_fwd_bf16", 12);
 }
 
 #[test]
 fn resid_ablate_norm_bwd_f32() {
-    if have_compiler("resid_ablate_norm_bwd_f32") {
-        check::<f32, _>(
-            "resid_ablate_norm_bwd",
-            13,
-            bwd_inputs::<f32>,
-            emulate_bwd::<f32>,
-            cpu_bwd,
-        );
-    }
+    bwd::<f32>("resid_ablate_norm_bwd_f32", 13);
 }
 
 #[test]
 fn resid_ablate_norm_bwd_bf16() {
-    if have_compiler("resid_ablate_norm_bwd_bf16") {
-        check::<half::bf16, _>(
-            "resid_ablate_norm_bwd",
-            14,
-            bwd_inputs::<half::bf16>,
-            emulate_bwd::<half::bf16>,
-            cpu_bwd,
-        );
-    }
+    bwd::<half::bf16>("resid_ablate_norm_bwd_bf16", 14);
 }
 
 /// The harness can fail: with the last butterfly step of the block reduction in norm.cu

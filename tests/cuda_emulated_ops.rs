@@ -455,64 +455,53 @@ fn cpu_swiglu_bwd(x: &SwigluInputs) -> Outputs {
     vec![dg, du]
 }
 
-#[test]
-fn swiglu_fwd_f32() {
-    run_check::<f32, _, _>(
-        "swiglu_fwd_f32",
-        "swiglu",
-        25,
+/// The forward (`bwd` false) or the backward of swiglu for storage `T`.
+fn swiglu<T: Elem>(test: &str, seed: u64, bwd: bool) {
+    let emulate = |m: &Module, x: &SwigluInputs| {
+        if bwd {
+            emulate_swiglu_bwd::<T>(m, x)
+        } else {
+            emulate_swiglu::<T>(m, x)
+        }
+    };
+    let cpu = |x: &SwigluInputs| {
+        if bwd {
+            cpu_swiglu_bwd(x)
+        } else {
+            cpu_swiglu(x)
+        }
+    };
+    run_check::<T, _, _>(
+        test,
+        if bwd { "swiglu_bwd" } else { "swiglu" },
+        seed,
         &SWIGLU_LENS,
-        &swiglu_inputs::<f32>,
+        &swiglu_inputs::<T>,
         Kernels::Elementwise,
-        &emulate_swiglu::<f32>,
-        &cpu_swiglu,
+        &emulate,
+        &cpu,
         &|_| false,
     );
+}
+
+#[test]
+fn swiglu_fwd_f32() {
+    swiglu::<f32>("swiglu_fwd_f32", 25, false);
 }
 
 #[test]
 fn swiglu_fwd_bf16() {
-    run_check::<bf16, _, _>(
-        "swiglu_fwd_bf16",
-        "swiglu",
-        26,
-        &SWIGLU_LENS,
-        &swiglu_inputs::<bf16>,
-        Kernels::Elementwise,
-        &emulate_swiglu::<bf16>,
-        &cpu_swiglu,
-        &|_| false,
-    );
+    swiglu::<bf16>("swiglu_fwd_bf16", 26, false);
 }
 
 #[test]
 fn swiglu_bwd_f32() {
-    run_check::<f32, _, _>(
-        "swiglu_bwd_f32",
-        "swiglu_bwd",
-        27,
-        &SWIGLU_LENS,
-        &swiglu_inputs::<f32>,
-        Kernels::Elementwise,
-        &emulate_swiglu_bwd::<f32>,
-        &cpu_swiglu_bwd,
-        &|_| false,
-    );
+    swiglu::<f32>("swiglu_bwd_f32", 27, true);
 }
 
 #[test]
 fn swiglu_bwd_bf16() {
-    run_check::<bf16, _, _>(
-        "swiglu_bwd_bf16",
-        "swiglu_bwd",
-        28,
-        &SWIGLU_LENS,
-        &swiglu_inputs::<bf16>,
-        Kernels::Elementwise,
-        &emulate_swiglu_bwd::<bf16>,
-        &cpu_swiglu_bwd,
-        &|_| false,
-    );
+    swiglu::<bf16>("swiglu_bwd_bf16", 28, true);
 }
 
 // ==== elementwise.cu: rope ===================================================================
