@@ -81,6 +81,7 @@ __device__ __forceinline__ bool attn_tile_needs_mask(int m0, int bm, int n0, int
            (window > 0 && n0 <= m0 + bm - 1 - window);
 }
 
+// ---- PTX wrappers (tests/cuda_emulated replaces the functions with asm in this block) ----
 // 2^x with the hardware approximation (rel. error ~2^-22); ex2(-inf) = 0.
 __device__ __forceinline__ float attn_exp2(float x) {
     float y;
@@ -197,6 +198,7 @@ __device__ __forceinline__ u32 attn_dynamic_smem() {
     return r;
 }
 
+// ---- end of PTX wrappers ----
 extern __shared__ __align__(16) unsigned char attn_smem[];
 
 // ---- tile configuration (the host side mirrors these numbers in attention.rs) ------------------

@@ -19,10 +19,11 @@
 //!
 //! What it cannot check: timing, occupancy and register spills (tests/cuda_compile.rs); the
 //! GPU memory model beyond what barriers order; GPU arithmetic details (nvcc contracts a*b+c
-//! into FMA, g++ here does not: results differ by rounding); kernels with inline PTX or
-//! tensor-core instructions (attention). The real-GPU comparison stays tests/cuda_parity.rs.
-//! The other kernels (elementwise.cu, loss.cu, optim.cu) are tests/cuda_emulated_ops.rs; what
-//! both files share is tests/cuda_emulated/common.rs.
+//! into FMA, g++ here does not: results differ by rounding); inline PTX, except attention.cu's
+//! wrappers (tests/cuda_emulated/ptx_emu.hpp). The real-GPU comparison stays
+//! tests/cuda_parity.rs. The other kernels are tests/cuda_emulated_ops.rs (elementwise.cu,
+//! loss.cu, optim.cu) and tests/cuda_emulated_attention.rs; what the files share is
+//! tests/cuda_emulated/common.rs.
 //!
 //! Without g++ the tests fail when `CI` is set and are skipped with a notice otherwise (as in
 //! tests/cuda_compile.rs). `CXX` picks another compiler; `CAFT_EMU_SANITIZE=address` (or

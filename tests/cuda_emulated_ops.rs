@@ -29,10 +29,10 @@
 //!   `--ignored`).
 //! - One mutation check per source file: a broken line must make its test fail.
 //!
-//! Not covered: `kernels/attention.cu`. Its kernels use inline PTX (`mma.sync`, `ldmatrix`,
-//! `cp.async`), which the C++ shim cannot run; the real-GPU comparison (tests/cuda_parity.rs)
-//! is its only check. The emulator's other limits (timing, the GPU memory model beyond
-//! barriers, FMA contraction) are listed in tests/cuda_emulated.rs.
+//! `kernels/attention.cu` (inline PTX: `mma.sync`, `ldmatrix`, `cp.async`, replaced by
+//! tests/cuda_emulated/ptx_emu.hpp) is tests/cuda_emulated_attention.rs. The emulator's other
+//! limits (timing, the GPU memory model beyond barriers, FMA contraction) are listed in
+//! tests/cuda_emulated.rs.
 //!
 //! The same switches and skip policy as tests/cuda_emulated.rs: without g++ the tests fail
 //! when `CI` is set and are skipped with a notice otherwise; `CXX`, `CAFT_EMU_SANITIZE`,

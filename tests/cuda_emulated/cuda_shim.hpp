@@ -1,4 +1,5 @@
-// cuda_shim.hpp: enough of the CUDA device language for block-level kernels (no inline PTX)
+// cuda_shim.hpp: enough of the CUDA device language for block-level kernels (no inline PTX;
+// attention.cu's PTX wrappers are replaced by ptx_emu.hpp)
 // to compile as plain C++20 and run on the CPU, one std::thread per CUDA thread.
 //
 // Model: a launch runs its blocks one after another (so `__shared__` can be a function-local
@@ -20,7 +21,8 @@
 // poisoned (they keep what the previous block left).
 //
 // Dynamic shared memory (`extern __shared__ T name[];`) cannot be spelled in C++; the harness
-// rewrites that declaration in the kernel source to `T* const name = ...dynamic_smem()`.
+// rewrites that declaration in the kernel source to `T* const name = ...dynamic_smem()` (at file
+// scope a macro of the same value).
 //
 // Build: g++ -std=c++20 -O2 -pthread -fno-strict-aliasing -Wno-unknown-pragmas (the kernels
 // load vectors through reinterpret_cast, which CUDA allows and ISO C++ aliasing rules do not).
@@ -171,6 +173,10 @@ struct Warp {
     // Two exchange arrays used alternately: a lane writes array p of shuffle i+2 only after
     // every lane passed the barrier of shuffle i+1, i.e. after all reads of shuffle i.
     std::uint64_t slot[2][32];
+    // The same for warp-collective operations with more than 8 bytes per lane (the tensor-core
+    // and ldmatrix emulation of ptx_emu.hpp): up to kWideWords 32-bit words per lane.
+    static constexpr int kWideWords = 8;
+    std::uint32_t wide[2][32][kWideWords];
 };
 
 struct Block {
@@ -188,10 +194,12 @@ struct Self {
     unsigned phase = 0;  // which exchange array the next shuffle uses
     unsigned char* smem = nullptr;
     std::uint32_t rng = 1;  // xorshift32 state for the scheduling jitter
+    std::size_t smem_bytes = 0;  // dynamic shared memory of the launch
 };
 inline thread_local Self self;
 
 inline unsigned char* dynamic_smem() { return self.smem; }
+inline std::size_t dynamic_smem_bytes() { return self.smem_bytes; }
 
 inline void Barrier::stuck() {
     static std::atomic<bool> reported{false};
@@ -241,6 +249,18 @@ template <typename T> inline T exchange(T v, unsigned src) {
     T r;
     std::memcpy(&r, &bits, sizeof(T));
     return r;
+}
+
+// Every lane's `n` words (n <= Warp::kWideWords) from `mine`, as all[lane][word]: one warp
+// barrier, the exchange arrays alternating as in exchange(). Every lane of the warp must call it.
+inline const std::uint32_t (*gather_words(const std::uint32_t* mine, int n))[Warp::kWideWords] {
+    Self& s = self;
+    Warp& w = *s.warp;
+    auto* all = w.wide[s.phase];
+    s.phase ^= 1u;
+    for (int i = 0; i < n; i++) all[s.lane][i] = mine[i];
+    w.bar.arrive_and_wait();
+    return all;
 }
 
 // Buffers (dynamic shared memory here, kernel arguments in cuda_driver.hpp) are followed by
@@ -293,8 +313,13 @@ void launch(dim3 grid, dim3 block, std::size_t smem_bytes, const F& body) {
                         blockIdx = {bx, by, bz};
                         blockDim = block;
                         gridDim = grid;
-                        self = Self{&blk, blk.warps[t / 32].get(), t % 32, 0, smem,
-                                    0x9e3779b9u * (t + 1) ^ (bx * 0x85ebca6bu + 1)};
+                        self = Self{&blk,
+                                    blk.warps[t / 32].get(),
+                                    t % 32,
+                                    0,
+                                    smem,
+                                    0x9e3779b9u * (t + 1) ^ (bx * 0x85ebca6bu + 1),
+                                    smem_bytes};
                         body();
                         // An exited thread no longer holds back its block's or warp's barriers.
                         self.warp->bar.arrive_and_drop();

@@ -1,7 +1,8 @@
 //! Builds CUDA kernel sources as C++ against `cuda_shim.hpp` and runs launches on the CPU.
 //!
 //! [`Module::build`] copies the sources into a fresh directory (rewriting dynamic shared memory
-//! declarations, which C++ cannot spell), generates a `main.cpp` with a table of the named
+//! declarations, which C++ cannot spell, and replacing marked inline-PTX wrappers by
+//! `ptx_emu.hpp`: [`splice_ptx_wrappers`]), generates a `main.cpp` with a table of the named
 //! `extern "C" __global__` entry points, and compiles it with g++ once. [`Module::run`] sends one
 //! [`Launch`] to the executable (a file in, a file out) and returns every buffer argument as it
 //! was after the kernel ran. A launch that hangs (a barrier not every thread reaches) is killed
@@ -96,7 +97,8 @@ pub fn timeout() -> Duration {
 }
 
 /// `extern __shared__ [__align__(n)] T name[];` -> a pointer to the launch's dynamic shared
-/// memory. Only block-scope declarations are meant (the rewritten line is a local variable).
+/// memory: inside a function (an indented declaration) a local variable, at file scope (a
+/// declaration at the start of a line) a macro, evaluated where the kernel uses the name.
 pub fn rewrite_dynamic_smem(src: &str) -> String {
     const KEY: &str = "extern __shared__";
     let mut out = String::with_capacity(src.len());
@@ -112,13 +114,81 @@ pub fn rewrite_dynamic_smem(src: &str) -> String {
             .strip_suffix("[]")
             .unwrap_or_else(|| panic!("extern __shared__ {decl}: expected `name[]`"));
         let ty = ty.join(" ");
-        out.push_str(&format!(
-            "{ty}* const {name} = reinterpret_cast<{ty}*>(cuda_emu::dynamic_smem())"
-        ));
-        rest = &rest[decl_end..];
+        let file_scope = out.is_empty() || out.ends_with('\n');
+        if file_scope {
+            out.push_str(&format!(
+                "#define {name} (reinterpret_cast<{ty}*>(cuda_emu::dynamic_smem()))"
+            ));
+            rest = &rest[decl_end + 1..]; // without the ';'
+        } else {
+            out.push_str(&format!(
+                "{ty}* const {name} = reinterpret_cast<{ty}*>(cuda_emu::dynamic_smem())"
+            ));
+            rest = &rest[decl_end..];
+        }
     }
     out.push_str(rest);
     out
+}
+
+/// The markers around the inline-PTX wrappers of a kernel source (kernels/attention.cu).
+pub const PTX_BEGIN: &str =
+    "// ---- PTX wrappers (tests/cuda_emulated replaces the functions with asm in this block) ----";
+pub const PTX_END: &str = "// ---- end of PTX wrappers ----";
+
+/// Between [`PTX_BEGIN`] and [`PTX_END`], every top-level function whose text contains `asm`
+/// (with the comment lines above it) is replaced by `#include "ptx_emu.hpp"`, which defines
+/// C++ stand-ins under the same names; the other functions of the block stay. Sources without
+/// the markers come back unchanged. An error when the markers are unpaired or any `asm` is
+/// left in the source afterwards (the emulator cannot run it).
+pub fn splice_ptx_wrappers(name: &str, src: &str) -> Result<String, String> {
+    let Some(begin) = src.find(PTX_BEGIN) else {
+        if src.contains(PTX_END) {
+            return Err(format!("{name}: `{PTX_END}` without `{PTX_BEGIN}`"));
+        }
+        return Ok(src.to_string());
+    };
+    let body_start = begin + PTX_BEGIN.len();
+    let end = body_start
+        + src[body_start..]
+            .find(PTX_END)
+            .ok_or_else(|| format!("{name}: `{PTX_BEGIN}` without `{PTX_END}`"))?;
+    // Top-level items: runs of lines ending with a line that is just "}" (a function's end;
+    // function bodies inside the block indent their inner braces).
+    let mut kept = String::new();
+    let mut item = String::new();
+    for line in src[body_start..end].split_inclusive('\n') {
+        item.push_str(line);
+        if line.trim_end() == "}" {
+            if !has_asm(&item) {
+                kept.push_str(&item);
+            }
+            item.clear();
+        }
+    }
+    kept.push_str(&item);
+    let out = format!(
+        "{}{PTX_BEGIN}\n#include \"ptx_emu.hpp\"\n{kept}{}",
+        &src[..begin],
+        &src[end..]
+    );
+    if has_asm(&out) {
+        return Err(format!(
+            "{name}: inline PTX outside a function of the `{PTX_BEGIN}` block; the emulator \
+             cannot run it"
+        ));
+    }
+    Ok(out)
+}
+
+/// Whether `text` has an `asm` statement (`asm(`, `asm volatile`, `asm (`).
+fn has_asm(text: &str) -> bool {
+    text.match_indices("asm").any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + 3..].trim_start();
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
+            && (after.starts_with('(') || after.starts_with("volatile"))
+    })
 }
 
 /// A compiled emulator executable for one kernel source.
@@ -140,8 +210,8 @@ impl Module {
         let cxx = compiler().ok_or("no C++ compiler (g++ or $CXX)")?;
         let dir = fresh_dir(label)?;
         for (name, text) in files {
-            std::fs::write(dir.join(name), rewrite_dynamic_smem(text))
-                .map_err(|e| format!("writing {name}: {e}"))?;
+            let text = rewrite_dynamic_smem(&splice_ptx_wrappers(name, text)?);
+            std::fs::write(dir.join(name), text).map_err(|e| format!("writing {name}: {e}"))?;
         }
         let mut main = format!(
             "// Generated by tests/cuda_emulated/harness.rs.\n\

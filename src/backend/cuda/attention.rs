@@ -32,7 +32,7 @@ use cudarc::driver::{sys::CUfunction_attribute, CudaSlice, LaunchConfig, PushKer
 pub const MAX_GENERIC_HEAD_DIM: usize = 256;
 
 /// Threads per CTA of every attention kernel (`ATTN_THREADS`).
-const THREADS: u32 = 128;
+pub const THREADS: u32 = 128;
 /// Rows (query or key) per CTA of the tensor-core kernels and of the generic kernels.
 const TILE: usize = 64;
 const GENERIC_ROWS: usize = 4;
@@ -66,12 +66,14 @@ impl Path {
     }
 }
 
-/// One kernel launch: name, grid, dynamic shared memory.
+/// One kernel launch: name, grid, dynamic shared memory (blocks of [`THREADS`]). Public so the
+/// emulated-kernel tests (tests/cuda_emulated_attention.rs) launch exactly what the backend
+/// launches.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Launch {
-    name: String,
-    grid: (u32, u32, u32),
-    smem: u32,
+pub struct Launch {
+    pub name: String,
+    pub grid: (u32, u32, u32),
+    pub smem: u32,
 }
 
 impl Launch {
@@ -99,7 +101,8 @@ fn bwd_small_tile(d: usize) -> usize {
     }
 }
 
-fn forward_launch(shape: &AttnShape, suffix: &str) -> Launch {
+/// The launch of [`attention_fwd`] for `shape` and element type `suffix`.
+pub fn forward_launch(shape: &AttnShape, suffix: &str) -> Launch {
     let path = Path::select(suffix, shape.head_dim);
     let (rows_per_cta, smem) = match path {
         // Two (K, V) buffers; the Q tile is staged in the first K buffer.
@@ -117,8 +120,8 @@ fn forward_launch(shape: &AttnShape, suffix: &str) -> Launch {
     }
 }
 
-/// The three backward launches: preprocess (Δ), dK/dV, dQ.
-fn backward_launches(shape: &AttnShape, suffix: &str) -> [Launch; 3] {
+/// The three backward launches of [`attention_bwd`]: preprocess (Δ), dK/dV, dQ.
+pub fn backward_launches(shape: &AttnShape, suffix: &str) -> [Launch; 3] {
     let path = Path::select(suffix, shape.head_dim);
     let pre_warps = shape.rows() * shape.n_heads;
     let pre = Launch {
@@ -433,10 +436,11 @@ pub struct CachedPlan {
     /// f32 elements of workspace the splits need (0 when `splits == 1`).
     pub workspace: usize,
     /// Integer scalars of the attention kernel: window (0 = none).
-    window: i32,
-    append: Launch,
-    attend: Launch,
-    combine: Option<Launch>,
+    pub window: i32,
+    /// The launches: cache append, attention, split merge (when `splits > 1`).
+    pub append: Launch,
+    pub attend: Launch,
+    pub combine: Option<Launch>,
 }
 
 /// Validate a cached-attention shape (mirrors the CPU reference's checks, plus the kernels'
