@@ -23,7 +23,7 @@
 //!   the key split of a 132-SM GPU (H200: small calls split their keys and run the merge) and
 //!   of a 1-SM one (no split); also a group of 10 query heads, head_dim 34 (element copies) and
 //!   256 (smaller key tiles).
-//! - `attention_fwd`: the tensor-core kernel (bf16, head_dim 64) and the generic kernels (f32;
+//! - `attention_fwd`: the tensor-core kernels (bf16, head_dim 64 and 128) and the generic kernels (f32;
 //!   bf16 with head_dim 32), causal, windowed, GQA, partial tiles.
 //! - `attention_bwd`: preprocess, dK/dV, dQ after each side's own forward, for the same kernels.
 //!
@@ -31,8 +31,7 @@
 //! decoding kernel, and a wrong mma A fragment in the forward.
 //!
 //! What the emulation cannot check: the hardware's mma summation order and ex2 error (covered
-//! by the tolerances), timing and register use. head_dim 128 (`*_hd128_bf16`) is not built
-//! here, to keep the compile and the run short.
+//! by the tolerances), timing and register use.
 //!
 //! Same switches and skip policy as tests/cuda_emulated.rs (`CXX`, `CAFT_EMU_SANITIZE`,
 //! `CAFT_EMU_KERNELS`; without g++ skipped with a notice, failing when `CI` is set).
@@ -55,11 +54,13 @@ use std::sync::OnceLock;
 
 // ==== The module =============================================================================
 
-/// The entry points the tests launch (head_dim 128 left out: see the module docs).
+/// The entry points the tests launch.
 fn entries() -> Vec<String> {
     let mut v = Vec::new();
     for family in ["fwd", "bwd_dkdv", "bwd_dq"] {
-        v.push(format!("attention_{family}_hd64_bf16"));
+        for hd in [64, 128] {
+            v.push(format!("attention_{family}_hd{hd}_bf16"));
+        }
     }
     for t in ["bf16", "f32"] {
         for family in [
@@ -257,7 +258,8 @@ fn attn(
 
 /// Shapes for storage `T`: head_dim 64 (the tensor-core kernels in bf16), 70 rows (a partial
 /// second 64-row tile), exactly one tile, a few rows, windows narrower than a tile and
-/// straddling tiles, GQA and MHA; bf16 also head_dim 32 (its generic kernels).
+/// straddling tiles, GQA and MHA; bf16 also head_dim 32 (its generic kernels) and 128 (its
+/// other tensor-core kernels).
 fn attn_shapes<T: Elem>() -> Vec<AttnShape> {
     let mut v = vec![
         attn(1, 70, (4, 2), 64, None),
@@ -267,6 +269,8 @@ fn attn_shapes<T: Elem>() -> Vec<AttnShape> {
     ];
     if T::SUFFIX == "bf16" {
         v.push(attn(1, 23, (4, 2), 32, Some(6)));
+        // The head_dim-128 tensor-core kernels (Qwen2.5, Llama-3-8B, Mistral-7B).
+        v.push(attn(1, 70, (2, 1), 128, Some(40)));
     }
     v
 }
