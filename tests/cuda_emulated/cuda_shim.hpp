@@ -24,6 +24,15 @@
 // rewrites that declaration in the kernel source to `T* const name = ...dynamic_smem()` (at file
 // scope a macro of the same value).
 //
+// Fibers (-DCUDA_EMU_FIBERS, used by the emulated GPU of tests/cuda_emulated/gpu.rs): the
+// threads of a block are user-space fibers on the launching thread instead of std::threads,
+// switched only where a CUDA thread waits (barriers, shuffles), one after another in a fixed
+// order. Semantics are the same (a barrier still needs every thread), and a launch costs
+// context switches instead of OS threads and futexes; what it gives up is the OS's
+// interleaving, so races are looked for in the threaded mode (the kernel tests, jitter(),
+// ThreadSanitizer). A round of the fibers in which no barrier completes and no thread exits is
+// a deadlock and fails the launch at once.
+//
 // Build: g++ -std=c++20 -O2 -pthread -fno-strict-aliasing -Wno-unknown-pragmas (the kernels
 // load vectors through reinterpret_cast, which CUDA allows and ISO C++ aliasing rules do not).
 
@@ -42,6 +51,10 @@
 #include <new>
 #include <thread>
 #include <vector>
+#if defined(CUDA_EMU_FIBERS)
+#include <sys/mman.h>
+#include <ucontext.h>
+#endif
 #if defined(__linux__)
 #include <climits>
 #include <linux/futex.h>
@@ -110,6 +123,13 @@ namespace cuda_emu {
 #define CUDA_EMU_BARRIER_TIMEOUT_S 60
 #endif
 
+#if defined(CUDA_EMU_FIBERS)
+// Give the launching thread back to the block's scheduler (defined with launch()).
+inline void fiber_yield();
+// Barriers completed and threads exited: the scheduler's evidence of progress.
+inline thread_local std::uint64_t fiber_progress = 0;
+#endif
+
 // A barrier for `expected` threads; an exited thread leaves it (arrive_and_drop), as an exited
 // CUDA thread no longer holds back __syncthreads. Not std::barrier: libstdc++ parks waiters
 // through a process-wide table of atomics, which ThreadSanitizer takes for synchronisation
@@ -122,6 +142,22 @@ class Barrier {
     void arrive_and_drop() { arrive(true); }
 
   private:
+#if defined(CUDA_EMU_FIBERS)
+    // Fibers share one OS thread: no lock; wait by yielding to the other fibers.
+    void arrive(bool drop) {
+        const unsigned phase = phase_.load(std::memory_order_relaxed);
+        dropped_ += drop;
+        if (++arrived_ == expected_) {
+            expected_ -= dropped_;
+            arrived_ = dropped_ = 0;
+            phase_.store(phase + 1, std::memory_order_relaxed);
+            fiber_progress++;
+            return;
+        }
+        if (drop) return;
+        while (phase_.load(std::memory_order_relaxed) == phase) fiber_yield();
+    }
+#else
     void arrive(bool drop) {
         unsigned phase;
         {
@@ -159,6 +195,7 @@ class Barrier {
     void park(unsigned) { std::this_thread::yield(); }
     void wake() {}
 #endif
+#endif  // CUDA_EMU_FIBERS
     [[noreturn]] void stuck();
 
     std::mutex m_;
@@ -224,6 +261,9 @@ inline void Barrier::stuck() {
 // another one already overwrites, or reading before it is written) then show as wrong or
 // varying results far more often than with the OS's natural interleaving.
 inline void jitter() {
+#if defined(CUDA_EMU_FIBERS)
+    return;  // fibers switch only at barriers, in a fixed order
+#endif
     std::uint32_t x = self.rng;
     x ^= x << 13, x ^= x >> 17, x ^= x << 5;
     self.rng = x;
@@ -289,8 +329,153 @@ inline bool guard_intact(const unsigned char* p, std::size_t bytes) {
 
 inline void free_guarded(unsigned char* p) { ::operator delete(p, kAlign); }
 
+#if defined(CUDA_EMU_FIBERS)
+// The switch between fibers: on x86-64 a few instructions that save the callee-saved registers
+// on the old stack and restore them from the new one (no signal-mask system call, unlike
+// swapcontext, which is the fallback elsewhere).
+#if defined(__x86_64__)
+extern "C" void cuda_emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .hidden cuda_emu_switch
+    .globl cuda_emu_switch
+    .type cuda_emu_switch, @function
+cuda_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cuda_emu_switch, .-cuda_emu_switch
+)");
+struct Context {
+    void* sp = nullptr;
+};
+inline void switch_context(Context& from, Context& to) { cuda_emu_switch(&from.sp, to.sp); }
+#else
+struct Context {
+    ucontext_t uc;
+};
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
+// One CUDA thread as a fiber: its context, and its per-thread state while it is switched out
+// (the thread_locals of the launching thread hold the running fiber's).
+struct Fiber {
+    Context ctx;
+    Self self;
+    uint3 tid;
+    bool done = false;
+};
+
+// Stack per fiber, with a PROT_NONE page below it so an overflow faults instead of writing
+// into the next stack. Kept for the next launches of this OS thread.
+constexpr std::size_t kFiberStack = 512 * 1024, kFiberGuard = 4096;
+inline thread_local std::vector<unsigned char*> fiber_stacks;
+inline thread_local Context* fiber_sched = nullptr;
+inline thread_local Fiber* fiber_current = nullptr;
+inline thread_local void (*fiber_body)(const void*) = nullptr;
+inline thread_local const void* fiber_arg = nullptr;
+
+inline void fiber_yield() { switch_context(fiber_current->ctx, *fiber_sched); }
+
+// A fiber's first and only frame: run the thread, leave the barriers, switch back for good.
+inline void fiber_entry() {
+    fiber_body(fiber_arg);
+    // An exited thread no longer holds back its block's or warp's barriers.
+    self.warp->bar.arrive_and_drop();
+    self.block->sync.arrive_and_drop();
+    fiber_current->done = true;
+    fiber_progress++;
+    switch_context(fiber_current->ctx, *fiber_sched);
+    fail("a finished fiber was resumed");
+}
+
+// Prepare `f` to start in fiber_entry on `stack` (the usable `bytes` above its guard page).
+inline void start_context(Fiber& f, unsigned char* stack, std::size_t bytes) {
+#if defined(__x86_64__)
+    // What cuda_emu_switch pops: six registers, then the address it returns to. After that
+    // `ret` the stack pointer must be 8 modulo 16, as right after a call.
+    auto top = reinterpret_cast<std::uintptr_t>(stack + bytes) & ~std::uintptr_t(15);
+    auto* sp = reinterpret_cast<void**>(top - 8);
+    *--sp = reinterpret_cast<void*>(&fiber_entry);
+    for (int i = 0; i < 6; i++) *--sp = nullptr;
+    f.ctx.sp = sp;
+#else
+    getcontext(&f.ctx.uc);
+    f.ctx.uc.uc_stack.ss_sp = stack;
+    f.ctx.uc.uc_stack.ss_size = bytes;
+    f.ctx.uc.uc_link = nullptr;
+    makecontext(&f.ctx.uc, fiber_entry, 0);
+#endif
+}
+
+template <typename SelfOf, typename ThreadIdx, typename F>
+void run_fibers(unsigned n, dim3 block_idx, dim3 grid, dim3 block, const SelfOf& self_of,
+                const ThreadIdx& thread_idx, const F& body) {
+    while (fiber_stacks.size() < n) {
+        void* p = mmap(nullptr, kFiberStack + kFiberGuard, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) fail("mmap of a fiber stack failed");
+        mprotect(p, kFiberGuard, PROT_NONE);
+        fiber_stacks.push_back(static_cast<unsigned char*>(p));
+    }
+    blockIdx = {block_idx.x, block_idx.y, block_idx.z};
+    blockDim = block;
+    gridDim = grid;
+    fiber_body = [](const void* f) { (*static_cast<const F*>(f))(); };
+    fiber_arg = &body;
+    Context sched;
+    fiber_sched = &sched;
+    std::vector<Fiber> fibers(n);
+    for (unsigned t = 0; t < n; t++) {
+        Fiber& f = fibers[t];
+        f.self = self_of(t);
+        f.tid = thread_idx(t);
+        start_context(f, fiber_stacks[t] + kFiberGuard, kFiberStack);
+    }
+    for (int idle_rounds = 0;;) {
+        const std::uint64_t before = fiber_progress;
+        bool live = false;
+        for (Fiber& f : fibers) {
+            if (f.done) continue;
+            live = true;
+            fiber_current = &f;
+            threadIdx = f.tid;
+            self = f.self;
+            switch_context(sched, f.ctx);
+            f.self = self;
+        }
+        if (!live) break;
+        idle_rounds = fiber_progress == before ? idle_rounds + 1 : 0;
+        if (idle_rounds == 2) {
+            for (Fiber& f : fibers)
+                if (!f.done) {
+                    threadIdx = f.tid;
+                    break;
+                }
+            fail("stuck: every thread of the block waits at a barrier or shuffle that not all "
+                 "of its threads reach (one inside a branch not every thread takes?)");
+        }
+    }
+    fiber_current = nullptr;
+}
+#endif
+
 // Run `body()` on grid.x*y*z blocks of block.x*y*z threads, blocks in order, every thread of
-// a block on its own std::thread; `smem_bytes` of dynamic shared memory per block.
+// a block on its own std::thread (or fiber, see the top); `smem_bytes` of dynamic shared
+// memory per block.
 template <typename F>
 void launch(dim3 grid, dim3 block, std::size_t smem_bytes, const F& body) {
     const unsigned nthreads = block.x * block.y * block.z;
@@ -305,21 +490,30 @@ void launch(dim3 grid, dim3 block, std::size_t smem_bytes, const F& body) {
             for (unsigned bx = 0; bx < grid.x; bx++) {
                 std::memset(smem, 0xff, smem_bytes);
                 Block blk(nthreads);
+                auto self_of = [&](unsigned t) {
+                    return Self{&blk,
+                                blk.warps[t / 32].get(),
+                                t % 32,
+                                0,
+                                smem,
+                                0x9e3779b9u * (t + 1) ^ (bx * 0x85ebca6bu + 1),
+                                smem_bytes};
+                };
+                auto thread_idx = [&](unsigned t) {
+                    return uint3{t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+                };
+#if defined(CUDA_EMU_FIBERS)
+                run_fibers(nthreads, dim3(bx, by, bz), grid, block, self_of, thread_idx, body);
+#else
                 std::vector<std::thread> threads;
                 threads.reserve(nthreads);
                 for (unsigned t = 0; t < nthreads; t++) {
                     threads.emplace_back([&, t] {
-                        threadIdx = {t % block.x, t / block.x % block.y, t / (block.x * block.y)};
+                        threadIdx = thread_idx(t);
                         blockIdx = {bx, by, bz};
                         blockDim = block;
                         gridDim = grid;
-                        self = Self{&blk,
-                                    blk.warps[t / 32].get(),
-                                    t % 32,
-                                    0,
-                                    smem,
-                                    0x9e3779b9u * (t + 1) ^ (bx * 0x85ebca6bu + 1),
-                                    smem_bytes};
+                        self = self_of(t);
                         body();
                         // An exited thread no longer holds back its block's or warp's barriers.
                         self.warp->bar.arrive_and_drop();
@@ -327,6 +521,7 @@ void launch(dim3 grid, dim3 block, std::size_t smem_bytes, const F& body) {
                     });
                 }
                 for (auto& th : threads) th.join();
+#endif
                 if (!guard_intact(smem, smem_bytes)) {
                     std::fprintf(stderr,
                                  "cuda_emu: block %u,%u,%u wrote past its %zu bytes of dynamic "
