@@ -7,7 +7,7 @@
 # GPU_CHECK_SKIP="step names" skips steps (e.g. "gpu_compare test-cuda_model").
 # Steps, each under its own timeout and all within $BUDGET seconds (default 360): caft-fast doctor; the staged test executables with
 # --include-ignored (cuda_parity first; the others too, the SmolLM2 GGUF at .cache/smollm2 is
-# used when present); the cuda_ops bench; scripts/gpu_compare.sh (training step) and scripts/gpu_generate.sh
+# used when present; their on_the_emulated_gpu re-runs are skipped, CI runs those); the cuda_ops bench; scripts/gpu_compare.sh (training step) and scripts/gpu_generate.sh
 # (generation) against PyTorch.
 set -u
 cd "$(dirname "$0")/.."
@@ -83,12 +83,12 @@ step() { # name timeout-seconds command...
 
 export CAFT_REPO=$PWD   # staged test executables find tests/fixtures here
 [ -x "$STAGE/caft-fast" ] && step doctor 90 "$STAGE/caft-fast" doctor
-[ -x "$STAGE/tests/cuda_parity" ] && step cuda_parity 90 "$STAGE/tests/cuda_parity" --include-ignored --test-threads=1 --nocapture
+[ -x "$STAGE/tests/cuda_parity" ] && step cuda_parity 90 "$STAGE/tests/cuda_parity" --include-ignored --skip on_the_emulated_gpu --test-threads=1 --nocapture
 [ -x scripts/gpu_compare.sh ] && step gpu_compare 200 scripts/gpu_compare.sh "$LOG" "$STAGE/caft-fast"
 for t in "$STAGE"/tests/*; do
   name=$(basename "$t")
   case $name in cuda_parity|cuda_compile) continue ;; esac
-  [ -x "$t" ] && step "test-$name" 90 "$t" --include-ignored --test-threads=1 --nocapture
+  [ -x "$t" ] && step "test-$name" 90 "$t" --include-ignored --skip on_the_emulated_gpu --test-threads=1 --nocapture
 done
 [ -x "$STAGE/benches/cuda_ops" ] && step cuda_ops 60 "$STAGE/benches/cuda_ops" --bench
 [ -x scripts/gpu_generate.sh ] && step gpu_generate 150 scripts/gpu_generate.sh "$LOG" "$STAGE/caft-fast"

@@ -2,8 +2,10 @@
 //! layer's resid_post), backward (every LoRA gradient) and three AdamW steps of the tiny
 //! fixture models, SmolLM2's logits, loss and gradients, and bit-identical repeat steps.
 //!
-//! Run on a GPU machine with `--include-ignored`. The comparison itself is generic: the first
-//! test runs it CPU-vs-CPU everywhere, so the harness is exercised in CI too.
+//! Run on a GPU machine with `--include-ignored`; `on_the_emulated_gpu` runs the tiny-model
+//! tests on the emulated GPU (tests/cuda_emulated/gpu.rs) everywhere else. The comparison
+//! itself is generic: the first test runs it CPU-vs-CPU everywhere, so the harness is
+//! exercised in CI too.
 //!
 //! Tolerances (relative norm error): f32 kernels 1e-5 for logits and states, 1e-4 for
 //! gradients (cuBLAS and the kernels sum in other orders than the CPU; the per-op bound is
@@ -12,6 +14,10 @@
 //! whole model is held to 5e-2 on logits and states and 1e-1 on LoRA gradients.
 
 mod common;
+#[path = "cuda_emulated/gpu.rs"]
+mod emulated_gpu;
+#[path = "cuda_emulated/harness.rs"]
+mod harness;
 
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::Backend;
@@ -21,6 +27,14 @@ use caft_fast::model::lora::{LoraConfig, LoraLayout, Target};
 use caft_fast::model::transformer::{Batch, Model};
 use caft_fast::train::optim::{optimizer_step, OptimConfig, Schedule};
 use common::*;
+
+/// The tiny-model tests below (ignored: they need a GPU) on the emulated GPU, the CPU standing
+/// in for the driver and cuBLAS (tests/cuda_emulated/gpu.rs), so they run in CI too. SmolLM2's
+/// size is left to real GPUs.
+#[test]
+fn on_the_emulated_gpu() {
+    emulated_gpu::rerun_ignored("on_the_emulated_gpu", &["tiny_models"]);
+}
 
 /// Everything one run of a model produces that the comparison looks at.
 struct Outputs {

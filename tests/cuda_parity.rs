@@ -3,12 +3,57 @@
 //!
 //! The comparison itself is `caft_fast::backend::cuda::parity` (shared with `caft-fast doctor`):
 //! relative L2 error within 1e-2 (bf16) or 1e-5 (f32), NaN never passes, outputs NaN-poisoned
-//! before every run. Needs a CUDA GPU: run with `--include-ignored` on one.
+//! before every run. Needs a CUDA GPU: run with `--include-ignored` on one. Without one,
+//! `on_the_emulated_gpu` runs them all on the emulated GPU (tests/cuda_emulated/gpu.rs).
 
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::cuda::parity::{self, CaseResult, Shape};
 use caft_fast::backend::cuda::{probe, CudaBackend, DeviceElem, Runtime};
 use std::sync::{Arc, OnceLock};
+
+#[path = "cuda_emulated/gpu.rs"]
+mod emulated_gpu;
+#[path = "cuda_emulated/harness.rs"]
+mod harness;
+
+/// Every test of this file (all ignored: they need a GPU) on the emulated GPU, the CPU standing
+/// in for the driver and cuBLAS (tests/cuda_emulated/gpu.rs), so they run in CI too.
+#[test]
+fn on_the_emulated_gpu() {
+    emulated_gpu::rerun_ignored("on_the_emulated_gpu", &[]);
+}
+
+/// The run above can fail: with swiglu's tail loop (sizes not a multiple of the vector width)
+/// stopping one element short in the emulated kernel library, the swiglu tests must fail on
+/// the element left as the driver's NaN fill.
+#[test]
+fn on_the_emulated_gpu_a_broken_kernel_fails() {
+    let name = "on_the_emulated_gpu_a_broken_kernel_fails";
+    if emulated_gpu::is_child() || !emulated_gpu::available(name) {
+        return;
+    }
+    let from =
+        "for (long long i = nvec * N + threadIdx.x; i < len; i += blockDim.x)\n            out[i]";
+    let to = "for (long long i = nvec * N + threadIdx.x; i + 1 < len; i += blockDim.x)\n            out[i]";
+    let dir = emulated_gpu::build_edited("-mutant-swiglu", &["elementwise"], &|file, text| {
+        if file != "elementwise.cu" {
+            return text;
+        }
+        assert!(
+            text.contains(from),
+            "elementwise.cu changed: update this mutation"
+        );
+        text.replacen(from, to, 1)
+    })
+    .expect("building the mutant emulated GPU");
+    let (ok, text) = emulated_gpu::run_ignored(&dir, "on_the_emulated_gpu", &["::swiglu"]);
+    println!("{text}");
+    assert!(
+        !ok,
+        "swiglu with a missing tail element passed on the emulated GPU"
+    );
+    assert!(text.contains("swiglu") && text.contains("FAIL"), "{text}");
+}
 
 fn runtime() -> Arc<Runtime> {
     static RT: OnceLock<Arc<Runtime>> = OnceLock::new();

@@ -5,12 +5,17 @@
 //! different lengths share one left-padded cache, then every sequence decodes its own tokens.
 //! The logits of each step must equal the full forward's logits at that position of that
 //! sequence alone, within 1e-5 relative norm on the CPU (both sides f32; only summation orders
-//! differ). The same check runs on the CUDA backend with `--include-ignored` on a GPU machine:
+//! differ). The same check runs on the CUDA backend with `--include-ignored` on a GPU machine
+//! (and on the emulated GPU of tests/cuda_emulated/gpu.rs everywhere else):
 //! f32 storage within 1e-5, bf16 storage within 2e-2 (the cache and every activation rounded
 //! to 8 mantissa bits; the full forward rounds differently, so the two paths differ by a few
 //! bf16 ulps compounded over three layers).
 
 mod common;
+#[path = "cuda_emulated/gpu.rs"]
+mod emulated_gpu;
+#[path = "cuda_emulated/harness.rs"]
+mod harness;
 
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::Backend;
@@ -20,6 +25,13 @@ use caft_fast::model::lora::{LoraConfig, LoraLayout, Target};
 use caft_fast::model::transformer::{Batch, Model, IGNORE};
 use caft_fast::util::rng::Rng;
 use common::*;
+
+/// The CUDA tests below (ignored: they need a GPU) on the emulated GPU, the CPU standing in for
+/// the driver and cuBLAS (tests/cuda_emulated/gpu.rs), so they run in CI too.
+#[test]
+fn on_the_emulated_gpu() {
+    emulated_gpu::rerun_ignored("on_the_emulated_gpu", &["cuda"]);
+}
 
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
