@@ -1,9 +1,11 @@
 //! The binary's GPU paths end to end on the emulated GPU (tests/cuda_emulated/gpu.rs: the CPU
 //! standing in for the driver and cuBLAS, the real kernels and host code): `doctor` passes,
 //! `train --device cuda` follows the CPU's losses on the tiny Llama fixture and writes a
-//! PEFT adapter, and `generate --device cuda` answers with the KV-cache kernels and the
-//! adapter. On a real GPU the same commands run in scripts/gpu_check.sh.
+//! PEFT adapter, `generate --device cuda` answers with the KV-cache kernels and the adapter,
+//! `directions pca --device cuda` recovers a planted direction, `eval` and the two bench
+//! commands of scripts/gpu_check.sh run. On a real GPU those run in scripts/gpu_check.sh.
 
+mod directions_support;
 mod train_support;
 
 #[path = "cuda_emulated/gpu.rs"]
@@ -182,4 +184,185 @@ fn train_and_generate_on_the_emulated_gpu() {
         let n = l["completion_tokens"].as_u64().expect("completion_tokens");
         assert!((1..=5).contains(&n), "{l}");
     }
+}
+
+/// `directions pca` on the GPU finds the direction a planted adapter writes at layer 1
+/// (|cos| >= 0.999 in bf16; the CPU test asks 0.9999 in f32), `eval loss` agrees with the CPU
+/// within 1%, `eval mc` scores every item, and the bench commands that scripts/gpu_compare.sh
+/// and scripts/gpu_generate.sh call report finite losses and positive rates.
+#[test]
+fn directions_eval_and_benches_on_the_emulated_gpu() {
+    use directions_support as ds;
+    let Some(gpu) = gpu_dir("directions_eval_and_benches_on_the_emulated_gpu") else {
+        return;
+    };
+    let tmp = ds::TempDir::new("emu-gpu-dirs");
+    let cfg = ds::tiny_config();
+    let v = ds::unit_vector(cfg.hidden_size, 5);
+    let adapter = tmp.path("adapter");
+    ds::write_planted_adapter(&adapter, &cfg, 1, &v);
+    let data = tmp.path("data.jsonl");
+    ds::write_tokens_jsonl(&data, 20, 3);
+    let pcs = tmp.path("pcs.safetensors");
+    let tiny = ds::tiny_llama();
+    ok(&on_gpu(
+        &gpu,
+        &[
+            "directions",
+            "pca",
+            "--model",
+            s(&tiny),
+            "--adapter",
+            s(&adapter),
+            "--data",
+            s(&data),
+            "--layers",
+            "1",
+            "--components",
+            "2",
+            "--device",
+            "cuda",
+            "--batch-size",
+            "3",
+            "-o",
+            s(&pcs),
+        ],
+    ));
+    let t = ds::read_tensors(&pcs);
+    let (shape, q) = &t["layer.1"];
+    assert_eq!(shape, &[2, cfg.hidden_size]);
+    let cos = ds::dot(&q[..cfg.hidden_size], &v).abs();
+    assert!(cos >= 0.999, "|cos(pc0, planted)| = {cos}");
+
+    let model = tiny_chat_model("emu-gpu-eval", true);
+    let dir = scratch("emu-gpu-eval");
+    let task = dir.join("task");
+    ok(&on_gpu(
+        &gpu,
+        &[
+            "eval",
+            "make-task",
+            "-o",
+            s(&task),
+            "--n-train",
+            "12",
+            "--n-test",
+            "6",
+        ],
+    ));
+    let loss_on = |device: &str| {
+        let out = dir.join(format!("loss-{device}.json"));
+        let train = task.join("train.jsonl");
+        ok(&on_gpu(
+            &gpu,
+            &[
+                "eval",
+                "loss",
+                "--data",
+                s(&train),
+                "--model",
+                s(&model),
+                "--device",
+                device,
+                "-o",
+                s(&out),
+            ],
+        ));
+        let j: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        j["loss"].as_f64().unwrap()
+    };
+    let (cpu, cuda) = (loss_on("cpu"), loss_on("cuda"));
+    println!("eval loss: cpu {cpu:.5} cuda {cuda:.5}");
+    assert!(
+        (cuda - cpu).abs() <= 0.01 * cpu,
+        "eval loss cpu {cpu} vs cuda {cuda}"
+    );
+    let mc = dir.join("mc.json");
+    let test = task.join("test.jsonl");
+    ok(&on_gpu(
+        &gpu,
+        &[
+            "eval",
+            "mc",
+            "--data",
+            s(&test),
+            "--model",
+            s(&model),
+            "--device",
+            "cuda",
+            "-o",
+            s(&mc),
+        ],
+    ));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mc).unwrap()).unwrap();
+    assert_eq!(j["overall"]["n"], 12, "{j}");
+
+    let step = dir.join("step.json");
+    ok(&on_gpu(
+        &gpu,
+        &[
+            "bench-step",
+            "--device",
+            "cuda",
+            "--model",
+            s(&tiny),
+            "--batch",
+            "2",
+            "--seq",
+            "24",
+            "--ablate-k",
+            "4",
+            "--ablate-layers",
+            "0,1",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--json",
+            s(&step),
+        ],
+    ));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&step).unwrap()).unwrap();
+    let losses = j["losses"].as_array().expect("losses");
+    assert!(
+        !losses.is_empty() && losses.iter().all(|l| l.as_f64().unwrap().is_finite()),
+        "{j}"
+    );
+    assert!(j["tokens_per_s"].as_f64().unwrap() > 0.0, "{j}");
+    let out = ok_stdout(&on_gpu(
+        &gpu,
+        &[
+            "bench-generate",
+            "--device",
+            "cuda",
+            "--model",
+            s(&tiny),
+            "--batch",
+            "1,3",
+            "--prompt-len",
+            "9",
+            "--new-tokens",
+            "4",
+        ],
+    ));
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(
+        rows.iter()
+            .all(|r| r["tokens_per_s"].as_f64().unwrap() > 0.0),
+        "{out}"
+    );
+}
+
+/// Stdout alone of a successful run (`ok` returns both streams together).
+fn ok_stdout(o: &Output) -> String {
+    ok(o);
+    stdout(o)
 }
