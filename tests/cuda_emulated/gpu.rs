@@ -59,8 +59,8 @@ pub fn ptx_entries(ptx: &str) -> Vec<String> {
         .collect()
 }
 
-/// FNV-1a over everything a build depends on: kernel sources, the emulator's files, the
-/// compiler's version.
+/// FNV-1a over everything a build depends on: kernel sources, the emulator's files (shim,
+/// stand-ins, the Rust that generates the build), the compiler's version.
 fn build_key(cxx: &Path) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
     let mut eat = |bytes: &[u8]| {
@@ -74,7 +74,7 @@ fn build_key(cxx: &Path) -> String {
         .unwrap_or_default();
     names.sort();
     for p in names {
-        if p.extension().is_some_and(|x| x == "hpp" || x == "cpp") {
+        if p.extension().is_some_and(|x| x == "hpp" || x == "cpp" || x == "rs") {
             eat(&std::fs::read(&p).unwrap_or_default());
         }
     }
