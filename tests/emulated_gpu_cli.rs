@@ -1,7 +1,7 @@
 //! The binary's GPU paths end to end on the emulated GPU (tests/cuda_emulated/gpu.rs: the CPU
 //! standing in for the driver and cuBLAS, the real kernels and host code): `doctor` passes,
 //! `train --device cuda` follows the CPU's losses on the tiny Llama fixture and writes a
-//! PEFT adapter, `generate --device cuda` answers with the KV-cache kernels and the adapter,
+//! PEFT adapter and resumes bit-identically, `generate --device cuda` answers with the KV-cache kernels and the adapter,
 //! `directions pca --device cuda` recovers a planted direction, `eval` and the two bench
 //! commands of scripts/gpu_check.sh run. On a real GPU those run in scripts/gpu_check.sh.
 
@@ -184,6 +184,89 @@ fn train_and_generate_on_the_emulated_gpu() {
         let n = l["completion_tokens"].as_u64().expect("completion_tokens");
         assert!((1..=5).contains(&n), "{l}");
     }
+}
+
+/// On the GPU as on the CPU (tests/train_cli.rs), a run stopped after 3 steps and resumed
+/// ends with the same metrics (losses, grad norms, lr: bit-identical JSON numbers) and the same
+/// adapter and optimizer bytes as an uninterrupted 6-step run: the checkpoint round-trips the
+/// device's LoRA parameters and AdamW moments exactly.
+#[test]
+fn resume_is_bit_identical_on_the_emulated_gpu() {
+    let Some(gpu) = gpu_dir("resume_is_bit_identical_on_the_emulated_gpu") else {
+        return;
+    };
+    let dir = scratch("emu-gpu-resume");
+    let data = write(&dir.join("d.jsonl"), &progression_records(30, 3));
+    let model = tiny_llama();
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "train",
+            "--device",
+            "cuda",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "-o",
+            s(out),
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--batch-size",
+            "3",
+            "--grad-accum",
+            "2",
+            "--lr",
+            "1e-2",
+            "--max-steps",
+            "6",
+            "--save-every",
+            "2",
+            "--eval-every",
+            "2",
+            "--ablate-random",
+            "3",
+            "--ablate-layers",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        ok(&on_gpu(&gpu, &a))
+    };
+    let (full, part) = (dir.join("full"), dir.join("part"));
+    run(args(&full, &[]));
+    run(args(&part, &["--stop-after", "3"]));
+    let msg = run(["train", "--device", "cuda", "--resume", s(&part)]
+        .map(String::from)
+        .to_vec());
+    assert!(msg.contains("resuming at step 3"), "{msg}");
+    let strip = |r: &serde_json::Value| {
+        let mut r = r.clone();
+        let o = r.as_object_mut().unwrap();
+        o.remove("step_s");
+        o.remove("tokens_per_s");
+        r
+    };
+    let (a, b) = (metrics(&full), metrics(&part));
+    assert_eq!((a.len(), b.len()), (6, 6));
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(strip(x), strip(y));
+    }
+    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert_eq!(
+        read(full.join("adapter/adapter_model.safetensors")),
+        read(part.join("adapter/adapter_model.safetensors"))
+    );
+    assert_eq!(
+        read(full.join("checkpoints/step-00000006/optimizer.safetensors")),
+        read(part.join("checkpoints/step-00000006/optimizer.safetensors"))
+    );
 }
 
 /// `directions pca` on the GPU finds the direction a planted adapter writes at layer 1

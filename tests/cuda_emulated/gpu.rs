@@ -74,7 +74,9 @@ fn build_key(cxx: &Path) -> String {
         .unwrap_or_default();
     names.sort();
     for p in names {
-        if p.extension().is_some_and(|x| x == "hpp" || x == "cpp" || x == "rs") {
+        if p.extension()
+            .is_some_and(|x| x == "hpp" || x == "cpp" || x == "rs")
+        {
             eat(&std::fs::read(&p).unwrap_or_default());
         }
     }
