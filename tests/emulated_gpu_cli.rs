@@ -1,10 +1,10 @@
 //! The binary's GPU paths end to end on the emulated GPU (tests/cuda_emulated/gpu.rs: the CPU
-//! standing in for the driver and cuBLAS, the real kernels and host code): `doctor` passes,
-//! `train --device cuda` follows the CPU's losses on the tiny Llama fixture and writes a
-//! PEFT adapter and resumes bit-identically, `generate --device cuda` answers with the KV-cache kernels and the adapter,
-//! `directions pca --device cuda` recovers a planted direction, `eval` and the two bench
-//! commands of scripts/gpu_check.sh run. On a real GPU those run in scripts/gpu_check.sh.
-
+//! standing in for the driver and cuBLAS, the real kernels and host code): `doctor` passes;
+//! `train --device cuda` follows the CPU's losses on the tiny Llama fixture, writes a PEFT
+//! adapter and resumes bit-identically; `generate --device cuda` answers with the KV-cache
+//! kernels and the adapter; `directions pca --device cuda` recovers a planted direction; `eval`
+//! and the two bench commands of scripts/gpu_check.sh run. On a real GPU those run in
+//! scripts/gpu_check.sh.
 mod directions_support;
 mod train_support;
 
