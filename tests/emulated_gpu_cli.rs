@@ -5,6 +5,7 @@
 //! kernels and the adapter; `directions pca --device cuda` recovers a planted direction; `eval`
 //! and the two bench commands of scripts/gpu_check.sh run. On a real GPU those run in
 //! scripts/gpu_check.sh.
+
 mod directions_support;
 mod train_support;
 
