@@ -34,6 +34,11 @@ fn gpu_dir(test: &str) -> Option<PathBuf> {
 
 /// `caft-fast <args>` with the emulated GPU first on the loader path.
 fn on_gpu(dir: &Path, args: &[&str]) -> Output {
+    on_gpu_with(dir, args, &[])
+}
+
+/// [`on_gpu`] with more environment variables (the emulated GPU's settings).
+fn on_gpu_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut ld = dir.as_os_str().to_owned();
     if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|v| !v.is_empty()) {
         ld.push(":");
@@ -43,6 +48,7 @@ fn on_gpu(dir: &Path, args: &[&str]) -> Output {
         .args(args)
         .env("LD_LIBRARY_PATH", ld)
         .env("CAFT_EMU_MODULES", dir)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
@@ -185,6 +191,47 @@ fn train_and_generate_on_the_emulated_gpu() {
         let n = l["completion_tokens"].as_u64().expect("completion_tokens");
         assert!((1..=5).contains(&n), "{l}");
     }
+}
+
+/// A GPU too small for the run (the emulated one given 1 MiB) stops `train` with exit status
+/// 2 and an error that says it ran out of memory and which flags shrink the run, without a
+/// panic and without creating the output folder.
+#[test]
+fn a_full_gpu_says_what_to_lower() {
+    let Some(gpu) = gpu_dir("a_full_gpu_says_what_to_lower") else {
+        return;
+    };
+    let dir = scratch("emu-gpu-oom");
+    let data = write(&dir.join("d.jsonl"), &progression_records(6, 1));
+    let out = dir.join("run");
+    let model = tiny_llama();
+    let o = on_gpu_with(
+        &gpu,
+        &[
+            "train",
+            "--device",
+            "cuda",
+            "--model",
+            s(&model),
+            "--data",
+            s(&data),
+            "-o",
+            s(&out),
+            "--max-steps",
+            "2",
+        ],
+        &[("CAFT_EMU_DEVICE_MEM_MIB", "1")],
+    );
+    fails(
+        &o,
+        &[
+            "ran out of memory",
+            "MiB free of 1 MiB",
+            "--batch-size",
+            "--max-seq-len",
+        ],
+    );
+    assert!(!out.exists(), "a failed start left {}", out.display());
 }
 
 /// On the GPU as on the CPU (tests/train_cli.rs), a run stopped after 3 steps and resumed

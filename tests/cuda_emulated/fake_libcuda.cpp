@@ -8,7 +8,8 @@
 // LD_LIBRARY_PATH and CAFT_EMU_MODULES=<folder> loads this file instead of the driver.
 //
 // The device: one GPU reporting compute capability 9.0 (so NVRTC compiles real sm_90 cubins,
-// which are loaded and searched for the kernel names but not executed), 132 SMs, 80 GiB.
+// which are loaded and searched for the kernel names but not executed), 132 SMs, 80 GiB
+// ($CAFT_EMU_DEVICE_MEM_MIB to pretend less).
 // Device memory is host memory: CUdeviceptr is the host address. Everything is synchronous on
 // the calling thread; streams and events only keep their bookkeeping.
 //
@@ -62,7 +63,14 @@ constexpr CUresult kLaunchFailed = 719;
 constexpr std::size_t kGuard = 256;
 constexpr unsigned char kGuardByte = 0xa5;
 constexpr std::align_val_t kAlign{256};
-constexpr std::size_t kTotalMem = std::size_t(80) << 30;
+// 80 GiB, or $CAFT_EMU_DEVICE_MEM_MIB (to test what a full GPU does to a command).
+inline std::size_t total_mem() {
+    static const std::size_t bytes = [] {
+        const char* v = std::getenv("CAFT_EMU_DEVICE_MEM_MIB");
+        return v ? std::size_t(std::strtoull(v, nullptr, 10)) << 20 : std::size_t(80) << 30;
+    }();
+    return bytes;
+}
 constexpr int kDefaultSmem = 48 * 1024;
 constexpr int kMaxOptinSmem = 227 * 1024;
 
@@ -129,7 +137,7 @@ CUresult alloc(CUdeviceptr* out, std::size_t bytes) {
     if (!out) return kInvalidValue;
     State& s = state();
     std::lock_guard<std::mutex> lock(s.mu);
-    if (s.allocated + bytes > kTotalMem) return kOutOfMemory;
+    if (s.allocated + bytes > total_mem()) return kOutOfMemory;
     auto* p = static_cast<unsigned char*>(::operator new(bytes + kGuard, kAlign, std::nothrow));
     if (!p) return kOutOfMemory;
     std::memset(p, 0xff, bytes);
@@ -274,7 +282,7 @@ API CUresult cuDeviceGetName(char* name, int len, CUdevice) {
 }
 API CUresult cuDeviceTotalMem_v2(std::size_t* bytes, CUdevice) {
     if (!bytes) return kInvalidValue;
-    *bytes = kTotalMem;
+    *bytes = total_mem();
     return kSuccess;
 }
 API CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
@@ -384,8 +392,8 @@ API CUresult cuEventDestroy_v2(void* ev) {
 API CUresult cuMemGetInfo_v2(std::size_t* free, std::size_t* total) {
     State& s = state();
     std::lock_guard<std::mutex> lock(s.mu);
-    if (free) *free = kTotalMem - s.allocated;
-    if (total) *total = kTotalMem;
+    if (free) *free = total_mem() - s.allocated;
+    if (total) *total = total_mem();
     return kSuccess;
 }
 API CUresult cuMemAlloc_v2(CUdeviceptr* p, std::size_t bytes) { return alloc(p, bytes); }

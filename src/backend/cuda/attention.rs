@@ -342,10 +342,9 @@ pub fn attention_bwd<T: DeviceElem>(
     }
 
     let [pre, dkdv, dql] = backward_launches(shape, T::SUFFIX);
-    let mut delta = rt
-        .stream
-        .alloc_zeros::<f32>(n_stats)
-        .context("allocating the attention backward's Δ scratch")?;
+    let mut delta = rt.alloc_zeros::<f32>(n_stats, || {
+        "allocating the attention backward's Δ scratch".to_string()
+    })?;
     let rows = shape.rows() as i32;
 
     let f = prepare(rt, &pre)?;

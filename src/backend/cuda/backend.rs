@@ -58,11 +58,7 @@ fn ensure<'s, E: DeviceRepr + ValidAsZeroBits>(
     let need = len.max(1);
     if slot.as_ref().is_none_or(|s| s.len() < need) {
         *slot = None; // free first: the old buffer is not needed
-        *slot = Some(
-            rt.stream
-                .alloc_zeros::<E>(need)
-                .with_context(|| format!("allocating {need} scratch elements"))?,
-        );
+        *slot = Some(rt.alloc_zeros::<E>(need, || format!("allocating {need} scratch elements"))?);
     }
     Ok(slot.as_mut().expect("just ensured"))
 }
@@ -413,29 +409,24 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
 
     // ---- memory -------------------------------------------------------------------------
     fn alloc_act(&self, n: usize) -> Result<Self::Act> {
-        self.rt
-            .stream
-            .alloc_zeros::<T>(n)
-            .with_context(|| format!("allocating {n} activation elements on {}", self.name()))
+        self.rt.alloc_zeros::<T>(n, || {
+            format!("allocating {n} activation elements on {}", self.name())
+        })
     }
 
     fn alloc_f32(&self, n: usize) -> Result<Self::F32> {
-        self.rt
-            .stream
-            .alloc_zeros::<f32>(n)
-            .with_context(|| format!("allocating {n} f32 elements on {}", self.name()))
+        self.rt.alloc_zeros::<f32>(n, || {
+            format!("allocating {n} f32 elements on {}", self.name())
+        })
     }
 
     fn upload_act(&self, host: &[f32]) -> Result<Self::Act> {
         let conv: Vec<T> = host.iter().map(|&x| T::from_f32(x)).collect();
-        self.rt
-            .stream
-            .clone_htod(&conv)
-            .context("upload to the GPU")
+        self.rt.upload(&conv, || "uploading to the GPU".to_string())
     }
 
     fn upload_f32(&self, host: &[f32]) -> Result<Self::F32> {
-        self.rt.stream.clone_htod(host).context("upload to the GPU")
+        self.rt.upload(host, || "uploading to the GPU".to_string())
     }
 
     fn download_act(&self, buf: &Self::Act) -> Result<Vec<f32>> {

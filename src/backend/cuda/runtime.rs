@@ -13,8 +13,8 @@
 use super::compile::{self, Output};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{
-    sys as drv, CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, DeviceRepr,
-    LaunchArgs, LaunchConfig, ValidAsZeroBits,
+    sys as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DeviceRepr, DriverError, LaunchArgs, LaunchConfig, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
@@ -221,6 +221,53 @@ impl Runtime {
     pub fn ptr<T, S: DevicePtr<T>>(&self, buf: &S) -> u64 {
         let (p, _guard) = buf.device_ptr(&self.stream);
         p
+    }
+
+    /// `n` zeroed elements of `E` on the device; `what()` names the buffer in errors. Out of
+    /// memory, the error says how much was asked and is free, and what to lower.
+    pub fn alloc_zeros<E: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        n: usize,
+        what: impl FnOnce() -> String,
+    ) -> Result<CudaSlice<E>> {
+        self.stream
+            .alloc_zeros::<E>(n)
+            .map_err(|e| self.explain(e, n * std::mem::size_of::<E>(), what))
+    }
+
+    /// A device copy of `host` (errors as [`Runtime::alloc_zeros`]).
+    pub fn upload<E: DeviceRepr>(
+        &self,
+        host: &[E],
+        what: impl FnOnce() -> String,
+    ) -> Result<CudaSlice<E>> {
+        self.stream
+            .clone_htod(host)
+            .map_err(|e| self.explain(e, std::mem::size_of_val(host), what))
+    }
+
+    /// A driver error of an allocation of `bytes` as an error for people: out of memory, the
+    /// sizes and the flags that shrink what a command keeps on the GPU.
+    fn explain(
+        &self,
+        e: DriverError,
+        bytes: usize,
+        what: impl FnOnce() -> String,
+    ) -> anyhow::Error {
+        if e.0 != drv::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            return anyhow::Error::new(e).context(what());
+        }
+        let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+        let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+        anyhow!(
+            "{}: the GPU ran out of memory ({:.1} MiB asked, {:.0} MiB free of {:.0} MiB). Use a \
+             smaller batch (--batch-size; when training, --grad-accum keeps the effective batch) \
+             or shorter sequences (--max-seq-len), or stop other processes on the GPU",
+            what(),
+            mib(bytes),
+            mib(free),
+            mib(total)
+        )
     }
 
     /// Block until every queued operation finished, surfacing asynchronous kernel faults.
