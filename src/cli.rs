@@ -202,11 +202,20 @@ pub fn cuda_backend() -> Result<crate::backend::cuda::backend::CudaBackend<half:
     crate::backend::cuda::backend::CudaBackend::new(0)
 }
 
-/// Turn `auto` into a concrete device, printing a one-line notice on fallback.
+/// Turn `auto` into a concrete device, printing a one-line notice on fallback; `cuda` where no
+/// GPU is usable is an error that says why.
 pub fn resolve_device(d: Device) -> Result<Device> {
     match d {
         Device::Cpu => Ok(Device::Cpu),
-        Device::Cuda => Ok(Device::Cuda),
+        Device::Cuda => {
+            // Refuse at once, before a command creates any output, rather than at the first
+            // kernel it would compile.
+            let p = crate::backend::cuda::probe::probe();
+            if !p.usable() {
+                anyhow::bail!("--device cuda: {}", p.summary());
+            }
+            Ok(Device::Cuda)
+        }
         Device::Auto => {
             let p = crate::backend::cuda::probe::probe();
             if p.usable() {

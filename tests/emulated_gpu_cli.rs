@@ -234,6 +234,65 @@ fn a_full_gpu_says_what_to_lower() {
     assert!(!out.exists(), "a failed start left {}", out.display());
 }
 
+/// With the driver there but no NVRTC (the kernels cannot be compiled), `--device cuda` is
+/// refused before anything is written, naming libnvrtc, and `--device auto` says so in one line
+/// and trains on the CPU.
+#[test]
+fn without_nvrtc_cuda_is_refused_and_auto_falls_back() {
+    let Some(gpu) = gpu_dir("without_nvrtc_cuda_is_refused_and_auto_falls_back") else {
+        return;
+    };
+    // Only the emulated GPU's folder on the loader path: no NVRTC, unless the system has one.
+    let only_gpu = [("LD_LIBRARY_PATH", gpu.to_str().unwrap())];
+    let doctor = on_gpu_with(&gpu, &["doctor"], &only_gpu);
+    if !stdout(&doctor).contains("libnvrtc   NOT FOUND") {
+        eprintln!("SKIPPED: this system's loader finds a libnvrtc of its own");
+        return;
+    }
+    assert!(!doctor.status.success(), "doctor without NVRTC must fail");
+    let dir = scratch("emu-gpu-no-nvrtc");
+    let data = write(&dir.join("d.jsonl"), &progression_records(6, 1));
+    let model = tiny_llama();
+    let train = |device: &str, out: &Path| {
+        on_gpu_with(
+            &gpu,
+            &[
+                "train",
+                "--device",
+                device,
+                "--model",
+                s(&model),
+                "--data",
+                s(&data),
+                "-o",
+                s(out),
+                "--max-steps",
+                "1",
+                "--val-split",
+                "0",
+            ],
+            &only_gpu,
+        )
+    };
+    let refused = dir.join("cuda");
+    fails(
+        &train("cuda", &refused),
+        &["--device cuda", "libnvrtc not found"],
+    );
+    assert!(
+        !refused.exists(),
+        "a refused run left {}",
+        refused.display()
+    );
+    let auto = dir.join("auto");
+    let msg = ok(&train("auto", &auto));
+    assert!(
+        msg.contains("note: running on the CPU") && msg.contains("libnvrtc"),
+        "{msg}"
+    );
+    assert!(auto.join("adapter/adapter_model.safetensors").is_file());
+}
+
 /// On the GPU as on the CPU (tests/train_cli.rs), a run stopped after 3 steps and resumed
 /// ends with the same metrics (losses, grad norms, lr: bit-identical JSON numbers) and the same
 /// adapter and optimizer bytes as an uninterrupted 6-step run: the checkpoint round-trips the

@@ -80,6 +80,12 @@ impl Runtime {
                 "libcuda not found: no NVIDIA driver on this machine (or not on the loader path)"
             );
         }
+        if !compile::nvrtc_present() {
+            bail!(
+                "libnvrtc not found (needed to compile the kernels; put its folder on \
+                 LD_LIBRARY_PATH)"
+            );
+        }
         let count = CudaContext::device_count().context("initialising the CUDA driver")?;
         if count <= 0 {
             bail!("the CUDA driver reports no device");
