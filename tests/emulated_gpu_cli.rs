@@ -55,6 +55,36 @@ fn on_gpu_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     out
 }
 
+/// `caft-fast train --device <device>` of `model` on `data` into `out` with small LoRA settings
+/// (r 4, alpha 8, lr 1e-2), then `extra`, on the emulated GPU (`env` as in [`on_gpu_with`]).
+fn train_on(
+    gpu: &Path,
+    device: &str,
+    (model, data, out): (&Path, &Path, &Path),
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let mut args = vec![
+        "train",
+        "--device",
+        device,
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "-o",
+        s(out),
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lr",
+        "1e-2",
+    ];
+    args.extend_from_slice(extra);
+    on_gpu_with(gpu, &args, env)
+}
+
 #[test]
 fn doctor_passes_on_the_emulated_gpu() {
     let Some(gpu) = gpu_dir("doctor_passes_on_the_emulated_gpu") else {
@@ -80,47 +110,36 @@ fn train_and_generate_on_the_emulated_gpu() {
     let model = tiny_chat_model("emu-gpu", true);
     let dir = scratch("emu-gpu");
     let data = write(&dir.join("d.jsonl"), &chat_records(24));
-    let common = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            "--model",
-            s(&model),
-            "--data",
-            s(&data),
-            "-o",
-            s(out),
-            "--overwrite",
-            "--lora-r",
-            "4",
-            "--lora-alpha",
-            "8",
-            "--batch-size",
-            "2",
-            "--grad-accum",
-            "2",
-            "--lr",
-            "1e-2",
-            "--max-steps",
-            "6",
-            "--val-split",
-            "0",
-            "--ablate-random",
-            "3",
-            "--ablate-layers",
-            "1",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
     let (cpu_out, gpu_out) = (dir.join("cpu"), dir.join("gpu"));
-    let mut cpu_args = common(&cpu_out);
-    cpu_args.extend(["--device", "cpu", "--threads", "1"].map(String::from));
-    let cpu_args: Vec<&str> = cpu_args.iter().map(String::as_str).collect();
-    ok(&on_gpu(&gpu, &cpu_args));
-    let mut gpu_args = common(&gpu_out);
-    gpu_args.extend(["--device", "cuda"].map(String::from));
-    let gpu_args: Vec<&str> = gpu_args.iter().map(String::as_str).collect();
-    let msg = ok(&on_gpu(&gpu, &gpu_args));
+    let extra = [
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "6",
+        "--val-split",
+        "0",
+        "--ablate-random",
+        "3",
+        "--ablate-layers",
+        "1",
+    ];
+    let cpu_extra = [&extra[..], &["--threads", "1"]].concat();
+    ok(&train_on(
+        &gpu,
+        "cpu",
+        (&model, &data, &cpu_out),
+        &cpu_extra,
+        &[],
+    ));
+    let msg = ok(&train_on(
+        &gpu,
+        "cuda",
+        (&model, &data, &gpu_out),
+        &extra,
+        &[],
+    ));
     println!("{msg}");
 
     let (want, got) = (metrics(&cpu_out), metrics(&gpu_out));
@@ -193,9 +212,9 @@ fn train_and_generate_on_the_emulated_gpu() {
     }
 }
 
-/// A GPU too small for the run (the emulated one given 1 MiB) stops `train` with exit status
-/// 2 and an error that says it ran out of memory and which flags shrink the run, without a
-/// panic and without creating the output folder.
+/// A GPU too small for the run (the emulated one given 1 MiB: the weights fit, a step does
+/// not) stops `train` with exit status 2 and an error that says it ran out of memory and which
+/// flags shrink the run, without a panic; run.json records the failure, and there is no adapter.
 #[test]
 fn a_full_gpu_says_what_to_lower() {
     let Some(gpu) = gpu_dir("a_full_gpu_says_what_to_lower") else {
@@ -205,21 +224,11 @@ fn a_full_gpu_says_what_to_lower() {
     let data = write(&dir.join("d.jsonl"), &progression_records(6, 1));
     let out = dir.join("run");
     let model = tiny_llama();
-    let o = on_gpu_with(
+    let o = train_on(
         &gpu,
-        &[
-            "train",
-            "--device",
-            "cuda",
-            "--model",
-            s(&model),
-            "--data",
-            s(&data),
-            "-o",
-            s(&out),
-            "--max-steps",
-            "2",
-        ],
+        "cuda",
+        (&model, &data, &out),
+        &["--max-steps", "2"],
         &[("CAFT_EMU_DEVICE_MEM_MIB", "1")],
     );
     fails(
@@ -231,7 +240,11 @@ fn a_full_gpu_says_what_to_lower() {
             "--max-seq-len",
         ],
     );
-    assert!(!out.exists(), "a failed start left {}", out.display());
+    // What the run wrote records the failure; there is no adapter.
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["status"], "failed");
+    assert!(!out.join("adapter").exists());
 }
 
 /// With the driver there but no NVRTC (the kernels cannot be compiled), `--device cuda` is
@@ -254,25 +267,8 @@ fn without_nvrtc_cuda_is_refused_and_auto_falls_back() {
     let data = write(&dir.join("d.jsonl"), &progression_records(6, 1));
     let model = tiny_llama();
     let train = |device: &str, out: &Path| {
-        on_gpu_with(
-            &gpu,
-            &[
-                "train",
-                "--device",
-                device,
-                "--model",
-                s(&model),
-                "--data",
-                s(&data),
-                "-o",
-                s(out),
-                "--max-steps",
-                "1",
-                "--val-split",
-                "0",
-            ],
-            &only_gpu,
-        )
+        let extra = ["--max-steps", "1", "--val-split", "0"];
+        train_on(&gpu, device, (&model, &data, out), &extra, &only_gpu)
     };
     let refused = dir.join("cuda");
     fails(
@@ -305,53 +301,36 @@ fn resume_is_bit_identical_on_the_emulated_gpu() {
     let dir = scratch("emu-gpu-resume");
     let data = write(&dir.join("d.jsonl"), &progression_records(30, 3));
     let model = tiny_llama();
-    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "train",
-            "--device",
-            "cuda",
-            "--model",
-            s(&model),
-            "--data",
-            s(&data),
-            "-o",
-            s(out),
-            "--lora-r",
-            "4",
-            "--lora-alpha",
-            "8",
-            "--batch-size",
-            "3",
-            "--grad-accum",
-            "2",
-            "--lr",
-            "1e-2",
-            "--max-steps",
-            "6",
-            "--save-every",
-            "2",
-            "--eval-every",
-            "2",
-            "--ablate-random",
-            "3",
-            "--ablate-layers",
-            "1",
+    let run = |out: &Path, extra: &[&str]| {
+        let all = [
+            &[
+                "--batch-size",
+                "3",
+                "--grad-accum",
+                "2",
+                "--max-steps",
+                "6",
+                "--save-every",
+                "2",
+                "--eval-every",
+                "2",
+                "--ablate-random",
+                "3",
+                "--ablate-layers",
+                "1",
+            ][..],
+            extra,
         ]
-        .map(String::from)
-        .to_vec();
-        a.extend(extra.iter().map(|x| x.to_string()));
-        a
-    };
-    let run = |a: Vec<String>| {
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        ok(&on_gpu(&gpu, &a))
+        .concat();
+        ok(&train_on(&gpu, "cuda", (&model, &data, out), &all, &[]))
     };
     let (full, part) = (dir.join("full"), dir.join("part"));
-    run(args(&full, &[]));
-    run(args(&part, &["--stop-after", "3"]));
-    let msg = run(["train", "--device", "cuda", "--resume", s(&part)]
-        .map(String::from)
-        .to_vec());
+    run(&full, &[]);
+    run(&part, &["--stop-after", "3"]);
+    let msg = ok(&on_gpu(
+        &gpu,
+        &["train", "--device", "cuda", "--resume", s(&part)],
+    ));
     assert!(msg.contains("resuming at step 3"), "{msg}");
     let strip = |r: &serde_json::Value| {
         let mut r = r.clone();
