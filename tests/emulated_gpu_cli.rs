@@ -289,6 +289,88 @@ fn without_nvrtc_cuda_is_refused_and_auto_falls_back() {
     assert!(auto.join("adapter/adapter_model.safetensors").is_file());
 }
 
+/// Six optimizer steps, a checkpoint every two, ablation at layer 1 (with [`train_on`]).
+const SIX_STEPS: [&str; 12] = [
+    "--batch-size",
+    "3",
+    "--grad-accum",
+    "2",
+    "--max-steps",
+    "6",
+    "--save-every",
+    "2",
+    "--ablate-random",
+    "3",
+    "--ablate-layers",
+    "1",
+];
+
+/// The fields of a metrics row that do not depend on the clock.
+fn without_timing(r: &serde_json::Value) -> serde_json::Value {
+    let mut r = r.clone();
+    let o = r.as_object_mut().unwrap();
+    o.remove("step_s");
+    o.remove("tokens_per_s");
+    r
+}
+
+/// The same metrics (bit-identical numbers), adapter and final optimizer state in two runs.
+fn assert_same_run(a: &Path, b: &Path) {
+    let (ma, mb) = (metrics(a), metrics(b));
+    assert_eq!(ma.len(), mb.len());
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(without_timing(x), without_timing(y));
+    }
+    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    for f in [
+        "adapter/adapter_model.safetensors",
+        "checkpoints/step-00000006/optimizer.safetensors",
+    ] {
+        assert_eq!(read(a.join(f)), read(b.join(f)), "{f} differs");
+    }
+}
+
+/// A device fault mid-run (the emulated GPU fails the 4th AdamW launch and then, like a real
+/// GPU, every call): `train` stops with status 2 naming the last good checkpoint (step 2) and
+/// writes nothing from the broken device (no step-4 checkpoint, run.json says failed, no
+/// adapter); `--resume` on a healthy GPU then ends exactly as an uninterrupted run.
+#[test]
+fn a_device_fault_keeps_the_last_checkpoint_and_resumes() {
+    let Some(gpu) = gpu_dir("a_device_fault_keeps_the_last_checkpoint_and_resumes") else {
+        return;
+    };
+    let dir = scratch("emu-gpu-fault");
+    let data = write(&dir.join("d.jsonl"), &progression_records(30, 3));
+    let model = tiny_llama();
+    let (full, part) = (dir.join("full"), dir.join("part"));
+    ok(&train_on(
+        &gpu,
+        "cuda",
+        (&model, &data, &full),
+        &SIX_STEPS,
+        &[],
+    ));
+    let fault = [("CAFT_EMU_FAIL_KERNEL", "adamw_f32:4")];
+    let o = train_on(&gpu, "cuda", (&model, &data, &part), &SIX_STEPS, &fault);
+    let err = fails(&o, &["step 4", "step-00000002", "--resume"]);
+    println!("{err}");
+    let ck: Vec<String> = std::fs::read_dir(part.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ck, ["step-00000002"], "checkpoints after the fault");
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(part.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["status"], "failed");
+    assert!(!part.join("adapter").exists());
+    let msg = ok(&on_gpu(
+        &gpu,
+        &["train", "--device", "cuda", "--resume", s(&part)],
+    ));
+    assert!(msg.contains("resuming at step 2"), "{msg}");
+    assert_same_run(&full, &part);
+}
+
 /// On the GPU as on the CPU (tests/train_cli.rs), a run stopped after 3 steps and resumed
 /// ends with the same metrics (losses, grad norms, lr: bit-identical JSON numbers) and the same
 /// adapter and optimizer bytes as an uninterrupted 6-step run: the checkpoint round-trips the
@@ -302,26 +384,7 @@ fn resume_is_bit_identical_on_the_emulated_gpu() {
     let data = write(&dir.join("d.jsonl"), &progression_records(30, 3));
     let model = tiny_llama();
     let run = |out: &Path, extra: &[&str]| {
-        let all = [
-            &[
-                "--batch-size",
-                "3",
-                "--grad-accum",
-                "2",
-                "--max-steps",
-                "6",
-                "--save-every",
-                "2",
-                "--eval-every",
-                "2",
-                "--ablate-random",
-                "3",
-                "--ablate-layers",
-                "1",
-            ][..],
-            extra,
-        ]
-        .concat();
+        let all = [&SIX_STEPS[..], &["--eval-every", "2"], extra].concat();
         ok(&train_on(&gpu, "cuda", (&model, &data, out), &all, &[]))
     };
     let (full, part) = (dir.join("full"), dir.join("part"));
@@ -332,27 +395,7 @@ fn resume_is_bit_identical_on_the_emulated_gpu() {
         &["train", "--device", "cuda", "--resume", s(&part)],
     ));
     assert!(msg.contains("resuming at step 3"), "{msg}");
-    let strip = |r: &serde_json::Value| {
-        let mut r = r.clone();
-        let o = r.as_object_mut().unwrap();
-        o.remove("step_s");
-        o.remove("tokens_per_s");
-        r
-    };
-    let (a, b) = (metrics(&full), metrics(&part));
-    assert_eq!((a.len(), b.len()), (6, 6));
-    for (x, y) in a.iter().zip(&b) {
-        assert_eq!(strip(x), strip(y));
-    }
-    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    assert_eq!(
-        read(full.join("adapter/adapter_model.safetensors")),
-        read(part.join("adapter/adapter_model.safetensors"))
-    );
-    assert_eq!(
-        read(full.join("checkpoints/step-00000006/optimizer.safetensors")),
-        read(part.join("checkpoints/step-00000006/optimizer.safetensors"))
-    );
+    assert_same_run(&full, &part);
 }
 
 /// `directions pca` on the GPU finds the direction a planted adapter writes at layer 1

@@ -461,13 +461,16 @@ impl<'a, B: Backend> Trainer<'a, B> {
             be.zero_f32(&mut lora.grads)?;
             return Err(diverged(format!("the loss is {loss}")));
         }
-        let g2 = be.sum_squares(&lora.grads)?;
+        let g2 = be
+            .sum_squares(&lora.grads)
+            .with_context(|| format!("step {step}: gradient norm"))?;
         if !g2.is_finite() {
             be.zero_f32(&mut lora.grads)?;
             return Err(diverged(format!("the gradient norm is {}", g2.sqrt())));
         }
-        let rep = optimizer_step(be, lora, &self.opt)?;
-        be.synchronize()?;
+        let rep = optimizer_step(be, lora, &self.opt)
+            .and_then(|rep| be.synchronize().map(|_| rep))
+            .with_context(|| format!("step {step}: optimizer update"))?;
         self.state.step = step;
         self.state.next_micro = end;
         self.state.tokens += n_step as u64;
@@ -896,9 +899,14 @@ pub fn run<B: Backend>(
                 );
                 let keep = match &last_ckpt {
                     Some(p) => format!(
-                        "the last good checkpoint is {} (resume with --resume {}, perhaps after lowering --lr)",
+                        "the last good checkpoint is {} (resume with --resume {}{})",
                         p.display(),
-                        p.display()
+                        p.display(),
+                        if diverged {
+                            ", perhaps after lowering --lr"
+                        } else {
+                            ""
+                        }
                     ),
                     None => "no checkpoint was saved before it (see --save-every)".into(),
                 };

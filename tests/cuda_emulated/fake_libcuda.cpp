@@ -23,6 +23,10 @@
 //   Hopper);
 // - cuModuleGetFunction fails unless the module's image (cubin or PTX) contains the name.
 // Failures print a line starting with "fake libcuda:" to stderr and return an error code.
+//
+// A device fault on demand: CAFT_EMU_FAIL_KERNEL=<name>:<n> makes the n-th launch of kernel
+// <name> fail with CUDA_ERROR_LAUNCH_FAILED, and, as on a real GPU, the context is then
+// unusable: every later call that touches the device returns the same error.
 
 #include <cctype>
 #include <chrono>
@@ -36,6 +40,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 // caft_emu_launch of a kernel library (cuda_module.hpp): run entry `name`, or with a null grid
@@ -91,6 +96,7 @@ struct Event {
 
 struct State {
     std::mutex mu;
+    bool faulted = false;  // a launch failed: every later device call fails (sticky)
     bool initialised = false;
     std::map<CUdeviceptr, std::size_t> allocs;  // base -> bytes
     std::size_t allocated = 0;
@@ -101,6 +107,26 @@ State& state() {
     static State s;
     return s;
 }
+
+// The launch CAFT_EMU_FAIL_KERNEL=<name>:<n> asks to fail: (name, n), n = 0 for none.
+const std::pair<std::string, long>& fail_kernel() {
+    static const std::pair<std::string, long> spec = [] {
+        const char* v = std::getenv("CAFT_EMU_FAIL_KERNEL");
+        if (!v) return std::pair<std::string, long>{"", 0};
+        std::string text = v;
+        const auto colon = text.rfind(':');
+        if (colon == std::string::npos) return std::pair<std::string, long>{text, 1};
+        return std::pair<std::string, long>{text.substr(0, colon),
+                                            std::strtol(text.c_str() + colon + 1, nullptr, 10)};
+    }();
+    return spec;
+}
+
+// After a device fault every call that touches the device fails, as with a real driver.
+#define STICKY(s)                                                                            \
+    do {                                                                                     \
+        if ((s).faulted) return kLaunchFailed;                                               \
+    } while (0)
 
 CUresult fail(CUresult code, const std::string& msg) {
     std::fprintf(stderr, "fake libcuda: %s\n", msg.c_str());
@@ -137,6 +163,7 @@ CUresult alloc(CUdeviceptr* out, std::size_t bytes) {
     if (!out) return kInvalidValue;
     State& s = state();
     std::lock_guard<std::mutex> lock(s.mu);
+    STICKY(s);
     if (s.allocated + bytes > total_mem()) return kOutOfMemory;
     auto* p = static_cast<unsigned char*>(::operator new(bytes + kGuard, kAlign, std::nothrow));
     if (!p) return kOutOfMemory;
@@ -151,6 +178,7 @@ CUresult alloc(CUdeviceptr* out, std::size_t bytes) {
 CUresult release(CUdeviceptr p) {
     State& s = state();
     std::lock_guard<std::mutex> lock(s.mu);
+    STICKY(s);
     auto it = s.allocs.find(p);
     if (it == s.allocs.end())
         return fail(kInvalidValue, "cuMemFree of an address that is no live allocation");
@@ -167,6 +195,7 @@ CUresult copy(void* dst, const void* src, std::size_t bytes, CUdeviceptr dev_dst
               CUdeviceptr dev_src, const char* what) {
     State& s = state();
     std::lock_guard<std::mutex> lock(s.mu);
+    STICKY(s);
     if (dev_dst)
         if (CUresult r = check_range(s, dev_dst, bytes, what)) return r;
     if (dev_src)
@@ -178,6 +207,7 @@ CUresult copy(void* dst, const void* src, std::size_t bytes, CUdeviceptr dev_dst
 template <typename T> CUresult fill(CUdeviceptr p, T value, std::size_t count, const char* what) {
     State& s = state();
     std::lock_guard<std::mutex> lock(s.mu);
+    STICKY(s);
     if (CUresult r = check_range(s, p, count * sizeof(T), what)) return r;
     if (p % alignof(T)) return fail(kInvalidValue, std::string(what) + ": misaligned address");
     T* q = reinterpret_cast<T*>(p);
@@ -323,7 +353,7 @@ API CUresult cuCtxPopCurrent_v2(void** ctx) {
     return kSuccess;
 }
 API CUresult cuCtxGetDevice(CUdevice* d) { return cuDeviceGet(d, 0); }
-API CUresult cuCtxSynchronize() { return kSuccess; }
+API CUresult cuCtxSynchronize() { return state().faulted ? kLaunchFailed : kSuccess; }
 
 API CUresult cuGetErrorString(CUresult e, const char** s) {
     if (!s) return kInvalidValue;
@@ -354,7 +384,7 @@ API CUresult cuStreamDestroy_v2(void* st) {
     delete static_cast<int*>(st);
     return kSuccess;
 }
-API CUresult cuStreamSynchronize(void*) { return kSuccess; }
+API CUresult cuStreamSynchronize(void*) { return state().faulted ? kLaunchFailed : kSuccess; }
 API CUresult cuStreamQuery(void*) { return kSuccess; }
 API CUresult cuStreamWaitEvent(void*, void*, unsigned) { return kSuccess; }
 API CUresult cuLaunchHostFunc(void*, void (*fn)(void*), void* data) {
@@ -373,7 +403,7 @@ API CUresult cuEventRecord(void* ev, void*) {
     return kSuccess;
 }
 API CUresult cuEventRecordWithFlags(void* ev, void* st, unsigned) { return cuEventRecord(ev, st); }
-API CUresult cuEventSynchronize(void*) { return kSuccess; }
+API CUresult cuEventSynchronize(void*) { return state().faulted ? kLaunchFailed : kSuccess; }
 API CUresult cuEventQuery(void*) { return kSuccess; }
 API CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
     if (!ms || !a || !b) return kInvalidValue;
@@ -532,6 +562,15 @@ API CUresult cuLaunchKernel(void* func, unsigned gx, unsigned gy, unsigned gz, u
                                        " (cuFuncSetAttribute raises it)");
     State& s = state();
     std::lock_guard<std::mutex> lock(s.mu);
+    STICKY(s);
+    if (const auto& [name, nth] = fail_kernel(); nth > 0 && name == f->name) {
+        static long launches = 0;
+        if (++launches == nth) {
+            s.faulted = true;
+            return fail(kLaunchFailed, f->name + ": launch " + std::to_string(nth) +
+                                           " fails as CAFT_EMU_FAIL_KERNEL asks");
+        }
+    }
     const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
     if (f->launch(f->name.c_str(), grid, block, smem, params) != 0)
         return fail(kNotFound, f->name + " vanished from its kernel library");
