@@ -263,36 +263,6 @@ mod gpu {
         tiny::<bf16>(5e-2, 1e-1);
     }
 
-    /// Random weights of a real model's family and head_dim, shrunk to 3 layers of width 256
-    /// and a 512-token vocabulary: the bf16 attention kernels for head_dim 64 and 128 use
-    /// tensor cores (the tiny fixtures' head_dims take the generic kernels).
-    fn shrunk(
-        preset: &str,
-        num_heads: usize,
-        num_kv_heads: usize,
-    ) -> caft_fast::model::loader::LoadedModel {
-        let full = caft_fast::model::random::preset(preset).unwrap();
-        let config = caft_fast::model::config::ModelConfig {
-            vocab_size: 512,
-            hidden_size: 256,
-            intermediate_size: 384,
-            num_layers: 3,
-            num_heads,
-            num_kv_heads,
-            ..full
-        };
-        caft_fast::model::loader::LoadedModel {
-            weights: Box::new(caft_fast::model::random::RandomWeights::new(
-                config.clone(),
-                9,
-            )),
-            config,
-            tokenizer: None,
-            chat_template: None,
-            source: format!("random:{preset}-shrunk").into(),
-        }
-    }
-
     /// Whole-model forward, backward and AdamW steps in bf16 with the tensor-core attention
     /// kernels (Llama-3.2-1B's head_dim 64 with GQA and llama3 rope; Qwen2.5's head_dim 128
     /// with q/k/v biases), against the CPU; seq 70 crosses the 64-row tiles. Tolerances as for
@@ -303,7 +273,7 @@ mod gpu {
         let gpu = CudaBackend::<bf16>::new(0).expect("a CUDA GPU");
         let cpu = CpuBackend::new();
         for (preset, heads, kv) in [("llama-3.2-1b", 4, 2), ("qwen2.5-1.5b", 2, 1)] {
-            let m = shrunk(preset, heads, kv);
+            let m = shrunk_random_model(preset, heads, kv);
             assert_eq!(m.config.head_dim * heads, 256);
             let none = std::path::Path::new("");
             let want = run_loaded(&cpu, &m, none, 2, 70, 2);

@@ -1,7 +1,9 @@
 //! The KV-cache path (`Model::prefill` / `Model::decode`) against the full forward.
 //!
 //! Tiny Llama (GQA, llama3 rope), Qwen2 (biases, tied) and Mistral (sliding window 8, shorter
-//! than the sequences here) with random LoRA adapters and ablation at two layers: prompts of
+//! than the sequences here), and random Llama-3.2-1B / Qwen2.5-1.5B shapes shrunk to 3 layers
+//! (head_dim 64 / 128, which the bf16 GPU kernels run on tensor cores), with random LoRA
+//! adapters and ablation at two layers: prompts of
 //! different lengths share one left-padded cache, then every sequence decodes its own tokens.
 //! The logits of each step must equal the full forward's logits at that position of that
 //! sequence alone, within 1e-5 relative norm on the CPU (both sides f32; only summation orders
@@ -39,9 +41,18 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
-fn tiny_model<B: Backend>(name: &str, be: &B, rng: &mut Rng) -> Model<B> {
+/// The models the cache is checked on: the tiny fixtures (their own directions), and shrunk
+/// random Llama-3.2-1B / Qwen2.5-1.5B shapes (head_dim 64 / 128: bf16 prefill takes the
+/// tensor-core kernels; random directions).
+const MODELS: [&str; 5] = ["llama", "qwen2", "mistral", "llama-3.2-1b", "qwen2.5-1.5b"];
+
+fn test_model<B: Backend>(name: &str, be: &B, rng: &mut Rng) -> Model<B> {
     let dir = fixtures().join("tiny").join(name);
-    let loaded = load_model(&dir).unwrap();
+    let loaded = match name {
+        "llama-3.2-1b" => shrunk_random_model(name, 4, 2),
+        "qwen2.5-1.5b" => shrunk_random_model(name, 2, 1),
+        _ => load_model(&dir).unwrap(),
+    };
     let cfg = loaded.config.clone();
     let mut model = Model::new(be, cfg.clone(), loaded.weights.as_ref()).unwrap();
     let lora = LoraConfig {
@@ -54,13 +65,12 @@ fn tiny_model<B: Backend>(name: &str, be: &B, rng: &mut Rng) -> Model<B> {
     // Both factors random (PEFT would start B at zero, which would hide the LoRA path).
     let params: Vec<f32> = rng.normal_vec(layout.len).iter().map(|x| 0.1 * x).collect();
     model.set_lora(be, layout, &params).unwrap();
-    let dirs = load_directions(
-        &dir.join("directions.safetensors"),
-        None,
-        cfg.hidden_size,
-        cfg.num_layers,
-    )
-    .unwrap();
+    let dirs_file = dir.join("directions.safetensors");
+    let dirs = if dirs_file.exists() {
+        load_directions(&dirs_file, None, cfg.hidden_size, cfg.num_layers).unwrap()
+    } else {
+        caft_fast::model::ablation::random_directions(5, 4, cfg.hidden_size, &[0, 2]).unwrap()
+    };
     model.set_ablation(be, &dirs).unwrap();
     model
 }
@@ -100,8 +110,8 @@ fn kv_cache_matches_full_forward_cuda_bf16() {
 
 fn check_kv_cache<B: Backend>(be: &B, tol: f64) {
     let mut rng = Rng::new(4242);
-    for name in ["llama", "qwen2", "mistral"] {
-        let mut model = tiny_model(name, be, &mut rng);
+    for name in MODELS {
+        let mut model = test_model(name, be, &mut rng);
         let v = model.cfg.vocab_size;
         let prompt_lens = [6usize, 11, 1];
         let steps = 7;

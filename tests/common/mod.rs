@@ -101,3 +101,34 @@ pub fn assert_close(what: &str, a: &[f32], b: &[f64], tol: f64) {
     let e = rel_err(a, b);
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
 }
+
+/// Random weights of a real model's family and head_dim (a `caft_fast::model::random` preset),
+/// shrunk to 3 layers of width 256 and a 512-token vocabulary, with `num_heads` query and
+/// `num_kv_heads` key/value heads. For the bf16 attention kernels of head_dim 64 and 128, which
+/// use tensor cores (the tiny fixtures' head_dims take the generic kernels).
+pub fn shrunk_random_model(
+    preset: &str,
+    num_heads: usize,
+    num_kv_heads: usize,
+) -> caft_fast::model::loader::LoadedModel {
+    let full = caft_fast::model::random::preset(preset).unwrap();
+    let config = caft_fast::model::config::ModelConfig {
+        vocab_size: 512,
+        hidden_size: 256,
+        intermediate_size: 384,
+        num_layers: 3,
+        num_heads,
+        num_kv_heads,
+        ..full
+    };
+    caft_fast::model::loader::LoadedModel {
+        weights: Box::new(caft_fast::model::random::RandomWeights::new(
+            config.clone(),
+            9,
+        )),
+        config,
+        tokenizer: None,
+        chat_template: None,
+        source: format!("random:{preset}-shrunk").into(),
+    }
+}
