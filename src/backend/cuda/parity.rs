@@ -118,7 +118,8 @@ pub fn standard_shapes() -> Vec<Shape> {
 
 /// Real model widths for the row kernels, whose launch shape depends on d (the fused
 /// residual/ablation/rmsnorm keeps 1, 2 or 4 16-byte chunks of a row per thread): Llama-3.2-1B
-/// (2048), Qwen2.5-7B (3584), Llama-3-8B (4096); a row count that is no multiple of 4.
+/// (2048), Qwen2.5-7B (3584), Llama-3-8B (4096, with 64 directions); a row count that is no
+/// multiple of 4.
 pub fn wide_row_shapes() -> Vec<Shape> {
     [2048, 3584, 4096]
         .into_iter()
@@ -128,7 +129,7 @@ pub fn wide_row_shapes() -> Vec<Shape> {
             ffn: 64,
             vocab: 64,
             r: 4,
-            k: 8,
+            k: if d == 4096 { 64 } else { 8 },
             batch: 1,
             seq: 9,
             n_heads: 2,
