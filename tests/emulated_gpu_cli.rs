@@ -44,13 +44,13 @@ fn on_gpu_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
         ld.push(":");
         ld.push(old);
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_caft-fast"))
-        .args(args)
-        .env("LD_LIBRARY_PATH", ld)
-        .env("CAFT_EMU_MODULES", dir)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
+    let out = emulated_gpu::output_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_caft-fast"))
+            .args(args)
+            .env("LD_LIBRARY_PATH", ld)
+            .env("CAFT_EMU_MODULES", dir)
+            .envs(env.iter().copied()),
+    );
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
     out
 }

@@ -174,10 +174,67 @@ pub fn build_edited(
         )?;
     }
     std::fs::write(tmp.join("complete"), b"").map_err(|e| e.to_string())?;
-    let _ = std::fs::remove_dir_all(&dir);
+    if dir.join("complete").exists() {
+        // Another process finished the same build first (and may be using it): keep that one.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Ok(dir);
+    }
+    let _ = std::fs::remove_dir_all(&dir); // a partial leftover, if any
     std::fs::rename(&tmp, &dir)
         .map_err(|e| format!("{} -> {}: {e}", tmp.display(), dir.display()))?;
     Ok(dir)
+}
+
+/// Longest a process on the emulated GPU may run: `$CAFT_EMU_RUN_TIMEOUT_S`, default 900 s
+/// (a kernel that loops forever must fail the test, not hang CI).
+pub fn run_timeout() -> std::time::Duration {
+    let s = std::env::var("CAFT_EMU_RUN_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(900);
+    std::time::Duration::from_secs(s)
+}
+
+/// `cmd`'s output, or a failure after [`run_timeout`] (the child is killed).
+pub fn output_with_timeout(cmd: &mut Command) -> std::process::Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting a process on the emulated GPU");
+    // Drain both pipes on threads, so a chatty child cannot block on a full pipe.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for the child") {
+            break s;
+        }
+        if start.elapsed() > run_timeout() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "a process on the emulated GPU ran past {:?} and was killed: a kernel that \
+                 never finishes? ({cmd:?})",
+                run_timeout()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
 }
 
 /// Remove builds (and abandoned partial ones) under `root` untouched for a day: the key changes
@@ -232,15 +289,15 @@ pub fn run_ignored(dir: &Path, this_test: &str, filters: &[&str]) -> (bool, Stri
     };
     let exe = std::env::current_exe().expect("the test executable");
     let start = std::time::Instant::now();
-    let out = Command::new(&exe)
-        .args(["--include-ignored", "--test-threads=1", "--nocapture"])
-        .args(["--skip", this_test])
-        .args(filters)
-        .env("LD_LIBRARY_PATH", ld)
-        .env("CAFT_EMU_MODULES", dir)
-        .env(CHILD_ENV, "1")
-        .output()
-        .expect("starting the test executable again");
+    let out = output_with_timeout(
+        Command::new(&exe)
+            .args(["--include-ignored", "--test-threads=1", "--nocapture"])
+            .args(["--skip", this_test])
+            .args(filters)
+            .env("LD_LIBRARY_PATH", ld)
+            .env("CAFT_EMU_MODULES", dir)
+            .env(CHILD_ENV, "1"),
+    );
     let mut text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
