@@ -6,15 +6,19 @@
 //! - `libcuda.so` from `fake_libcuda.cpp` (device memory is host memory; launches run the
 //!   kernel libraries below; guard bytes, NaN-filled allocations, range checks),
 //! - `libcublas.so` from `fake_libcublas.cpp` (GemmEx by the definition),
-//! - `kmod_<module>.so` per `kernels/<module>.cu`: the source under `cuda_shim.hpp` (one
-//!   std::thread per CUDA thread, real barriers and shuffles, `ptx_emu.hpp` for the inline
-//!   PTX), with every entry point NVRTC finds in the module's PTX.
+//! - `kmod_<module>.so` per `kernels/<module>.cu`: the source under `cuda_shim.hpp` in its
+//!   fiber mode (a block's threads switched at barriers and shuffles; `ptx_emu.hpp` for the
+//!   inline PTX), with every entry point NVRTC finds in the module's PTX.
 //!
 //! [`rerun_ignored`] runs the calling test binary again with that folder first on
 //! `LD_LIBRARY_PATH` (cudarc opens `libcuda.so` and `libcublas.so` by name; NVRTC stays the
 //! real one), `--include-ignored`, and `CAFT_EMULATED_GPU=1`, so the tests marked "needs a CUDA
 //! GPU" run against the stand-ins. What this checks and what it cannot: the kernels' logic and
 //! the host code, as on a GPU; not speed, not the GPU's memory model, not the real cuBLAS.
+//!
+//! The stand-in driver also plays a small GPU (`CAFT_EMU_DEVICE_MEM_MIB`) or a faulting one
+//! (`CAFT_EMU_FAIL_KERNEL=<kernel>:<n>`), and every process on it runs under a time limit
+//! ([`output_with_timeout`]).
 //!
 //! A test file uses it with
 //! ```ignore
