@@ -247,6 +247,36 @@ fn a_full_gpu_says_what_to_lower() {
     assert!(!out.join("adapter").exists());
 }
 
+/// On a node whose other GPUs are held by other jobs (the emulated GPU given 4 devices, of
+/// which only device 0 takes a context), `doctor` lists all four and passes, and `--device
+/// auto` trains on device 0: finding the GPUs creates no context on the busy ones.
+#[test]
+fn busy_gpus_elsewhere_on_the_node_do_not_matter() {
+    let Some(gpu) = gpu_dir("busy_gpus_elsewhere_on_the_node_do_not_matter") else {
+        return;
+    };
+    let four = [("CAFT_EMU_DEVICE_COUNT", "4")];
+    let doctor = on_gpu_with(&gpu, &["doctor"], &four);
+    let text = format!("{}{}", stdout(&doctor), stderr(&doctor));
+    assert!(doctor.status.success(), "doctor failed:\n{text}");
+    assert!(
+        text.contains("gpu 3"),
+        "doctor should list the four GPUs:\n{text}"
+    );
+    let dir = scratch("emu-gpu-busy");
+    let data = write(&dir.join("d.jsonl"), &progression_records(6, 1));
+    let out = dir.join("run");
+    let extra = ["--max-steps", "1", "--val-split", "0"];
+    let msg = ok(&train_on(
+        &gpu,
+        "auto",
+        (&tiny_llama(), &data, &out),
+        &extra,
+        &four,
+    ));
+    assert!(msg.contains("on cuda:0"), "{msg}");
+}
+
 /// With the driver there but no NVRTC (the kernels cannot be compiled), `--device cuda` is
 /// refused before anything is written, naming libnvrtc, and `--device auto` says so in one line
 /// and trains on the CPU.

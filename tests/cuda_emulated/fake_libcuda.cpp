@@ -9,7 +9,8 @@
 //
 // The device: one GPU reporting compute capability 9.0 (so NVRTC compiles real sm_90 cubins,
 // which are loaded and searched for the kernel names but not executed), 132 SMs, 80 GiB
-// ($CAFT_EMU_DEVICE_MEM_MIB to pretend less).
+// ($CAFT_EMU_DEVICE_MEM_MIB to pretend less); $CAFT_EMU_DEVICE_COUNT GPUs, of which only
+// device 0 accepts a context.
 // Device memory is host memory: CUdeviceptr is the host address. Everything is synchronous on
 // the calling thread; streams and events only keep their bookkeeping.
 //
@@ -58,6 +59,7 @@ constexpr CUresult kSuccess = 0;
 constexpr CUresult kInvalidValue = 1;
 constexpr CUresult kOutOfMemory = 2;
 constexpr CUresult kNotInitialized = 3;
+constexpr CUresult kDeviceUnavailable = 46;
 constexpr CUresult kInvalidDevice = 101;
 constexpr CUresult kInvalidImage = 200;
 constexpr CUresult kInvalidHandle = 400;
@@ -294,15 +296,25 @@ API CUresult cuDriverGetVersion(int* v) {
     *v = 13000;
     return kSuccess;
 }
+// $CAFT_EMU_DEVICE_COUNT GPUs (default 1); only device 0 takes a context, the others answer as
+// GPUs held by other jobs in exclusive mode do.
+int device_count() {
+    static const int n = [] {
+        const char* v = std::getenv("CAFT_EMU_DEVICE_COUNT");
+        const int c = v ? std::atoi(v) : 1;
+        return c > 0 ? c : 1;
+    }();
+    return n;
+}
 API CUresult cuDeviceGetCount(int* n) {
     if (!n) return kInvalidValue;
-    *n = 1;
+    *n = device_count();
     return kSuccess;
 }
 API CUresult cuDeviceGet(CUdevice* d, int ordinal) {
     if (!d) return kInvalidValue;
-    if (ordinal != 0) return kInvalidDevice;
-    *d = 0;
+    if (ordinal < 0 || ordinal >= device_count()) return kInvalidDevice;
+    *d = ordinal;
     return kSuccess;
 }
 API CUresult cuDeviceGetName(char* name, int len, CUdevice) {
@@ -336,9 +348,10 @@ API CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
     }
     return kSuccess;
 }
-API CUresult cuDevicePrimaryCtxRetain(void** ctx, CUdevice) {
+API CUresult cuDevicePrimaryCtxRetain(void** ctx, CUdevice dev) {
     static int the_context;
     if (!ctx) return kInvalidValue;
+    if (dev != 0) return fail(kDeviceUnavailable, "device " + std::to_string(dev) + " is busy");
     *ctx = &the_context;
     return kSuccess;
 }
@@ -362,6 +375,7 @@ API CUresult cuGetErrorString(CUresult e, const char** s) {
         case kInvalidValue: *s = "invalid argument"; break;
         case kOutOfMemory: *s = "out of memory"; break;
         case kNotInitialized: *s = "initialization error"; break;
+        case kDeviceUnavailable: *s = "CUDA-capable device(s) is/are busy or unavailable"; break;
         case kInvalidImage: *s = "device kernel image is invalid"; break;
         case kInvalidHandle: *s = "invalid resource handle"; break;
         case kNotFound: *s = "named symbol not found"; break;

@@ -16,8 +16,9 @@
 //! GPU" run against the stand-ins. What this checks and what it cannot: the kernels' logic and
 //! the host code, as on a GPU; not speed, not the GPU's memory model, not the real cuBLAS.
 //!
-//! The stand-in driver also plays a small GPU (`CAFT_EMU_DEVICE_MEM_MIB`) or a faulting one
-//! (`CAFT_EMU_FAIL_KERNEL=<kernel>:<n>`), and every process on it runs under a time limit
+//! The stand-in driver also plays a small GPU (`CAFT_EMU_DEVICE_MEM_MIB`), a faulting one
+//! (`CAFT_EMU_FAIL_KERNEL=<kernel>:<n>`) or a node of several GPUs of which only device 0 is
+//! free (`CAFT_EMU_DEVICE_COUNT`), and every process on it runs under a time limit
 //! ([`output_with_timeout`]).
 //!
 //! A test file uses it with

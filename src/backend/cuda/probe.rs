@@ -6,6 +6,7 @@
 
 use super::compile;
 use super::gemm;
+use cudarc::driver::result::device as dev_result;
 use cudarc::driver::{sys as drv, CudaContext};
 
 /// One visible GPU.
@@ -85,14 +86,26 @@ pub fn probe() -> DeviceProbe {
         let v = unsafe { drv::cuDriverGetVersion(&mut version) };
         let version =
             (v == drv::CUresult::CUDA_SUCCESS).then_some((version / 1000, (version % 1000) / 10));
+        // Device queries need no context: creating one on every GPU would be slow on a large
+        // node and fail on GPUs other jobs hold in exclusive mode, though only device 0 is used
+        // (Runtime::new creates its context and reports a busy device 0 itself).
         let mut gpus = Vec::new();
-        for ordinal in 0..count.max(0) as usize {
-            let ctx = CudaContext::new(ordinal).map_err(|e| format!("device {ordinal}: {e}"))?;
+        for ordinal in 0..count.max(0) {
+            let dev = dev_result::get(ordinal).map_err(|e| format!("device {ordinal}: {e}"))?;
+            let attr = |a| {
+                // SAFETY: `dev` is a valid device handle from cuDeviceGet.
+                unsafe { dev_result::get_attribute(dev, a) }.unwrap_or(0)
+            };
+            use drv::CUdevice_attribute as A;
             gpus.push(GpuInfo {
-                ordinal,
-                name: ctx.name().unwrap_or_else(|_| "unknown GPU".into()),
-                compute_capability: ctx.compute_capability().unwrap_or((0, 0)),
-                total_mem_bytes: ctx.total_mem().unwrap_or(0),
+                ordinal: ordinal as usize,
+                name: dev_result::get_name(dev).unwrap_or_else(|_| "unknown GPU".into()),
+                compute_capability: (
+                    attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+                    attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+                ),
+                // SAFETY: as above.
+                total_mem_bytes: unsafe { dev_result::total_mem(dev) }.unwrap_or(0),
             });
         }
         Ok((version, gpus))
