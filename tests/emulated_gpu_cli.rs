@@ -15,7 +15,7 @@ mod emulated_gpu;
 mod harness;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 use train_support::*;
 
@@ -39,16 +39,9 @@ fn on_gpu(dir: &Path, args: &[&str]) -> Output {
 
 /// [`on_gpu`] with more environment variables (the emulated GPU's settings).
 fn on_gpu_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut ld = dir.as_os_str().to_owned();
-    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|v| !v.is_empty()) {
-        ld.push(":");
-        ld.push(old);
-    }
     let out = emulated_gpu::output_with_timeout(
-        Command::new(env!("CARGO_BIN_EXE_caft-fast"))
+        emulated_gpu::command_on(dir, env!("CARGO_BIN_EXE_caft-fast"))
             .args(args)
-            .env("LD_LIBRARY_PATH", ld)
-            .env("CAFT_EMU_MODULES", dir)
             .envs(env.iter().copied()),
     );
     assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));

@@ -468,9 +468,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
             be.zero_f32(&mut lora.grads)?;
             return Err(diverged(format!("the gradient norm is {}", g2.sqrt())));
         }
-        let rep = optimizer_step(be, lora, &self.opt)
-            .and_then(|rep| be.synchronize().map(|_| rep))
-            .with_context(|| format!("step {step}: optimizer update"))?;
+        let mut update = || -> Result<_> {
+            let rep = optimizer_step(be, lora, &self.opt)?;
+            be.synchronize()?;
+            Ok(rep)
+        };
+        let rep = update().with_context(|| format!("step {step}: optimizer update"))?;
         self.state.step = step;
         self.state.next_micro = end;
         self.state.tokens += n_step as u64;

@@ -279,28 +279,30 @@ pub fn available(test: &str) -> bool {
     false
 }
 
+/// `program` set up to run on the emulated GPU in `dir`: the folder first on LD_LIBRARY_PATH
+/// (ahead of NVRTC's and anything else already there) and in CAFT_EMU_MODULES.
+pub fn command_on(dir: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut ld = dir.as_os_str().to_owned();
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|v| !v.is_empty()) {
+        ld.push(":");
+        ld.push(old);
+    }
+    let mut cmd = Command::new(program);
+    cmd.env("LD_LIBRARY_PATH", ld).env("CAFT_EMU_MODULES", dir);
+    cmd
+}
+
 /// Run this test binary's ignored GPU tests matching `filters` (all of them when empty) on the
 /// emulated GPU in `dir`, in a child process: whether they passed, and the child's output.
 /// `this_test` is the calling test's name, skipped in the child.
 pub fn run_ignored(dir: &Path, this_test: &str, filters: &[&str]) -> (bool, String) {
-    let ld = match std::env::var_os("LD_LIBRARY_PATH") {
-        Some(old) if !old.is_empty() => {
-            let mut v = dir.as_os_str().to_owned();
-            v.push(":");
-            v.push(old);
-            v
-        }
-        _ => dir.as_os_str().to_owned(),
-    };
     let exe = std::env::current_exe().expect("the test executable");
     let start = std::time::Instant::now();
     let out = output_with_timeout(
-        Command::new(&exe)
+        command_on(dir, &exe)
             .args(["--include-ignored", "--test-threads=1", "--nocapture"])
             .args(["--skip", this_test])
             .args(filters)
-            .env("LD_LIBRARY_PATH", ld)
-            .env("CAFT_EMU_MODULES", dir)
             .env(CHILD_ENV, "1"),
     );
     let mut text = format!(

@@ -34,6 +34,10 @@ pub fn module_names() -> Vec<&'static str> {
         .collect()
 }
 
+/// Why the CUDA backend cannot run without NVRTC, for people.
+pub const NVRTC_MISSING: &str =
+    "libnvrtc not found (needed to compile the kernels; put its folder on LD_LIBRARY_PATH)";
+
 /// Whether libnvrtc can be loaded.
 pub fn nvrtc_present() -> bool {
     // SAFETY: only tries to dlopen the library by its usual names; no symbol is called.

@@ -127,10 +127,7 @@ pub fn probe() -> DeviceProbe {
     p.problem = if p.gpus.is_empty() {
         Some("the CUDA driver reports no GPU".into())
     } else if !p.libnvrtc {
-        Some(
-            "libnvrtc not found (needed to compile the kernels; put its folder on LD_LIBRARY_PATH)"
-                .into(),
-        )
+        Some(compile::NVRTC_MISSING.into())
     } else if !p.libcublas {
         Some("libcublas not found (put its folder on LD_LIBRARY_PATH)".into())
     } else {

@@ -81,10 +81,7 @@ impl Runtime {
             );
         }
         if !compile::nvrtc_present() {
-            bail!(
-                "libnvrtc not found (needed to compile the kernels; put its folder on \
-                 LD_LIBRARY_PATH)"
-            );
+            bail!(compile::NVRTC_MISSING);
         }
         let count = CudaContext::device_count().context("initialising the CUDA driver")?;
         if count <= 0 {
