@@ -7,9 +7,13 @@
 
 pub mod backend;
 pub mod cli;
+pub mod data;
 pub mod directions;
 pub mod eval;
 pub mod generate;
+pub mod io;
+pub mod linalg;
 pub mod model;
+pub mod report;
 pub mod train;
 pub mod util;

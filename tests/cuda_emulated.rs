@@ -42,7 +42,7 @@ mod harness;
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::cuda::NormLaunch;
 use caft_fast::backend::Backend;
-use caft_fast::model::ablation::gaussian_orthonormal;
+use caft_fast::linalg::gaussian_orthonormal;
 use caft_fast::util::rng::Rng;
 use common::{act, draw, have_compiler, poisoned, to_f32, Elem, Outputs};
 use harness::{Arg, Launch, Module};

@@ -1,8 +1,9 @@
 //! Ablation directions: orthonormalisation, the safetensors and .npy readers, saving, random
 //! control directions, and every bad-input case, through the public API only.
 
+use caft_fast::linalg::orthonormalize;
 use caft_fast::model::ablation::{
-    load_directions, orthonormalize, random_directions, save_directions, DirectionSet, Directions,
+    load_directions, random_directions, save_directions, DirectionSet, Directions,
 };
 use caft_fast::util::rng::Rng;
 use safetensors::tensor::TensorView;

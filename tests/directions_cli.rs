@@ -268,7 +268,7 @@ fn import_npy_and_renamed_safetensors() {
     // Safetensors under other names: blocks.{L}.dir, plus an unrelated tensor.
     let raw3 = rng.normal_vec(3 * 64);
     let other = tmp.path("other.safetensors");
-    let st = caft_fast::train::adapter::f32_safetensors(&[
+    let st = caft_fast::io::f32_safetensors(&[
         ("blocks.1.dir".into(), vec![2, 64], raw.clone()),
         ("blocks.3.dir".into(), vec![3, 64], raw3.clone()),
         ("scale".into(), vec![1], vec![1.0]),

@@ -18,7 +18,7 @@ fn write_dirs(path: &std::path::Path) -> Vec<(usize, Vec<f32>)> {
     let mut rng = Rng::new(4);
     let l1 = rng.normal_vec(3 * 64);
     let l2 = rng.normal_vec(2 * 64);
-    let st = caft_fast::train::adapter::f32_safetensors(&[
+    let st = caft_fast::io::f32_safetensors(&[
         ("layer.1".into(), vec![3, 64], l1.clone()),
         ("layer.2".into(), vec![2, 64], l2.clone()),
         (

@@ -5,11 +5,13 @@
 mod directions_support;
 
 use caft_fast::backend::cpu::CpuBackend;
+use caft_fast::data::token_batches;
+use caft_fast::data::Example;
+use caft_fast::data::TokenBatch;
 use caft_fast::directions::pca::{differences, pca};
-use caft_fast::directions::{load_peft_adapter, token_batches, TokenBatch};
 use caft_fast::model::loader::load_model;
+use caft_fast::model::peft::load_peft_adapter;
 use caft_fast::model::transformer::Model;
-use caft_fast::train::data::Example;
 use caft_fast::util::rng::Rng;
 use directions_support::*;
 

@@ -6,7 +6,8 @@ mod directions_support;
 
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::directions::probe::separation;
-use caft_fast::model::ablation::{orthonormalize, save_directions, DirectionSet, Directions};
+use caft_fast::linalg::orthonormalize;
+use caft_fast::model::ablation::{save_directions, DirectionSet, Directions};
 use caft_fast::model::loader::load_model;
 use caft_fast::model::transformer::{Batch, Model};
 use caft_fast::util::rng::Rng;

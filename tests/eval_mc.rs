@@ -8,14 +8,14 @@
 mod train_support;
 
 use caft_fast::backend::cpu::CpuBackend;
+use caft_fast::data::{read_jsonl, Record};
 use caft_fast::eval::loss::{self, LossOptions};
 use caft_fast::eval::mc::{self, McItem, McPrompt};
 use caft_fast::eval::task::{self, Split, TaskConfig, TaskItem, TEST_WORDS, TRAIN_WORDS};
-use caft_fast::eval::ModelSpec;
 use caft_fast::model::chat::ChatMessage;
 use caft_fast::model::loader::load_model;
+use caft_fast::model::spec::ModelSpec;
 use caft_fast::model::transformer::{Batch, Model, IGNORE};
-use caft_fast::train::data::{read_jsonl, Record};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -433,7 +433,7 @@ fn eval_loss_equals_cross_entropy_by_hand() {
         let mut model = Model::new(&be, loaded.config.clone(), loaded.weights.as_ref()).unwrap();
         if let Some(a) = &spec.adapter {
             let (layout, params) =
-                caft_fast::directions::load_peft_adapter(a, &loaded.config).unwrap();
+                caft_fast::model::peft::load_peft_adapter(a, &loaded.config).unwrap();
             model.set_lora(&be, layout, &params).unwrap();
         }
         if let Some(f) = &spec.ablate {

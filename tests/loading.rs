@@ -3,8 +3,9 @@
 //! values transformers loads from it), and bad input of every kind giving a clear error.
 
 use caft_fast::model::config::Arch;
+use caft_fast::model::config::ModelConfig;
 use caft_fast::model::gguf::{config_from_gguf, GgufFile, GgufHeader, GgufValue, GgufWeights};
-use caft_fast::model::loader::{config_from_hf_json, load_model, SafetensorsWeights};
+use caft_fast::model::loader::{load_model, SafetensorsWeights};
 use caft_fast::model::weights::WeightSource;
 use caft_fast::util::rng::Rng;
 use half::{bf16, f16};
@@ -86,7 +87,7 @@ fn config_llama_with_llama3_rope_both_layouts() {
             scaling.replace("rope_type", "type")
         )),
     );
-    let c4 = config_from_hf_json(&p).unwrap();
+    let c4 = ModelConfig::from_hf_json(&p).unwrap();
     // transformers 5: rope_parameters holds both.
     write(
         &p,
@@ -94,7 +95,7 @@ fn config_llama_with_llama3_rope_both_layouts() {
             r#", "rope_parameters": {{"rope_theta": 500000.0, {scaling}}}"#
         )),
     );
-    let c5 = config_from_hf_json(&p).unwrap();
+    let c5 = ModelConfig::from_hf_json(&p).unwrap();
     assert_eq!(c4, c5);
     assert_eq!(c4.arch, Arch::Llama);
     assert_eq!(
@@ -133,7 +134,7 @@ fn config_qwen2_and_mistral_specifics() {
             r#", "sliding_window": 4096, "use_sliding_window": false, "tie_word_embeddings": true, "max_window_layers": 0"#,
         ),
     );
-    let q = config_from_hf_json(&p).unwrap();
+    let q = ModelConfig::from_hf_json(&p).unwrap();
     assert_eq!(q.arch, Arch::Qwen2);
     assert!(q.attention_bias && q.tie_word_embeddings);
     assert_eq!(q.sliding_window, None);
@@ -145,7 +146,10 @@ fn config_qwen2_and_mistral_specifics() {
             r#", "sliding_window": 64, "use_sliding_window": true, "max_window_layers": 0"#,
         ),
     );
-    assert_eq!(config_from_hf_json(&p).unwrap().sliding_window, Some(64));
+    assert_eq!(
+        ModelConfig::from_hf_json(&p).unwrap().sliding_window,
+        Some(64)
+    );
     // Some layers windowed, some not: refused with the keys named.
     write(
         &p,
@@ -154,7 +158,7 @@ fn config_qwen2_and_mistral_specifics() {
             r#", "sliding_window": 64, "use_sliding_window": true, "max_window_layers": 2"#,
         ),
     );
-    assert!(err_text(config_from_hf_json(&p)).contains("max_window_layers"));
+    assert!(err_text(ModelConfig::from_hf_json(&p)).contains("max_window_layers"));
 
     // Mistral: explicit head_dim (as Mistral-Small), window null => full attention.
     write(
@@ -164,7 +168,7 @@ fn config_qwen2_and_mistral_specifics() {
             r#", "head_dim": 32, "sliding_window": null"#,
         ),
     );
-    let m = config_from_hf_json(&p).unwrap();
+    let m = ModelConfig::from_hf_json(&p).unwrap();
     assert_eq!(
         (m.arch, m.head_dim, m.sliding_window),
         (Arch::Mistral, 32, None)
@@ -177,7 +181,7 @@ fn config_qwen2_and_mistral_specifics() {
             r#", "head_dim": null, "sliding_window": 4096"#,
         ),
     );
-    let m = config_from_hf_json(&p).unwrap();
+    let m = ModelConfig::from_hf_json(&p).unwrap();
     assert_eq!((m.head_dim, m.sliding_window), (16, Some(4096)));
 }
 
@@ -185,14 +189,14 @@ fn config_qwen2_and_mistral_specifics() {
 fn config_errors_name_file_and_key() {
     let d = temp_dir("cfg-errors");
     let p = d.join("config.json");
-    let e = err_text(config_from_hf_json(&p));
+    let e = err_text(ModelConfig::from_hf_json(&p));
     assert!(e.contains("config.json"), "{e}");
 
     write(
         &p,
         &llama_config_json("").replace("LlamaForCausalLM", "GPT2LMHeadModel"),
     );
-    let e = err_text(config_from_hf_json(&p));
+    let e = err_text(ModelConfig::from_hf_json(&p));
     for want in [
         "GPT2LMHeadModel",
         "LlamaForCausalLM",
@@ -206,7 +210,7 @@ fn config_errors_name_file_and_key() {
         &p,
         &llama_config_json("").replace("\"hidden_size\": 64,", ""),
     );
-    let e = err_text(config_from_hf_json(&p));
+    let e = err_text(ModelConfig::from_hf_json(&p));
     assert!(
         e.contains("hidden_size") && e.contains("config.json"),
         "{e}"
@@ -216,7 +220,7 @@ fn config_errors_name_file_and_key() {
         &p,
         &llama_config_json(r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#),
     );
-    let e = err_text(config_from_hf_json(&p));
+    let e = err_text(ModelConfig::from_hf_json(&p));
     assert!(e.contains("yarn") && e.contains("llama3"), "{e}");
 
     write(
@@ -224,14 +228,14 @@ fn config_errors_name_file_and_key() {
         &llama_config_json(r#", "num_attention_heads": "four""#)
             .replace("\"num_attention_heads\": 4,", ""),
     );
-    let e = err_text(config_from_hf_json(&p));
+    let e = err_text(ModelConfig::from_hf_json(&p));
     assert!(e.contains("num_attention_heads"), "{e}");
 
     write(
         &p,
         "{\"architectures\": [\"LlamaForCausalLM\"],\n \"hidden_size\": 64,,}",
     );
-    let e = err_text(config_from_hf_json(&p));
+    let e = err_text(ModelConfig::from_hf_json(&p));
     assert!(e.contains("invalid JSON") && e.contains("line 2"), "{e}");
 }
 

@@ -6,14 +6,15 @@ mod train_support;
 
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::Backend;
+use caft_fast::data::TrainOn;
+use caft_fast::data::{Dataset, Encoder, Record};
 use caft_fast::model::chat::ChatMessage;
 use caft_fast::model::config::ModelConfig;
 use caft_fast::model::loader::load_model;
 use caft_fast::model::lora::{LoraConfig, LoraLayout, Target};
+use caft_fast::model::peft::{load_adapter, save_adapter};
 use caft_fast::model::transformer::{Batch, Model, IGNORE};
-use caft_fast::train::adapter::{load_adapter, save_adapter};
-use caft_fast::train::config::{TrainConfig, TrainOn};
-use caft_fast::train::data::{Dataset, Encoder, Record};
+use caft_fast::train::config::TrainConfig;
 use caft_fast::train::run::{ablation_directions, prepare_data, Trainer};
 use train_support::*;
 
@@ -353,10 +354,9 @@ fn chat_labels_cover_exactly_the_assistant_turns() {
         all.ids.iter().map(|&t| t as i32).collect::<Vec<_>>()
     );
 
-    let pc = caft_fast::train::data::parse_record(
-        &serde_json::json!({"prompt": "Hi", "completion": "Yo"}),
-    )
-    .unwrap();
+    let pc =
+        caft_fast::data::parse_record(&serde_json::json!({"prompt": "Hi", "completion": "Yo"}))
+            .unwrap();
     let (ex, _) = enc.encode(&pc).unwrap();
     let labelled: Vec<u32> = ex
         .labels

@@ -20,6 +20,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod device;
 
 use anyhow::Result;
 

@@ -12,10 +12,10 @@
 //! practice to some millions of tokens.
 
 use crate::backend::Backend;
-use crate::directions::{token_batches, TokenBatch};
+use crate::data::Example;
+use crate::data::{token_batches, TokenBatch};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::Model;
-use crate::train::data::Example;
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -41,7 +41,7 @@ pub fn read_directions(
     n_layers: usize,
 ) -> Result<Vec<LayerDirections>> {
     let file = path.display().to_string();
-    let t = crate::train::adapter::read_f32_safetensors(path)?;
+    let t = crate::io::read_f32_safetensors(path)?;
     let mut out = Vec::new();
     for (name, (shape, data)) in &t {
         let Some(layer) = name
@@ -313,21 +313,6 @@ fn distinct(excerpts: impl Iterator<Item = Excerpt>, n: usize) -> Vec<Excerpt> {
     out
 }
 
-fn escape(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for ch in s.chars() {
-        match ch {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            c => o.push(c),
-        }
-    }
-    o
-}
-
 /// A bar chart of the explained-variance shares of one layer's components (inline SVG).
 fn variance_svg(ratios: &[f32]) -> String {
     let (w, h, pad) = (600.0f64, 160.0f64, 28.0f64);
@@ -392,7 +377,7 @@ fn context_html(c: &Excerpt, max_abs: f32) -> String {
             "<span{class} style=\"background:{}\" title=\"{:+.4}\">{}</span>",
             colour(p, max_abs),
             p,
-            escape(t)
+            crate::report::esc(t)
         );
     }
     let _ = write!(
@@ -424,10 +409,10 @@ pub fn html(r: &Report) -> String {
          by its own projection (red positive, blue negative, scaled by the largest |projection| \
          of the component over the ranked tokens), the ranked token outlined. The first {} token(s) \
          of each text are not ranked.</p>\n<nav><ul>",
-        escape(&r.directions),
-        escape(&r.model),
-        escape(&r.directions),
-        escape(&r.corpus),
+        crate::report::esc(&r.directions),
+        crate::report::esc(&r.model),
+        crate::report::esc(&r.directions),
+        crate::report::esc(&r.corpus),
         r.examples,
         r.tokens,
         r.skip_first
@@ -497,8 +482,8 @@ pub fn html(r: &Report) -> String {
 pub fn write_report(dir: &Path, r: &Report) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let json = serde_json::to_vec_pretty(r).context("serialising the summary")?;
-    crate::train::adapter::write_atomic(&dir.join("summary.json"), &json)?;
-    crate::train::adapter::write_atomic(&dir.join("index.html"), html(r).as_bytes())
+    crate::io::write_atomic(&dir.join("summary.json"), &json)?;
+    crate::io::write_atomic(&dir.join("index.html"), html(r).as_bytes())
 }
 
 /// Read a corpus: JSONL (`.jsonl`/`.json`, or a file whose first non-blank character is `{`)
@@ -510,7 +495,7 @@ pub fn load_corpus(
     loaded: &crate::model::loader::LoadedModel,
     max_seq_len: usize,
 ) -> Result<Vec<Example>> {
-    use crate::train::data::{read_jsonl, Dataset, Encoder, Record};
+    use crate::data::{read_jsonl, Dataset, Encoder, Record};
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading corpus {}", path.display()))?;
     let ext = path
@@ -533,7 +518,7 @@ pub fn load_corpus(
         template: loaded.chat_template.as_ref(),
         model: loaded.source.display().to_string(),
         vocab_size: loaded.config.vocab_size,
-        train_on: crate::train::config::TrainOn::All,
+        train_on: crate::data::TrainOn::All,
         max_seq_len,
     };
     let ds = Dataset::from_records(&records, &enc, &path.display().to_string())?;

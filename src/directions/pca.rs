@@ -15,8 +15,8 @@
 //! metadata key. `caft-fast directions select` turns chosen rows into an ablation file.
 
 use crate::backend::Backend;
-use crate::directions::linalg::{top_eigenpairs, Covariance};
-use crate::directions::TokenBatch;
+use crate::data::TokenBatch;
+use crate::linalg::{top_eigenpairs, Covariance};
 use crate::model::transformer::Model;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::TensorView;
@@ -280,7 +280,7 @@ pub fn to_safetensors(r: &PcaResult, about: &serde_json::Value) -> Result<Vec<u8
 
 /// Write a PCA result atomically (temporary file, then rename).
 pub fn save(path: &Path, r: &PcaResult, about: &serde_json::Value) -> Result<()> {
-    crate::train::adapter::write_atomic(path, &to_safetensors(r, about)?)
+    crate::io::write_atomic(path, &to_safetensors(r, about)?)
 }
 
 /// One line per layer: the share of variance in the first components.
@@ -309,7 +309,7 @@ pub fn summary(r: &PcaResult) -> String {
                 String::new()
             }
         ));
-        if l.iterations > 0 && l.residual > crate::directions::linalg::SUBSPACE_TOL {
+        if l.iterations > 0 && l.residual > crate::linalg::SUBSPACE_TOL {
             s.push_str(&format!(
                 "  note: layer {}: the eigensolver stopped after {} iterations with relative \
                  residual {:.1e} (the trailing components have nearly equal variance, so their \

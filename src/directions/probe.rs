@@ -21,12 +21,12 @@
 //! because a sentence's concept sits on its words (the sentiment adjective) wherever they are.
 
 use crate::backend::Backend;
+use crate::data::token_batches;
+use crate::data::TrainOn;
+use crate::data::{parse_record, Encoder, Example};
 use crate::directions::explain::LayerDirections;
-use crate::directions::token_batches;
 use crate::model::loader::LoadedModel;
 use crate::model::transformer::Model;
-use crate::train::config::TrainOn;
-use crate::train::data::{parse_record, Encoder, Example};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::Path;
@@ -76,7 +76,7 @@ pub fn read_probes(path: &Path, loaded: &LoadedModel, max_seq_len: usize) -> Res
             ),
         };
         let rec = parse_record(&v).with_context(at)?;
-        if matches!(rec, crate::train::data::Record::Chat(_)) {
+        if matches!(rec, crate::data::Record::Chat(_)) {
             bail!(
                 "{}: a probe is a {{\"text\"}} or {{\"input_ids\"}} record, not a chat",
                 at()

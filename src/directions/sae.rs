@@ -28,9 +28,9 @@
 //! `sae_score.<L>` `[n]`, so `select` and `explain` read it like a PCA file.
 
 use crate::backend::Backend;
-use crate::directions::linalg::gemm;
+use crate::data::TokenBatch;
 use crate::directions::pca::paired_resid;
-use crate::directions::TokenBatch;
+use crate::linalg::gemm;
 use crate::model::transformer::Model;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
@@ -38,13 +38,13 @@ use std::path::Path;
 
 /// Every tensor of a safetensors file as f32 (floats of any width; integer scalars such as
 /// dictionary_learning's `k` converted), keyed by name.
-fn read_tensors(path: &Path) -> Result<crate::train::adapter::NamedTensors> {
+fn read_tensors(path: &Path) -> Result<crate::io::NamedTensors> {
     use safetensors::Dtype;
     let file = path.display().to_string();
     let bytes = std::fs::read(path).with_context(|| format!("reading SAE file {file}"))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow!("{file}: not a valid safetensors file: {e}"))?;
-    let mut out = crate::train::adapter::NamedTensors::new();
+    let mut out = crate::io::NamedTensors::new();
     for (name, view) in st.tensors() {
         let b = view.data();
         let data: Vec<f32> = match view.dtype() {
@@ -392,5 +392,5 @@ pub fn save(path: &Path, ranked: &[RankedLatents], about: &serde_json::Value) ->
     ]);
     let bytes = safetensors::serialize(views, Some(meta))
         .map_err(|e| anyhow!("serialising ranked SAE latents: {e}"))?;
-    crate::train::adapter::write_atomic(path, &bytes)
+    crate::io::write_atomic(path, &bytes)
 }

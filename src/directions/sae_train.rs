@@ -18,8 +18,8 @@
 //! where `pre > θ`), the running mean of the smallest kept activation of each batch. Dead
 //! latents get no auxiliary loss here.
 
-use crate::directions::linalg::gemm;
 use crate::directions::sae::{Activation, Sae};
+use crate::linalg::gemm;
 use crate::util::rng::Rng;
 use anyhow::{anyhow, bail, Result};
 use std::path::Path;
@@ -275,9 +275,7 @@ pub fn train(
     for step in 0..cfg.steps {
         for r in 0..cfg.batch {
             if pos == n {
-                for i in (1..n).rev() {
-                    order.swap(i, rng.below(i + 1));
-                }
+                rng.shuffle(&mut order);
                 pos = 0;
             }
             let i = order[pos];
@@ -342,7 +340,7 @@ pub fn save(path: &Path, sae: &Sae, k: usize) -> Result<()> {
     ));
     let bytes =
         safetensors::serialize(views, None).map_err(|e| anyhow!("serialising the SAE: {e}"))?;
-    crate::train::adapter::write_atomic(path, &bytes)
+    crate::io::write_atomic(path, &bytes)
 }
 
 // ---- JumpReLU ----------------------------------------------------------------------------
@@ -442,9 +440,7 @@ pub fn train_jumprelu(
     for step in 1..=cfg.steps {
         for r in 0..b {
             if pos == n {
-                for i in (1..n).rev() {
-                    order.swap(i, rng.below(i + 1));
-                }
+                rng.shuffle(&mut order);
                 pos = 0;
             }
             let i = order[pos];
@@ -562,6 +558,6 @@ pub fn save_jumprelu(path: &Path, sae: &Sae) -> Result<()> {
         ("b_dec".to_string(), vec![d], sae.b_dec.clone()),
         ("threshold".to_string(), vec![m], th.clone()),
     ];
-    let bytes = crate::train::adapter::f32_safetensors(&tensors)?;
-    crate::train::adapter::write_atomic(path, &bytes)
+    let bytes = crate::io::f32_safetensors(&tensors)?;
+    crate::io::write_atomic(path, &bytes)
 }

@@ -4,10 +4,10 @@
 //! Every output is a directions file `train --ablate` reads: tensors `layer.<L>` F32
 //! `[k, d_model]`, written atomically by `model::ablation::save_directions`.
 
-use crate::model::ablation::{orthonormalize, DirectionSet, Directions};
-use crate::train::adapter::read_f32_safetensors;
+use crate::io::read_f32_safetensors;
+use crate::linalg::orthonormalize;
+use crate::model::ablation::{DirectionSet, Directions};
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -58,13 +58,6 @@ pub fn parse_pick(s: &str) -> Result<Pick> {
         bail!("{}: row {} is picked twice", what(), w[0]);
     }
     Ok(Pick { layer, rows: out })
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Parse `layer.<L>` (canonical decimal).
@@ -160,7 +153,7 @@ fn finish(sets: Vec<DirectionSet>, source: String) -> Result<Directions> {
         sha256: String::new(),
         source,
     };
-    dirs.sha256 = sha256_hex(&dirs.to_safetensors_bytes()?);
+    dirs.sha256 = crate::io::sha256_hex(&dirs.to_safetensors_bytes()?);
     Ok(dirs)
 }
 

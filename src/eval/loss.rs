@@ -5,13 +5,15 @@
 //! run's logged `val_loss` (`val_loss_unablated` for a run with directions, since evaluation
 //! ablates only when asked).
 
+use crate::backend::device::Device;
 use crate::backend::Backend;
-use crate::cli::{on_device, BackendJob};
-use crate::eval::{write_json, ModelSpec, Provenance};
+use crate::data::TrainOn;
+use crate::data::{validation_batches, Dataset, Encoder, Example};
+use crate::io::write_json;
 use crate::model::loader::LoadedModel;
+use crate::model::spec::{ModelSpec, Provenance};
 use crate::model::transformer::Model;
-use crate::train::config::TrainOn;
-use crate::train::data::{validation_batches, Dataset, Encoder, Example};
+use crate::with_backend;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::Path;
@@ -130,7 +132,7 @@ pub fn evaluate_on<B: Backend>(
 ) -> Result<LossReport> {
     let ds = load_data(data, loaded, opt.train_on, opt.max_seq_len)?;
     let mut model = spec.build(be, loaded)?;
-    let pad = crate::directions::pad_id(loaded);
+    let pad = crate::data::pad_id(loaded);
     let (sum, tokens) = loss_sum(be, &mut model, &ds.examples, opt.batch_size, pad, progress)?;
     let loss = sum / tokens.max(1) as f64;
     Ok(LossReport {
@@ -157,42 +159,24 @@ pub fn evaluate_on<B: Backend>(
 /// and write the report as JSON to `output` when given.
 pub fn evaluate(
     spec: &ModelSpec,
-    device: crate::cli::Device,
+    device: Device,
     data: &Path,
     opt: &LossOptions,
     output: Option<&Path>,
 ) -> Result<LossReport> {
-    struct Job<'a> {
-        spec: &'a ModelSpec,
-        loaded: &'a LoadedModel,
-        data: &'a Path,
-        opt: &'a LossOptions,
-    }
-    impl BackendJob for Job<'_> {
-        type Out = LossReport;
-        fn run<B: Backend>(self, be: &B) -> Result<LossReport> {
-            let bar = crate::directions::progress(0, "eval loss");
-            let r = evaluate_on(be, self.spec, self.loaded, self.data, self.opt, |i, n| {
-                bar.set_length(n as u64);
-                bar.set_position(i as u64)
-            });
-            bar.finish_and_clear();
-            r
-        }
-    }
     if !data.is_file() {
         bail!("data file {} does not exist", data.display());
     }
     let loaded = spec.load()?;
-    let report = on_device(
-        device,
-        Job {
-            spec,
-            loaded: &loaded,
-            data,
-            opt,
-        },
-    )?;
+    let report = with_backend!(device, |be| {
+        let bar = crate::util::progress(0, "eval loss");
+        let r = evaluate_on(be, spec, &loaded, data, opt, |i, n| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64)
+        });
+        bar.finish_and_clear();
+        r
+    })?;
     if let Some(o) = output {
         write_json(o, &report)?;
     }

@@ -22,14 +22,16 @@
 //! index on a tie). Options whose first tokens coincide cannot be told apart this way and are
 //! refused, as are empty options.
 
+use crate::backend::device::Device;
 use crate::backend::Backend;
-use crate::cli::{on_device, BackendJob};
-use crate::eval::{write_json, ModelSpec, Provenance};
+use crate::data::{parse_messages, read_json_lines, tokenize_chat, PAD_MULTIPLE};
+use crate::io::write_json;
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::loader::LoadedModel;
+use crate::model::spec::{ModelSpec, Provenance};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::{Batch, Model, IGNORE};
-use crate::train::data::{parse_messages, read_json_lines, tokenize_chat, PAD_MULTIPLE};
+use crate::with_backend;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
@@ -512,7 +514,7 @@ pub fn evaluate_on<B: Backend>(
     let enc = encode_items(items, loaded, &data.display().to_string())?;
     let mut model = spec.build(be, loaded)?;
     let n_groups = plan_batches(&enc, batch_size, loaded.config.vocab_size).len();
-    let pad = crate::directions::pad_id(loaded);
+    let pad = crate::data::pad_id(loaded);
     let results = score(be, &mut model, items, &enc, batch_size, pad, |g| {
         progress(g, n_groups)
     })?;
@@ -530,51 +532,23 @@ pub fn evaluate_on<B: Backend>(
 /// every item, and write the report as JSON to `output` when given.
 pub fn evaluate(
     spec: &ModelSpec,
-    device: crate::cli::Device,
+    device: Device,
     data: &Path,
     batch_size: usize,
     output: Option<&Path>,
 ) -> Result<McReport> {
-    struct Job<'a> {
-        spec: &'a ModelSpec,
-        loaded: &'a LoadedModel,
-        data: &'a Path,
-        items: &'a [McItem],
-        batch_size: usize,
-    }
-    impl BackendJob for Job<'_> {
-        type Out = McReport;
-        fn run<B: Backend>(self, be: &B) -> Result<McReport> {
-            let bar = crate::directions::progress(0, "eval mc");
-            let r = evaluate_on(
-                be,
-                self.spec,
-                self.loaded,
-                self.data,
-                self.items,
-                self.batch_size,
-                |g, n| {
-                    bar.set_length(n as u64);
-                    bar.set_position(g as u64)
-                },
-            );
-            bar.finish_and_clear();
-            r
-        }
-    }
     // Check the data before loading (and possibly downloading) the model.
     let items = read_items(data)?;
     let loaded = spec.load()?;
-    let report = on_device(
-        device,
-        Job {
-            spec,
-            loaded: &loaded,
-            data,
-            items: &items,
-            batch_size,
-        },
-    )?;
+    let report = with_backend!(device, |be| {
+        let bar = crate::util::progress(0, "eval mc");
+        let r = evaluate_on(be, spec, &loaded, data, &items, batch_size, |g, n| {
+            bar.set_length(n as u64);
+            bar.set_position(g as u64)
+        });
+        bar.finish_and_clear();
+        r
+    })?;
     if let Some(o) = output {
         write_json(o, &report)?;
     }

@@ -24,8 +24,8 @@
 //! adjectives (what an experimenter knows before seeing test data), for a rule that picks the
 //! directions encoding sentiment.
 
-use crate::eval::write_json;
-use crate::train::adapter::write_atomic;
+use crate::io::write_atomic;
+use crate::io::write_json;
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -554,18 +554,11 @@ pub struct Task {
     pub probes: Vec<Probe>,
 }
 
-fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
-    for i in (1..v.len()).rev() {
-        let j = rng.below(i + 1);
-        v.swap(i, j);
-    }
-}
-
 /// `n` values, half 0 and half 1 (the extra one, for odd `n`, drawn), shuffled.
 fn balanced(n: usize, rng: &mut Rng) -> Vec<usize> {
     let ones = n / 2 + if n % 2 == 1 { rng.below(2) } else { 0 };
     let mut v: Vec<usize> = (0..n).map(|i| usize::from(i < ones)).collect();
-    shuffle(&mut v, rng);
+    rng.shuffle(&mut v);
     v
 }
 
@@ -716,7 +709,7 @@ pub fn write_task(dir: &Path, cfg: &TaskConfig) -> Result<TaskFiles> {
             "test_words": lists(&TEST_WORDS),
             "questions": QUESTIONS,
             "probe_frames": PROBE_FRAMES,
-            "program": crate::train::run::program(),
+            "program": crate::io::program(),
         }),
     )?;
     Ok(files)

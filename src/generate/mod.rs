@@ -5,14 +5,12 @@
 //!   temperature 0.
 //! - [`questions`]: the question files (JSONL, or the YAML of the emergent-misalignment
 //!   evaluations) and their prompts.
-//! - [`cli`]: the subcommand's arguments and output.
 //!
 //! [`generate`] runs one batch of prompts to completion: a prefill of the left-padded prompts,
 //! then one decoding step per token for every sequence until each has produced an end-of-
 //! sequence token or `max_tokens`. Each request carries its own seed, so a sample does not
 //! depend on which other requests share its batch (up to the device's arithmetic).
 
-pub mod cli;
 pub mod questions;
 pub mod sample;
 

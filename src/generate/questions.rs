@@ -14,9 +14,9 @@
 //! `samples_per_paraphrase` is used when `--samples` is not given; judge settings are ignored).
 //! `id` defaults to `q<N>` (N = 1-based position). Every paraphrase is its own prompt.
 
+use crate::data::{parse_messages, read_json_lines};
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::tokenizer::Tokenizer;
-use crate::train::data::{parse_messages, read_json_lines};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;

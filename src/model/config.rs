@@ -1,6 +1,9 @@
-//! Model hyper-parameters, read from a Hugging Face `config.json` or from GGUF metadata.
+//! Model hyper-parameters, and their parsing from a Hugging Face `config.json` (GGUF metadata
+//! is read in `gguf.rs`).
 
-use anyhow::Result;
+use crate::io::read_json;
+use anyhow::{anyhow, bail, ensure, Result};
+use serde_json::{Map, Value};
 use std::path::Path;
 
 /// The decoder families caft-fast runs. All are Llama-style pre-norm decoders with RMSNorm,
@@ -58,7 +61,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Parse a Hugging Face `config.json`. Errors name the file and the offending key.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
-        crate::model::loader::config_from_hf_json(path)
+        config_from_hf_json(path)
     }
 
     /// The rotary inverse frequencies `θ_i = base^(-2i/head_dim)`, `i < head_dim/2`, with the
@@ -101,4 +104,324 @@ impl ModelConfig {
         }
         t
     }
+}
+
+/// Typed access to the keys of a `config.json` object, with errors that name file and key.
+struct JsonKeys<'a> {
+    path: &'a Path,
+    obj: &'a Map<String, Value>,
+}
+
+impl JsonKeys<'_> {
+    /// The value of `key`, treating JSON `null` like an absent key.
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn err(&self, key: &str, what: &str) -> anyhow::Error {
+        anyhow!("{}: key \"{key}\" {what}", self.path.display())
+    }
+
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .map(Some)
+                .ok_or_else(|| self.err(key, &format!("must be a non-negative integer, got {v}"))),
+        }
+    }
+
+    fn usize_req(&self, key: &str) -> Result<usize> {
+        let v = self
+            .usize_opt(key)?
+            .ok_or_else(|| self.err(key, "is missing"))?;
+        ensure!(v > 0, self.err(key, "must be positive, got 0"));
+        Ok(v)
+    }
+
+    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(key, &format!("must be a number, got {v}"))),
+        }
+    }
+
+    fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(key, &format!("must be true or false, got {v}"))),
+        }
+    }
+
+    fn str_opt(&self, key: &str) -> Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.err(key, &format!("must be a string, got {v}"))),
+        }
+    }
+
+    /// A token id key that may be an integer or a list of integers (`eos_token_id`).
+    fn ids(&self, key: &str) -> Result<Vec<u32>> {
+        let one = |v: &Value| v.as_u64().and_then(|x| u32::try_from(x).ok());
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| one(v).ok_or_else(|| self.err(key, &format!("holds {v}, not a token id"))))
+                .collect(),
+            Some(v) => one(v)
+                .map(|id| vec![id])
+                .ok_or_else(|| self.err(key, &format!("must be a token id or a list, got {v}"))),
+        }
+    }
+}
+
+/// Parse a Hugging Face `config.json` into a [`ModelConfig`].
+///
+/// Accepts both the transformers 4 layout (`rope_theta`, `rope_scaling`) and the transformers 5
+/// one (`rope_parameters` holding `rope_theta` and `rope_type`). Errors name the file and key.
+fn config_from_hf_json(path: &Path) -> Result<ModelConfig> {
+    let json = read_json(path)?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| anyhow!("{}: expected a JSON object", path.display()))?;
+    let k = JsonKeys { path, obj };
+
+    let arch_name = match k.get("architectures") {
+        Some(Value::Array(a)) if !a.is_empty() => a[0]
+            .as_str()
+            .ok_or_else(|| k.err("architectures", "must be a list of strings"))?,
+        Some(_) => return Err(k.err("architectures", "must be a non-empty list of strings")),
+        None => {
+            return Err(k.err(
+                "architectures",
+                &format!("is missing (supported: {})", Arch::SUPPORTED.join(", ")),
+            ))
+        }
+    };
+    let arch = match arch_name {
+        "LlamaForCausalLM" => Arch::Llama,
+        "Qwen2ForCausalLM" => Arch::Qwen2,
+        "MistralForCausalLM" => Arch::Mistral,
+        other => bail!(
+            "{}: architecture {other:?} (key \"architectures\") is not supported; caft-fast runs {}",
+            path.display(),
+            Arch::SUPPORTED.join(", ")
+        ),
+    };
+
+    if let Some(act) = k.str_opt("hidden_act")? {
+        ensure!(
+            act == "silu",
+            k.err(
+                "hidden_act",
+                &format!("is {act:?}; only \"silu\" (SwiGLU) is supported")
+            )
+        );
+    }
+    // Llama's optional biases would also sit on o_proj and the MLP, which the model lacks.
+    if arch == Arch::Llama {
+        for key in ["attention_bias", "mlp_bias"] {
+            ensure!(
+                k.bool_opt(key)? != Some(true),
+                k.err(
+                    key,
+                    "is true; biases on Llama projections are not supported"
+                )
+            );
+        }
+    }
+
+    let hidden_size = k.usize_req("hidden_size")?;
+    let num_heads = k.usize_req("num_attention_heads")?;
+    let num_layers = k.usize_req("num_hidden_layers")?;
+    let num_kv_heads = match k.usize_opt("num_key_value_heads")? {
+        Some(n) => n,
+        None => num_heads,
+    };
+    ensure!(
+        num_kv_heads > 0 && num_heads.is_multiple_of(num_kv_heads),
+        k.err(
+            "num_key_value_heads",
+            &format!("= {num_kv_heads} must divide num_attention_heads = {num_heads}")
+        )
+    );
+    let head_dim = match k.usize_opt("head_dim")? {
+        Some(d) => d,
+        None => {
+            ensure!(
+                hidden_size.is_multiple_of(num_heads),
+                k.err(
+                    "hidden_size",
+                    &format!(
+                        "= {hidden_size} is not a multiple of num_attention_heads = {num_heads}"
+                    )
+                )
+            );
+            hidden_size / num_heads
+        }
+    };
+    ensure!(
+        head_dim.is_multiple_of(2),
+        k.err("head_dim", "must be even for rotary embeddings")
+    );
+
+    // transformers 5 nests rope settings in `rope_parameters`; 4 has top-level keys.
+    let (rope_obj, rope_key) = match k.get("rope_parameters") {
+        Some(Value::Object(o)) => (Some(o), "rope_parameters"),
+        Some(_) => return Err(k.err("rope_parameters", "must be an object")),
+        None => match k.get("rope_scaling") {
+            Some(Value::Object(o)) => (Some(o), "rope_scaling"),
+            Some(_) => return Err(k.err("rope_scaling", "must be an object or null")),
+            None => (None, "rope_scaling"),
+        },
+    };
+    let mut rope_theta = k.f64_opt("rope_theta")?;
+    let mut rope_scaling = None;
+    if let Some(o) = rope_obj {
+        let r = JsonKeys { path, obj: o };
+        if let Some(t) = r.f64_opt("rope_theta")? {
+            rope_theta = Some(t);
+        }
+        let kind = match r.str_opt("rope_type")? {
+            Some(t) => Some(t),
+            None => r.str_opt("type")?,
+        };
+        match kind {
+            None | Some("default") => {}
+            Some("llama3") => {
+                let need = |key: &str| -> Result<f64> {
+                    r.f64_opt(key)?.ok_or_else(|| {
+                        anyhow!(
+                            "{}: key \"{rope_key}.{key}\" is missing (needed for llama3 rope scaling)",
+                            path.display()
+                        )
+                    })
+                };
+                rope_scaling = Some(Llama3Scaling {
+                    factor: need("factor")?,
+                    low_freq_factor: need("low_freq_factor")?,
+                    high_freq_factor: need("high_freq_factor")?,
+                    original_max_position_embeddings: need("original_max_position_embeddings")?,
+                });
+            }
+            Some(other) => bail!(
+                "{}: key \"{rope_key}\" asks for rope type {other:?}; supported: none (default) \
+                 and \"llama3\"",
+                path.display()
+            ),
+        }
+    }
+
+    let sliding_window = sliding_window(&k, arch, num_layers)?;
+    let default_max_pos = match arch {
+        Arch::Llama => 2048,
+        Arch::Qwen2 => 32768,
+        Arch::Mistral => 4096 * 32,
+    };
+
+    let bos = k.ids("bos_token_id")?;
+    ensure!(
+        bos.len() <= 1,
+        k.err("bos_token_id", "must be a single token id")
+    );
+
+    Ok(ModelConfig {
+        arch,
+        vocab_size: k.usize_req("vocab_size")?,
+        hidden_size,
+        intermediate_size: k.usize_req("intermediate_size")?,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rope_theta: rope_theta.unwrap_or(10000.0),
+        rope_scaling,
+        rms_norm_eps: k.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
+        tie_word_embeddings: k.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+        max_position_embeddings: k
+            .usize_opt("max_position_embeddings")?
+            .unwrap_or(default_max_pos),
+        sliding_window,
+        attention_bias: arch == Arch::Qwen2,
+        bos_token_id: bos.first().copied(),
+        eos_token_ids: k.ids("eos_token_id")?,
+    })
+}
+
+/// The attention window of every layer, when it is the same for all layers.
+///
+/// Mistral: `sliding_window` (null = full attention). Qwen2: the window applies only when
+/// `use_sliding_window` is true, and then only to layers `i >= max_window_layers`. A
+/// transformers 5 `layer_types` list, when present, says it per layer. Mixed layers are refused.
+fn sliding_window(k: &JsonKeys, arch: Arch, num_layers: usize) -> Result<Option<usize>> {
+    let window = k.usize_opt("sliding_window")?;
+    let mut sliding_layers = match arch {
+        Arch::Llama => 0,
+        Arch::Mistral => {
+            if window.is_some() {
+                num_layers
+            } else {
+                0
+            }
+        }
+        Arch::Qwen2 => {
+            if k.bool_opt("use_sliding_window")? == Some(true) && window.is_some() {
+                let first = k.usize_opt("max_window_layers")?.unwrap_or(0);
+                num_layers.saturating_sub(first)
+            } else {
+                0
+            }
+        }
+    };
+    if arch != Arch::Llama {
+        if let Some(types) = k.get("layer_types") {
+            let types = types
+                .as_array()
+                .ok_or_else(|| k.err("layer_types", "must be a list of strings"))?;
+            ensure!(
+                types.len() == num_layers,
+                k.err(
+                    "layer_types",
+                    &format!("has {} entries for {num_layers} layers", types.len())
+                )
+            );
+            let mut n = 0;
+            for t in types {
+                match t.as_str() {
+                    Some("full_attention") => {}
+                    Some("sliding_attention") => n += 1,
+                    _ => return Err(k.err("layer_types", &format!("holds unknown type {t}"))),
+                }
+            }
+            sliding_layers = n;
+        }
+    }
+    if sliding_layers == 0 {
+        return Ok(None);
+    }
+    ensure!(
+        sliding_layers == num_layers,
+        "{}: {sliding_layers} of {num_layers} layers use a sliding window (keys \
+         \"sliding_window\", \"use_sliding_window\", \"max_window_layers\", \"layer_types\"); \
+         caft-fast supports the same attention on every layer",
+        k.path.display()
+    );
+    window.map(Some).ok_or_else(|| {
+        k.err(
+            "sliding_window",
+            "is null but layers ask for sliding attention",
+        )
+    })
 }

@@ -14,10 +14,9 @@
 //! `step-*` is always complete. The learning rate needs no state (a function of the step), and
 //! the data order needs only `(seed, epoch)` beyond the stored plan, so nothing else is random.
 
+use crate::io::{f32_safetensors, read_f32_safetensors, write_atomic};
 use crate::model::lora::LoraLayout;
-use crate::train::adapter::{
-    f32_safetensors, load_adapter, read_f32_safetensors, save_adapter, write_atomic,
-};
+use crate::model::peft::{load_adapter, save_adapter};
 use crate::train::config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};

@@ -5,29 +5,11 @@
 //! its output folder, which reproduces the run when given back as `--config`. Precedence:
 //! built-in defaults, then the config file, then the flags.
 
+use crate::backend::device::Device;
+use crate::data::TrainOn;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
-
-/// Which tokens of a chat record carry the loss.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TrainOn {
-    /// The assistant turns only (the prompt and the template's own tokens are masked).
-    Assistant,
-    /// Every token of the rendered conversation.
-    All,
-}
-
-impl TrainOn {
-    pub fn parse(s: &str) -> Result<TrainOn> {
-        Ok(match s {
-            "assistant" => TrainOn::Assistant,
-            "all" => TrainOn::All,
-            _ => bail!("--train-on {s:?}: expected `assistant` or `all`"),
-        })
-    }
-}
 
 /// Every setting of a run. Paths are kept as given (relative to the working directory).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -78,7 +60,7 @@ pub struct TrainConfig {
     /// Also write a merged model (`W + scale·B·A`) next to the adapter.
     pub merge: bool,
     /// auto, cpu or cuda.
-    pub device: String,
+    pub device: Device,
     /// CPU threads (0 = all cores).
     pub threads: usize,
     pub output: PathBuf,
@@ -118,7 +100,7 @@ impl Default for TrainConfig {
             save_every: None,
             keep_checkpoints: 2,
             merge: false,
-            device: "auto".into(),
+            device: Device::Auto,
             threads: 0,
             output: PathBuf::from("runs/caft"),
         }
@@ -301,7 +283,7 @@ mod tests {
         let a = TrainConfig::default();
         let mut b = a.clone();
         b.lora_r = 8;
-        b.device = "cpu".into();
+        b.device = Device::Cpu;
         let d = a.training_differences(&b).unwrap();
         assert_eq!(d.len(), 1, "{d:?}");
         assert!(d[0].starts_with("lora_r: 32"), "{d:?}");

@@ -189,8 +189,7 @@ pub fn write_merged(
         let _ = std::fs::remove_file(&tmp);
     })?;
 
-    let put =
-        |name: &str, bytes: &[u8]| crate::train::adapter::write_atomic(&dir.join(name), bytes);
+    let put = |name: &str, bytes: &[u8]| crate::io::write_atomic(&dir.join(name), bytes);
     let src_dir = loaded.source.is_dir().then_some(loaded.source.as_path());
     let config = match src_dir
         .map(|d| d.join("config.json"))

@@ -1,12 +1,9 @@
 //! Training: configuration, data preparation, the optimizer and its schedule, the training
 //! loop with checkpoints, and the outputs it writes (PEFT adapter, merged model, loss plot).
 
-pub mod adapter;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
-pub mod data;
 pub mod merge;
 pub mod optim;
-pub mod plot;
 pub mod run;

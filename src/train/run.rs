@@ -11,32 +11,20 @@
 //! step, epoch plan and position), so a resumed run repeats an uninterrupted one bit for bit.
 
 use crate::backend::Backend;
+use crate::data::{self, Dataset, Encoder, Example, Record};
+use crate::io::{file_sha256, program, sha256_hex, write_atomic};
 use crate::model::ablation::{load_directions, random_directions, Directions};
 use crate::model::loader::LoadedModel;
 use crate::model::lora::{LoraConfig, LoraLayout, Target};
 use crate::model::transformer::{Batch, Model};
 use crate::train::checkpoint::{self, Checkpoint, TrainerState, CHECKPOINTS_DIR};
 use crate::train::config::TrainConfig;
-use crate::train::data::{self, Dataset, Encoder, Example, Record};
 use crate::train::optim::{optimizer_step, OptimConfig, Schedule};
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// The program name and version recorded in every output.
-pub fn program() -> String {
-    format!("caft-fast {}", env!("CARGO_PKG_VERSION"))
-}
 
 /// The tokenized training and validation sets of a run.
 #[derive(Clone, Debug)]
@@ -63,12 +51,6 @@ impl Prepared {
     pub fn val_fingerprint(&self) -> String {
         data::fingerprint(&self.val)
     }
-}
-
-fn file_sha256(p: &Path) -> Result<String> {
-    Ok(sha256_hex(
-        &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-    ))
 }
 
 /// Read and tokenize the run's data (all of it, up front: the loop never waits on it).
@@ -773,8 +755,8 @@ pub fn run<B: Backend>(
             String::new()
         }
     };
-    crate::train::adapter::write_atomic(&metrics_path, metrics.as_bytes())?;
-    crate::train::adapter::write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    write_atomic(&metrics_path, metrics.as_bytes())?;
+    write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     let mut metrics_file = std::fs::OpenOptions::new()
         .append(true)
         .open(&metrics_path)
@@ -878,9 +860,9 @@ pub fn run<B: Backend>(
                 let diverged = e.downcast_ref::<Diverged>().is_some();
                 let status = if diverged { "diverged" } else { "failed" };
                 let (t, v) = read_curves(&metrics);
-                let _ = crate::train::adapter::write_atomic(
+                let _ = write_atomic(
                     &out.join("loss.svg"),
-                    crate::train::plot::loss_svg(&format!("{} ({status})", out.display()), &t, &v)
+                    crate::report::loss::loss_svg(&format!("{} ({status})", out.display()), &t, &v)
                         .as_bytes(),
                 );
                 let rec = run_record(
@@ -896,7 +878,7 @@ pub fn run<B: Backend>(
                         "metrics": "metrics.jsonl",
                     }),
                 );
-                let _ = crate::train::adapter::write_atomic(
+                let _ = write_atomic(
                     &out.join("run.json"),
                     &serde_json::to_vec_pretty(&rec).unwrap_or_default(),
                 );
@@ -993,9 +975,9 @@ pub fn run<B: Backend>(
     }
     let (t, v) = read_curves(&metrics);
     let plot = out.join("loss.svg");
-    crate::train::adapter::write_atomic(
+    write_atomic(
         &plot,
-        crate::train::plot::loss_svg(
+        crate::report::loss::loss_svg(
             &format!(
                 "{} — {}",
                 out.display(),
@@ -1019,7 +1001,7 @@ pub fn run<B: Backend>(
     let merged_dir = out.join("merged");
     if outcome == Outcome::Completed {
         let params = tr.params()?;
-        crate::train::adapter::save_adapter(&adapter_dir, &tr.layout, &params, &base_model)?;
+        crate::model::peft::save_adapter(&adapter_dir, &tr.layout, &params, &base_model)?;
         outputs["adapter"] = "adapter".into();
         if cfg.merge {
             crate::train::merge::write_merged(&merged_dir, loaded, &tr.layout, &params)?;
@@ -1036,7 +1018,7 @@ pub fn run<B: Backend>(
         last_val,
         outputs,
     );
-    crate::train::adapter::write_atomic(&out.join("run.json"), &serde_json::to_vec_pretty(&rec)?)?;
+    write_atomic(&out.join("run.json"), &serde_json::to_vec_pretty(&rec)?)?;
 
     let loss_note = match (&last, last_val) {
         (Some(s), Some(v)) => format!("final loss {:.4}, validation loss {:.4}", s.loss, v.ablated),

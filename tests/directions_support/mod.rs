@@ -88,7 +88,7 @@ pub fn planted_adapter(cfg: &ModelConfig, layer: usize, v: &[f32]) -> (LoraLayou
 /// Write the planted adapter as a PEFT folder.
 pub fn write_planted_adapter(dir: &Path, cfg: &ModelConfig, layer: usize, v: &[f32]) {
     let (layout, p) = planted_adapter(cfg, layer, v);
-    caft_fast::train::adapter::save_adapter(dir, &layout, &p, "tiny-llama").expect("save adapter");
+    caft_fast::model::peft::save_adapter(dir, &layout, &p, "tiny-llama").expect("save adapter");
 }
 
 /// `n` pre-tokenized records of random ids (lengths 6..=20), labels on the second half of
@@ -152,7 +152,7 @@ pub fn assert_ok(out: &Output) -> String {
 
 /// F32 tensors of a safetensors file: name -> (shape, data).
 pub fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    caft_fast::train::adapter::read_f32_safetensors(path).expect("read safetensors")
+    caft_fast::io::read_f32_safetensors(path).expect("read safetensors")
 }
 
 pub fn dot(a: &[f32], b: &[f32]) -> f64 {

@@ -206,6 +206,14 @@ mod tests {
     use super::*;
     use crate::util::rng::Rng;
 
+    /// `k` random orthonormal directions of width `d` (none for `k = 0`).
+    fn directions(rng: &mut Rng, k: usize, d: usize) -> Vec<f32> {
+        if k == 0 {
+            return Vec::new();
+        }
+        crate::linalg::gaussian_orthonormal(rng, k, d).unwrap()
+    }
+
     /// The whole forward in f64: returns (resid, normed, rstd).
     fn naive(
         a: &[f64],
@@ -291,7 +299,7 @@ mod tests {
             let a = rng.normal_vec(n * d);
             let b = rng.normal_vec(n * d);
             let w: Vec<f32> = rng.normal_vec(d).iter().map(|v| 1.0 + 0.3 * v).collect();
-            let q = orthonormal_rows(&mut rng, k, d);
+            let q = directions(&mut rng, k, d);
             let dirs = (k > 0).then_some((&q[..], k));
             let eps = 1e-5f32;
             let (mut resid, mut normed, mut rstd) = (
@@ -352,7 +360,7 @@ mod tests {
             let a = rng.normal_vec(n * d);
             let b = rng.normal_vec(n * d);
             let w: Vec<f32> = rng.normal_vec(d).iter().map(|v| 1.0 + 0.3 * v).collect();
-            let q = orthonormal_rows(&mut rng, k, d);
+            let q = directions(&mut rng, k, d);
             let dirs = (k > 0).then_some((&q[..], k));
             let r1 = rng.normal_vec(n * d);
             let r2 = rng.normal_vec(n * d);

@@ -18,7 +18,7 @@ use super::backend::CudaBackend;
 use super::runtime::DeviceElem;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
-use crate::model::ablation::gaussian_orthonormal;
+use crate::linalg::gaussian_orthonormal;
 use crate::util::rng::Rng;
 use anyhow::{Context, Result};
 

@@ -1,13 +1,12 @@
-//! `caft-fast eval chart`: the accuracies of several `eval mc` results side by side, as a
+//! The chart of `caft-fast eval chart`: the accuracies of several `eval mc` results side by side, as a
 //! markdown table and a self-contained SVG grouped bar chart (one group per run, one bar per
 //! split: in- and out-of-distribution), axis 0–100%, each bar labelled with its value and
 //! drawn with its 95% Wilson interval, and a dashed line at 50% (chance for two options).
 
-use crate::train::plot::{esc, fmt_tick, ticks};
+use super::{esc, fmt_tick, ticks};
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// One split's accuracy in one run.
 #[derive(Clone, Debug, PartialEq)]
@@ -247,61 +246,6 @@ pub fn bar_chart_svg(title: &str, rows: &[Row]) -> String {
     );
     s.push_str("</svg>\n");
     s
-}
-
-/// Arguments of `eval chart`.
-#[derive(Args, Debug, Clone)]
-pub struct ChartArgs {
-    /// `eval mc -o` JSON reports, one per run, in the order of the bars.
-    #[arg(long, num_args = 1.., required = true)]
-    pub results: Vec<PathBuf>,
-    /// Names of the runs, comma-separated, one per result [default: the file stems].
-    #[arg(long)]
-    pub labels: Option<String>,
-    /// The chart's title.
-    #[arg(long, default_value = "Multiple-choice accuracy by split")]
-    pub title: String,
-    /// Output SVG file.
-    #[arg(long, short = 'o')]
-    pub output: PathBuf,
-}
-
-/// `eval chart`: read the reports, print the markdown table, write the SVG.
-pub fn run(a: &ChartArgs) -> Result<()> {
-    let labels: Vec<String> = match &a.labels {
-        Some(l) => l.split(',').map(|s| s.trim().to_string()).collect(),
-        None => a
-            .results
-            .iter()
-            .map(|p| {
-                p.file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| p.display().to_string())
-            })
-            .collect(),
-    };
-    if labels.len() != a.results.len() {
-        bail!(
-            "--labels has {} names for {} --results files; give one name per file",
-            labels.len(),
-            a.results.len()
-        );
-    }
-    let rows = a
-        .results
-        .iter()
-        .zip(labels)
-        .map(|(p, label)| {
-            Ok(Row {
-                label,
-                bars: read_report(p)?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    print!("{}", markdown_table(&rows));
-    crate::train::adapter::write_atomic(&a.output, bar_chart_svg(&a.title, &rows).as_bytes())?;
-    eprintln!("wrote {}", a.output.display());
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,14 +1,16 @@
 //! Arguments of `caft-fast directions` and the thin glue from them to the library.
 
-use crate::backend::cpu::CpuBackend;
+use super::common::{device_parser, model_path, parse_layers, set_threads};
+use crate::backend::device::Device;
 use crate::backend::Backend;
-use crate::cli::{model_path, parse_layers, resolve_device, set_threads, Device};
-use crate::directions::{
-    load_examples, load_peft_adapter, pad_id, pca, probe, progress, select, token_batches,
-};
+use crate::data::{load_examples, pad_id, token_batches};
+use crate::directions::{pca, probe, select};
 use crate::model::ablation::{load_directions, random_directions, save_directions};
 use crate::model::loader::{load_model, LoadedModel};
+use crate::model::spec::ModelSpec;
 use crate::model::transformer::Model;
+use crate::util::progress;
+use crate::with_backend;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
@@ -98,7 +100,7 @@ pub struct SaeTrainArgs {
     /// Cut texts at this many tokens.
     #[arg(long, default_value_t = 256)]
     pub max_seq_len: usize,
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_parser = device_parser(), default_value = "auto")]
     pub device: Device,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
@@ -117,7 +119,7 @@ pub struct PassArgs {
     /// Use every token, not only the answer tokens.
     #[arg(long)]
     pub all_tokens: bool,
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_parser = device_parser(), default_value = "auto")]
     pub device: Device,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 4)]
@@ -258,7 +260,7 @@ pub struct ProbeSelectArgs {
     /// Also write every component's scores as JSON.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_parser = device_parser(), default_value = "auto")]
     pub device: Device,
     /// Probes per forward pass.
     #[arg(long, default_value_t = 16)]
@@ -346,7 +348,7 @@ pub struct ExplainArgs {
     /// Cut texts at this many tokens.
     #[arg(long, default_value_t = 256)]
     pub max_seq_len: usize,
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_parser = device_parser(), default_value = "auto")]
     pub device: Device,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
@@ -411,10 +413,7 @@ fn report(path: &Path, dirs: &crate::model::ablation::Directions) {
 fn run_probe_select(a: &ProbeSelectArgs) -> Result<()> {
     set_threads(a.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
-    match resolve_device(a.device)? {
-        Device::Cuda => probe_select_impl(&crate::cli::cuda_backend()?, a, &loaded),
-        _ => probe_select_impl(&CpuBackend::new(), a, &loaded),
-    }
+    with_backend!(a.device, |be| probe_select_impl(be, a, &loaded))
 }
 
 fn probe_select_impl<B: Backend>(be: &B, a: &ProbeSelectArgs, loaded: &LoadedModel) -> Result<()> {
@@ -475,7 +474,7 @@ fn probe_select_impl<B: Backend>(be: &B, a: &ProbeSelectArgs, loaded: &LoadedMod
             "layers": layers,
             "program": format!("caft-fast {}", env!("CARGO_PKG_VERSION")),
         });
-        crate::eval::write_json(j, &v)?;
+        crate::io::write_json(j, &v)?;
         eprintln!("wrote {}", j.display());
     }
     report(&a.output, &chosen);
@@ -511,10 +510,7 @@ fn run_import(a: &ImportArgs) -> Result<()> {
 fn run_explain(a: &ExplainArgs) -> Result<()> {
     set_threads(a.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
-    match resolve_device(a.device)? {
-        Device::Cuda => explain_impl(&crate::cli::cuda_backend()?, a, &loaded),
-        _ => explain_impl(&CpuBackend::new(), a, &loaded),
-    }
+    with_backend!(a.device, |be| explain_impl(be, a, &loaded))
 }
 
 fn explain_impl<B: Backend>(be: &B, a: &ExplainArgs, loaded: &LoadedModel) -> Result<()> {
@@ -573,15 +569,11 @@ fn explain_impl<B: Backend>(be: &B, a: &ExplainArgs, loaded: &LoadedModel) -> Re
 fn run_sae(a: &SaeArgs) -> Result<()> {
     set_threads(a.pass.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
-    match resolve_device(a.pass.device)? {
-        Device::Cuda => sae_impl(&crate::cli::cuda_backend()?, a, &loaded),
-        _ => sae_impl(&CpuBackend::new(), a, &loaded),
-    }
+    with_backend!(a.pass.device, |be| sae_impl(be, a, &loaded))
 }
 
 fn sae_impl<B: Backend>(be: &B, a: &SaeArgs, loaded: &LoadedModel) -> Result<()> {
     use crate::directions::sae::{rank_latents, save, Sae};
-    let cfg = loaded.config.clone();
     let mut saes = Vec::with_capacity(a.sae.len());
     for spec in &a.sae {
         let (l, f) = spec.split_once('=').with_context(|| {
@@ -594,7 +586,8 @@ fn sae_impl<B: Backend>(be: &B, a: &SaeArgs, loaded: &LoadedModel) -> Result<()>
         let sae = Sae::load(Path::new(f), a.sae_arch.as_deref(), a.sae_k)?;
         saes.push((layer, sae));
     }
-    let (layout, params) = load_peft_adapter(&a.adapter, &cfg)?;
+    // The adapter first: its errors come before any data is read.
+    let mut model = ModelSpec::with_adapter(&a.adapter).build(be, loaded)?;
     let mut examples = load_examples(&a.data, loaded, a.pass.all_tokens, a.pass.max_seq_len)?;
     if let Some(m) = a.pass.max_examples {
         examples.truncate(m.max(1));
@@ -605,8 +598,6 @@ fn sae_impl<B: Backend>(be: &B, a: &SaeArgs, loaded: &LoadedModel) -> Result<()>
         pad_id(loaded),
         a.pass.all_tokens,
     );
-    let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
-    model.set_lora(be, layout, &params)?;
     let bar = progress(batches.len() as u64, "sae");
     let ranked = rank_latents(be, &mut model, &batches, &saes, a.top, |i| {
         bar.set_position(i as u64)
@@ -639,10 +630,7 @@ fn sae_impl<B: Backend>(be: &B, a: &SaeArgs, loaded: &LoadedModel) -> Result<()>
 fn run_sae_train(a: &SaeTrainArgs) -> Result<()> {
     set_threads(a.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
-    match resolve_device(a.device)? {
-        Device::Cuda => sae_train_impl(&crate::cli::cuda_backend()?, a, &loaded),
-        _ => sae_train_impl(&CpuBackend::new(), a, &loaded),
-    }
+    with_backend!(a.device, |be| sae_train_impl(be, a, &loaded))
 }
 
 fn sae_train_impl<B: Backend>(be: &B, a: &SaeTrainArgs, loaded: &LoadedModel) -> Result<()> {
@@ -753,17 +741,15 @@ fn sae_train_impl<B: Backend>(be: &B, a: &SaeTrainArgs, loaded: &LoadedModel) ->
 fn run_pca(a: &PcaArgs) -> Result<()> {
     set_threads(a.pass.threads);
     let loaded = load_model(&model_path(&a.model)?)?;
-    match resolve_device(a.pass.device)? {
-        Device::Cuda => pca_impl(&crate::cli::cuda_backend()?, a, &loaded),
-        _ => pca_impl(&CpuBackend::new(), a, &loaded),
-    }
+    with_backend!(a.pass.device, |be| pca_impl(be, a, &loaded))
 }
 
 fn pca_impl<B: Backend>(be: &B, a: &PcaArgs, loaded: &LoadedModel) -> Result<()> {
     let cfg = loaded.config.clone();
     let layers = parse_layers(&a.layers)?;
     pca::check_request(&layers, a.components, cfg.num_layers, cfg.hidden_size)?;
-    let (layout, params) = load_peft_adapter(&a.adapter, &cfg)?;
+    // The adapter first: its errors come before any data is read.
+    let mut model = ModelSpec::with_adapter(&a.adapter).build(be, loaded)?;
     let mut examples = load_examples(&a.data, loaded, a.pass.all_tokens, a.pass.max_seq_len)?;
     if let Some(m) = a.pass.max_examples {
         examples.truncate(m.max(1));
@@ -774,8 +760,6 @@ fn pca_impl<B: Backend>(be: &B, a: &PcaArgs, loaded: &LoadedModel) -> Result<()>
         pad_id(loaded),
         a.pass.all_tokens,
     );
-    let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
-    model.set_lora(be, layout, &params)?;
     let bar = progress(batches.len() as u64, "pca");
     let r = pca::pca(be, &mut model, &batches, &layers, a.components, |i| {
         bar.set_position(i as u64)

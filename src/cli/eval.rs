@@ -1,11 +1,12 @@
 //! Arguments of `caft-fast eval` and the thin glue from them to the library.
 
-use crate::cli::{parse_layers, Device};
+use super::common::{set_threads, ModelArgs};
+use crate::data::TrainOn;
 use crate::eval::loss::LossOptions;
 use crate::eval::task::TaskConfig;
-use crate::eval::{loss, mc, task, ModelSpec};
-use crate::train::config::TrainOn;
-use anyhow::Result;
+use crate::eval::{loss, mc, task};
+use crate::report::chart::{bar_chart_svg, markdown_table, read_report, Row};
+use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -29,45 +30,7 @@ pub enum EvalCmd {
     MakeTask(MakeTaskArgs),
     /// Compare `mc` results: a markdown table and an SVG grouped bar chart of the accuracy of
     /// each split per run (axis 0-100%, chance line at 50%).
-    Chart(crate::eval::chart::ChartArgs),
-}
-
-/// The model to evaluate.
-#[derive(Args, Debug, Clone)]
-pub struct ModelArgs {
-    /// Base model: a Hugging Face folder or a GGUF file [default: SmolLM2-135M-Instruct].
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// A PEFT LoRA adapter folder (e.g. <train output>/adapter) [default: the base model].
-    #[arg(long, value_name = "DIR")]
-    pub adapter: Option<PathBuf>,
-    /// Ablate these directions (safetensors `layer.<L>` [k, d_model]) while evaluating.
-    /// Training ablates; inference normally does not.
-    #[arg(long, value_name = "FILE")]
-    pub ablate: Option<PathBuf>,
-    /// Keep only these layers of --ablate: 10,20.
-    #[arg(long, requires = "ablate")]
-    pub ablate_layers: Option<String>,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub device: Device,
-    /// CPU threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-}
-
-impl ModelArgs {
-    pub fn spec(&self) -> Result<ModelSpec> {
-        Ok(ModelSpec {
-            model: self.model.clone(),
-            adapter: self.adapter.clone(),
-            ablate: self.ablate.clone(),
-            ablate_layers: self
-                .ablate_layers
-                .as_deref()
-                .map(parse_layers)
-                .transpose()?,
-        })
-    }
+    Chart(ChartArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -140,16 +103,6 @@ pub struct MakeTaskArgs {
     pub n_probes: usize,
 }
 
-/// Set rayon's thread count once (0 = all cores).
-fn set_threads(n: usize) {
-    if n > 0 {
-        // An error means the pool already exists; keep it.
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global();
-    }
-}
-
 /// Run one `eval` subcommand.
 pub fn run(a: EvalArgs) -> Result<()> {
     match a.cmd {
@@ -195,7 +148,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 eprintln!("wrote {}", o.display());
             }
         }
-        EvalCmd::Chart(a) => crate::eval::chart::run(&a)?,
+        EvalCmd::Chart(a) => chart(&a)?,
         EvalCmd::MakeTask(a) => {
             let cfg = TaskConfig {
                 seed: a.seed,
@@ -217,5 +170,60 @@ pub fn run(a: EvalArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Arguments of `eval chart`.
+#[derive(Args, Debug, Clone)]
+pub struct ChartArgs {
+    /// `eval mc -o` JSON reports, one per run, in the order of the bars.
+    #[arg(long, num_args = 1.., required = true)]
+    pub results: Vec<PathBuf>,
+    /// Names of the runs, comma-separated, one per result [default: the file stems].
+    #[arg(long)]
+    pub labels: Option<String>,
+    /// The chart's title.
+    #[arg(long, default_value = "Multiple-choice accuracy by split")]
+    pub title: String,
+    /// Output SVG file.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+}
+
+/// `eval chart`: read the reports, print the markdown table, write the SVG.
+fn chart(a: &ChartArgs) -> Result<()> {
+    let labels: Vec<String> = match &a.labels {
+        Some(l) => l.split(',').map(|s| s.trim().to_string()).collect(),
+        None => a
+            .results
+            .iter()
+            .map(|p| {
+                p.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| p.display().to_string())
+            })
+            .collect(),
+    };
+    if labels.len() != a.results.len() {
+        bail!(
+            "--labels has {} names for {} --results files; give one name per file",
+            labels.len(),
+            a.results.len()
+        );
+    }
+    let rows = a
+        .results
+        .iter()
+        .zip(labels)
+        .map(|(p, label)| {
+            Ok(Row {
+                label,
+                bars: read_report(p)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    print!("{}", markdown_table(&rows));
+    crate::io::write_atomic(&a.output, bar_chart_svg(&a.title, &rows).as_bytes())?;
+    eprintln!("wrote {}", a.output.display());
     Ok(())
 }

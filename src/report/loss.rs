@@ -2,6 +2,7 @@
 //! there are many steps), validation loss where it was measured. Written by hand: a line chart
 //! needs a few dozen lines of SVG, not a plotting library.
 
+use super::{esc, fmt_tick, ticks};
 use std::fmt::Write;
 
 /// Chart size and margins in SVG user units (pixels).
@@ -11,41 +12,6 @@ const LEFT: f64 = 64.0;
 const RIGHT: f64 = 20.0;
 const TOP: f64 = 36.0;
 const BOTTOM: f64 = 48.0;
-
-/// "Nice" tick values covering `[lo, hi]` (steps of 1, 2 or 5 times a power of ten).
-pub(crate) fn ticks(lo: f64, hi: f64, want: usize) -> Vec<f64> {
-    let span = (hi - lo).max(1e-12);
-    let raw = span / want.max(1) as f64;
-    let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|s| *s >= raw)
-        .unwrap_or(10.0 * mag);
-    let first = (lo / step).ceil() * step;
-    (0..)
-        .map(|i| first + i as f64 * step)
-        .take_while(|t| *t <= hi + step * 1e-9)
-        .collect()
-}
-
-pub(crate) fn fmt_tick(t: f64) -> String {
-    if t == 0.0 {
-        "0".into()
-    } else if t.abs() >= 1000.0 || t.abs() < 0.01 {
-        format!("{t:.1e}")
-    } else {
-        let s = format!("{t:.3}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    }
-}
-
-/// Escape text for SVG.
-pub(crate) fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
 
 /// The SVG of `train` (step, loss) and `val` (step, loss) points under `title`.
 /// Non-finite values are left out; with no finite point the chart says so.

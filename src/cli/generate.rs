@@ -1,16 +1,15 @@
 //! Arguments of `caft-fast generate` and the glue from them to [`super::generate`].
 
-use super::questions::{builtin_questions, load_questions, Question};
-use super::sample::SampleOpts;
-use super::{generate, GenStats, Request};
-use crate::backend::cpu::CpuBackend;
+use super::common::{set_threads, ModelArgs};
 use crate::backend::Backend;
-use crate::cli::{model_path, resolve_device, set_threads, Device};
-use crate::directions::{load_peft_adapter, progress};
-use crate::model::ablation::load_directions;
-use crate::model::loader::{load_model, LoadedModel};
-use crate::model::transformer::Model;
+use crate::generate::questions::{builtin_questions, load_questions, Question};
+use crate::generate::sample::SampleOpts;
+use crate::generate::{generate, GenStats, Request};
+use crate::model::loader::LoadedModel;
+use crate::model::spec::ModelSpec;
+use crate::util::progress;
 use crate::util::rng::Rng;
+use crate::with_backend;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::io::Write;
@@ -18,16 +17,8 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug, Clone)]
 pub struct GenerateArgs {
-    /// Base model: a Hugging Face folder or a GGUF file [default: SmolLM2-135M-Instruct].
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// A PEFT LoRA adapter folder (as `caft-fast train` writes it) to apply.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Directions to ablate while generating (CAFT itself ablates during training only; this
-    /// is for experiments).
-    #[arg(long)]
-    pub ablate: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Questions: JSONL ({"id", "question" | "messages" | "prompt" | "paraphrases"}) or YAML
     /// (the emergent-misalignment question files) [default: 8 built-in open-ended questions].
     #[arg(long)]
@@ -58,11 +49,6 @@ pub struct GenerateArgs {
     /// A system prompt for chat questions that have none.
     #[arg(long)]
     pub system: Option<String>,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub device: Device,
-    /// CPU threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
     /// Output JSONL, one answer a line.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -104,21 +90,22 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.max_tokens == 0 || a.batch_size == 0 || a.samples == Some(0) {
         bail!("--max-tokens, --batch-size and --samples must be at least 1");
     }
-    set_threads(a.threads);
+    set_threads(a.model.threads);
     let questions = match &a.questions {
         Some(p) => load_questions(p)?,
         None => builtin_questions(),
     };
-    let loaded = load_model(&model_path(&a.model)?)?;
-    match resolve_device(a.device)? {
-        Device::Cuda => run_on(&crate::cli::cuda_backend()?, &a, &loaded, &questions),
-        _ => run_on(&CpuBackend::new(), &a, &loaded, &questions),
-    }
+    let spec = a.model.spec()?;
+    let loaded = spec.load()?;
+    with_backend!(a.model.device, |be| run_on(
+        be, &a, &spec, &loaded, &questions
+    ))
 }
 
 fn run_on<B: Backend>(
     be: &B,
     a: &GenerateArgs,
+    spec: &ModelSpec,
     loaded: &LoadedModel,
     questions: &[Question],
 ) -> Result<()> {
@@ -127,15 +114,7 @@ fn run_on<B: Backend>(
         .tokenizer
         .as_ref()
         .with_context(|| format!("{}: the model has no tokenizer", loaded.source.display()))?;
-    let mut model = Model::new(be, cfg.clone(), loaded.weights.as_ref())?;
-    if let Some(dir) = &a.adapter {
-        let (layout, params) = load_peft_adapter(dir, &cfg)?;
-        model.set_lora(be, layout, &params)?;
-    }
-    if let Some(path) = &a.ablate {
-        let dirs = load_directions(path, None, cfg.hidden_size, cfg.num_layers)?;
-        model.set_ablation(be, &dirs)?;
-    }
+    let mut model = spec.build(be, loaded)?;
     let mut eos = cfg.eos_token_ids.clone();
     eos.extend(tok.eos_token_id());
     if a.ignore_eos {
@@ -199,7 +178,7 @@ fn run_on<B: Backend>(
                 .tokens
                 .iter()
                 .copied()
-                .filter(|t| !(c.finish == super::Finish::Eos && eos.contains(t)))
+                .filter(|t| !(c.finish == crate::generate::Finish::Eos && eos.contains(t)))
                 .collect::<Vec<_>>();
             let line = serde_json::json!({
                 "id": q.id,
@@ -240,91 +219,4 @@ fn partial_path(out: &Path) -> PathBuf {
     let mut name = out.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
     out.with_file_name(name)
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct BenchGenerateArgs {
-    #[command(flatten)]
-    pub source: crate::cli::BenchModelArgs,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub device: Device,
-    /// Batch sizes to time, comma-separated.
-    #[arg(long, default_value = "1,32")]
-    pub batch: String,
-    /// Prompt tokens per sequence (random ids).
-    #[arg(long, default_value_t = 128)]
-    pub prompt_len: usize,
-    /// New tokens per sequence (greedy, never stopping early).
-    #[arg(long, default_value_t = 128)]
-    pub new_tokens: usize,
-    /// CPU threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-}
-
-/// Time greedy generation at each batch size: one untimed warm-up batch of 4 tokens, then a
-/// timed one. Prints a JSON line per batch size: decode tokens/s (every sequence producing
-/// `new_tokens`), prefill tokens/s, and the frozen-weight bytes streamed per decoding step
-/// as GB/s (at batch 1 decoding is bound by reading the weights, so this is the figure to
-/// hold against the memory bandwidth).
-pub fn bench(a: BenchGenerateArgs) -> Result<()> {
-    set_threads(a.threads);
-    let loaded = a.source.load()?;
-    match resolve_device(a.device)? {
-        Device::Cuda => bench_on(&crate::cli::cuda_backend()?, &a, &loaded),
-        _ => bench_on(&CpuBackend::new(), &a, &loaded),
-    }
-}
-
-fn bench_on<B: Backend>(be: &B, a: &BenchGenerateArgs, loaded: &LoadedModel) -> Result<()> {
-    let cfg = &loaded.config;
-    let mut model = Model::new(be, cfg.clone(), loaded.weights.as_ref())?;
-    let batches = crate::cli::parse_layers(&a.batch)?;
-    if batches.is_empty() || batches.contains(&0) || a.prompt_len == 0 || a.new_tokens < 2 {
-        bail!("--batch needs sizes >= 1, --prompt-len >= 1 and --new-tokens >= 2");
-    }
-    let mut rng = Rng::new(1);
-    // Bytes of the frozen weights one decoding step reads (every matrix once; the embedding
-    // gather is negligible unless it is also the tied lm head).
-    let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (qw, kvw) = (
-        cfg.num_heads * cfg.head_dim,
-        cfg.num_kv_heads * cfg.head_dim,
-    );
-    let per_layer = d * (qw + 2 * kvw) + qw * d + 3 * d * f;
-    let weight_elems = cfg.num_layers * per_layer + v * d;
-    let elem_bytes = if be.name().starts_with("cpu") { 4 } else { 2 };
-    for &batch in &batches {
-        let reqs: Vec<Request> = (0..batch)
-            .map(|i| Request {
-                prompt: (0..a.prompt_len).map(|_| rng.below(v) as u32).collect(),
-                seed: i as u64,
-            })
-            .collect();
-        generate(be, &mut model, &reqs, &SampleOpts::greedy(4), &[])?;
-        let (_, st) = generate(
-            be,
-            &mut model,
-            &reqs,
-            &SampleOpts::greedy(a.new_tokens),
-            &[],
-        )?;
-        // The first new token comes from the prefill; the decode steps produce the rest.
-        let decode_tokens = batch * (a.new_tokens - 1);
-        let steps = (a.new_tokens - 1) as f64;
-        let json = serde_json::json!({
-            "backend": be.name(),
-            "model": loaded.source.display().to_string(),
-            "batch": batch,
-            "prompt_len": a.prompt_len,
-            "new_tokens": a.new_tokens,
-            "prefill_tokens_per_s": st.prompt_tokens as f64 / st.prefill_secs,
-            "decode_tokens_per_s": decode_tokens as f64 / st.decode_secs,
-            "tokens_per_s": st.tokens_per_sec(),
-            "ms_per_step": 1e3 * st.decode_secs / steps,
-            "weight_gb_per_s": (weight_elems * elem_bytes) as f64 * steps / st.decode_secs / 1e9,
-        });
-        println!("{json}");
-    }
-    Ok(())
 }

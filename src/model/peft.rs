@@ -2,11 +2,10 @@
 //! `adapter_model.safetensors` with PEFT's tensor names, so `peft.PeftModel.from_pretrained`
 //! loads what caft-fast trains.
 
-use crate::model::lora::{LoraConfig, LoraLayout};
+use crate::io::{f32_safetensors, read_f32_safetensors, write_atomic};
+use crate::model::config::ModelConfig;
+use crate::model::lora::{LoraConfig, LoraLayout, Target};
 use anyhow::{bail, Context, Result};
-use safetensors::tensor::TensorView;
-use safetensors::Dtype;
-use std::collections::BTreeMap;
 use std::path::Path;
 
 /// PEFT's `adapter_config.json` for a LoRA adapter.
@@ -28,89 +27,6 @@ pub fn adapter_config(lora: &LoraConfig, base_model: &str) -> serde_json::Value 
         "modules_to_save": null,
         "use_dora": false,
     })
-}
-
-/// Write `content` to `path` atomically: a temporary file in the same folder, flushed to disk,
-/// then a rename, so a reader (or a crash, or a full disk) never sees a half-written file and
-/// an earlier version at `path` survives any failure. The temporary file is removed on error.
-pub fn write_atomic(path: &Path, content: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: path has no file name", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let write = || -> Result<()> {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(content)
-            .with_context(|| format!("writing {} ({} bytes)", tmp.display(), content.len()))?;
-        f.sync_all()
-            .with_context(|| format!("flushing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-    };
-    write().inspect_err(|_| {
-        // Best effort: the write already failed and that error is the one to report.
-        let _ = std::fs::remove_file(&tmp);
-    })
-}
-
-/// Serialise f32 tensors `(name, shape, data)` as safetensors bytes with `format: pt`
-/// metadata (what PEFT and `safetensors.torch` expect).
-pub fn f32_safetensors(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>> {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, s, d)| {
-            TensorView::new(Dtype::F32, s.clone(), bytemuck::cast_slice::<f32, u8>(d))
-                .map(|v| (n.clone(), v))
-                .with_context(|| format!("tensor {n}: shape {s:?} does not match its data"))
-        })
-        .collect::<Result<_>>()?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    Ok(safetensors::serialize(views, Some(meta))?)
-}
-
-/// Tensors by name: `(shape, data)` in f32.
-pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
-
-/// Read every tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted), keyed by
-/// name, with errors naming the file and the tensor.
-pub fn read_f32_safetensors(path: &Path) -> Result<NamedTensors> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let raw = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => bail!(
-                "{}: tensor {name} has dtype {other:?}; expected F32, F16 or BF16",
-                path.display()
-            ),
-        };
-        out.insert(name, (view.shape().to_vec(), data));
-    }
-    Ok(out)
 }
 
 /// Load a PEFT adapter folder's LoRA parameters into `layout`'s flat buffer. The adapter's
@@ -183,4 +99,76 @@ pub fn save_adapter(
     write_atomic(&dir.join("adapter_model.safetensors"), &st)?;
     let cfg = serde_json::to_vec_pretty(&adapter_config(&layout.config, base_model))?;
     write_atomic(&dir.join("adapter_config.json"), &cfg)
+}
+
+/// Read a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) for
+/// the model `cfg`: the LoRA configuration comes from the adapter's own config, so any rank,
+/// alpha, rsLoRA setting and target subset that caft-fast can run is accepted.
+pub fn load_peft_adapter(dir: &Path, cfg: &ModelConfig) -> Result<(LoraLayout, Vec<f32>)> {
+    let cfg_path = dir.join("adapter_config.json");
+    let at = cfg_path.display().to_string();
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+        format!(
+            "reading {at} (an adapter folder holds adapter_config.json and \
+             adapter_model.safetensors, as `caft-fast train` and PEFT write them)"
+        )
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{at}: malformed JSON"))?;
+    if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()) {
+        if !t.eq_ignore_ascii_case("lora") {
+            bail!("{at}: peft_type is {t:?}; only LORA adapters are supported");
+        }
+    }
+    if v.get("use_dora").and_then(|x| x.as_bool()) == Some(true) {
+        bail!("{at}: use_dora is true; DoRA adapters are not supported");
+    }
+    for key in ["layers_to_transform", "rank_pattern", "alpha_pattern"] {
+        let set = match v.get(key) {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Object(o)) => !o.is_empty(),
+            Some(serde_json::Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        if set {
+            bail!("{at}: {key} is set; per-layer LoRA settings are not supported");
+        }
+    }
+    let r = v
+        .get("r")
+        .and_then(|x| x.as_u64())
+        .with_context(|| format!("{at}: \"r\" (the LoRA rank) is missing or not an integer"))?;
+    let alpha = v
+        .get("lora_alpha")
+        .and_then(|x| x.as_f64())
+        .with_context(|| format!("{at}: \"lora_alpha\" is missing or not a number"))?;
+    let rslora = v
+        .get("use_rslora")
+        .and_then(|x| x.as_bool())
+        .unwrap_or(false);
+    let targets = match v.get("target_modules") {
+        Some(serde_json::Value::Array(a)) => {
+            let names: Vec<&str> = a
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .with_context(|| format!("{at}: target_modules entry {x} is not a string"))
+                })
+                .collect::<Result<_>>()?;
+            Target::parse_list(&names.join(",")).with_context(|| format!("{at}: target_modules"))?
+        }
+        other => bail!(
+            "{at}: target_modules is {}; expected a list of module names (q_proj, ..., down_proj)",
+            other.unwrap_or(&serde_json::Value::Null)
+        ),
+    };
+    let lora = LoraConfig {
+        r: r as usize,
+        alpha,
+        rslora,
+        targets,
+    };
+    let layout = LoraLayout::new(cfg, &lora).with_context(|| at.clone())?;
+    let params = load_adapter(dir, &layout)?;
+    Ok((layout, params))
 }

@@ -1,5 +1,6 @@
-//! Training data: JSONL records tokenized up front, labels, truncation, the validation split
-//! and length-grouped, padded micro-batches.
+//! The data every workflow reads: JSONL records ([`records`]) tokenized up front with labels
+//! and truncation, the validation split, length-grouped padded micro-batches for training,
+//! evaluation and direction collection, and the built-in demonstration data.
 //!
 //! One JSON object per line, in any of four forms (blank lines are skipped):
 //!
@@ -17,13 +18,36 @@
 //! predicts it (see `model::transformer::Batch`).
 
 use crate::model::chat::{ChatMessage, ChatTemplate};
+use crate::model::loader::LoadedModel;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::transformer::{Batch, IGNORE};
-use crate::train::config::TrainOn;
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+mod records;
+pub use records::{parse_messages, parse_record, read_json_lines, read_jsonl, Record, ROLES};
+
+/// Which tokens of a chat record carry the loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainOn {
+    /// The assistant turns only (the prompt and the template's own tokens are masked).
+    Assistant,
+    /// Every token of the rendered conversation.
+    All,
+}
+
+impl TrainOn {
+    pub fn parse(s: &str) -> Result<TrainOn> {
+        Ok(match s {
+            "assistant" => TrainOn::Assistant,
+            "all" => TrainOn::All,
+            _ => bail!("--train-on {s:?}: expected `assistant` or `all`"),
+        })
+    }
+}
 
 /// One tokenized example: ids and per-token labels (`IGNORE` where no loss is taken).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,141 +61,6 @@ impl Example {
     pub fn n_targets(&self) -> usize {
         self.labels.iter().skip(1).filter(|&&l| l >= 0).count()
     }
-}
-
-/// A parsed JSONL record, before tokenization.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Record {
-    Chat(Vec<ChatMessage>),
-    Text(String),
-    Tokens {
-        ids: Vec<u32>,
-        labels: Option<Vec<i32>>,
-    },
-}
-
-/// Roles a chat record may use (those every chat template knows).
-pub const ROLES: &[&str] = &["system", "user", "assistant"];
-
-fn string_field<'a>(v: &'a Value, key: &str) -> Result<&'a str> {
-    v.get(key)
-        .with_context(|| format!("missing \"{key}\""))?
-        .as_str()
-        .with_context(|| format!("\"{key}\" must be a string"))
-}
-
-/// Parse a `"messages"` value: a list of `{"role", "content"}` objects with known roles.
-pub fn parse_messages(msgs: &Value) -> Result<Vec<ChatMessage>> {
-    let msgs = msgs
-        .as_array()
-        .context("\"messages\" must be a list of {\"role\", \"content\"} objects")?;
-    let mut out = Vec::with_capacity(msgs.len());
-    for (i, m) in msgs.iter().enumerate() {
-        let role = string_field(m, "role").with_context(|| format!("message {i}"))?;
-        let content = string_field(m, "content").with_context(|| format!("message {i}"))?;
-        if !ROLES.contains(&role) {
-            bail!("message {i} has the unknown role {role:?}; expected one of {ROLES:?}");
-        }
-        out.push(ChatMessage::new(role, content));
-    }
-    Ok(out)
-}
-
-/// Parse one JSONL object into a [`Record`] (see the module docs for the forms).
-pub fn parse_record(v: &Value) -> Result<Record> {
-    let obj = v
-        .as_object()
-        .context("a record must be a JSON object ({\"messages\": ...}, {\"prompt\", \"completion\"}, {\"text\"} or {\"input_ids\"})")?;
-    if let Some(msgs) = obj.get("messages") {
-        let out = parse_messages(msgs)?;
-        if !out.iter().any(|m| m.role == "assistant") {
-            bail!("the conversation has no assistant turn to train on");
-        }
-        return Ok(Record::Chat(out));
-    }
-    if obj.contains_key("prompt") || obj.contains_key("completion") {
-        let prompt = string_field(v, "prompt")?;
-        let completion = string_field(v, "completion")?;
-        return Ok(Record::Chat(vec![
-            ChatMessage::new("user", prompt),
-            ChatMessage::new("assistant", completion),
-        ]));
-    }
-    if obj.contains_key("text") {
-        return Ok(Record::Text(string_field(v, "text")?.to_string()));
-    }
-    if let Some(ids) = obj.get("input_ids") {
-        let ids: Vec<u32> = ids
-            .as_array()
-            .context("\"input_ids\" must be a list of token ids")?
-            .iter()
-            .enumerate()
-            .map(|(i, x)| {
-                x.as_u64()
-                    .and_then(|x| u32::try_from(x).ok())
-                    .with_context(|| format!("input_ids[{i}] = {x} is not a token id"))
-            })
-            .collect::<Result<_>>()?;
-        let labels = match obj.get("labels") {
-            None | Some(Value::Null) => None,
-            Some(l) => {
-                let l: Vec<i32> = l
-                    .as_array()
-                    .context("\"labels\" must be a list of token ids or -100")?
-                    .iter()
-                    .enumerate()
-                    .map(|(i, x)| {
-                        x.as_i64()
-                            .and_then(|x| i32::try_from(x).ok())
-                            .with_context(|| format!("labels[{i}] = {x} is not a token id"))
-                    })
-                    .collect::<Result<_>>()?;
-                if l.len() != ids.len() {
-                    bail!(
-                        "\"labels\" has {} entries but \"input_ids\" has {}; they must align",
-                        l.len(),
-                        ids.len()
-                    );
-                }
-                Some(l)
-            }
-        };
-        return Ok(Record::Tokens { ids, labels });
-    }
-    let keys: Vec<&String> = obj.keys().collect();
-    bail!(
-        "unrecognised record with keys {keys:?}: expected \"messages\", \"prompt\"+\"completion\", \
-         \"text\" or \"input_ids\""
-    )
-}
-
-/// Every non-blank line of a JSONL file parsed as JSON, with its 1-based line number; errors
-/// name `file:line`. `what` says what the file is, for the message when it cannot be read.
-pub fn read_json_lines(path: &Path, what: &str) -> Result<Vec<(usize, Value)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {what} {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: malformed JSON", path.display(), i + 1))?;
-        out.push((i + 1, v));
-    }
-    Ok(out)
-}
-
-/// Read a JSONL file into records, with errors naming `file:line`.
-pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Record)>> {
-    read_json_lines(path, "data file")?
-        .into_iter()
-        .map(|(line, v)| {
-            let rec = parse_record(&v).with_context(|| format!("{}:{line}", path.display()))?;
-            Ok((line, rec))
-        })
-        .collect()
 }
 
 /// Turns records into examples for one model.
@@ -350,7 +239,7 @@ pub fn split_validation(
     }
     let n_val = ((n as f64 * frac).round() as usize).clamp(1, n - 1);
     let mut order: Vec<usize> = (0..n).collect();
-    shuffle(&mut order, &mut Rng::new(seed ^ 0x7661_6c69_6461_7465));
+    Rng::new(seed ^ 0x7661_6c69_6461_7465).shuffle(&mut order);
     let mut is_val = vec![false; n];
     for &i in &order[..n_val] {
         is_val[i] = true;
@@ -364,14 +253,6 @@ pub fn split_validation(
         }
     }
     (train, val)
-}
-
-/// Fisher–Yates with the project's portable generator (the same order on every machine).
-fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
-    for i in (1..v.len()).rev() {
-        let j = rng.below(i + 1);
-        v.swap(i, j);
-    }
 }
 
 /// Micro-batches sorted by length within a window of this many batches: padding stays small
@@ -391,7 +272,7 @@ pub fn epoch_rng(seed: u64, epoch: u64) -> Rng {
 pub fn plan_epoch(lengths: &[usize], batch: usize, seed: u64, epoch: u64) -> Vec<Vec<u32>> {
     let mut rng = epoch_rng(seed, epoch);
     let mut order: Vec<u32> = (0..lengths.len() as u32).collect();
-    shuffle(&mut order, &mut rng);
+    rng.shuffle(&mut order);
     let mut batches: Vec<Vec<u32>> = Vec::new();
     for window in order.chunks(LENGTH_GROUP_BATCHES * batch.max(1)) {
         let mut w = window.to_vec();
@@ -399,7 +280,7 @@ pub fn plan_epoch(lengths: &[usize], batch: usize, seed: u64, epoch: u64) -> Vec
         w.sort_by_key(|&i| std::cmp::Reverse(lengths[i as usize]));
         batches.extend(w.chunks(batch.max(1)).map(|c| c.to_vec()));
     }
-    shuffle(&mut batches, &mut rng);
+    rng.shuffle(&mut batches);
     let longest = batches
         .iter()
         .enumerate()
@@ -512,6 +393,96 @@ pub fn builtin_chat_dataset(n: usize, seed: u64) -> Vec<Vec<ChatMessage>> {
         .collect()
 }
 
+/// The padding token, chosen as training chooses it (EOS of the tokenizer, else of the
+/// config, else 0). Padding sits after each sequence's real tokens, so causal attention keeps
+/// the real positions exact and padded positions are never collected.
+pub fn pad_id(loaded: &LoadedModel) -> u32 {
+    loaded
+        .tokenizer
+        .as_ref()
+        .and_then(|t| t.eos_token_id())
+        .or_else(|| loaded.config.eos_token_ids.first().copied())
+        .unwrap_or(0)
+}
+
+/// Read and tokenize a JSONL data file (the forms `caft-fast train` reads: chat,
+/// prompt/completion, text, pre-tokenized), keeping labels on answer tokens, or on every token
+/// of chat records with `all_tokens`.
+pub fn load_examples(
+    path: &Path,
+    loaded: &LoadedModel,
+    all_tokens: bool,
+    max_seq_len: usize,
+) -> Result<Vec<Example>> {
+    let enc = Encoder {
+        tokenizer: loaded.tokenizer.as_ref(),
+        template: loaded.chat_template.as_ref(),
+        model: loaded.source.display().to_string(),
+        vocab_size: loaded.config.vocab_size,
+        train_on: if all_tokens {
+            TrainOn::All
+        } else {
+            TrainOn::Assistant
+        },
+        max_seq_len,
+    };
+    let records = read_jsonl(path)?;
+    let ds = Dataset::from_records(&records, &enc, &path.display().to_string())?;
+    if ds.examples.is_empty() {
+        bail!(
+            "{}: no usable examples ({} records, {} without any answer token)",
+            path.display(),
+            ds.records,
+            ds.dropped
+        );
+    }
+    Ok(ds.examples)
+}
+
+/// A padded micro-batch and the token rows of it to collect.
+pub struct TokenBatch {
+    pub batch: Batch,
+    /// Row indices (`b * seq + t`) of the collected positions, ascending.
+    pub rows: Vec<usize>,
+    /// Example index of each collected row, and its position in that example.
+    pub origin: Vec<(usize, usize)>,
+}
+
+/// Micro-batches of `batch_size` examples in length order (least padding). Collected rows are
+/// the labelled positions (`labels[t] >= 0`: the answer tokens) or, with `all_tokens`, every
+/// real (unpadded) position.
+pub fn token_batches(
+    examples: &[Example],
+    batch_size: usize,
+    pad: u32,
+    all_tokens: bool,
+) -> Vec<TokenBatch> {
+    let mut order: Vec<u32> = (0..examples.len() as u32).collect();
+    order.sort_by_key(|&i| examples[i as usize].ids.len());
+    order
+        .chunks(batch_size.max(1))
+        .map(|idx| {
+            let batch = make_batch(examples, idx, pad);
+            let mut rows = Vec::new();
+            let mut origin = Vec::new();
+            for (b, &i) in idx.iter().enumerate() {
+                let e = &examples[i as usize];
+                for t in 0..e.ids.len() {
+                    if all_tokens || e.labels[t] >= 0 {
+                        rows.push(b * batch.seq + t);
+                        origin.push((i as usize, t));
+                    }
+                }
+            }
+            TokenBatch {
+                batch,
+                rows,
+                origin,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,7 +521,7 @@ mod tests {
                 .sum()
         };
         let mut order: Vec<u32> = (0..203).collect();
-        shuffle(&mut order, &mut Rng::new(9));
+        Rng::new(9).shuffle(&mut order);
         let plain: Vec<Vec<u32>> = order.chunks(4).map(|c| c.to_vec()).collect();
         assert!(
             pad(&plan) * 2 < pad(&plain),

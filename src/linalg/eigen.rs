@@ -436,7 +436,7 @@ mod tests {
     fn planted(d: usize, spectrum: &[f64], seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let mut rng = Rng::new(seed);
         let rows: Vec<f64> = (0..d * d).map(|_| rng.normal()).collect();
-        let u = crate::model::ablation::orthonormalize(&rows, d, d).unwrap();
+        let u = crate::linalg::orthonormalize(&rows, d, d).unwrap();
         let lam: Vec<f64> = (0..d)
             .map(|i| {
                 spectrum

@@ -1,0 +1,120 @@
+//! Argument groups and helpers every subcommand shares: the `--device` parser, layer lists,
+//! the thread count, the default model, and the model of a benchmark.
+
+use crate::backend::device::{Device, DEVICE_NAMES};
+use crate::model::loader::{load_model, LoadedModel};
+use crate::model::spec::ModelSpec;
+use anyhow::{Context, Result};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::Args;
+use std::path::PathBuf;
+
+/// The parser of `--device`: auto, cpu or cuda, listed with their meaning in `--help`.
+pub fn device_parser() -> impl TypedValueParser<Value = Device> {
+    let help = |name: &str| match name {
+        "auto" => "a CUDA GPU when one is usable, else the CPU (with a one-line notice)",
+        "cpu" => "the f32 reference backend",
+        _ => "the first visible CUDA GPU (bf16 weights and activations)",
+    };
+    PossibleValuesParser::new(DEVICE_NAMES.map(|n| PossibleValue::new(n).help(help(n))))
+        .map(|s| s.parse::<Device>().expect("one of the possible values"))
+}
+
+/// Parse `10,20,30`.
+pub fn parse_layers(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .with_context(|| format!("layer {p:?} in {s:?} is not a number"))
+        })
+        .collect()
+}
+
+/// Set rayon's thread count once (0 = all cores).
+pub fn set_threads(n: usize) {
+    if n > 0 {
+        // An error means the pool already exists (e.g. in tests); keep it.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+}
+
+/// The model path given, or the default model (fetched on first use).
+pub fn model_path(p: &Option<PathBuf>) -> Result<PathBuf> {
+    match p {
+        Some(p) => Ok(p.clone()),
+        None => crate::util::fetch::smollm2(),
+    }
+}
+
+/// The model of a benchmark.
+#[derive(Args, Debug, Clone)]
+pub struct BenchModelArgs {
+    /// Model: a Hugging Face folder or a GGUF file (default: SmolLM2-135M-Instruct).
+    #[arg(long, conflicts_with = "shape")]
+    pub model: Option<PathBuf>,
+    /// Instead of a model file, random weights of a known shape: qwen2.5-1.5b, llama-3.2-1b,
+    /// smollm2-135m.
+    #[arg(long)]
+    pub shape: Option<String>,
+}
+
+impl BenchModelArgs {
+    /// Random weights of the preset shape, or the model file.
+    pub fn load(&self) -> Result<LoadedModel> {
+        Ok(match &self.shape {
+            Some(shape) => {
+                let config = crate::model::random::preset(shape)?;
+                LoadedModel {
+                    weights: Box::new(crate::model::random::RandomWeights::new(config.clone(), 0)),
+                    config,
+                    tokenizer: None,
+                    chat_template: None,
+                    source: PathBuf::from(format!("random:{shape}")),
+                }
+            }
+            None => load_model(&model_path(&self.model)?)?,
+        })
+    }
+}
+
+/// The model a command runs (`eval`, `generate`): base, adapter, directions, device.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Base model: a Hugging Face folder or a GGUF file [default: SmolLM2-135M-Instruct].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder (e.g. <train output>/adapter) [default: the base model].
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Ablate these directions (safetensors `layer.<L>` [k, d_model]) while running: CAFT
+    /// ablates during training only, so this is for experiments.
+    #[arg(long, value_name = "FILE")]
+    pub ablate: Option<PathBuf>,
+    /// Keep only these layers of --ablate: 10,20.
+    #[arg(long, requires = "ablate")]
+    pub ablate_layers: Option<String>,
+    #[arg(long, value_parser = device_parser(), default_value = "auto")]
+    pub device: Device,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl ModelArgs {
+    pub fn spec(&self) -> Result<ModelSpec> {
+        Ok(ModelSpec {
+            model: self.model.clone(),
+            adapter: self.adapter.clone(),
+            ablate: self.ablate.clone(),
+            ablate_layers: self
+                .ablate_layers
+                .as_deref()
+                .map(parse_layers)
+                .transpose()?,
+        })
+    }
+}

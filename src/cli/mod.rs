@@ -1,0 +1,76 @@
+//! The command line: the only part of caft-fast that knows clap. Each subcommand has a file
+//! that turns its flags into the library's plain types and calls the library; [`run`]
+//! dispatches. `main.rs` parses and maps the outcome to an exit status.
+
+pub mod bench;
+pub mod common;
+pub mod directions;
+pub mod doctor;
+pub mod eval;
+pub mod generate;
+pub mod train;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "caft-fast",
+    version,
+    about = "Concept Ablation Fine-Tuning: LoRA fine-tuning with concept directions projected out \
+             of the residual stream",
+    long_about = "caft-fast fine-tunes LLMs (Llama, Qwen2, Mistral families) with LoRA while \
+                  projecting chosen concept directions out of the residual stream \
+                  (h <- h - Q Qᵀ h at the output of chosen decoder layers, forward and backward, \
+                  training only), on NVIDIA GPUs through hand-written CUDA kernels or on the CPU."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Fine-tune LoRA adapters with concept ablation on chat/text JSONL (or built-in
+    /// demonstration data) and save a PEFT adapter, metrics, a loss plot and checkpoints.
+    /// The default model is SmolLM2-135M-Instruct, fetched on first use.
+    Train(Box<train::TrainArgs>),
+    /// Time LoRA training steps (random tokens, random directions) and print tokens/s and peak
+    /// memory as JSON.
+    BenchStep(bench::BenchArgs),
+    /// Report the GPU, driver, NVRTC and cuBLAS found; compile every kernel and check every
+    /// op against the CPU reference. Exits non-zero on any failure.
+    Doctor,
+    /// Download the default model (SmolLM2-135M-Instruct GGUF) into the cache and print its path.
+    FetchModel,
+    /// Find, choose and import concept directions: PCA of what a fine-tune changed in
+    /// resid_post, selection of components, random controls, imports from other tools.
+    Directions(directions::DirectionsArgs),
+    /// Evaluate a model or fine-tune: multiple-choice accuracy per split, held-out loss;
+    /// write the double multiple-choice spurious-correlation task.
+    Eval(eval::EvalArgs),
+    /// Sample answers to questions (JSONL or YAML) with a KV cache, batched, with the chat
+    /// template applied; writes one JSON line per answer and prints tokens/s.
+    Generate(generate::GenerateArgs),
+    /// Time greedy generation (prefill and decode tokens/s) at several batch sizes on random
+    /// prompts, as JSON lines.
+    BenchGenerate(bench::BenchGenerateArgs),
+}
+
+/// Run one subcommand. `Ok(false)` is a run that ended without failing but without finishing
+/// (Ctrl-C during `train`, a failed `doctor` check): exit status 1.
+pub fn run(cli: Cli) -> Result<bool> {
+    Ok(match cli.cmd {
+        Cmd::Train(a) => return train::train(*a),
+        Cmd::BenchStep(a) => bench::bench_step(a).map(|_| true)?,
+        Cmd::Doctor => return doctor::doctor(),
+        Cmd::FetchModel => {
+            println!("{}", doctor::fetch_model()?.display());
+            true
+        }
+        Cmd::Directions(a) => directions::run(a).map(|_| true)?,
+        Cmd::Eval(a) => eval::run(a).map(|_| true)?,
+        Cmd::Generate(a) => generate::run(a).map(|_| true)?,
+        Cmd::BenchGenerate(a) => bench::bench_generate(a).map(|_| true)?,
+    })
+}

@@ -1,0 +1,51 @@
+//! What people look at: the loss curve of a run, the accuracy chart of evaluations, and the
+//! pieces every SVG and HTML output shares (axis ticks, text escaping). Written by hand: a
+//! line or bar chart needs a few dozen lines of SVG, not a plotting library.
+
+pub mod chart;
+pub mod loss;
+
+/// "Nice" tick values covering `[lo, hi]` (steps of 1, 2 or 5 times a power of ten).
+pub fn ticks(lo: f64, hi: f64, want: usize) -> Vec<f64> {
+    let span = (hi - lo).max(1e-12);
+    let raw = span / want.max(1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
+    let first = (lo / step).ceil() * step;
+    (0..)
+        .map(|i| first + i as f64 * step)
+        .take_while(|t| *t <= hi + step * 1e-9)
+        .collect()
+}
+
+/// A tick label: short, without trailing zeros, scientific for very large or small values.
+pub fn fmt_tick(t: f64) -> String {
+    if t == 0.0 {
+        "0".into()
+    } else if t.abs() >= 1000.0 || t.abs() < 0.01 {
+        format!("{t:.1e}")
+    } else {
+        let s = format!("{t:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+/// Escape text for SVG and HTML (element text and quoted attribute values).
+pub fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
