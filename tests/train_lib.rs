@@ -15,7 +15,7 @@ use caft_fast::model::lora::{LoraConfig, LoraLayout, Target};
 use caft_fast::model::peft::{load_adapter, save_adapter};
 use caft_fast::model::transformer::{Batch, Model, IGNORE};
 use caft_fast::train::config::TrainConfig;
-use caft_fast::train::run::{ablation_directions, prepare_data, Trainer};
+use caft_fast::train::trainer::{ablation_directions, prepare_data, Trainer};
 use train_support::*;
 
 /// A small run configuration on the tiny model with pre-tokenized data in `dir`.

@@ -7,3 +7,4 @@ pub mod config;
 pub mod merge;
 pub mod optim;
 pub mod run;
+pub mod trainer;
