@@ -280,7 +280,8 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---- residual + ablation + rmsnorm (the fused op) ---------------------------------------
-    /// The residual stream step of DESIGN.md, "The fused ablation kernel":
+    /// The residual stream step with the concept ablation (docs/architecture.md, "One layer,
+    /// and where the ablation is"):
     /// `s = a (+ b)`; with directions `q: [k, d]` (orthonormal rows) `s <- s - Qᵀ(Q s)` per row;
     /// `resid = s`; `normed = s · rstd · w` with `rstd = 1/sqrt(mean(s²) + eps)` saved per row.
     /// `b = None` is a plain rmsnorm of `a` (the first layer's input).

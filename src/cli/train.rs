@@ -32,7 +32,11 @@ config file (snake_case: lora_r = 32, ablate_layers = [10, 20]). Precedence: def
 Output folder: adapter/ (PEFT: adapter_config.json + adapter_model.safetensors), metrics.jsonl,
 loss.svg, run.json (configuration, data and directions hashes, program version), config.toml,
 checkpoints/step-N/ (adapter, optimizer state, data order, step), merged/ with --merge.
-Ctrl-C saves a checkpoint and exits with status 1; --resume <output> continues bit-identically."
+Ctrl-C saves a checkpoint and exits with status 1; --resume <output> continues bit-identically.
+
+Departures from the paper's code: AdamW keeps f32 moments (the paper ran 8-bit AdamW); every
+activation is kept for the backward (no gradient checkpointing: same gradients, more memory);
+the default model is SmolLM2-135M-Instruct, a 4-bit GGUF dequantised on load."
 )]
 pub struct TrainArgs {
     /// TOML file with any of the options below (flags given here override it).

@@ -1,4 +1,4 @@
-//! `caft-fast generate`: batched sampling with a KV cache (step 4 of the workflow: answers to
+//! `caft-fast generate`: batched sampling with a KV cache (step 4 of the workflow in the README: answers to
 //! out-of-distribution questions, for a judge to score).
 //!
 //! - [`sample`]: temperature and nucleus (top-p) sampling from one row of logits, greedy at

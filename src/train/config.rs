@@ -67,7 +67,7 @@ pub struct TrainConfig {
 }
 
 impl Default for TrainConfig {
-    /// The paper's settings (DESIGN.md, "Reference settings"): LoRA r=32, alpha=64, rsLoRA on
+    /// The paper's settings (README, "Where caft-fast departs from the paper"): LoRA r=32, alpha=64, rsLoRA on
     /// all seven projections, AdamW lr 1e-5, weight decay 0.01, linear schedule with 5 warmup
     /// steps, 1 epoch, batch 2 x accumulation 8, 2048 tokens, seed 0.
     fn default() -> Self {

@@ -1,4 +1,4 @@
-//! The fused residual + ablation + rmsnorm (DESIGN.md, "The fused ablation kernel").
+//! The fused residual + ablation + rmsnorm: the CPU side of `Backend::residual_ablate_norm`.
 //!
 //! Forward, per token row (`d` wide), with directions `Q: [k, d]` (orthonormal rows):
 //!   s = a + b;   c = Q s;   s <- s - Qᵀ c;   resid = s;
