@@ -1,5 +1,5 @@
 //! `caft-fast train`: the flags map one-to-one onto [`TrainConfig`] keys (also read from a
-//! TOML file); the loop is [`crate::train::run::run`].
+//! TOML file); the loop is [`crate::train::run`].
 
 use super::common::{device_parser, model_path, parse_layers, set_threads};
 use crate::backend::device::Device;
@@ -7,7 +7,7 @@ use crate::data::TrainOn;
 use crate::model::loader::load_model;
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
-use crate::train::run::{Outcome, RunOptions};
+use crate::train::{Outcome, RunOptions};
 use crate::with_backend;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -249,8 +249,6 @@ pub fn train(a: TrainArgs) -> Result<bool> {
         overwrite: a.overwrite,
         stop_after: a.stop_after,
     };
-    let outcome = with_backend!(cfg.device, |be| crate::train::run::run(
-        be, &cfg, &loaded, &opts
-    ))?;
+    let outcome = with_backend!(cfg.device, |be| crate::train::run(be, &cfg, &loaded, &opts))?;
     Ok(outcome != Outcome::Interrupted)
 }

@@ -6,5 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod merge;
 pub mod optim;
-pub mod run;
+mod run;
 pub mod trainer;
+
+pub use run::{run, Outcome, RunOptions};
