@@ -3,7 +3,7 @@
 use super::common::{device_parser, model_path, parse_layers, set_threads};
 use crate::backend::device::Device;
 use crate::backend::Backend;
-use crate::data::{load_examples, pad_id, token_batches};
+use crate::data::{load_examples, pad_id, token_batches, Example, TokenBatch};
 use crate::directions::{pca, probe, select};
 use crate::model::ablation::{load_directions, random_directions, save_directions};
 use crate::model::loader::{load_model, LoadedModel};
@@ -133,6 +133,23 @@ pub struct PassArgs {
     /// CPU threads (0 = all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+}
+
+impl PassArgs {
+    /// The examples of `data` (the first `--max-examples`) and their micro-batches.
+    fn batches(
+        &self,
+        data: &Path,
+        loaded: &LoadedModel,
+    ) -> Result<(Vec<Example>, Vec<TokenBatch>)> {
+        let mut examples = load_examples(data, loaded, self.all_tokens, self.max_seq_len)?;
+        if let Some(m) = self.max_examples {
+            examples.truncate(m.max(1));
+        }
+        let pad = pad_id(loaded);
+        let batches = token_batches(&examples, self.batch_size, pad, self.all_tokens);
+        Ok((examples, batches))
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -358,10 +375,20 @@ pub struct ExplainArgs {
     pub threads: usize,
 }
 
+/// Set the thread count, load the model `$a.model` names and run `$f(be, &$a, &loaded)` on
+/// `$device`: the start of every subcommand that runs the model.
+macro_rules! on_model {
+    ($a:ident, $threads:expr, $device:expr, $f:ident) => {{
+        set_threads($threads);
+        let loaded = load_model(&model_path(&$a.model)?)?;
+        with_backend!($device, |be| $f(be, &$a, &loaded))
+    }};
+}
+
 /// Run one `directions` subcommand.
 pub fn run(a: DirectionsArgs) -> Result<()> {
     match a.cmd {
-        DirectionsCmd::Pca(a) => run_pca(&a),
+        DirectionsCmd::Pca(a) => on_model!(a, a.pass.threads, a.pass.device, pca_impl),
         DirectionsCmd::Select(a) => {
             let picks = a
                 .pick
@@ -373,7 +400,7 @@ pub fn run(a: DirectionsArgs) -> Result<()> {
             report(&a.output, &dirs);
             Ok(())
         }
-        DirectionsCmd::ProbeSelect(a) => run_probe_select(&a),
+        DirectionsCmd::ProbeSelect(a) => on_model!(a, a.threads, a.device, probe_select_impl),
         DirectionsCmd::Random(a) => {
             let loaded = load_model(&model_path(&a.model)?)?;
             let layers = parse_layers(&a.layers)?;
@@ -390,9 +417,9 @@ pub fn run(a: DirectionsArgs) -> Result<()> {
             Ok(())
         }
         DirectionsCmd::Import(a) => run_import(&a),
-        DirectionsCmd::Explain(a) => run_explain(&a),
-        DirectionsCmd::Sae(a) => run_sae(&a),
-        DirectionsCmd::SaeTrain(a) => run_sae_train(&a),
+        DirectionsCmd::Explain(a) => on_model!(a, a.threads, a.device, explain_impl),
+        DirectionsCmd::Sae(a) => on_model!(a, a.pass.threads, a.pass.device, sae_impl),
+        DirectionsCmd::SaeTrain(a) => on_model!(a, a.threads, a.device, sae_train_impl),
     }
 }
 
@@ -408,12 +435,6 @@ fn report(path: &Path, dirs: &crate::model::ablation::Directions) {
         per.join(", "),
         &dirs.sha256[..12.min(dirs.sha256.len())]
     );
-}
-
-fn run_probe_select(a: &ProbeSelectArgs) -> Result<()> {
-    set_threads(a.threads);
-    let loaded = load_model(&model_path(&a.model)?)?;
-    with_backend!(a.device, |be| probe_select_impl(be, a, &loaded))
 }
 
 fn probe_select_impl<B: Backend>(be: &B, a: &ProbeSelectArgs, loaded: &LoadedModel) -> Result<()> {
@@ -507,12 +528,6 @@ fn run_import(a: &ImportArgs) -> Result<()> {
     Ok(())
 }
 
-fn run_explain(a: &ExplainArgs) -> Result<()> {
-    set_threads(a.threads);
-    let loaded = load_model(&model_path(&a.model)?)?;
-    with_backend!(a.device, |be| explain_impl(be, a, &loaded))
-}
-
 fn explain_impl<B: Backend>(be: &B, a: &ExplainArgs, loaded: &LoadedModel) -> Result<()> {
     use crate::directions::explain;
     let cfg = loaded.config.clone();
@@ -566,12 +581,6 @@ fn explain_impl<B: Backend>(be: &B, a: &ExplainArgs, loaded: &LoadedModel) -> Re
     Ok(())
 }
 
-fn run_sae(a: &SaeArgs) -> Result<()> {
-    set_threads(a.pass.threads);
-    let loaded = load_model(&model_path(&a.model)?)?;
-    with_backend!(a.pass.device, |be| sae_impl(be, a, &loaded))
-}
-
 fn sae_impl<B: Backend>(be: &B, a: &SaeArgs, loaded: &LoadedModel) -> Result<()> {
     use crate::directions::sae::{rank_latents, save, Sae};
     let mut saes = Vec::with_capacity(a.sae.len());
@@ -588,16 +597,7 @@ fn sae_impl<B: Backend>(be: &B, a: &SaeArgs, loaded: &LoadedModel) -> Result<()>
     }
     // The adapter first: its errors come before any data is read.
     let mut model = ModelSpec::with_adapter(&a.adapter).build(be, loaded)?;
-    let mut examples = load_examples(&a.data, loaded, a.pass.all_tokens, a.pass.max_seq_len)?;
-    if let Some(m) = a.pass.max_examples {
-        examples.truncate(m.max(1));
-    }
-    let batches = token_batches(
-        &examples,
-        a.pass.batch_size,
-        pad_id(loaded),
-        a.pass.all_tokens,
-    );
+    let (_, batches) = a.pass.batches(&a.data, loaded)?;
     let bar = progress(batches.len() as u64, "sae");
     let ranked = rank_latents(be, &mut model, &batches, &saes, a.top, |i| {
         bar.set_position(i as u64)
@@ -625,12 +625,6 @@ fn sae_impl<B: Backend>(be: &B, a: &SaeArgs, loaded: &LoadedModel) -> Result<()>
     }
     eprintln!("wrote {}", a.output.display());
     Ok(())
-}
-
-fn run_sae_train(a: &SaeTrainArgs) -> Result<()> {
-    set_threads(a.threads);
-    let loaded = load_model(&model_path(&a.model)?)?;
-    with_backend!(a.device, |be| sae_train_impl(be, a, &loaded))
 }
 
 fn sae_train_impl<B: Backend>(be: &B, a: &SaeTrainArgs, loaded: &LoadedModel) -> Result<()> {
@@ -738,28 +732,13 @@ fn sae_train_impl<B: Backend>(be: &B, a: &SaeTrainArgs, loaded: &LoadedModel) ->
     Ok(())
 }
 
-fn run_pca(a: &PcaArgs) -> Result<()> {
-    set_threads(a.pass.threads);
-    let loaded = load_model(&model_path(&a.model)?)?;
-    with_backend!(a.pass.device, |be| pca_impl(be, a, &loaded))
-}
-
 fn pca_impl<B: Backend>(be: &B, a: &PcaArgs, loaded: &LoadedModel) -> Result<()> {
     let cfg = loaded.config.clone();
     let layers = parse_layers(&a.layers)?;
     pca::check_request(&layers, a.components, cfg.num_layers, cfg.hidden_size)?;
     // The adapter first: its errors come before any data is read.
     let mut model = ModelSpec::with_adapter(&a.adapter).build(be, loaded)?;
-    let mut examples = load_examples(&a.data, loaded, a.pass.all_tokens, a.pass.max_seq_len)?;
-    if let Some(m) = a.pass.max_examples {
-        examples.truncate(m.max(1));
-    }
-    let batches = token_batches(
-        &examples,
-        a.pass.batch_size,
-        pad_id(loaded),
-        a.pass.all_tokens,
-    );
+    let (examples, batches) = a.pass.batches(&a.data, loaded)?;
     let bar = progress(batches.len() as u64, "pca");
     let r = pca::pca(be, &mut model, &batches, &layers, a.components, |i| {
         bar.set_position(i as u64)

@@ -36,51 +36,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Every tensor of a safetensors file as f32 (floats of any width; integer scalars such as
-/// dictionary_learning's `k` converted), keyed by name.
-fn read_tensors(path: &Path) -> Result<crate::io::NamedTensors> {
-    use safetensors::Dtype;
-    let file = path.display().to_string();
-    let bytes = std::fs::read(path).with_context(|| format!("reading SAE file {file}"))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow!("{file}: not a valid safetensors file: {e}"))?;
-    let mut out = crate::io::NamedTensors::new();
-    for (name, view) in st.tensors() {
-        let b = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F64 => b
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
-                .collect(),
-            Dtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::I64 => b
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32)
-                .collect(),
-            Dtype::I32 => b
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
-                .collect(),
-            other => {
-                bail!("{file}: tensor `{name}` has dtype {other:?}, which an SAE does not use")
-            }
-        };
-        out.insert(name, (view.shape().to_vec(), data));
-    }
-    Ok(out)
-}
-
 /// The nonlinearity of an SAE (see the module docs).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Activation {
@@ -113,7 +68,7 @@ impl Sae {
     /// unless the file has it.
     pub fn load(path: &Path, arch: Option<&str>, k: Option<usize>) -> Result<Sae> {
         let file = path.display().to_string();
-        let t = read_tensors(path)?;
+        let t = crate::io::read_f32_safetensors(path)?;
         let get = |name: &str| t.get(name);
         let need = |name: &str| {
             t.get(name).ok_or_else(|| {

@@ -24,31 +24,46 @@ pub fn f32_safetensors(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec
 /// Tensors by name: `(shape, data)` in f32.
 pub type NamedTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
-/// Read every tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted), keyed by
-/// name, with errors naming the file and the tensor.
+/// Read every tensor of a safetensors file as f32, keyed by name: floats of any width (F64,
+/// F32, F16, BF16) and integer tensors (I64, I32, such as an SAE's `k`) converted, with errors
+/// naming the file and the tensor.
 pub fn read_f32_safetensors(path: &Path) -> Result<NamedTensors> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = path.display();
+    let bytes = std::fs::read(path).with_context(|| format!("reading {file}"))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+        .with_context(|| format!("{file}: not a valid safetensors file"))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
-        let raw = view.data();
+        let b = view.data();
+        // Each arm reads fixed-size little-endian chunks; `chunks_exact` guarantees the size.
         let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            Dtype::F64 => b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
                 .collect(),
-            Dtype::F16 => raw
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+            Dtype::F16 => b
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            Dtype::BF16 => raw
+            Dtype::BF16 => b
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
+            Dtype::I64 => b
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                .collect(),
+            Dtype::I32 => b
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f32)
+                .collect(),
             other => bail!(
-                "{}: tensor {name} has dtype {other:?}; expected F32, F16 or BF16",
-                path.display()
+                "{file}: tensor `{name}` has dtype {other:?}; expected a float (F64, F32, F16, \
+                 BF16) or integer (I64, I32) tensor"
             ),
         };
         out.insert(name, (view.shape().to_vec(), data));

@@ -152,19 +152,7 @@ pub fn bar_chart_svg(title: &str, rows: &[Row]) -> String {
             fmt_tick(100.0 * t)
         );
     }
-    let _ = writeln!(
-        s,
-        r##"<polyline points="{left},{top} {left},{:.1} {:.1},{:.1}" fill="none" stroke="#333"/>"##,
-        h - bottom,
-        w - right,
-        h - bottom
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">accuracy</text>"#,
-        (top + h - bottom) / 2.0,
-        (top + h - bottom) / 2.0
-    );
+    super::axes(&mut s, (left, top, w - right, h - bottom), "accuracy");
     let slot = plot_w / rows.len().max(1) as f64;
     let bar_w = 44.0f64.min((slot - 16.0) / names.len().max(1) as f64);
     for (ri, r) in rows.iter().enumerate() {

@@ -85,24 +85,16 @@ pub fn loss_svg(title: &str, train: &[(u64, f64)], val: &[(u64, f64)]) -> String
             fmt_tick(t)
         );
     }
-    let _ = writeln!(
-        s,
-        r##"<polyline points="{LEFT},{TOP} {LEFT},{:.1} {:.1},{:.1}" fill="none" stroke="#333"/>"##,
-        H - BOTTOM,
-        W - RIGHT,
-        H - BOTTOM
+    super::axes(
+        &mut s,
+        (LEFT, TOP, W - RIGHT, H - BOTTOM),
+        "loss (mean cross-entropy per token)",
     );
     let _ = writeln!(
         s,
         r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">optimizer step</text>"#,
         (LEFT + W - RIGHT) / 2.0,
         H - 10.0
-    );
-    let _ = writeln!(
-        s,
-        r#"<text x="16" y="{:.1}" text-anchor="middle" transform="rotate(-90 16 {:.1})">loss (mean cross-entropy per token)</text>"#,
-        (TOP + H - BOTTOM) / 2.0,
-        (TOP + H - BOTTOM) / 2.0
     );
 
     let poly = |pts: &[(f64, f64)]| -> String {

@@ -34,6 +34,22 @@ pub fn fmt_tick(t: f64) -> String {
     }
 }
 
+/// The left and bottom axis lines of the plot area `[left, right] x [top, bottom]` and the
+/// y-axis label, rotated, centred on the axis.
+pub fn axes(s: &mut String, (left, top, right, bottom): (f64, f64, f64, f64), y_label: &str) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        s,
+        r##"<polyline points="{left},{top} {left},{bottom:.1} {right:.1},{bottom:.1}" fill="none" stroke="#333"/>"##
+    );
+    let mid = (top + bottom) / 2.0;
+    let _ = writeln!(
+        s,
+        r#"<text x="16" y="{mid:.1}" text-anchor="middle" transform="rotate(-90 16 {mid:.1})">{}</text>"#,
+        esc(y_label)
+    );
+}
+
 /// Escape text for SVG and HTML (element text and quoted attribute values).
 pub fn esc(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
