@@ -4,7 +4,7 @@
 Loads the base model with transformers (f32, eager attention), applies the adapter with
 peft.PeftModel.from_pretrained, and compares its logits on fixed token ids with
   - caft-fast's own logits (--caft-logits, a JSON {"ids": [[...]], "logits": [[...]]} that
-    tests/train_lib.rs writes when CAFT_DUMP_LOGITS names a file),
+    tests/train/library.rs writes when CAFT_DUMP_LOGITS names a file),
   - the merged model folder `caft-fast train --merge` writes (--merged), loaded without PEFT.
 It also checks that the adapter changes the base model's logits (a zero adapter would pass
 every comparison trivially). With --write-reference it saves the PEFT logits and the ids

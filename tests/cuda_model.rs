@@ -13,11 +13,11 @@
 //! a forward through L layers and a backward that compounds to a few 1e-3 per layer, so the
 //! whole model is held to 5e-2 on logits and states and 1e-1 on LoRA gradients.
 
-mod common;
 #[path = "cuda_emulated/gpu.rs"]
 mod emulated_gpu;
 #[path = "cuda_emulated/harness.rs"]
 mod harness;
+mod support;
 
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::Backend;
@@ -26,7 +26,7 @@ use caft_fast::model::loader::load_model;
 use caft_fast::model::lora::{LoraConfig, LoraLayout, Target};
 use caft_fast::model::transformer::{Batch, Model};
 use caft_fast::train::optim::{optimizer_step, OptimConfig, Schedule};
-use common::*;
+use support::*;
 
 /// The tiny-model and tensor-core tests below (ignored: they need a GPU) on the emulated GPU,
 /// the CPU standing in for the driver and cuBLAS (tests/cuda_emulated/gpu.rs), so they run in
@@ -220,7 +220,7 @@ fn compare(what: &str, got: &Outputs, want: &Outputs, tol_state: f64, tol_grad: 
 
 #[test]
 fn harness_cpu_against_itself() {
-    let dir = fixtures().join("tiny/llama");
+    let dir = tiny_llama();
     let be = CpuBackend::new();
     let a = run(&be, &dir, 2, 16, 2);
     let b = run(&be, &dir, 2, 16, 2);
@@ -237,7 +237,7 @@ mod gpu {
         let gpu = CudaBackend::<T>::new(0).expect("a CUDA GPU");
         let cpu = CpuBackend::new();
         for name in ["llama", "qwen2", "mistral"] {
-            let dir = fixtures().join("tiny").join(name);
+            let dir = tiny_fixture(name);
             // seq 40 crosses attention tile edges and, for Mistral, its window of 8.
             let want = run(&cpu, &dir, 3, 40, 3);
             let got = run(&gpu, &dir, 3, 40, 3);

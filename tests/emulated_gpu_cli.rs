@@ -6,18 +6,16 @@
 //! and the two bench commands of scripts/gpu_check.sh run. On a real GPU those run in
 //! scripts/gpu_check.sh.
 
-mod directions_support;
-mod train_support;
-
 #[path = "cuda_emulated/gpu.rs"]
 mod emulated_gpu;
 #[path = "cuda_emulated/harness.rs"]
 mod harness;
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::OnceLock;
-use train_support::*;
+use support::*;
 
 /// The emulated GPU's folder, or None (after a notice; a failure under CI) where it cannot be
 /// built.
@@ -39,13 +37,11 @@ fn on_gpu(dir: &Path, args: &[&str]) -> Output {
 
 /// [`on_gpu`] with more environment variables (the emulated GPU's settings).
 fn on_gpu_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let out = emulated_gpu::output_with_timeout(
-        emulated_gpu::command_on(dir, env!("CARGO_BIN_EXE_caft-fast"))
+    no_panic(emulated_gpu::output_with_timeout(
+        emulated_gpu::command_on(dir, exe())
             .args(args)
             .envs(env.iter().copied()),
-    );
-    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
-    out
+    ))
 }
 
 /// `caft-fast train --device <device>` of `model` on `data` into `out` with small LoRA settings
@@ -101,7 +97,7 @@ fn train_and_generate_on_the_emulated_gpu() {
         return;
     };
     let model = tiny_chat_model("emu-gpu", true);
-    let dir = scratch("emu-gpu");
+    let dir = TempDir::new("emu-gpu");
     let data = write(&dir.join("d.jsonl"), &chat_records(24));
     let (cpu_out, gpu_out) = (dir.join("cpu"), dir.join("gpu"));
     let extra = [
@@ -119,14 +115,14 @@ fn train_and_generate_on_the_emulated_gpu() {
         "1",
     ];
     let cpu_extra = [&extra[..], &["--threads", "1"]].concat();
-    ok(&train_on(
+    assert_ok(&train_on(
         &gpu,
         "cpu",
         (&model, &data, &cpu_out),
         &cpu_extra,
         &[],
     ));
-    let msg = ok(&train_on(
+    let msg = assert_ok(&train_on(
         &gpu,
         "cuda",
         (&model, &data, &gpu_out),
@@ -168,7 +164,7 @@ fn train_and_generate_on_the_emulated_gpu() {
     );
     let answers = dir.join("answers.jsonl");
     let adapter = gpu_out.join("adapter");
-    let msg = ok(&on_gpu(
+    let msg = assert_ok(&on_gpu(
         &gpu,
         &[
             "generate",
@@ -213,7 +209,7 @@ fn a_full_gpu_says_what_to_lower() {
     let Some(gpu) = gpu_dir("a_full_gpu_says_what_to_lower") else {
         return;
     };
-    let dir = scratch("emu-gpu-oom");
+    let dir = TempDir::new("emu-gpu-oom");
     let data = write(&dir.join("d.jsonl"), &progression_records(6, 1));
     let out = dir.join("run");
     let model = tiny_llama();
@@ -224,7 +220,7 @@ fn a_full_gpu_says_what_to_lower() {
         &["--max-steps", "2"],
         &[("CAFT_EMU_DEVICE_MEM_MIB", "1")],
     );
-    fails(
+    assert_error(
         &o,
         &[
             "ran out of memory",
@@ -256,11 +252,11 @@ fn busy_gpus_elsewhere_on_the_node_do_not_matter() {
         text.contains("gpu 3"),
         "doctor should list the four GPUs:\n{text}"
     );
-    let dir = scratch("emu-gpu-busy");
+    let dir = TempDir::new("emu-gpu-busy");
     let data = write(&dir.join("d.jsonl"), &progression_records(6, 1));
     let out = dir.join("run");
     let extra = ["--max-steps", "1", "--val-split", "0"];
-    let msg = ok(&train_on(
+    let msg = assert_ok(&train_on(
         &gpu,
         "auto",
         (&tiny_llama(), &data, &out),
@@ -286,7 +282,7 @@ fn without_nvrtc_cuda_is_refused_and_auto_falls_back() {
         return;
     }
     assert!(!doctor.status.success(), "doctor without NVRTC must fail");
-    let dir = scratch("emu-gpu-no-nvrtc");
+    let dir = TempDir::new("emu-gpu-no-nvrtc");
     let data = write(&dir.join("d.jsonl"), &progression_records(6, 1));
     let model = tiny_llama();
     let train = |device: &str, out: &Path| {
@@ -294,7 +290,7 @@ fn without_nvrtc_cuda_is_refused_and_auto_falls_back() {
         train_on(&gpu, device, (&model, &data, out), &extra, &only_gpu)
     };
     let refused = dir.join("cuda");
-    fails(
+    assert_error(
         &train("cuda", &refused),
         &["--device cuda", "libnvrtc not found"],
     );
@@ -304,7 +300,7 @@ fn without_nvrtc_cuda_is_refused_and_auto_falls_back() {
         refused.display()
     );
     let auto = dir.join("auto");
-    let msg = ok(&train("auto", &auto));
+    let msg = assert_ok(&train("auto", &auto));
     assert!(
         msg.contains("note: running on the CPU") && msg.contains("libnvrtc"),
         "{msg}"
@@ -362,11 +358,11 @@ fn a_device_fault_keeps_the_last_checkpoint_and_resumes() {
     let Some(gpu) = gpu_dir("a_device_fault_keeps_the_last_checkpoint_and_resumes") else {
         return;
     };
-    let dir = scratch("emu-gpu-fault");
+    let dir = TempDir::new("emu-gpu-fault");
     let data = write(&dir.join("d.jsonl"), &progression_records(30, 3));
     let model = tiny_llama();
     let (full, part) = (dir.join("full"), dir.join("part"));
-    ok(&train_on(
+    assert_ok(&train_on(
         &gpu,
         "cuda",
         (&model, &data, &full),
@@ -375,7 +371,7 @@ fn a_device_fault_keeps_the_last_checkpoint_and_resumes() {
     ));
     let fault = [("CAFT_EMU_FAIL_KERNEL", "adamw_f32:4")];
     let o = train_on(&gpu, "cuda", (&model, &data, &part), &SIX_STEPS, &fault);
-    let err = fails(&o, &["step 4", "step-00000002", "--resume"]);
+    let err = assert_error(&o, &["step 4", "step-00000002", "--resume"]);
     println!("{err}");
     let ck: Vec<String> = std::fs::read_dir(part.join("checkpoints"))
         .unwrap()
@@ -386,7 +382,7 @@ fn a_device_fault_keeps_the_last_checkpoint_and_resumes() {
         serde_json::from_slice(&std::fs::read(part.join("run.json")).unwrap()).unwrap();
     assert_eq!(run["status"], "failed");
     assert!(!part.join("adapter").exists());
-    let msg = ok(&on_gpu(
+    let msg = assert_ok(&on_gpu(
         &gpu,
         &["train", "--device", "cuda", "--resume", s(&part)],
     ));
@@ -394,7 +390,7 @@ fn a_device_fault_keeps_the_last_checkpoint_and_resumes() {
     assert_same_run(&full, &part);
 }
 
-/// On the GPU as on the CPU (tests/train_cli.rs), a run stopped after 3 steps and resumed
+/// On the GPU as on the CPU (tests/train/cli.rs), a run stopped after 3 steps and resumed
 /// ends with the same metrics (losses, grad norms, lr: bit-identical JSON numbers) and the same
 /// adapter and optimizer bytes as an uninterrupted 6-step run: the checkpoint round-trips the
 /// device's LoRA parameters and AdamW moments exactly.
@@ -403,17 +399,17 @@ fn resume_is_bit_identical_on_the_emulated_gpu() {
     let Some(gpu) = gpu_dir("resume_is_bit_identical_on_the_emulated_gpu") else {
         return;
     };
-    let dir = scratch("emu-gpu-resume");
+    let dir = TempDir::new("emu-gpu-resume");
     let data = write(&dir.join("d.jsonl"), &progression_records(30, 3));
     let model = tiny_llama();
     let run = |out: &Path, extra: &[&str]| {
         let all = [&SIX_STEPS[..], &["--eval-every", "2"], extra].concat();
-        ok(&train_on(&gpu, "cuda", (&model, &data, out), &all, &[]))
+        assert_ok(&train_on(&gpu, "cuda", (&model, &data, out), &all, &[]))
     };
     let (full, part) = (dir.join("full"), dir.join("part"));
     run(&full, &[]);
     run(&part, &["--stop-after", "3"]);
-    let msg = ok(&on_gpu(
+    let msg = assert_ok(&on_gpu(
         &gpu,
         &["train", "--device", "cuda", "--resume", s(&part)],
     ));
@@ -427,20 +423,19 @@ fn resume_is_bit_identical_on_the_emulated_gpu() {
 /// and scripts/gpu_generate.sh call report finite losses and positive rates.
 #[test]
 fn directions_eval_and_benches_on_the_emulated_gpu() {
-    use directions_support as ds;
     let Some(gpu) = gpu_dir("directions_eval_and_benches_on_the_emulated_gpu") else {
         return;
     };
-    let tmp = ds::TempDir::new("emu-gpu-dirs");
-    let cfg = ds::tiny_config();
-    let v = ds::unit_vector(cfg.hidden_size, 5);
-    let adapter = tmp.path("adapter");
-    ds::write_planted_adapter(&adapter, &cfg, 1, &v);
-    let data = tmp.path("data.jsonl");
-    ds::write_tokens_jsonl(&data, 20, 3);
-    let pcs = tmp.path("pcs.safetensors");
-    let tiny = ds::tiny_llama();
-    ok(&on_gpu(
+    let tmp = TempDir::new("emu-gpu-dirs");
+    let cfg = tiny_config();
+    let v = unit_vector(cfg.hidden_size, 5);
+    let adapter = tmp.join("adapter");
+    write_planted_adapter(&adapter, &cfg, 1, &v);
+    let data = tmp.join("data.jsonl");
+    write_tokens_jsonl(&data, 20, 3);
+    let pcs = tmp.join("pcs.safetensors");
+    let tiny = tiny_llama();
+    assert_ok(&on_gpu(
         &gpu,
         &[
             "directions",
@@ -463,16 +458,16 @@ fn directions_eval_and_benches_on_the_emulated_gpu() {
             s(&pcs),
         ],
     ));
-    let t = ds::read_tensors(&pcs);
+    let t = read_tensors(&pcs);
     let (shape, q) = &t["layer.1"];
     assert_eq!(shape, &[2, cfg.hidden_size]);
-    let cos = ds::dot(&q[..cfg.hidden_size], &v).abs();
+    let cos = dot(&q[..cfg.hidden_size], &v).abs();
     assert!(cos >= 0.999, "|cos(pc0, planted)| = {cos}");
 
     let model = tiny_chat_model("emu-gpu-eval", true);
-    let dir = scratch("emu-gpu-eval");
+    let dir = TempDir::new("emu-gpu-eval");
     let task = dir.join("task");
-    ok(&on_gpu(
+    assert_ok(&on_gpu(
         &gpu,
         &[
             "eval",
@@ -488,7 +483,7 @@ fn directions_eval_and_benches_on_the_emulated_gpu() {
     let loss_on = |device: &str| {
         let out = dir.join(format!("loss-{device}.json"));
         let train = task.join("train.jsonl");
-        ok(&on_gpu(
+        assert_ok(&on_gpu(
             &gpu,
             &[
                 "eval",
@@ -515,7 +510,7 @@ fn directions_eval_and_benches_on_the_emulated_gpu() {
     );
     let mc = dir.join("mc.json");
     let test = task.join("test.jsonl");
-    ok(&on_gpu(
+    assert_ok(&on_gpu(
         &gpu,
         &[
             "eval",
@@ -535,7 +530,7 @@ fn directions_eval_and_benches_on_the_emulated_gpu() {
     assert_eq!(j["overall"]["n"], 12, "{j}");
 
     let step = dir.join("step.json");
-    ok(&on_gpu(
+    assert_ok(&on_gpu(
         &gpu,
         &[
             "bench-step",
@@ -596,8 +591,8 @@ fn directions_eval_and_benches_on_the_emulated_gpu() {
     );
 }
 
-/// Stdout alone of a successful run (`ok` returns both streams together).
+/// Stdout alone of a successful run (`assert_ok` returns both streams together).
 fn ok_stdout(o: &Output) -> String {
-    ok(o);
+    assert_ok(o);
     stdout(o)
 }

@@ -13,11 +13,11 @@
 //! to 8 mantissa bits; the full forward rounds differently, so the two paths differ by a few
 //! bf16 ulps compounded over three layers).
 
-mod common;
 #[path = "cuda_emulated/gpu.rs"]
 mod emulated_gpu;
 #[path = "cuda_emulated/harness.rs"]
 mod harness;
+mod support;
 
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::Backend;
@@ -26,7 +26,7 @@ use caft_fast::model::loader::load_model;
 use caft_fast::model::lora::{LoraConfig, LoraLayout, Target};
 use caft_fast::model::transformer::{Batch, Model, IGNORE};
 use caft_fast::util::rng::Rng;
-use common::*;
+use support::*;
 
 /// The CUDA tests below (ignored: they need a GPU) on the emulated GPU, the CPU standing in for
 /// the driver and cuBLAS (tests/cuda_emulated/gpu.rs), so they run in CI too.
@@ -47,7 +47,7 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 const MODELS: [&str; 5] = ["llama", "qwen2", "mistral", "llama-3.2-1b", "qwen2.5-1.5b"];
 
 fn test_model<B: Backend>(name: &str, be: &B, rng: &mut Rng) -> Model<B> {
-    let dir = fixtures().join("tiny").join(name);
+    let dir = tiny_fixture(name);
     let loaded = match name {
         "llama-3.2-1b" => shrunk_random_model(name, 4, 2),
         "qwen2.5-1.5b" => shrunk_random_model(name, 2, 1),

@@ -6,12 +6,10 @@
 //! 30 layers of f32 with different summation orders drift by ~1e-6 relative; the 1e-4 bound is
 //! the issue's, with margin for that.
 
-mod common;
-
+use crate::support::*;
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::model::loader::load_model;
 use caft_fast::model::transformer::{Batch, Model};
-use common::*;
 
 #[test]
 fn smollm2_logits_match_transformers() {

@@ -1,14 +1,12 @@
 //! Training a BatchTopK SAE recovers a planted sparse dictionary, and the saved file loads back
 //! as the same BatchTopK SAE.
 
-mod directions_support;
-
+use crate::support::*;
 use caft_fast::directions::sae::{Activation, Sae};
 use caft_fast::directions::sae_train::{
     save, save_jumprelu, train, train_jumprelu, JumpReluConfig, TrainConfig,
 };
 use caft_fast::util::rng::Rng;
-use directions_support::*;
 
 /// `rows` tokens `x = Σ_{j∈S} a_j D_j + b` from `atoms` random unit atoms in width `d`,
 /// |S| = 2 per token, `a_j ~ U(1, 3)`, a shared random offset `b`.
@@ -77,7 +75,7 @@ fn batchtopk_recovers_a_planted_dictionary() {
     assert!(found == atoms, "only {found} of {atoms} atoms recovered");
 
     let tmp = TempDir::new("saetrain");
-    let p = tmp.path("sae.safetensors");
+    let p = tmp.join("sae.safetensors");
     save(&p, &sae, 2).unwrap();
     let back = Sae::load(&p, None, None).unwrap();
     assert_eq!(back.w_dec, sae.w_dec);
@@ -114,9 +112,9 @@ fn batchtopk_recovers_a_planted_dictionary() {
 #[test]
 fn sae_train_then_rank_on_the_tiny_model() {
     let tmp = TempDir::new("saetrain-cli");
-    let corpus = tmp.path("corpus.jsonl");
+    let corpus = tmp.join("corpus.jsonl");
     write_tokens_jsonl(&corpus, 40, 9);
-    let sae_path = tmp.path("sae1.safetensors");
+    let sae_path = tmp.join("sae1.safetensors");
     let m = s(&tiny_llama()).to_string();
     let args = |layer: &str| {
         directions(&[
@@ -143,7 +141,9 @@ fn sae_train_then_rank_on_the_tiny_model() {
             s(&sae_path),
         ])
     };
-    let err = assert_ok(&args("1"));
+    let ran = args("1");
+    assert_ok(&ran);
+    let err = stderr(&ran);
     assert!(err.contains("32 latents, k = 4"), "{err}");
     let sae = Sae::load(&sae_path, None, None).unwrap();
     assert_eq!((sae.d, sae.m), (64, 32));
@@ -157,8 +157,8 @@ fn sae_train_then_rank_on_the_tiny_model() {
     // Measured: 89% unexplained after 1 step, 50% after 200 (random-token activations of a
     // random model are not sparse; the point is that training makes progress).
     assert!(fvu < 75.0, "unexplained variance after 200 steps: {fvu}%");
-    assert_error(&args("4"), "layer 4 does not exist");
-    let jr = tmp.path("jr.safetensors");
+    assert_error(&args("4"), &["layer 4 does not exist"]);
+    let jr = tmp.join("jr.safetensors");
     let train_jr = |arch: &str| {
         directions(&[
             "sae-train",
@@ -184,16 +184,18 @@ fn sae_train_then_rank_on_the_tiny_model() {
             s(&jr),
         ])
     };
-    assert!(assert_ok(&train_jr("jumprelu")).contains("jumprelu, λ = 1"));
+    let jr_out = train_jr("jumprelu");
+    assert_ok(&jr_out);
+    assert!(stderr(&jr_out).contains("jumprelu, λ = 1"));
     let j = Sae::load(&jr, None, None).unwrap();
     assert!(
         matches!(&j.act, Activation::JumpRelu(th) if th.len() == 16 && th.iter().all(|&t| t > 0.0))
     );
-    assert_error(&train_jr("gated"), "expected batchtopk or jumprelu");
+    assert_error(&train_jr("gated"), &["expected batchtopk or jumprelu"]);
 
-    let adapter = tmp.path("adapter");
+    let adapter = tmp.join("adapter");
     write_planted_adapter(&adapter, &tiny_config(), 1, &unit_vector(64, 3));
-    let out = tmp.path("latents.safetensors");
+    let out = tmp.join("latents.safetensors");
     assert_ok(&directions(&[
         "sae",
         "--model",
@@ -246,7 +248,7 @@ fn jumprelu_recovers_a_planted_dictionary() {
     assert!(found >= 22, "only {found} atoms");
 
     let tmp = TempDir::new("jumprelu");
-    let p = tmp.path("sae.safetensors");
+    let p = tmp.join("sae.safetensors");
     save_jumprelu(&p, &sae).unwrap();
     let back = Sae::load(&p, None, None).unwrap();
     assert_eq!(

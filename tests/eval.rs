@@ -2,11 +2,10 @@
 //! held-out loss against a cross-entropy computed by hand from the logits, the data errors,
 //! and the double multiple-choice task generator.
 //!
-//! The model is the tiny Llama fixture with the byte-level chat tokenizer of `train_support`
+//! The model is the tiny Llama fixture with the byte-level chat tokenizer of tests/support
 //! (bytes 0..=253 are ids 0..=253, so tokens can be written down by hand).
 
-mod train_support;
-
+mod support;
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::data::{read_jsonl, Record};
 use caft_fast::eval::loss::{self, LossOptions};
@@ -17,9 +16,8 @@ use caft_fast::model::loader::load_model;
 use caft_fast::model::spec::ModelSpec;
 use caft_fast::model::transformer::{Batch, Model, IGNORE};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use train_support::*;
+use std::path::PathBuf;
+use support::*;
 
 const IM_START_ID: u32 = 254;
 const IM_END_ID: u32 = 255;
@@ -180,7 +178,7 @@ fn mc_predictions_and_scores_match_brute_force() {
         });
         truth.push((ids, z, top));
     }
-    let scratch = scratch("eval-mc-data");
+    let scratch = TempDir::new("eval-mc-data");
     let data = scratch.join("mc.jsonl");
     let text: Vec<String> = items.iter().map(json_line).collect();
     // A blank line in the middle: skipped, and line numbers still count it.
@@ -194,7 +192,7 @@ fn mc_predictions_and_scores_match_brute_force() {
         vec![1, 2, 4, 5, 6, 7]
     );
     let spec = ModelSpec {
-        model: Some(dir.clone()),
+        model: Some(dir.to_path_buf()),
         ..ModelSpec::default()
     };
     for batch_size in [1, 2, 4] {
@@ -278,7 +276,7 @@ fn err_of<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
 /// ending with the user, an empty file: each error names the file and line.
 #[test]
 fn mc_data_errors_name_file_and_line() {
-    let d = scratch("eval-mc-errors");
+    let d = TempDir::new("eval-mc-errors");
     let good = r#"{"prompt": "x", "options": ["a", "b"], "answer": 1}"#;
     let cases: &[(&str, &str)] = &[
         (r#"{"prompt": "x", "options": ["a", "b"]"#, "malformed JSON"),
@@ -358,7 +356,7 @@ fn mc_data_errors_name_file_and_line() {
 fn mc_shared_first_tokens_and_missing_template_are_errors() {
     let dir = tiny_chat_model("eval-mc-shared", true);
     let loaded = load_model(&dir).unwrap();
-    let d = scratch("eval-mc-shared-data");
+    let d = TempDir::new("eval-mc-shared-data");
     let p = d.join("mc.jsonl");
     write(
         &p,
@@ -401,10 +399,10 @@ fn mc_shared_first_tokens_and_missing_template_are_errors() {
 fn eval_loss_equals_cross_entropy_by_hand() {
     let dir = tiny_chat_model("eval-loss", true);
     let loaded = load_model(&dir).unwrap();
-    let d = scratch("eval-loss-data");
+    let d = TempDir::new("eval-loss-data");
     let data = write(&d.join("chat.jsonl"), &chat_records(7));
-    let adapter = repo().join("tests/fixtures/tiny/llama-adapter");
-    let directions = repo().join("tests/fixtures/tiny/llama/directions.safetensors");
+    let adapter = tiny_fixture("llama-adapter");
+    let directions = tiny_llama().join("directions.safetensors");
     let be = CpuBackend::new();
 
     // The examples by hand.
@@ -468,16 +466,16 @@ fn eval_loss_equals_cross_entropy_by_hand() {
     };
     let specs = [
         ModelSpec {
-            model: Some(dir.clone()),
+            model: Some(dir.to_path_buf()),
             ..ModelSpec::default()
         },
         ModelSpec {
-            model: Some(dir.clone()),
+            model: Some(dir.to_path_buf()),
             adapter: Some(adapter.clone()),
             ..ModelSpec::default()
         },
         ModelSpec {
-            model: Some(dir.clone()),
+            model: Some(dir.to_path_buf()),
             adapter: Some(adapter),
             ablate: Some(directions),
             ablate_layers: None,
@@ -671,7 +669,7 @@ fn task_cues_agree_in_train_and_id_and_disagree_in_ood() {
 /// probes.jsonl labelled sentences.
 #[test]
 fn task_files_are_readable_by_train_and_eval() {
-    let d = scratch("eval-task-files");
+    let d = TempDir::new("eval-task-files");
     let cfg = TaskConfig {
         seed: 5,
         n_train: 30,
@@ -725,36 +723,18 @@ fn task_files_are_readable_by_train_and_eval() {
         && ["positive", "negative"].contains(&p["label"].as_str().unwrap())));
 }
 
-fn eval_bin(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_caft-fast"))
-        .arg("eval")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn s_(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// The commands end to end on the tiny chat model: make-task, mc on its test file (the
 /// table and the JSON counts per split), loss on its training file (3 labelled tokens per
 /// record: the letter, `<|im_end|>`, the newline), and a data error exiting with status 2.
 #[test]
 fn eval_commands_end_to_end() {
     let model = tiny_chat_model("eval-cli", true);
-    let d = scratch("eval-cli");
+    let d = TempDir::new("eval-cli");
     let task_dir: PathBuf = d.join("task");
-    ok(&eval_bin(&[
+    assert_ok(&eval(&[
         "make-task",
         "-o",
-        s_(&task_dir),
+        s(&task_dir),
         "--n-train",
         "20",
         "--n-test",
@@ -763,12 +743,12 @@ fn eval_commands_end_to_end() {
         "2",
     ]));
     let res = d.join("out/mc.json");
-    let out = eval_bin(&[
+    let out = eval(&[
         "mc",
         "--data",
-        s_(&task_dir.join("test.jsonl")),
+        s(&task_dir.join("test.jsonl")),
         "--model",
-        s_(&model),
+        s(&model),
         "--device",
         "cpu",
         "--threads",
@@ -776,9 +756,9 @@ fn eval_commands_end_to_end() {
         "--batch-size",
         "3",
         "-o",
-        s_(&res),
+        s(&res),
     ]);
-    let msg = ok(&out);
+    let msg = assert_ok(&out);
     let table = stdout(&out);
     for row in ["id", "ood", "overall"] {
         assert!(
@@ -810,18 +790,18 @@ fn eval_commands_end_to_end() {
         .all(|i| i["option_tokens"] == serde_json::json!([65, 66])));
 
     let lres = d.join("loss.json");
-    let out = eval_bin(&[
+    let out = eval(&[
         "loss",
         "--data",
-        s_(&task_dir.join("train.jsonl")),
+        s(&task_dir.join("train.jsonl")),
         "--model",
-        s_(&model),
+        s(&model),
         "--device",
         "cpu",
         "-o",
-        s_(&lres),
+        s(&lres),
     ]);
-    ok(&out);
+    assert_ok(&out);
     let l: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&lres).unwrap()).unwrap();
     assert_eq!(l["tokens"], 60);
@@ -833,14 +813,14 @@ fn eval_commands_end_to_end() {
         &d.join("bad.jsonl"),
         "{\"prompt\": \"x\", \"options\": [\"a\", \"b\"], \"answer\": 0}\n{\"prompt\": \"x\"}\n",
     );
-    let out = eval_bin(&[
+    let out = eval(&[
         "mc",
         "--data",
-        s_(&bad),
+        s(&bad),
         "--model",
-        s_(&model),
+        s(&model),
         "--device",
         "cpu",
     ]);
-    fails(&out, &[&format!("{}:2", bad.display()), "options"]);
+    assert_error(&out, &[&format!("{}:2", bad.display()), "options"]);
 }

@@ -1,36 +1,29 @@
 //! `caft-fast generate` through the binary, on the tiny Llama fixture with a byte-level chat
-//! tokenizer and ChatML template (`train_support`): the output lines, seeded reproducibility,
+//! tokenizer and ChatML template (tests/support): the output lines, seeded reproducibility,
 //! an adapter changing the answers, and bad input that must leave earlier output intact.
 
-mod train_support;
-
+use crate::support::*;
 use std::path::Path;
-use std::process::{Command, Output};
-use train_support::*;
+use std::process::Output;
 
+/// `caft-fast generate --device cpu --threads 1 --model <model> <args>`.
 fn generate(model: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_caft-fast"))
-        .arg("generate")
-        .args(["--device", "cpu", "--threads", "1", "--model", s(model)])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
-    out
-}
-
-fn lines(p: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(p)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    let head = [
+        "generate",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--model",
+        s(model),
+    ];
+    caft(head.iter().chain(args))
 }
 
 #[test]
 fn answers_are_written_and_reproducible() {
     let model = tiny_chat_model("gen-cli", true);
-    let dir = scratch("gen-cli");
+    let dir = TempDir::new("gen-cli");
     let q = write(
         &dir.join("q.jsonl"),
         "{\"id\": \"count\", \"question\": \"Count from 3.\"}\n{\"id\": \"p\", \"paraphrases\": [\"Hi\", \"Hello there\"]}\n",
@@ -52,9 +45,9 @@ fn answers_are_written_and_reproducible() {
         ];
         args.push(s(&o));
         args.extend_from_slice(extra);
-        let msg = ok(&generate(&model, &args));
+        let msg = assert_ok(&generate(&model, &args));
         assert!(msg.contains("tokens/s"), "{msg}");
-        lines(&o)
+        jsonl(&o)
     };
     let a = run("a.jsonl", "7", &["--batch-size", "4"]);
     assert_eq!(a.len(), 9, "3 prompts x 3 samples");
@@ -84,7 +77,7 @@ fn answers_are_written_and_reproducible() {
     // An adapter trained on the chat records changes what the model says.
     let data = write(&dir.join("chat.jsonl"), &chat_records(12));
     let tr = dir.join("train");
-    ok(&train(&[
+    assert_ok(&train(&[
         "--model",
         s(&model),
         "--data",
@@ -109,11 +102,11 @@ fn answers_are_written_and_reproducible() {
 #[test]
 fn bad_input_leaves_earlier_output_alone() {
     let model = tiny_chat_model("gen-bad", true);
-    let dir = scratch("gen-bad");
+    let dir = TempDir::new("gen-bad");
     let out = dir.join("out.jsonl");
     std::fs::write(&out, "earlier\n").unwrap();
     let q = write(&dir.join("q.jsonl"), "{\"question\": \"Hi\"}\n");
-    fails(
+    assert_error(
         &generate(&model, &["--questions", s(&q), "-o", s(&out)]),
         &["out.jsonl", "--overwrite"],
     );
@@ -121,14 +114,14 @@ fn bad_input_leaves_earlier_output_alone() {
         &dir.join("bad.jsonl"),
         "{\"question\": \"Hi\"}\n{\"question\": 5}\n",
     );
-    fails(
+    assert_error(
         &generate(
             &model,
             &["--questions", s(&bad), "-o", s(&out), "--overwrite"],
         ),
         &["bad.jsonl:2", "string"],
     );
-    fails(
+    assert_error(
         &generate(
             &model,
             &[
@@ -144,7 +137,7 @@ fn bad_input_leaves_earlier_output_alone() {
         &["--top-p"],
     );
     let no_template = tiny_chat_model("gen-bad-nt", false);
-    fails(
+    assert_error(
         &generate(
             &no_template,
             &["--questions", s(&q), "-o", s(&out), "--overwrite"],

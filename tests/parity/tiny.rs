@@ -7,8 +7,7 @@
 //! gradients within 1e-4, the loss within 1e-6 absolute. Both sides compute in f32 with
 //! different summation orders; over 3-4 layers that differs by ~1e-7 relative per op.
 
-mod common;
-
+use crate::support::*;
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::Backend;
 use caft_fast::model::ablation::load_directions;
@@ -16,7 +15,6 @@ use caft_fast::model::loader::load_model;
 use caft_fast::model::lora::{LoraConfig, LoraLayout, Target};
 use caft_fast::model::transformer::{Batch, Model};
 use caft_fast::train::optim::{optimizer_step, OptimConfig, Schedule};
-use common::*;
 use std::collections::BTreeMap;
 
 struct Case {
@@ -28,7 +26,7 @@ struct Case {
 }
 
 fn setup(name: &str) -> Case {
-    let dir = fixtures().join("tiny").join(name);
+    let dir = tiny_fixture(name);
     let fx = read_safetensors(&dir.join("fixture.safetensors"));
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap()).unwrap();
@@ -240,7 +238,7 @@ fn ablated_resid_post_has_no_component_along_directions() {
     let labels = c.fx["labels"].i64();
     let batch = batch_from(&ids, &labels, 2, 16);
     c.model.forward(&c.be, &batch, false).unwrap();
-    let dir = fixtures().join("tiny/llama");
+    let dir = tiny_llama();
     let d = c.model.cfg.hidden_size;
     let dirs = load_directions(&dir.join("directions.safetensors"), None, d, 4).unwrap();
     for set in &dirs.sets {

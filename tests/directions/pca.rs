@@ -2,8 +2,7 @@
 //! recovered, layers before it see no difference, and the streaming covariance + eigensolver
 //! equals an exact SVD of the centred difference matrix on real differences.
 
-mod directions_support;
-
+use crate::support::*;
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::data::token_batches;
 use caft_fast::data::Example;
@@ -13,7 +12,6 @@ use caft_fast::model::loader::load_model;
 use caft_fast::model::peft::load_peft_adapter;
 use caft_fast::model::transformer::Model;
 use caft_fast::util::rng::Rng;
-use directions_support::*;
 
 /// Random examples, labels on the second half of each.
 fn examples(n: usize, seed: u64) -> Vec<Example> {
@@ -46,7 +44,7 @@ fn planted_direction_is_the_first_component() {
     let d = cfg.hidden_size;
     let v = unit_vector(d, 11);
     let tmp = TempDir::new("planted");
-    let adapter = tmp.path("adapter");
+    let adapter = tmp.join("adapter");
     write_planted_adapter(&adapter, &cfg, 1, &v);
     let (layout, params) = load_peft_adapter(&adapter, &cfg).unwrap();
     let mut model = Model::new(&be, cfg, loaded.weights.as_ref()).unwrap();
@@ -157,7 +155,7 @@ fn covariance_pca_equals_svd_of_the_differences() {
     let loaded = load_model(&tiny_llama()).unwrap();
     let cfg = loaded.config.clone();
     let d = cfg.hidden_size;
-    let adapter = repo().join("tests/fixtures/tiny/llama-adapter");
+    let adapter = tiny_fixture("llama-adapter");
     let (layout, params) = load_peft_adapter(&adapter, &cfg).unwrap();
     let mut model = Model::new(&be, cfg, loaded.weights.as_ref()).unwrap();
     model.set_lora(&be, layout, &params).unwrap();

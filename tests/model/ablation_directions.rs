@@ -1,15 +1,15 @@
 //! Ablation directions: orthonormalisation, the safetensors and .npy readers, saving, random
 //! control directions, and every bad-input case, through the public API only.
 
+use crate::support::*;
 use caft_fast::linalg::orthonormalize;
 use caft_fast::model::ablation::{
     load_directions, random_directions, save_directions, DirectionSet, Directions,
 };
 use caft_fast::util::rng::Rng;
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use sha2::{Digest, Sha256};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const D_MODEL: usize = 64;
 const N_LAYERS: usize = 8;
@@ -24,27 +24,6 @@ const ORTHO_TOL_F32: f64 = 1e-6;
 /// `QᵀQ` is a projector up to ~`k·2^-24`; 1e-5 is 100x that for the k used here.
 const SPAN_TOL: f64 = 1e-5;
 
-/// A fresh, empty folder under the system temp dir, unique to this process and test.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("caft-directions-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Gaussian rows `[k, d]` as f64.
 fn gaussian(rng: &mut Rng, k: usize, d: usize) -> Vec<f64> {
     (0..k * d).map(|_| rng.normal()).collect()
@@ -56,47 +35,6 @@ fn f32_bytes(v: &[f64]) -> Vec<u8> {
 
 fn f64_bytes(v: &[f64]) -> Vec<u8> {
     v.iter().flat_map(|&x| x.to_le_bytes()).collect()
-}
-
-/// Write a safetensors file of `(name, dtype, shape, bytes)` tensors.
-fn write_st(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, dt, shape, b)| {
-            (
-                n.to_string(),
-                TensorView::new(*dt, shape.clone(), b).expect("test tensor view"),
-            )
-        })
-        .collect();
-    let bytes = safetensors::serialize(views, None).expect("serialize");
-    std::fs::write(path, bytes).expect("write test file");
-}
-
-/// Write a .npy file (format `major`.0) with the given descr, order flag, shape text and data,
-/// padding the header with spaces and a newline to a multiple of 64 bytes as numpy does.
-fn write_npy(path: &Path, major: u8, descr: &str, fortran: bool, shape: &str, data: &[u8]) {
-    let dict = format!(
-        "{{'descr': '{descr}', 'fortran_order': {}, 'shape': {shape}, }}",
-        if fortran { "True" } else { "False" }
-    );
-    let pre = if major == 1 { 10 } else { 12 };
-    let mut header = dict.into_bytes();
-    while (pre + header.len() + 1) % 64 != 0 {
-        header.push(b' ');
-    }
-    header.push(b'\n');
-    let mut out = b"\x93NUMPY".to_vec();
-    out.push(major);
-    out.push(0);
-    if major == 1 {
-        out.extend((header.len() as u16).to_le_bytes());
-    } else {
-        out.extend((header.len() as u32).to_le_bytes());
-    }
-    out.extend(header);
-    out.extend(data);
-    std::fs::write(path, out).expect("write npy");
 }
 
 /// `max |QQᵀ - I|` in f64.
@@ -268,8 +206,8 @@ fn safetensors_round_trip() {
     let r3 = gaussian(&mut rng, 4, D_MODEL);
     let r7 = gaussian(&mut rng, 2, D_MODEL);
     let r5 = gaussian(&mut rng, 1, D_MODEL);
-    let path = dir.path("dirs.safetensors");
-    write_st(
+    let path = dir.join("dirs.safetensors");
+    write_safetensors(
         &path,
         &[
             ("layer.7", Dtype::F32, vec![2, D_MODEL], f32_bytes(&r7)),
@@ -308,7 +246,7 @@ fn safetensors_round_trip() {
 
     // Save and load again: same layers and (already orthonormal) rows reproduced to f32
     // rounding: re-orthonormalising f32-orthonormal rows changes them by ~1e-7.
-    let saved = dir.path("saved.safetensors");
+    let saved = dir.join("saved.safetensors");
     save_directions(&saved, &dirs).unwrap();
     let again = load_directions(&saved, None, D_MODEL, N_LAYERS).unwrap();
     assert_eq!(again.layers(), dirs.layers());
@@ -326,7 +264,7 @@ fn safetensors_round_trip() {
         );
     }
     // The atomic write leaves only the two files behind.
-    let mut names: Vec<String> = std::fs::read_dir(&dir.0)
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -341,8 +279,8 @@ fn f16_and_bf16_inputs_match_their_exact_values() {
     let rows = gaussian(&mut rng, 3, D_MODEL);
     let h: Vec<half::f16> = rows.iter().map(|&x| half::f16::from_f64(x)).collect();
     let b: Vec<half::bf16> = rows.iter().map(|&x| half::bf16::from_f64(x)).collect();
-    let path = dir.path("half.safetensors");
-    write_st(
+    let path = dir.join("half.safetensors");
+    write_safetensors(
         &path,
         &[
             (
@@ -390,8 +328,8 @@ fn npy_matches_safetensors() {
     let dir = TempDir::new("npy");
     let mut rng = Rng::new(31);
     let rows = gaussian(&mut rng, 5, D_MODEL);
-    let st = dir.path("ref.safetensors");
-    write_st(
+    let st = dir.join("ref.safetensors");
+    write_safetensors(
         &st,
         &[("layer.6", Dtype::F32, vec![5, D_MODEL], f32_bytes(&rows))],
     );
@@ -399,7 +337,7 @@ fn npy_matches_safetensors() {
 
     let shape = format!("(5, {D_MODEL})");
     for (major, name) in [(1u8, "v1.npy"), (2, "v2.npy"), (3, "v3.npy")] {
-        let p = dir.path(name);
+        let p = dir.join(name);
         write_npy(&p, major, "<f4", false, &shape, &f32_bytes(&rows));
         let d = load_directions(&p, Some(6), D_MODEL, N_LAYERS).unwrap();
         assert_eq!(d.sets, reference.sets, "{name}");
@@ -407,7 +345,7 @@ fn npy_matches_safetensors() {
     }
 
     // f64 data: compare with orthonormalising the exact values.
-    let p = dir.path("f64.npy");
+    let p = dir.join("f64.npy");
     write_npy(&p, 1, "<f8", false, &shape, &f64_bytes(&rows));
     let d = load_directions(&p, Some(0), D_MODEL, N_LAYERS).unwrap();
     let want: Vec<f32> = orthonormalize(&rows, 5, D_MODEL)
@@ -419,7 +357,7 @@ fn npy_matches_safetensors() {
     assert_eq!(d.sets[0].layer, 0);
 
     // 1-D array: one direction, the row normalised.
-    let p = dir.path("one.npy");
+    let p = dir.join("one.npy");
     write_npy(
         &p,
         1,
@@ -445,7 +383,7 @@ fn npy_bad_inputs() {
     let data = f32_bytes(&rows);
     let shape = format!("(2, {D_MODEL})");
     let case = |name: &str, bytes: Option<Vec<u8>>| -> PathBuf {
-        let p = dir.path(name);
+        let p = dir.join(name);
         if let Some(b) = bytes {
             std::fs::write(&p, b).unwrap();
         }
@@ -471,7 +409,7 @@ fn npy_bad_inputs() {
     );
 
     let bad = |name: &str, major: u8, descr: &str, fortran: bool, shape: &str, data: &[u8]| {
-        let p = dir.path(name);
+        let p = dir.join(name);
         write_npy(&p, major, descr, fortran, shape, data);
         msg(load_directions(&p, Some(4), D_MODEL, N_LAYERS))
     };
@@ -539,7 +477,7 @@ fn npy_bad_inputs() {
     );
 
     // Header damage.
-    let mut good = std::fs::read(dir.path("good.npy")).unwrap();
+    let mut good = std::fs::read(dir.join("good.npy")).unwrap();
     let p = case("magic.npy", Some(b"NOTNUMPY\x01\x00".to_vec()));
     assert_mentions(
         &msg(load_directions(&p, Some(0), D_MODEL, N_LAYERS)),
@@ -582,8 +520,8 @@ fn safetensors_bad_inputs() {
     let mut rng = Rng::new(41);
     let rows = gaussian(&mut rng, 3, D_MODEL);
     let one = |name: &str, tensor: &str, dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>| {
-        let p = dir.path(name);
-        write_st(&p, &[(tensor, dtype, shape, bytes)]);
+        let p = dir.join(name);
+        write_safetensors(&p, &[(tensor, dtype, shape, bytes)]);
         msg(load_directions(&p, None, D_MODEL, N_LAYERS))
     };
     let shape = vec![3, D_MODEL];
@@ -733,28 +671,28 @@ fn safetensors_bad_inputs() {
     );
 
     // A file with no tensors at all, and a zero-byte file.
-    let p = dir.path("none.safetensors");
-    write_st(&p, &[]);
+    let p = dir.join("none.safetensors");
+    write_safetensors(&p, &[]);
     assert_mentions(
         &msg(load_directions(&p, None, D_MODEL, N_LAYERS)),
         &["none.safetensors", "no tensors"],
     );
-    let p = dir.path("zero-bytes.safetensors");
+    let p = dir.join("zero-bytes.safetensors");
     std::fs::write(&p, b"").unwrap();
     assert_mentions(
         &msg(load_directions(&p, None, D_MODEL, N_LAYERS)),
         &["zero-bytes.safetensors", "empty"],
     );
     // Garbage bytes.
-    let p = dir.path("junk.safetensors");
+    let p = dir.join("junk.safetensors");
     std::fs::write(&p, b"\xff\xff\xff\xff\xff\xff\xff\xffjunk").unwrap();
     assert_mentions(
         &msg(load_directions(&p, None, D_MODEL, N_LAYERS)),
         &["junk.safetensors", "not a valid safetensors"],
     );
     // A layer index given for a safetensors file, an unknown extension, a missing file.
-    let p = dir.path("good.safetensors");
-    write_st(
+    let p = dir.join("good.safetensors");
+    write_safetensors(
         &p,
         &[("layer.1", Dtype::F32, shape.clone(), f32_bytes(&rows))],
     );
@@ -763,7 +701,7 @@ fn safetensors_bad_inputs() {
         &msg(load_directions(&p, Some(1), D_MODEL, N_LAYERS)),
         &["good.safetensors"],
     );
-    let p = dir.path("dirs.pt");
+    let p = dir.join("dirs.pt");
     std::fs::write(&p, b"x").unwrap();
     assert_mentions(
         &msg(load_directions(&p, None, D_MODEL, N_LAYERS)),
@@ -771,7 +709,7 @@ fn safetensors_bad_inputs() {
     );
     assert_mentions(
         &msg(load_directions(
-            &dir.path("missing.safetensors"),
+            &dir.join("missing.safetensors"),
             None,
             D_MODEL,
             N_LAYERS,
@@ -837,7 +775,7 @@ fn random_directions_are_reproducible_orthonormal_and_seed_dependent() {
 
     // Saved and reloaded, the file's hash is the generated hash.
     let dir = TempDir::new("random");
-    let p = dir.path("random.safetensors");
+    let p = dir.join("random.safetensors");
     save_directions(&p, &a).unwrap();
     let loaded: Directions = load_directions(&p, None, D_MODEL, N_LAYERS).unwrap();
     assert_eq!(loaded.sha256, a.sha256);
@@ -860,8 +798,8 @@ fn annotation_tensors_of_directions_outputs_are_skipped() {
     let mut rng = Rng::new(33);
     let rows = gaussian(&mut rng, 3, D_MODEL);
     let var: Vec<f64> = vec![3.0, 2.0, 1.0];
-    let path = dir.path("pcs.safetensors");
-    write_st(
+    let path = dir.join("pcs.safetensors");
+    write_safetensors(
         &path,
         &[
             ("layer.2", Dtype::F32, vec![3, D_MODEL], f32_bytes(&rows)),
@@ -878,8 +816,8 @@ fn annotation_tensors_of_directions_outputs_are_skipped() {
     assert_eq!(dirs.layers(), vec![2]);
     assert_eq!(dirs.get(2).unwrap().k, 3);
 
-    let bad = dir.path("bad.safetensors");
-    write_st(
+    let bad = dir.join("bad.safetensors");
+    write_safetensors(
         &bad,
         &[
             ("layer.2", Dtype::F32, vec![3, D_MODEL], f32_bytes(&rows)),

@@ -3,12 +3,10 @@
 //! config file works, and every bad input gives a clear error (exit 2, no panic) without
 //! damaging earlier output.
 
-mod train_support;
-
+use crate::support::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use train_support::*;
 
 /// Flags of a small run on the tiny model with pre-tokenized data.
 fn tiny_args(data: &Path, out: &Path) -> Vec<String> {
@@ -69,12 +67,12 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 /// step's (measured on similar data: about 6.0 -> 3.1, i.e. 51%).
 #[test]
 fn loss_decreases_and_outputs_are_written() {
-    let dir = scratch("loss");
+    let dir = TempDir::new("loss");
     let data = write(&dir.join("d.jsonl"), &memorizable_records(60, 6, 2));
     let out = dir.join("run");
     let mut args = tiny_args(&data, &out);
     args.extend(["--grad-accum", "1", "--max-steps", "30"].map(String::from));
-    let msg = ok(&run_train(&args, &["--merge"]));
+    let msg = assert_ok(&run_train(&args, &["--merge"]));
     let m = metrics(&out);
     assert_eq!(m.len(), 30);
     let loss = |i: usize| m[i]["loss"].as_f64().unwrap();
@@ -137,7 +135,7 @@ fn deterministic(row: &serde_json::Value) -> serde_json::Value {
 /// same adapter and optimizer bytes. The run crosses an epoch boundary (6 steps an epoch).
 #[test]
 fn resume_is_bit_identical() {
-    let dir = scratch("resume");
+    let dir = TempDir::new("resume");
     let data = write(&dir.join("d.jsonl"), &progression_records(40, 3));
     let common = |out: &Path| {
         let mut a = tiny_args(&data, out);
@@ -145,10 +143,10 @@ fn resume_is_bit_identical() {
         a
     };
     let full = dir.join("full");
-    ok(&run_train(&common(&full), &[]));
+    assert_ok(&run_train(&common(&full), &[]));
 
     let part = dir.join("part");
-    let msg = ok(&run_train(&common(&part), &["--stop-after", "5"]));
+    let msg = assert_ok(&run_train(&common(&part), &["--stop-after", "5"]));
     assert!(msg.contains("--resume"), "{msg}");
     let run: serde_json::Value = serde_json::from_slice(&read(&part.join("run.json"))).unwrap();
     assert_eq!(run["status"], "stopped");
@@ -156,7 +154,7 @@ fn resume_is_bit_identical() {
         !part.join("adapter").exists(),
         "no final adapter before the end"
     );
-    ok(&train(&["--resume", s(&part), "--stop-after", "7"]));
+    assert_ok(&train(&["--resume", s(&part), "--stop-after", "7"]));
     let ck = part.join("checkpoints");
     assert!(ck.join("step-00000005").is_dir() && ck.join("step-00000007").is_dir());
     assert!(
@@ -164,7 +162,7 @@ fn resume_is_bit_identical() {
         "--keep-checkpoints 2 pruned step 4"
     );
     std::fs::remove_dir_all(ck.join("step-00000007")).unwrap();
-    let msg = ok(&train(&["--resume", s(&part)]));
+    let msg = assert_ok(&train(&["--resume", s(&part)]));
     assert!(msg.contains("resuming at step 5"), "{msg}");
 
     let (a, b) = (metrics(&full), metrics(&part));
@@ -187,7 +185,7 @@ fn resume_is_bit_identical() {
 /// run then resumes from it.
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_exits() {
-    let dir = scratch("sigint");
+    let dir = TempDir::new("sigint");
     let data = write(&dir.join("d.jsonl"), &progression_records(40, 4));
     let out = dir.join("run");
     let mut args = tiny_args(&data, &out);
@@ -202,7 +200,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits() {
         ]
         .map(String::from),
     );
-    let child = Command::new(env!("CARGO_BIN_EXE_caft-fast"))
+    let child = Command::new(exe())
         .arg("train")
         .args(&args)
         .stdout(Stdio::piped())
@@ -242,7 +240,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits() {
     assert!(ck.join("trainer_state.json").is_file(), "{}", ck.display());
     assert_eq!(metrics(&out).len() as u64, step);
     // It continues from there.
-    let msg = ok(&train(&[
+    let msg = assert_ok(&train(&[
         "--resume",
         s(&out),
         "--stop-after",
@@ -256,7 +254,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits() {
 /// good checkpoint, which stays loadable; run.json says so.
 #[test]
 fn nan_loss_stops_and_keeps_the_last_checkpoint() {
-    let dir = scratch("nan");
+    let dir = TempDir::new("nan");
     let data = write(&dir.join("d.jsonl"), &progression_records(40, 5));
     let out = dir.join("run");
     let mut args = tiny_args(&data, &out);
@@ -275,7 +273,7 @@ fn nan_loss_stops_and_keeps_the_last_checkpoint() {
         ]
         .map(String::from),
     );
-    let err = fails(&run_train(&args, &[]), &["diverged at step", "NaN or Inf"]);
+    let err = assert_error(&run_train(&args, &[]), &["diverged at step", "NaN or Inf"]);
     let run: serde_json::Value = serde_json::from_slice(&read(&out.join("run.json"))).unwrap();
     assert_eq!(run["status"], "diverged");
     let bad = run["steps"].as_u64().unwrap() + 1;
@@ -298,7 +296,7 @@ fn nan_loss_stops_and_keeps_the_last_checkpoint() {
 /// A TOML config file sets the run; flags override it; the run writes its resolved config.
 #[test]
 fn config_file_and_flag_precedence() {
-    let dir = scratch("config");
+    let dir = TempDir::new("config");
     let data = write(&dir.join("d.jsonl"), &progression_records(20, 6));
     let out = dir.join("run");
     let cfg = write(
@@ -311,7 +309,7 @@ fn config_file_and_flag_precedence() {
             s(&out)
         ),
     );
-    ok(&train(&["--config", s(&cfg), "--lr", "5e-3"]));
+    assert_ok(&train(&["--config", s(&cfg), "--lr", "5e-3"]));
     let run: serde_json::Value = serde_json::from_slice(&read(&out.join("run.json"))).unwrap();
     assert_eq!(run["config"]["lora_r"], 2);
     assert_eq!(run["config"]["lr"], 5e-3, "the flag wins over the file");
@@ -324,7 +322,7 @@ fn config_file_and_flag_precedence() {
     );
     // config.toml reproduces the run: the same losses from it alone.
     let out2 = dir.join("run2");
-    ok(&train(&[
+    assert_ok(&train(&[
         "--config",
         s(&out.join("config.toml")),
         "-o",
@@ -337,7 +335,7 @@ fn config_file_and_flag_precedence() {
     }
     // Unknown keys are refused, naming the key and the file.
     let bad = write(&dir.join("bad.toml"), "lora_rank = 8\n");
-    fails(
+    assert_error(
         &train(&["--config", s(&bad), "-o", s(&dir.join("x"))]),
         &["bad.toml", "lora_rank"],
     );
@@ -346,11 +344,11 @@ fn config_file_and_flag_precedence() {
 /// Chat records on a chat-capable tiny model train end to end, assistant tokens only.
 #[test]
 fn chat_data_trains_on_a_model_with_a_template() {
-    let dir = scratch("chat");
+    let dir = TempDir::new("chat");
     let model = tiny_chat_model("chat", true);
     let data = write(&dir.join("chat.jsonl"), &chat_records(12));
     let out = dir.join("run");
-    let msg = ok(&train(&[
+    let msg = assert_ok(&train(&[
         "--model",
         s(&model),
         "--data",
@@ -388,14 +386,14 @@ fn earlier_run(dir: &Path) -> (PathBuf, Vec<(PathBuf, Vec<u8>)>) {
     let out = dir.join("run");
     let mut a = tiny_args(&data, &out);
     a.extend(["--max-steps", "2", "--lora-r", "2"].map(String::from));
-    ok(&run_train(&a, &[]));
+    assert_ok(&run_train(&a, &[]));
     let snap = snapshot(&out);
     (out, snap)
 }
 
 #[test]
 fn bad_data_files_name_file_and_line() {
-    let dir = scratch("baddata");
+    let dir = TempDir::new("baddata");
     let (out, snap) = earlier_run(&dir);
     let chat = tiny_chat_model("baddata", true);
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
@@ -447,18 +445,18 @@ fn bad_data_files_name_file_and_line() {
             "--max-seq-len",
             "8",
         ]);
-        fails(&o, &needles);
+        assert_error(&o, &needles);
         assert_eq!(snapshot(&out), snap, "{name}: the earlier run was changed");
     }
 }
 
 #[test]
 fn chat_data_needs_a_tokenizer_and_a_template() {
-    let dir = scratch("notemplate");
+    let dir = TempDir::new("notemplate");
     let (out, snap) = earlier_run(&dir);
     let data = write(&dir.join("chat.jsonl"), &chat_records(4));
     let no_template = tiny_chat_model("notemplate", false);
-    fails(
+    assert_error(
         &train(&[
             "--model",
             s(&no_template),
@@ -473,7 +471,7 @@ fn chat_data_needs_a_tokenizer_and_a_template() {
     // The tiny fixture has no tokenizer at all: text records are refused, pre-tokenized ones
     // suggested.
     let text = write(&dir.join("text.jsonl"), "{\"text\": \"hello\"}\n");
-    fails(
+    assert_error(
         &train(&[
             "--model",
             s(&tiny_llama()),
@@ -490,17 +488,17 @@ fn chat_data_needs_a_tokenizer_and_a_template() {
 
 #[test]
 fn existing_output_is_refused_without_overwrite() {
-    let dir = scratch("exists");
+    let dir = TempDir::new("exists");
     let (out, snap) = earlier_run(&dir);
     let data = write(&dir.join("d.jsonl"), &progression_records(12, 1));
     let o = run_train(&tiny_args(&data, &out), &["--max-steps", "1"]);
-    fails(&o, &["exists", "--overwrite"]);
+    assert_error(&o, &["exists", "--overwrite"]);
     assert_eq!(snapshot(&out), snap);
 }
 
 #[test]
 fn directions_for_another_model_are_refused() {
-    let dir = scratch("dirs");
+    let dir = TempDir::new("dirs");
     let (out, snap) = earlier_run(&dir);
     let data = write(&dir.join("d.jsonl"), &progression_records(12, 1));
     let save = |name: &str, layer: usize, width: usize| -> PathBuf {
@@ -530,7 +528,7 @@ fn directions_for_another_model_are_refused() {
             &tiny_args(&data, &out),
             &["--overwrite", "--ablate", s(f), "--max-steps", "1"],
         );
-        fails(&o, &needles);
+        assert_error(&o, &needles);
         assert_eq!(snapshot(&out), snap);
     }
     // --ablate-random at a layer the model lacks.
@@ -544,32 +542,32 @@ fn directions_for_another_model_are_refused() {
             "1,7",
         ],
     );
-    fails(&o, &["ablation layer 7", "4 layers"]);
+    assert_error(&o, &["ablation layer 7", "4 layers"]);
     assert_eq!(snapshot(&out), snap);
 }
 
 #[test]
 fn resume_refuses_another_configuration() {
-    let dir = scratch("resumecfg");
+    let dir = TempDir::new("resumecfg");
     let data = write(&dir.join("d.jsonl"), &progression_records(30, 1));
     let other = write(&dir.join("other.jsonl"), &progression_records(30, 2));
     let out = dir.join("run");
     let mut a = tiny_args(&data, &out);
     a.extend(["--max-steps", "6"].map(String::from));
-    ok(&run_train(&a, &["--stop-after", "2"]));
+    assert_ok(&run_train(&a, &["--stop-after", "2"]));
     let snap = snapshot(&out);
-    fails(
+    assert_error(
         &train(&["--resume", s(&out), "--lora-r", "8"]),
         &["another configuration", "lora_r: 8 (now) vs 4 (checkpoint)"],
     );
-    fails(
+    assert_error(
         &train(&["--resume", s(&out), "--data", s(&other)]),
         &["another configuration", "data"],
     );
     // The same path with other contents: caught by the data fingerprint.
     std::fs::copy(&other, &data).unwrap();
-    fails(&train(&["--resume", s(&out)]), &["training data differs"]);
-    fails(
+    assert_error(&train(&["--resume", s(&out)]), &["training data differs"]);
+    assert_error(
         &train(&["--resume", s(&dir.join("nothing-here"))]),
         &["nothing-here", "no such folder"],
     );
@@ -582,7 +580,7 @@ fn resume_refuses_another_configuration() {
 /// otherwise).
 #[test]
 fn disk_full_while_saving_keeps_the_earlier_checkpoint() {
-    let dir = scratch("diskfull");
+    let dir = TempDir::new("diskfull");
     let data = write(&dir.join("d.jsonl"), &progression_records(30, 1));
     let extra = [
         "--max-steps",
@@ -594,7 +592,7 @@ fn disk_full_while_saving_keeps_the_earlier_checkpoint() {
     ];
     // Measure one checkpoint on an ordinary disk first.
     let probe = dir.join("probe");
-    ok(&run_train(
+    assert_ok(&run_train(
         &tiny_args(&data, &probe),
         &["--max-steps", "4", "--stop-after", "1"],
     ));
@@ -631,7 +629,7 @@ fn disk_full_while_saving_keeps_the_earlier_checkpoint() {
     let _guard = Unmount(mnt.clone());
     let out = mnt.join("run");
     let o = run_train(&tiny_args(&data, &out), &extra);
-    fails(
+    assert_error(
         &o,
         &["saving the checkpoint of step 2", "No space left on device"],
     );
@@ -656,7 +654,7 @@ fn disk_full_while_saving_keeps_the_earlier_checkpoint() {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, bytes).unwrap();
     }
-    let msg = ok(&train(&[
+    let msg = assert_ok(&train(&[
         "--resume",
         s(&copy),
         "--stop-after",
@@ -671,7 +669,7 @@ fn disk_full_while_saving_keeps_the_earlier_checkpoint() {
 /// file's hash and the layers; a layer the file lacks is refused.
 #[test]
 fn ablate_layers_restricts_a_directions_file() {
-    let dir = scratch("restrict");
+    let dir = TempDir::new("restrict");
     let data = write(&dir.join("d.jsonl"), &progression_records(12, 1));
     let file = tiny_llama().join("directions.safetensors");
     let out = dir.join("run");
@@ -683,7 +681,7 @@ fn ablate_layers_restricts_a_directions_file() {
         "--max-steps",
         "1",
     ];
-    ok(&run_train(&tiny_args(&data, &out), &extra));
+    assert_ok(&run_train(&tiny_args(&data, &out), &extra));
     let run: serde_json::Value = serde_json::from_slice(&read(&out.join("run.json"))).unwrap();
     assert_eq!(run["directions"]["layers"], serde_json::json!([2]));
     assert_eq!(run["directions"]["k"], serde_json::json!([2]));
@@ -704,7 +702,7 @@ fn ablate_layers_restricts_a_directions_file() {
             "1",
         ],
     );
-    fails(&o, &["no directions for layer 3"]);
+    assert_error(&o, &["no directions for layer 3"]);
     assert!(
         !dir.join("run3").exists(),
         "nothing is written on a refused run"

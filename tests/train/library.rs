@@ -1,9 +1,7 @@
 //! Training through the library on the tiny Llama fixture: the saved adapter against
 //! transformers + PEFT, the ablation during training, the merged model, chat labels.
 
-mod common;
-mod train_support;
-
+use crate::support::*;
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::Backend;
 use caft_fast::data::TrainOn;
@@ -16,7 +14,6 @@ use caft_fast::model::peft::{load_adapter, save_adapter};
 use caft_fast::model::transformer::{Batch, Model, IGNORE};
 use caft_fast::train::config::TrainConfig;
 use caft_fast::train::trainer::{ablation_directions, prepare_data, Trainer};
-use train_support::*;
 
 /// A small run configuration on the tiny model with pre-tokenized data in `dir`.
 fn tiny_config(dir: &std::path::Path) -> TrainConfig {
@@ -51,7 +48,7 @@ fn batch_of(ids: &[u32], batch: usize) -> Batch {
 /// summation order (the tiny-model parity tests hold the same bound).
 #[test]
 fn committed_adapter_reproduces_peft_logits() {
-    let fx = repo().join("tests/fixtures/tiny/llama-adapter");
+    let fx = tiny_fixture("llama-adapter");
     let loaded = load_model(&tiny_llama()).unwrap();
     let layout = LoraLayout::new(
         &loaded.config,
@@ -68,7 +65,7 @@ fn committed_adapter_reproduces_peft_logits() {
         params.iter().any(|&p| p != 0.0),
         "the fixture adapter is trained"
     );
-    let reference = common::read_safetensors(&fx.join("peft_logits.safetensors"));
+    let reference = read_safetensors(&fx.join("peft_logits.safetensors"));
     let ids_fx = &reference["input_ids"];
     let (b, t) = (ids_fx.shape[0], ids_fx.shape[1]);
     let ids: Vec<u32> = ids_fx.i64().iter().map(|&x| x as u32).collect();
@@ -82,7 +79,7 @@ fn committed_adapter_reproduces_peft_logits() {
         .logits
         .unwrap();
     assert_eq!(logits.len(), b * t * loaded.config.vocab_size);
-    common::assert_close(
+    assert_close(
         "logits with the adapter vs PEFT",
         &logits,
         &reference["logits"].data,
@@ -95,7 +92,7 @@ fn committed_adapter_reproduces_peft_logits() {
         .unwrap()
         .logits
         .unwrap();
-    let e = common::rel_err(&base_logits, &reference["logits"].data);
+    let e = rel_err(&base_logits, &reference["logits"].data);
     assert!(e > 1e-2, "the adapter moves the logits by {e:.2e} only");
 
     // For scripts/check_adapter_peft.py --caft-logits: the ids and caft-fast's logits.
@@ -109,7 +106,7 @@ fn committed_adapter_reproduces_peft_logits() {
 /// Save then load: bit-exact; a layout of another rank or target set is refused by name.
 #[test]
 fn adapter_round_trip_and_mismatch() {
-    let dir = scratch("roundtrip");
+    let dir = TempDir::new("roundtrip");
     let cfg = tiny_config(&dir);
     let loaded = load_model(&tiny_llama()).unwrap();
     let be = CpuBackend::new();
@@ -183,7 +180,7 @@ fn max_component(h: &[f32], q: &[f32], k: usize, d: usize) -> f64 {
 /// projection the remaining component is f32 rounding (~1e-7 per dot product, k <= 3).
 #[test]
 fn ablated_directions_stay_out_of_resid_post_during_training() {
-    let dir = scratch("ablation");
+    let dir = TempDir::new("ablation");
     let mut cfg = tiny_config(&dir);
     cfg.ablate = Some(tiny_llama().join("directions.safetensors"));
     cfg.max_steps = Some(5);
@@ -231,7 +228,7 @@ fn ablated_directions_stay_out_of_resid_post_during_training() {
 /// the merged weights add scale·BA once in f64, the adapter path adds it per token in f32).
 #[test]
 fn merged_model_matches_base_plus_adapter() {
-    let dir = scratch("merge");
+    let dir = TempDir::new("merge");
     let cfg = tiny_config(&dir);
     let loaded = load_model(&tiny_llama()).unwrap();
     let be = CpuBackend::new();
@@ -259,7 +256,7 @@ fn merged_model_matches_base_plus_adapter() {
         .logits
         .unwrap();
     let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
-    common::assert_close("merged vs base + adapter", &got, &want64, 1e-5);
+    assert_close("merged vs base + adapter", &got, &want64, 1e-5);
     // And it differs from the base model (the adapter was trained).
     let mut base = Model::new(&be, loaded.config.clone(), loaded.weights.as_ref()).unwrap();
     let b = base
@@ -267,14 +264,14 @@ fn merged_model_matches_base_plus_adapter() {
         .unwrap()
         .logits
         .unwrap();
-    assert!(common::rel_err(&b, &want64) > 1e-3);
+    assert!(rel_err(&b, &want64) > 1e-3);
 }
 
 /// The config.json derived for GGUF sources parses back to the same model configuration.
 #[test]
 fn derived_config_json_round_trips() {
     let loaded = load_model(&tiny_llama()).unwrap();
-    let dir = scratch("cfgjson");
+    let dir = TempDir::new("cfgjson");
     let p = dir.join("config.json");
     std::fs::write(
         &p,
@@ -428,7 +425,7 @@ fn truncation_and_dropping_are_counted() {
 /// micro-batches without changing results.
 #[test]
 fn training_is_deterministic() {
-    let dir = scratch("determinism");
+    let dir = TempDir::new("determinism");
     let cfg = tiny_config(&dir);
     let loaded = load_model(&tiny_llama()).unwrap();
     let be = CpuBackend::new();

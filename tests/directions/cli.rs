@@ -2,22 +2,20 @@
 //! direction and writes a well-formed file; select keeps exactly the picked rows; random and
 //! import write files that `train --ablate` loads; bad input gives clear errors (exit 2).
 
-mod directions_support;
-
+use crate::support::*;
 use caft_fast::model::ablation::{load_directions, random_directions};
-use directions_support::*;
 use std::path::Path;
 
 /// Write the planted adapter (layer 1) and data; run pca at layers 1 and 2, 3 components.
 fn planted_pca(tmp: &TempDir) -> (Vec<f32>, std::path::PathBuf) {
     let cfg = tiny_config();
     let v = unit_vector(cfg.hidden_size, 5);
-    let adapter = tmp.path("adapter");
+    let adapter = tmp.join("adapter");
     write_planted_adapter(&adapter, &cfg, 1, &v);
-    let data = tmp.path("data.jsonl");
+    let data = tmp.join("data.jsonl");
     write_tokens_jsonl(&data, 20, 3);
-    let out = tmp.path("pcs.safetensors");
-    let err = assert_ok(&directions(&[
+    let out = tmp.join("pcs.safetensors");
+    let ran = directions(&[
         "pca",
         "--model",
         s(&tiny_llama()),
@@ -35,13 +33,15 @@ fn planted_pca(tmp: &TempDir) -> (Vec<f32>, std::path::PathBuf) {
         "3",
         "-o",
         s(&out),
-    ]));
+    ]);
+    assert_ok(&ran);
+    let err = stderr(&ran);
     assert!(err.contains("layer 1:"), "summary per layer:\n{err}");
     (v, out)
 }
 
 /// The pca file: `layer.L` [3, 64] with orthonormal rows (f32: 1e-6), the planted direction
-/// first at layer 1 (|cos| >= 0.9999, see tests/directions_pca.rs for the bound) with >= 99.99%
+/// first at layer 1 (|cos| >= 0.9999, see tests/directions/pca.rs for the bound) with >= 99.99%
 /// of the variance; variances descending, ratios in [0, 1] summing to <= 1; and the
 /// metadata names the inputs.
 #[test]
@@ -97,7 +97,7 @@ fn pca_recovers_the_planted_direction_and_writes_a_complete_file() {
 fn select_keeps_exactly_the_picked_rows() {
     let tmp = TempDir::new("select");
     let (_, pcs) = planted_pca(&tmp);
-    let out = tmp.path("ablate.safetensors");
+    let out = tmp.join("ablate.safetensors");
     assert_ok(&directions(&[
         "select",
         "--from",
@@ -127,21 +127,21 @@ fn select_keeps_exactly_the_picked_rows() {
 fn bad_picks_give_clear_errors() {
     let tmp = TempDir::new("badpick");
     let (_, pcs) = planted_pca(&tmp);
-    let out = tmp.path("x.safetensors");
+    let out = tmp.join("x.safetensors");
     let sel = |pick: &[&str]| {
         let mut a = vec!["select", "--from", s(&pcs), "-o", s(&out), "--pick"];
         a.extend_from_slice(pick);
         directions(&a)
     };
-    assert_error(&sel(&["3:0"]), "no components for layer 3");
-    assert_error(&sel(&["1:3"]), "row 3 does not exist");
-    assert_error(&sel(&["1:x"]), "is not a number");
-    assert_error(&sel(&["1"]), "expected LAYER:ROWS");
-    assert_error(&sel(&["1:0,0"]), "picked twice");
-    assert_error(&sel(&["1:0", "1:1"]), "layer 1 is picked twice");
-    assert_error(&sel(&["2:2-1"]), "runs backwards");
+    assert_error(&sel(&["3:0"]), &["no components for layer 3"]);
+    assert_error(&sel(&["1:3"]), &["row 3 does not exist"]);
+    assert_error(&sel(&["1:x"]), &["is not a number"]);
+    assert_error(&sel(&["1"]), &["expected LAYER:ROWS"]);
+    assert_error(&sel(&["1:0,0"]), &["picked twice"]);
+    assert_error(&sel(&["1:0", "1:1"]), &["layer 1 is picked twice"]);
+    assert_error(&sel(&["2:2-1"]), &["runs backwards"]);
     assert!(!out.exists(), "no output after an error");
-    let missing = tmp.path("missing.safetensors");
+    let missing = tmp.join("missing.safetensors");
     let o = directions(&[
         "select",
         "--from",
@@ -151,7 +151,7 @@ fn bad_picks_give_clear_errors() {
         "-o",
         s(&out),
     ]);
-    assert_error(&o, "missing.safetensors");
+    assert_error(&o, &["missing.safetensors"]);
 }
 
 /// random writes the library's random directions (the same seed gives the same bits) and the
@@ -159,7 +159,7 @@ fn bad_picks_give_clear_errors() {
 #[test]
 fn random_directions_file() {
     let tmp = TempDir::new("random");
-    let out = tmp.path("rand.safetensors");
+    let out = tmp.join("rand.safetensors");
     let args = |layers: &'static str| {
         vec![
             "random".to_string(),
@@ -184,27 +184,11 @@ fn random_directions_file() {
     }
     let dirs = load_directions(&out, None, 64, 4).unwrap();
     assert_eq!(dirs.sha256, want.sha256, "file bytes are the library's");
-    assert_error(&run(args("1,4")), "layer 4 does not exist");
-}
-
-/// Write a little-endian f32 .npy array `[k, d]`.
-fn write_npy(path: &Path, data: &[f32], k: usize, d: usize) {
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({k}, {d}), }}");
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut b = b"\x93NUMPY\x01\x00".to_vec();
-    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    b.extend_from_slice(header.as_bytes());
-    for x in data {
-        b.extend_from_slice(&x.to_le_bytes());
-    }
-    std::fs::write(path, b).unwrap();
+    assert_error(&run(args("1,4")), &["layer 4 does not exist"]);
 }
 
 /// Span of rows `a` ([ka, d]) contains each row of `b`: `|x - QᵀQx| <= 1e-5 |x|` for an
-/// orthonormal `a` (f32 rounding, see tests/directions.rs for the bound).
+/// orthonormal `a` (f32 rounding, see tests/model/ablation_directions.rs for the bound).
 fn assert_same_span(a: &[f32], b: &[f32], d: usize) {
     for x in b.chunks_exact(d) {
         let mut r: Vec<f64> = x.iter().map(|&v| v as f64).collect();
@@ -227,9 +211,9 @@ fn import_npy_and_renamed_safetensors() {
     let tmp = TempDir::new("import");
     let mut rng = caft_fast::util::rng::Rng::new(9);
     let raw = rng.normal_vec(2 * 64);
-    let npy = tmp.path("dirs.npy");
-    write_npy(&npy, &raw, 2, 64);
-    let out = tmp.path("out.safetensors");
+    let npy = tmp.join("dirs.npy");
+    write_npy_f32(&npy, &raw, 2, 64);
+    let out = tmp.join("out.safetensors");
     let m = s(&tiny_llama()).to_string();
     assert_ok(&directions(&[
         "import",
@@ -248,7 +232,7 @@ fn import_npy_and_renamed_safetensors() {
     // Without a model the width must be given; a wrong width is refused.
     assert_error(
         &directions(&["import", "--npy", s(&npy), "--layer", "2", "-o", s(&out)]),
-        "--d-model",
+        &["--d-model"],
     );
     assert_error(
         &directions(&[
@@ -262,12 +246,12 @@ fn import_npy_and_renamed_safetensors() {
             "-o",
             s(&out),
         ]),
-        "width 64",
+        &["width 64"],
     );
 
     // Safetensors under other names: blocks.{L}.dir, plus an unrelated tensor.
     let raw3 = rng.normal_vec(3 * 64);
-    let other = tmp.path("other.safetensors");
+    let other = tmp.join("other.safetensors");
     let st = caft_fast::io::f32_safetensors(&[
         ("blocks.1.dir".into(), vec![2, 64], raw.clone()),
         ("blocks.3.dir".into(), vec![3, 64], raw3.clone()),
@@ -303,8 +287,8 @@ fn import_npy_and_renamed_safetensors() {
             s(&out),
         ])
     };
-    assert_error(&imp("heads.{L}"), "no tensor name matches");
-    assert_error(&imp("blocks.dir"), "exactly once");
+    assert_error(&imp("heads.{L}"), &["no tensor name matches"]);
+    assert_error(&imp("blocks.dir"), &["exactly once"]);
 }
 
 /// pca refuses bad requests before loading data: a layer past the model, zero components, a
@@ -313,11 +297,11 @@ fn import_npy_and_renamed_safetensors() {
 fn pca_bad_input() {
     let tmp = TempDir::new("pcabad");
     let cfg = tiny_config();
-    let adapter = tmp.path("adapter");
+    let adapter = tmp.join("adapter");
     write_planted_adapter(&adapter, &cfg, 1, &unit_vector(64, 1));
-    let data = tmp.path("data.jsonl");
+    let data = tmp.join("data.jsonl");
     write_tokens_jsonl(&data, 4, 1);
-    let out = tmp.path("pcs.safetensors");
+    let out = tmp.join("pcs.safetensors");
     let m = s(&tiny_llama()).to_string();
     let run = |layers: &str, k: &str, adapter: &Path| {
         directions(&[
@@ -338,18 +322,18 @@ fn pca_bad_input() {
             s(&out),
         ])
     };
-    assert_error(&run("1,4", "2", &adapter), "layer 4 does not exist");
-    assert_error(&run("1", "0", &adapter), "--components 0");
-    assert_error(&run("1,1", "2", &adapter), "listed twice");
-    assert_error(&run("1", "2", &tmp.path("nope")), "adapter_config.json");
+    assert_error(&run("1,4", "2", &adapter), &["layer 4 does not exist"]);
+    assert_error(&run("1", "0", &adapter), &["--components 0"]);
+    assert_error(&run("1,1", "2", &adapter), &["listed twice"]);
+    assert_error(&run("1", "2", &tmp.join("nope")), &["adapter_config.json"]);
     // The Qwen2 fixture's adapter shapes (ffn 80) do not fit the Llama fixture (ffn 96).
-    let qcfg = caft_fast::model::loader::load_model(&repo().join("tests/fixtures/tiny/qwen2"))
+    let qcfg = caft_fast::model::loader::load_model(&tiny_fixture("qwen2"))
         .unwrap()
         .config;
-    let other = tmp.path("qwen-adapter");
+    let other = tmp.join("qwen-adapter");
     write_planted_adapter(&other, &qcfg, 0, &unit_vector(qcfg.hidden_size, 1));
     assert_ne!(qcfg.intermediate_size, cfg.intermediate_size);
-    assert_error(&run("1", "2", &other), "has shape");
+    assert_error(&run("1", "2", &other), &["has shape"]);
     assert!(!out.exists());
 }
 
@@ -359,9 +343,9 @@ fn pca_bad_input() {
 fn all_tokens_uses_every_real_token() {
     let tmp = TempDir::new("alltok");
     let cfg = tiny_config();
-    let adapter = tmp.path("adapter");
+    let adapter = tmp.join("adapter");
     write_planted_adapter(&adapter, &cfg, 1, &unit_vector(64, 2));
-    let data = tmp.path("data.jsonl");
+    let data = tmp.join("data.jsonl");
     write_tokens_jsonl(&data, 7, 4);
     let model = tiny_llama();
     let (mut all, mut answers) = (0u64, 0u64);
@@ -376,7 +360,7 @@ fn all_tokens_uses_every_real_token() {
             .count() as u64;
     }
     for (flag, want) in [(None, answers), (Some("--all-tokens"), all)] {
-        let out = tmp.path("pcs.safetensors");
+        let out = tmp.join("pcs.safetensors");
         let mut args = vec![
             "pca",
             "--model",

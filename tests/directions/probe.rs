@@ -2,8 +2,7 @@
 //! its score matches one computed independently (each probe run alone, no padding), the file
 //! holds the chosen rows bit for bit, and bad probe files are errors naming file and line.
 
-mod directions_support;
-
+use crate::support::*;
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::directions::probe::separation;
 use caft_fast::linalg::orthonormalize;
@@ -11,7 +10,6 @@ use caft_fast::model::ablation::{save_directions, DirectionSet, Directions};
 use caft_fast::model::loader::load_model;
 use caft_fast::model::transformer::{Batch, Model};
 use caft_fast::util::rng::Rng;
-use directions_support::*;
 use std::path::Path;
 
 /// The layer the probes are scored at, and the row the planted direction is put in.
@@ -152,9 +150,9 @@ fn the_separating_component_is_chosen_first() {
     let tmp = TempDir::new("probe-planted");
     let ps = probes(40, 7);
     let feats = features(&ps);
-    let probes_path = tmp.path("probes.jsonl");
+    let probes_path = tmp.join("probes.jsonl");
     write_probes(&probes_path, &ps);
-    let pcs = tmp.path("pcs.safetensors");
+    let pcs = tmp.join("pcs.safetensors");
     let q = write_components(&pcs, &feats, &ps);
     let d = feats[0].len();
     let want: Vec<f64> = (0..K)
@@ -166,8 +164,8 @@ fn the_separating_component_is_chosen_first() {
     // A real margin, so the test says something about the rule and not about rounding.
     assert!(want[rank[0]].abs() > 1.5 * want[rank[1]].abs(), "{want:?}");
 
-    let out = tmp.path("ablate.safetensors");
-    let json = tmp.path("scores.json");
+    let out = tmp.join("ablate.safetensors");
+    let json = tmp.join("scores.json");
     let run = directions(&[
         "probe-select",
         "--model",
@@ -189,7 +187,8 @@ fn the_separating_component_is_chosen_first() {
         "--json",
         s(&json),
     ]);
-    let err = assert_ok(&run);
+    assert_ok(&run);
+    let err = stderr(&run);
     assert!(err.contains("layer 2: chosen 3"), "{err}");
 
     let t = read_tensors(&out);
@@ -222,10 +221,10 @@ fn the_separating_component_is_chosen_first() {
 fn bad_probe_files_are_errors_naming_the_problem() {
     let tmp = TempDir::new("probe-errors");
     let ps = probes(8, 3);
-    let pcs = tmp.path("pcs.safetensors");
+    let pcs = tmp.join("pcs.safetensors");
     write_components(&pcs, &features(&ps), &ps);
     let run = |name: &str, body: &str| {
-        let p = tmp.path(name);
+        let p = tmp.join(name);
         std::fs::write(&p, body).unwrap();
         directions(&[
             "probe-select",
@@ -238,23 +237,23 @@ fn bad_probe_files_are_errors_naming_the_problem() {
             "--device",
             "cpu",
             "-o",
-            s(&tmp.path("out.safetensors")),
+            s(&tmp.join("out.safetensors")),
         ])
     };
-    assert_error(&run("empty.jsonl", "\n\n"), "no probe sentences");
+    assert_error(&run("empty.jsonl", "\n\n"), &["no probe sentences"]);
     let one = "{\"input_ids\": [5, 6, 7], \"label\": \"pos\"}\n".repeat(4);
-    assert_error(&run("one.jsonl", &one), "exactly two are needed");
+    assert_error(&run("one.jsonl", &one), &["exactly two are needed"]);
     let bad = format!("{one}{{\"input_ids\": [5, 6], \"label\": \"neg\"}}\n{{not json\n");
-    assert_error(&run("bad.jsonl", &bad), "bad.jsonl:6: malformed JSON");
+    assert_error(&run("bad.jsonl", &bad), &["bad.jsonl:6: malformed JSON"]);
     let nolabel = format!("{one}{{\"input_ids\": [5, 6]}}\n");
     assert_error(
         &run("nolabel.jsonl", &nolabel),
-        "nolabel.jsonl:5: missing \"label\"",
+        &["nolabel.jsonl:5: missing \"label\""],
     );
     let lonely = format!("{one}{{\"input_ids\": [5, 6], \"label\": \"neg\"}}\n");
     assert_error(
         &run("lonely.jsonl", &lonely),
-        "label \"neg\" has 1 probe(s)",
+        &["label \"neg\" has 1 probe(s)"],
     );
-    assert!(!tmp.path("out.safetensors").exists(), "no output on error");
+    assert!(!tmp.join("out.safetensors").exists(), "no output on error");
 }

@@ -3,14 +3,11 @@
 //! and the HTML report has a section per layer, a block per component, the variance chart,
 //! and escaped token text.
 
-mod directions_support;
-mod train_support;
-
+use crate::support::*;
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::model::loader::load_model;
 use caft_fast::model::transformer::{Batch, Model};
 use caft_fast::util::rng::Rng;
-use directions_support::*;
 
 /// A directions file with `layer.1` [3, 64] and `layer.2` [2, 64] (random, not unit: explain
 /// normalises), and explained-variance ratios for layer 1 only.
@@ -71,7 +68,7 @@ fn reference_projections(corpus: &[Vec<u32>], dirs: &[(usize, Vec<f32>)]) -> Vec
 #[test]
 fn explain_ranks_projections_and_writes_the_report() {
     let tmp = TempDir::new("explain");
-    let dirs_path = tmp.path("dirs.safetensors");
+    let dirs_path = tmp.join("dirs.safetensors");
     let dirs = write_dirs(&dirs_path);
     let mut rng = Rng::new(8);
     let corpus: Vec<Vec<u32>> = (0..13)
@@ -84,9 +81,9 @@ fn explain_ranks_projections_and_writes_the_report() {
         .iter()
         .map(|ids| format!("{}\n", serde_json::json!({ "input_ids": ids })))
         .collect();
-    let corpus_path = tmp.path("corpus.jsonl");
+    let corpus_path = tmp.join("corpus.jsonl");
     std::fs::write(&corpus_path, jsonl).unwrap();
-    let report = tmp.path("report");
+    let report = tmp.join("report");
     let top = 4;
     assert_ok(&directions(&[
         "explain",
@@ -179,16 +176,16 @@ fn explain_ranks_projections_and_writes_the_report() {
 #[test]
 fn explain_plain_text_escapes_tokens() {
     let tmp = TempDir::new("explaintext");
-    let model = train_support::tiny_chat_model("dirs-explain", false);
-    let dirs_path = tmp.path("dirs.safetensors");
+    let model = tiny_chat_model("dirs-explain", false);
+    let dirs_path = tmp.join("dirs.safetensors");
     write_dirs(&dirs_path);
-    let corpus = tmp.path("corpus.txt");
+    let corpus = tmp.join("corpus.txt");
     std::fs::write(
         &corpus,
         "a <b>bold</b> & plain line\n\nsecond line of text\nsecond line of text\n",
     )
     .unwrap();
-    let report = tmp.path("report");
+    let report = tmp.join("report");
     assert_ok(&directions(&[
         "explain",
         "--model",
@@ -242,11 +239,11 @@ fn explain_plain_text_escapes_tokens() {
         "--directions",
         s(&dirs_path),
         "--corpus",
-        s(&tmp.path("nope.txt")),
+        s(&tmp.join("nope.txt")),
         "-o",
         s(&report),
     ]);
-    assert_error(&o, "nope.txt");
+    assert_error(&o, &["nope.txt"]);
 }
 
 /// When Chromium is installed, the report parses as the HTML it was meant to be: after
@@ -268,11 +265,11 @@ fn report_survives_a_browser_parse() {
         return;
     };
     let tmp = TempDir::new("explain-browser");
-    let dirs_path = tmp.path("dirs.safetensors");
+    let dirs_path = tmp.join("dirs.safetensors");
     write_dirs(&dirs_path);
-    let corpus = tmp.path("corpus.jsonl");
+    let corpus = tmp.join("corpus.jsonl");
     write_tokens_jsonl(&corpus, 8, 3);
-    let report = tmp.path("report");
+    let report = tmp.join("report");
     assert_ok(&directions(&[
         "explain",
         "--model",

@@ -8,8 +8,7 @@
 //! 0.05 in transformers may legitimately flip; the comparison of a case stops at such a step
 //! (only case 2, step 22 has one, at 0.041). Sampling with a seed must repeat exactly.
 
-mod common;
-
+use crate::support::*;
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::generate::questions::{Prompt, Question};
 use caft_fast::generate::sample::SampleOpts;
@@ -17,7 +16,6 @@ use caft_fast::generate::{generate, Finish, Request};
 use caft_fast::model::chat::ChatMessage;
 use caft_fast::model::loader::load_model;
 use caft_fast::model::transformer::Model;
-use common::*;
 
 const NEAR_TIE: f64 = 0.05;
 

@@ -2,37 +2,12 @@
 //! transformers (`tests/fixtures/smollm2/tokenizer.json`, made by scripts/make_fixtures.py from
 //! the same file), and a small Hugging Face directory built here with hand-computed ids.
 
+use crate::support::*;
 use caft_fast::model::chat::{ChatMessage, ChatTemplate};
 use caft_fast::model::gguf::GgufFile;
 use caft_fast::model::loader::load_model;
 use caft_fast::model::tokenizer::Tokenizer;
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
-
-/// The SmolLM2 GGUF: `$CAFT_SMOLLM2_GGUF`, else `<repo>/.cache/smollm2/`, else the program's
-/// cache. Missing: a failure under CI, a skip notice elsewhere.
-fn smollm2_gguf() -> Option<PathBuf> {
-    let file = "SmolLM2-135M-Instruct.Q4_1.gguf";
-    let candidates = [
-        std::env::var_os("CAFT_SMOLLM2_GGUF").map(PathBuf::from),
-        Some(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join(".cache/smollm2")
-                .join(file),
-        ),
-        Some(caft_fast::util::fetch::smollm2_path()),
-    ];
-    for c in candidates.iter().flatten() {
-        if c.is_file() {
-            return Some(c.clone());
-        }
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("SmolLM2 GGUF not found (set CAFT_SMOLLM2_GGUF or put it in .cache/smollm2/)");
-    }
-    eprintln!("skipping: SmolLM2 GGUF not found (set CAFT_SMOLLM2_GGUF)");
-    None
-}
 
 #[derive(Deserialize)]
 struct Case {
@@ -54,7 +29,7 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2/tokenizer.json");
+    let p = fixtures().join("smollm2/tokenizer.json");
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -142,10 +117,8 @@ const TINY_CONFIG: &str = r#"{"architectures": ["LlamaForCausalLM"], "hidden_siz
   "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
   "vocab_size": 14, "bos_token_id": 0, "eos_token_id": 1}"#;
 
-fn tiny_dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("caft-tokchat-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+fn tiny_dir(test: &str) -> TempDir {
+    let d = TempDir::new(test);
     std::fs::write(d.join("config.json"), TINY_CONFIG).unwrap();
     std::fs::write(d.join("tokenizer.json"), TINY_TOKENIZER).unwrap();
     let mut rng = caft_fast::util::rng::Rng::new(3);

@@ -2,6 +2,7 @@
 //! written here with known values of every supported type, and the real SmolLM2 file against
 //! values transformers loads from it), and bad input of every kind giving a clear error.
 
+use crate::support::*;
 use caft_fast::model::config::Arch;
 use caft_fast::model::config::ModelConfig;
 use caft_fast::model::gguf::{config_from_gguf, GgufFile, GgufHeader, GgufValue, GgufWeights};
@@ -10,56 +11,18 @@ use caft_fast::model::weights::WeightSource;
 use caft_fast::util::rng::Rng;
 use half::{bf16, f16};
 use proptest::prelude::*;
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 // ---- helpers --------------------------------------------------------------------------------
-
-/// A fresh empty folder under the system temp dir, unique per test.
-fn temp_dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("caft-loading-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// The SmolLM2 GGUF: `$CAFT_SMOLLM2_GGUF`, else `<repo>/.cache/smollm2/`, else the program's
-/// cache. Missing: a failure under CI, a skip notice elsewhere.
-fn smollm2_gguf() -> Option<PathBuf> {
-    let file = "SmolLM2-135M-Instruct.Q4_1.gguf";
-    let candidates = [
-        std::env::var_os("CAFT_SMOLLM2_GGUF").map(PathBuf::from),
-        Some(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join(".cache/smollm2")
-                .join(file),
-        ),
-        Some(caft_fast::util::fetch::smollm2_path()),
-    ];
-    for c in candidates.iter().flatten() {
-        if c.is_file() {
-            return Some(c.clone());
-        }
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("SmolLM2 GGUF not found (set CAFT_SMOLLM2_GGUF or put it in .cache/smollm2/)");
-    }
-    eprintln!("skipping: SmolLM2 GGUF not found (set CAFT_SMOLLM2_GGUF)");
-    None
-}
 
 fn err_text<T>(r: anyhow::Result<T>) -> String {
     match r {
         Ok(_) => panic!("expected an error"),
         Err(e) => format!("{e:#}"),
     }
-}
-
-fn write(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
 }
 
 // ---- config.json ------------------------------------------------------------------------------
@@ -75,7 +38,7 @@ fn llama_config_json(extra: &str) -> String {
 
 #[test]
 fn config_llama_with_llama3_rope_both_layouts() {
-    let d = temp_dir("cfg-llama");
+    let d = TempDir::new("cfg-llama");
     let p = d.join("config.json");
     let scaling = r#""rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192"#;
@@ -117,7 +80,7 @@ fn config_llama_with_llama3_rope_both_layouts() {
 
 #[test]
 fn config_qwen2_and_mistral_specifics() {
-    let d = temp_dir("cfg-qwen-mistral");
+    let d = TempDir::new("cfg-qwen-mistral");
     let p = d.join("config.json");
     let base = |arch: &str, extra: &str| {
         format!(
@@ -187,7 +150,7 @@ fn config_qwen2_and_mistral_specifics() {
 
 #[test]
 fn config_errors_name_file_and_key() {
-    let d = temp_dir("cfg-errors");
+    let d = TempDir::new("cfg-errors");
     let p = d.join("config.json");
     let e = err_text(ModelConfig::from_hf_json(&p));
     assert!(e.contains("config.json"), "{e}");
@@ -265,15 +228,14 @@ fn encode(dtype: Dtype, xs: &[f32]) -> Vec<u8> {
     }
 }
 
-/// Write a safetensors file of `(name, dtype, shape, values)`.
-fn write_safetensors(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<f32>)]) {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, d, _, v)| encode(*d, v)).collect();
-    let views: Vec<(String, TensorView)> = tensors
+/// Write a safetensors file of `(name, dtype, shape, values)`, each value stored exactly in
+/// its dtype.
+fn write_exact(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<f32>)]) {
+    let encoded: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .zip(&bytes)
-        .map(|((n, d, s, _), b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, v)| (*n, *d, s.clone(), encode(*d, v)))
         .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
+    write_safetensors(path, &encoded);
 }
 
 #[test]
@@ -283,8 +245,8 @@ fn safetensors_single_and_sharded_convert_exactly() {
     let b = exact_values(&mut rng, 10);
     let c = exact_values(&mut rng, 6);
 
-    let d = temp_dir("st-single");
-    write_safetensors(
+    let d = TempDir::new("st-single");
+    write_exact(
         &d.join("model.safetensors"),
         &[
             ("a", Dtype::BF16, vec![3, 4], a.clone()),
@@ -301,12 +263,12 @@ fn safetensors_single_and_sharded_convert_exactly() {
     let e = err_text(w.get("model.norm.weight"));
     assert!(e.contains("model.norm.weight"), "{e}");
 
-    let s = temp_dir("st-sharded");
-    write_safetensors(
+    let s = TempDir::new("st-sharded");
+    write_exact(
         &s.join("model-00001-of-00002.safetensors"),
         &[("a", Dtype::BF16, vec![3, 4], a.clone())],
     );
-    write_safetensors(
+    write_exact(
         &s.join("model-00002-of-00002.safetensors"),
         &[
             ("b", Dtype::F16, vec![10], b.clone()),
@@ -333,9 +295,9 @@ fn safetensors_single_and_sharded_convert_exactly() {
 #[test]
 fn safetensors_bad_inputs() {
     let mut rng = Rng::new(12);
-    let d = temp_dir("st-bad");
+    let d = TempDir::new("st-bad");
     let p = d.join("model.safetensors");
-    write_safetensors(
+    write_exact(
         &p,
         &[
             ("w", Dtype::F32, vec![4, 4], exact_values(&mut rng, 16)),
@@ -362,7 +324,7 @@ fn safetensors_bad_inputs() {
 #[test]
 fn load_model_hf_dir_and_missing_pieces() {
     let mut rng = Rng::new(13);
-    let d = temp_dir("hf-dir");
+    let d = TempDir::new("hf-dir");
     let e = err_text(load_model(&d));
     assert!(e.contains("config.json"), "{e}");
 
@@ -371,7 +333,7 @@ fn load_model_hf_dir_and_missing_pieces() {
     assert!(e.contains("model.safetensors"), "{e}");
 
     let norm = exact_values(&mut rng, 64);
-    write_safetensors(
+    write_exact(
         &d.join("model.safetensors"),
         &[("model.norm.weight", Dtype::BF16, vec![64], norm.clone())],
     );
@@ -841,7 +803,7 @@ fn gguf_weights_under_hf_names_exact() {
 #[test]
 fn gguf_load_model_with_tokenizer_and_template() {
     let t = tiny_gguf("llama");
-    let d = temp_dir("gguf-load");
+    let d = TempDir::new("gguf-load");
     let p = d.join("tiny.gguf");
     std::fs::write(&p, &t.bytes).unwrap();
     let m = load_model(&p).unwrap();
@@ -869,7 +831,7 @@ fn gguf_load_model_with_tokenizer_and_template() {
 #[test]
 fn gguf_non_llama_and_unsupported_type_errors() {
     let t = tiny_gguf("qwen2");
-    let d = temp_dir("gguf-errors");
+    let d = TempDir::new("gguf-errors");
     let p = d.join("qwen.gguf");
     std::fs::write(&p, &t.bytes).unwrap();
     let e = err_text(load_model(&p));

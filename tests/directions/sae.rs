@@ -1,35 +1,22 @@
 //! SAE latents as directions: every activation function against a hand computation, both file
 //! layouts, and the ranking on the tiny model with a planted adapter.
 
-mod directions_support;
-
+use crate::support::*;
 use caft_fast::directions::sae::{Activation, Sae};
-use directions_support::*;
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use std::path::Path;
 
 /// Write tensors (F32 unless given as I64) as safetensors.
 fn write_st(path: &Path, f32s: &[(&str, Vec<usize>, Vec<f32>)], i64s: &[(&str, i64)]) {
-    let f32_bytes: Vec<Vec<u8>> = f32s
+    let mut tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)> = f32s
         .iter()
-        .map(|(_, _, d)| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .map(|(n, s, d)| (*n, Dtype::F32, s.clone(), f32_le(d)))
         .collect();
-    let i64_bytes: Vec<Vec<u8>> = i64s.iter().map(|(_, v)| v.to_le_bytes().to_vec()).collect();
-    let mut views = Vec::new();
-    for ((n, s, _), b) in f32s.iter().zip(&f32_bytes) {
-        views.push((
-            n.to_string(),
-            TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-        ));
-    }
-    for ((n, _), b) in i64s.iter().zip(&i64_bytes) {
-        views.push((
-            n.to_string(),
-            TensorView::new(Dtype::I64, vec![], b).unwrap(),
-        ));
-    }
-    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    tensors.extend(
+        i64s.iter()
+            .map(|(n, v)| (*n, Dtype::I64, vec![], v.to_le_bytes().to_vec())),
+    );
+    write_safetensors(path, &tensors);
 }
 
 /// d = 2, m = 3: W_enc columns (1,0), (0,1), (1,1); b_enc (0, -1, 0.5); b_dec (0.5, 0).
@@ -53,7 +40,7 @@ const X: [f32; 4] = [2.0, 0.5, -1.0, 3.0];
 #[test]
 fn activations_match_hand_computation() {
     let tmp = TempDir::new("sae-act");
-    let p = tmp.path("sae.safetensors");
+    let p = tmp.join("sae.safetensors");
     small_saelens(&p, None);
     let relu = Sae::load(&p, None, None).unwrap();
     assert_eq!(relu.act, Activation::Relu);
@@ -71,7 +58,7 @@ fn activations_match_hand_computation() {
     // dictionary_learning layout: encoder.weight [m, d] = W_encᵀ, decoder.weight [d, m]; b_dec
     // is subtracted first: x - b_dec = (1.5, 0.5), (-1.5, 3) -> pre (1.5, -0.5, 2.5),
     // (-1.5, 2, 2); BatchTopK's global threshold 1.8 keeps 2.5; 2, 2.
-    let q = tmp.path("dl.safetensors");
+    let q = tmp.join("dl.safetensors");
     write_st(
         &q,
         &[
@@ -100,7 +87,7 @@ fn activations_match_hand_computation() {
     assert_eq!(btk.encode(&X), [0.0, 0.0, 2.5, 0.0, 2.0, 2.0]);
 
     // Older dictionary_learning files call the decoder bias `bias`: the same SAE.
-    let q2 = tmp.path("dl-bias.safetensors");
+    let q2 = tmp.join("dl-bias.safetensors");
     write_st(
         &q2,
         &[
@@ -130,7 +117,7 @@ fn activations_match_hand_computation() {
     assert!(e.contains("scalar `threshold`"), "{e}");
     let e = Sae::load(&p, Some("gated"), None).unwrap_err().to_string();
     assert!(e.contains("expected relu, jumprelu"), "{e}");
-    let r = tmp.path("r.safetensors");
+    let r = tmp.join("r.safetensors");
     write_st(&r, &[("x", vec![1], vec![0.0])], &[]);
     let e = Sae::load(&r, None, None).unwrap_err().to_string();
     assert!(e.contains("not an SAE file"), "{e}");
@@ -149,7 +136,7 @@ fn planted_direction_ranks_its_latent_first() {
     let cfg = tiny_config();
     let d = cfg.hidden_size;
     let v = unit_vector(d, 21);
-    let adapter = tmp.path("adapter");
+    let adapter = tmp.join("adapter");
     write_planted_adapter(&adapter, &cfg, 1, &v);
     let m = 16;
     let mut w_dec: Vec<f32> = Vec::new();
@@ -166,7 +153,7 @@ fn planted_direction_ranks_its_latent_first() {
             w_enc[i * m + j] = w_dec[j * d + i];
         }
     }
-    let sae = tmp.path("sae1.safetensors");
+    let sae = tmp.join("sae1.safetensors");
     write_st(
         &sae,
         &[
@@ -177,10 +164,10 @@ fn planted_direction_ranks_its_latent_first() {
         ],
         &[],
     );
-    let data = tmp.path("data.jsonl");
+    let data = tmp.join("data.jsonl");
     write_tokens_jsonl(&data, 20, 5);
-    let out = tmp.path("latents.safetensors");
-    let err = assert_ok(&directions(&[
+    let out = tmp.join("latents.safetensors");
+    let ran = directions(&[
         "sae",
         "--model",
         s(&tiny_llama()),
@@ -196,7 +183,9 @@ fn planted_direction_ranks_its_latent_first() {
         "cpu",
         "-o",
         s(&out),
-    ]));
+    ]);
+    assert_ok(&ran);
+    let err = stderr(&ran);
     assert!(err.contains("layer 1: top latents 5 "), "{err}");
     let t = read_tensors(&out);
     let latents = &t["sae_latent.1"].1;
@@ -215,9 +204,9 @@ fn planted_direction_ranks_its_latent_first() {
     assert_eq!(t["layer.1"].0, [4, d]);
     assert_eq!(t["layer.1"].1[..d], v[..], "decoder row of latent 5");
     // explain names the latents.
-    let corpus = tmp.path("corpus.jsonl");
+    let corpus = tmp.join("corpus.jsonl");
     write_tokens_jsonl(&corpus, 6, 2);
-    let report = tmp.path("report");
+    let report = tmp.join("report");
     assert_ok(&directions(&[
         "explain",
         "--model",
@@ -251,14 +240,14 @@ fn planted_direction_ranks_its_latent_first() {
             "--device",
             "cpu",
             "-o",
-            s(&tmp.path("x.safetensors")),
+            s(&tmp.join("x.safetensors")),
         ])
     };
-    assert_error(&bad(s(&sae)), "expected LAYER=FILE");
-    assert_error(&bad(&format!("x={}", s(&sae))), "is not a number");
-    assert_error(&bad(&format!("7={}", s(&sae))), "layer 7 does not exist");
+    assert_error(&bad(s(&sae)), &["expected LAYER=FILE"]);
+    assert_error(&bad(&format!("x={}", s(&sae))), &["is not a number"]);
+    assert_error(&bad(&format!("7={}", s(&sae))), &["layer 7 does not exist"]);
     // The output selects like a PCA file.
-    let sel = tmp.path("sel.safetensors");
+    let sel = tmp.join("sel.safetensors");
     assert_ok(&directions(&[
         "select",
         "--from",

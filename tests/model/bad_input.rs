@@ -1,0 +1,144 @@
+//! Bad input through the binary and the model API: each case must give a clear error that
+//! names the file, tensor or position, a non-zero exit status (2 for errors), and no panic.
+
+use crate::support::*;
+use caft_fast::backend::cpu::CpuBackend;
+use caft_fast::model::loader::load_model;
+use caft_fast::model::transformer::{Batch, Model};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Output;
+
+/// Run `caft-fast bench-step` on a model path (checking that it did not panic).
+fn bench_on(model: &Path) -> Output {
+    let head = [
+        "bench-step",
+        "--device",
+        "cpu",
+        "--batch",
+        "1",
+        "--seq",
+        "4",
+    ];
+    let tail = ["--steps", "1", "--warmup", "0", "--lora-r", "2", "--model"];
+    caft(
+        head.iter()
+            .chain(&tail)
+            .map(OsStr::new)
+            .chain([model.as_os_str()]),
+    )
+}
+
+/// `bench-step` on `model` ends in an error (exit 2) that mentions every one of `needles`.
+fn assert_fails(model: &Path, needles: &[&str]) {
+    assert_error(&bench_on(model), needles);
+}
+
+#[test]
+fn the_tiny_model_itself_runs() {
+    // The control for the cases below: the unedited copy works, so each failure is the edit's.
+    let dir = tiny_llama_copy("ok", |_| {});
+    assert_ok(&bench_on(&dir));
+}
+
+#[test]
+fn missing_model_path() {
+    let p = std::env::temp_dir().join("caft-no-such-model-dir");
+    assert_fails(&p, &["caft-no-such-model-dir"]);
+}
+
+#[test]
+fn unsupported_architecture_names_the_supported_ones() {
+    let dir = tiny_llama_copy("arch", |c| {
+        c["architectures"] = serde_json::json!(["GPT2LMHeadModel"])
+    });
+    assert_fails(
+        &dir,
+        &[
+            "GPT2LMHeadModel",
+            "LlamaForCausalLM",
+            "Qwen2ForCausalLM",
+            "MistralForCausalLM",
+        ],
+    );
+}
+
+#[test]
+fn tensor_shape_disagreeing_with_config() {
+    let dir = tiny_llama_copy("shape", |c| c["intermediate_size"] = serde_json::json!(100));
+    assert_fails(
+        &dir,
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            "[96, 64]",
+            "[100, 64]",
+        ],
+    );
+}
+
+#[test]
+fn missing_tensor() {
+    let dir = tiny_llama_copy("missing", |c| c["num_hidden_layers"] = serde_json::json!(5));
+    assert_fails(&dir, &["model.layers.4", "missing"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = tiny_llama_copy("trunc", |_| {});
+    let f = dir.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    assert_fails(&dir, &["model.safetensors"]);
+}
+
+#[test]
+fn missing_config() {
+    let dir = tiny_llama_copy("noconfig", |_| {});
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    assert_fails(&dir, &["config.json"]);
+}
+
+#[test]
+fn truncated_gguf() {
+    let Some(gguf) = smollm2_gguf() else { return };
+    let dir = TempDir::new("gguf");
+    let f = dir.join("cut.gguf");
+    // Header, metadata and tensor infos stay (the first ~2 MB), the tensor data is cut off.
+    let bytes = std::fs::read(gguf).unwrap();
+    std::fs::write(&f, &bytes[..4 << 20]).unwrap();
+    assert_fails(&f, &["cut.gguf"]);
+}
+
+#[test]
+fn existing_output_folder_is_refused() {
+    let dir = TempDir::new("out");
+    let out = caft([
+        OsStr::new("train"),
+        OsStr::new("--device"),
+        OsStr::new("cpu"),
+        OsStr::new("--model"),
+        tiny_llama().as_os_str(),
+        OsStr::new("-o"),
+        dir.as_os_str(),
+    ]);
+    assert_error(&out, &["--overwrite", &dir.to_string_lossy()]);
+}
+
+#[test]
+fn token_id_beyond_vocabulary() {
+    let loaded = load_model(&tiny_llama()).unwrap();
+    let be = CpuBackend::new();
+    let mut model = Model::new(&be, loaded.config.clone(), loaded.weights.as_ref()).unwrap();
+    let v = loaded.config.vocab_size as u32;
+    let batch = Batch {
+        batch: 1,
+        seq: 3,
+        ids: vec![1, v + 7, 2],
+        labels: vec![1, 2, 3],
+    };
+    let err = model.forward(&be, &batch, false).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("{}", v + 7)) && err.contains("position 1"),
+        "{err}"
+    );
+}

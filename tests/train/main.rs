@@ -1,0 +1,9 @@
+//! Training: `caft-fast train` end to end (`cli`) and through the library (`library`: the
+//! adapter against PEFT, ablation during training, the merged model, chat labels). One test
+//! binary for the area (tests/support/mod.rs says why).
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod cli;
+mod library;
