@@ -35,12 +35,6 @@ fn on_the_emulated_gpu() {
     emulated_gpu::rerun_ignored("on_the_emulated_gpu", &["cuda"]);
 }
 
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
 /// The models the cache is checked on: the tiny fixtures (their own directions), and shrunk
 /// random Llama-3.2-1B / Qwen2.5-1.5B shapes (head_dim 64 / 128: bf16 prefill takes the
 /// tensor-core kernels; random directions).

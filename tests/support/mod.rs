@@ -105,19 +105,8 @@ pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// ‖a - b‖ / ‖b‖, computed in f64; NaN anywhere gives infinity so it never passes.
-pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        if !x.is_finite() {
-            return f64::INFINITY;
-        }
-        num += (x as f64 - y).powi(2);
-        den += y * y;
-    }
-    (num / den.max(1e-300)).sqrt()
-}
+/// ‖a - b‖ / ‖b‖ in f64, infinite on any NaN or length mismatch (the library's measure).
+pub use caft_fast::linalg::rel_err;
 
 pub fn assert_close(what: &str, a: &[f32], b: &[f64], tol: f64) {
     let e = rel_err(a, b);
