@@ -232,7 +232,7 @@ pub fn resolve_device(d: Device) -> Result<Device> {
 // doctor, fetch-model
 
 pub fn doctor() -> Result<bool> {
-    crate::backend::cuda::doctor::doctor()
+    crate::backend::cuda::diagnostics::doctor::doctor()
 }
 
 pub fn fetch_model() -> Result<PathBuf> {

@@ -14,13 +14,12 @@
 //! - `launch`: launch shapes of the row and flat kernels ([`KernelLaunch`]), block-size constants.
 //! - `scratch`: device scratch the backend grows on demand.
 //! - [`probe`]: what CUDA support the machine has, without panicking (`--device auto`).
-//! - [`doctor`]: `caft-fast doctor`.
-//! - [`parity`]: CUDA-vs-CPU comparison of every op (doctor and tests).
+//! - [`diagnostics`]: CUDA-vs-CPU parity of every op and `caft-fast doctor`.
 
 pub mod attention;
 pub mod backend;
 pub mod compile;
-pub mod doctor;
+pub mod diagnostics;
 mod elementwise;
 pub mod gemm;
 mod launch;
@@ -28,13 +27,12 @@ mod linear;
 mod loss;
 mod norm;
 mod optim;
-pub mod parity;
 pub mod probe;
 pub mod runtime;
 mod scratch;
 
 pub use backend::CudaBackend;
-pub use doctor::doctor;
+pub use diagnostics::doctor::doctor;
 pub use launch::KernelLaunch;
 pub use norm::NormLaunch;
 pub use probe::{probe, DeviceProbe};

@@ -14,9 +14,9 @@
 //! √(reduction length) stays far below it); bf16 storage 1e-2 (each stored value carries a
 //! rounding error up to 2⁻⁹ ≈ 0.2 %, and an op chains at most a few such roundings).
 
-use super::backend::CudaBackend;
-use super::runtime::DeviceElem;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::backend::CudaBackend;
+use crate::backend::cuda::runtime::DeviceElem;
 use crate::backend::{AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
 use crate::model::ablation::gaussian_orthonormal;
 use crate::util::rng::Rng;
