@@ -9,8 +9,7 @@
 //! allocate device memory after its first step.
 //!
 //! This file holds the type, the memory ops and the [`Backend`] impl, which dispatches each op
-//! to its family's module ([`super::linear`],
-//! [`super::norm`], [`super::elementwise`], [`super::loss`], [`super::optim`],
+//! to its family's module (`linear.rs`, `norm.rs`, `elementwise.rs`, `loss.rs`, `optim.rs`,
 //! [`super::attention`]).
 
 use super::gemm::Gemm;

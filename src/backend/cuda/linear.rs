@@ -1,5 +1,5 @@
 //! Frozen linear layers and LoRA, forward and backward: every GEMM of the model (cuBLAS through
-//! [`Gemm`]), plus the bias add (kernels/elementwise.cu).
+//! [`super::gemm::Gemm`]), plus the bias add (kernels/elementwise.cu).
 
 use super::backend::CudaBackend;
 use super::gemm::{DType, Operand, Output};
