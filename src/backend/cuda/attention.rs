@@ -228,7 +228,9 @@ fn check_shape(shape: &AttnShape) -> Result<Scalars> {
     })
 }
 
-fn check_len(what: &str, actual: usize, expected: usize, layout: &str) -> Result<()> {
+/// The rule of [`crate::backend::check_len`] (exactly the elements the shape gives), reported
+/// as an error naming the layout, as every check of this module is.
+fn ensure_len(what: &str, actual: usize, expected: usize, layout: &str) -> Result<()> {
     ensure!(
         actual == expected,
         "attention: {what} has {actual} elements, expected {expected} ({layout})"
@@ -278,12 +280,12 @@ pub fn attention_fwd<T: DeviceElem>(
     );
     let q_layout = "[batch*seq, n_heads*head_dim]";
     let kv_layout = "[batch*seq, n_kv_heads*head_dim]";
-    check_len("q", q.len(), nq, q_layout)?;
-    check_len("k", k.len(), nkv, kv_layout)?;
-    check_len("v", v.len(), nkv, kv_layout)?;
-    check_len("out", out.len(), nq, q_layout)?;
+    ensure_len("q", q.len(), nq, q_layout)?;
+    ensure_len("k", k.len(), nkv, kv_layout)?;
+    ensure_len("v", v.len(), nkv, kv_layout)?;
+    ensure_len("out", out.len(), nq, q_layout)?;
     let n_stats = shape.batch * shape.n_heads * shape.seq;
-    check_len("lse", lse.len(), n_stats, "[batch, n_heads, seq]")?;
+    ensure_len("lse", lse.len(), n_stats, "[batch, n_heads, seq]")?;
     if n_stats == 0 {
         return Ok(());
     }
@@ -338,16 +340,16 @@ pub fn attention_bwd<T: DeviceElem>(
     );
     let q_layout = "[batch*seq, n_heads*head_dim]";
     let kv_layout = "[batch*seq, n_kv_heads*head_dim]";
-    check_len("q", q.len(), nq, q_layout)?;
-    check_len("k", k.len(), nkv, kv_layout)?;
-    check_len("v", v.len(), nkv, kv_layout)?;
-    check_len("out", out.len(), nq, q_layout)?;
-    check_len("dout", dout.len(), nq, q_layout)?;
-    check_len("dq", dq.len(), nq, q_layout)?;
-    check_len("dk", dk.len(), nkv, kv_layout)?;
-    check_len("dv", dv.len(), nkv, kv_layout)?;
+    ensure_len("q", q.len(), nq, q_layout)?;
+    ensure_len("k", k.len(), nkv, kv_layout)?;
+    ensure_len("v", v.len(), nkv, kv_layout)?;
+    ensure_len("out", out.len(), nq, q_layout)?;
+    ensure_len("dout", dout.len(), nq, q_layout)?;
+    ensure_len("dq", dq.len(), nq, q_layout)?;
+    ensure_len("dk", dk.len(), nkv, kv_layout)?;
+    ensure_len("dv", dv.len(), nkv, kv_layout)?;
     let n_stats = shape.batch * shape.n_heads * shape.seq;
-    check_len("lse", lse.len(), n_stats, "[batch, n_heads, seq]")?;
+    ensure_len("lse", lse.len(), n_stats, "[batch, n_heads, seq]")?;
     if n_stats == 0 {
         return Ok(());
     }
@@ -611,14 +613,14 @@ pub fn attention_cached<T: DeviceElem>(
     let (nq, nkv) = (rows * shape.q_width(), rows * shape.kv_width());
     let q_layout = "[batch*new, n_heads*head_dim]";
     let kv_layout = "[batch*new, n_kv_heads*head_dim]";
-    check_len("q", q.len(), nq, q_layout)?;
-    check_len("k", k.len(), nkv, kv_layout)?;
-    check_len("v", v.len(), nkv, kv_layout)?;
-    check_len("out", out.len(), nq, q_layout)?;
+    ensure_len("q", q.len(), nq, q_layout)?;
+    ensure_len("k", k.len(), nkv, kv_layout)?;
+    ensure_len("v", v.len(), nkv, kv_layout)?;
+    ensure_len("out", out.len(), nq, q_layout)?;
     let cache_len = shape.batch * shape.cap * shape.kv_width();
     let cache_layout = "[batch*cap, n_kv_heads*head_dim]";
-    check_len("k_cache", k_cache.len(), cache_len, cache_layout)?;
-    check_len("v_cache", v_cache.len(), cache_len, cache_layout)?;
+    ensure_len("k_cache", k_cache.len(), cache_len, cache_layout)?;
+    ensure_len("v_cache", v_cache.len(), cache_len, cache_layout)?;
     ensure!(
         start.len() >= shape.batch,
         "attention_cached: {} sequence starts on the device for a batch of {}",
