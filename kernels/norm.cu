@@ -15,11 +15,9 @@
 // chunks c = t + i·blockDim (i < C) of N elements (N: 16 bytes of T, or 1 when d does not
 // allow vectors) in each of its R rows, and keeps them in registers from the first read to the
 // last write: a, b, dnormed, resid and dresid are read from global memory once, resid, normed
-// and dresid written once, 16 B per access, and shared memory only carries the reductions.
-// (The previous version staged each row in shared memory, one row per block, with 32-byte
-// per-thread strides: mostly scalar, 8-way bank-conflicted accesses, about seven passes a row.
-// Counting those wavefronts accounts for most of its measured 21% of copy bandwidth; that is
-// an estimate, not a profile.)
+// and dresid written once, 16 B per access, and shared memory only carries the reductions
+// (staging rows in shared memory costs scalar, bank-conflicted passes over each row: see
+// docs/benchmarks.md).
 // Q is k·d·4 bytes read by every block, so it lives in L1/L2; each Q chunk a thread loads
 // serves its R rows, so Q traffic per row is 2·k·d·4 / R bytes (dot products, then the
 // subtraction). The dot products are formed G directions at a time (R·G ≤ 32 accumulators

@@ -5,6 +5,9 @@
 //! The ablation itself is [`backend::Backend::residual_ablate_norm`]; the model that calls it is
 //! [`model::transformer`].
 
+// Every unsafe block says why it is sound in a `// SAFETY:` comment.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod backend;
 pub mod cli;
 pub mod data;

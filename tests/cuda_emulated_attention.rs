@@ -1,21 +1,23 @@
-//! The CUDA kernels of `kernels/attention.cu`, run on the CPU under emulation, against the CPU
-//! reference backend (tests/cuda_emulated.rs explains the emulator: one std::thread per CUDA
-//! thread, real barriers, warp shuffles through an exchange, guard bytes after every buffer).
+//! The CUDA kernels of `kernels/attention.cu` (training) and `kernels/attention_decode.cu`
+//! (key/value cache), run on the CPU under emulation, against the CPU reference backend
+//! (tests/cuda_emulated_norm.rs explains the emulator: one std::thread per CUDA thread, real
+//! barriers, warp shuffles through an exchange, guard bytes after every buffer).
 //!
-//! attention.cu's inline PTX sits in small wrapper functions between two marker comments; the
-//! harness replaces them with the C++ of `cuda_emulated/ptx_emu.hpp` (`ldmatrix` and
-//! `mma.m16n8k16` as warp-collective exchanges with the PTX ISA's fragment layouts; `cp.async`
-//! poisons its 16 destination bytes when issued and lands at the `cp.async.wait_group` that
-//! retires its group; `ex2.approx` as exp2f, `cvt.rn.bf16x2` with round-to-nearest-even), so
-//! the tensor-core kernels' indexing, fragment bookkeeping, masking, online softmax, copy
+//! The kernels' inline PTX sits in small wrapper functions in `kernels/ptx.cuh`; the harness
+//! builds them with a `ptx.cuh` of its own holding the C++ of `cuda_emulated/ptx_emu.hpp`
+//! (`ldmatrix` and `mma.m16n8k16` as warp-collective exchanges with the PTX ISA's fragment
+//! layouts; `cp.async` poisons its 16 destination bytes when issued and lands at the
+//! `cp.async.wait_group` that retires its group; `ex2.approx` as exp2f, `cvt.rn.bf16x2` with
+//! round-to-nearest-even), so the tensor-core kernels' indexing, fragment bookkeeping, masking, online softmax, copy
 //! pipelining and barrier placement run for real.
 //!
 //! Every launch is the backend's: grid and shared memory from `forward_launch`,
 //! `backward_launches` and `cached_plan` (src/backend/cuda/attention.rs), arguments in the
 //! order of its `attention_fwd`, `attention_bwd` and `attention_cached`. Outputs (and the
 //! key/value caches and the split workspace) start NaN-poisoned; results are compared with
-//! `caft_fast::backend::cpu` through the `Backend` trait as `backend::cuda::parity` does:
-//! relative L2 error within 1e-2 (bf16) or 1e-5 (f32), NaN never passes.
+//! `caft_fast::backend::cpu` through the `Backend` trait as
+//! `backend::cuda::diagnostics::parity` does: relative L2 error within 1e-2 (bf16) or 1e-5
+//! (f32), NaN never passes.
 //!
 //! - `attention_cached` (append, split-K decoding kernel, split merge), bf16 and f32: a prefill
 //!   (in one call or two) then single-row decoding steps, left-padded sequences (rows before a
@@ -33,17 +35,19 @@
 //! What the emulation cannot check: the hardware's mma summation order and ex2 error (covered
 //! by the tolerances), timing and register use.
 //!
-//! Same switches and skip policy as tests/cuda_emulated.rs (`CXX`, `CAFT_EMU_SANITIZE`,
+//! Same switches and skip policy as tests/cuda_emulated_norm.rs (`CXX`, `CAFT_EMU_SANITIZE`,
 //! `CAFT_EMU_KERNELS`; without g++ skipped with a notice, failing when `CI` is set).
 
 #[path = "cuda_emulated/common.rs"]
 mod common;
+mod support;
 #[path = "cuda_emulated/harness.rs"]
 mod harness;
 
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::cuda::attention::{
-    backward_launches, cached_plan, forward_launch, Launch as AttnLaunch, THREADS,
+    backward_launches, cached_plan, forward_launch, Launch as AttnLaunch, DECODE_MODULE, MODULE,
+    THREADS,
 };
 use caft_fast::backend::{AttnShape, Backend, CacheShape};
 use caft_fast::util::rng::Rng;
@@ -54,7 +58,7 @@ use std::sync::OnceLock;
 
 // ==== The module =============================================================================
 
-/// The entry points the tests launch.
+/// The training entry points the tests launch (attention.cu).
 fn entries() -> Vec<String> {
     let mut v = Vec::new();
     for family in ["fwd", "bwd_dkdv", "bwd_dq"] {
@@ -63,27 +67,50 @@ fn entries() -> Vec<String> {
         }
     }
     for t in ["bf16", "f32"] {
-        for family in [
-            "fwd",
-            "bwd_preprocess",
-            "bwd_dkdv",
-            "bwd_dq",
-            "cache_append",
-            "cached",
-            "cached_combine",
-        ] {
+        for family in ["fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"] {
             v.push(format!("attention_{family}_{t}"));
         }
     }
     v
 }
 
+/// The key/value-cache entry points (attention_decode.cu).
+fn decode_entries() -> Vec<String> {
+    let mut v = Vec::new();
+    for t in ["bf16", "f32"] {
+        for family in ["cache_append", "cached", "cached_combine"] {
+            v.push(format!("attention_{family}_{t}"));
+        }
+    }
+    v
+}
+
+/// The kernel file of a module of the host side (`attention::MODULE`, `DECODE_MODULE`).
+fn file(module: &str) -> String {
+    format!("{module}.cu")
+}
+
 /// attention.cu under emulation, compiled once per test run.
 fn module() -> &'static Module {
     static M: OnceLock<Result<Module, String>> = OnceLock::new();
-    M.get_or_init(|| common::build_module("attention", "attention.cu", &entries(), |t| t))
+    M.get_or_init(|| common::build_module("attention", &file(MODULE), &entries(), |t| t))
         .as_ref()
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// attention_decode.cu under emulation, compiled once per test run.
+fn decode_module() -> &'static Module {
+    static M: OnceLock<Result<Module, String>> = OnceLock::new();
+    M.get_or_init(|| {
+        common::build_module(
+            "attention-decode",
+            &file(DECODE_MODULE),
+            &decode_entries(),
+            |t| t,
+        )
+    })
+    .as_ref()
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `l` with these arguments (blocks of `THREADS`).
@@ -535,7 +562,7 @@ fn check_cached<T: Elem>(seed: u64, cases: &[CachedCase]) {
         seed,
         shapes: cases,
         make: &|rng, c| cached_inputs::<T>(rng, c),
-        emulate: &|x| emulate_cached::<T>(module(), x),
+        emulate: &|x| emulate_cached::<T>(decode_module(), x),
         cpu: &cpu_cached,
         repeat: &|c| c.window == Some(17),
     });
@@ -614,7 +641,7 @@ fn attention_bwd_f32() {
 /// A wait for the wrong cp.async group in the decoding kernel (tile `it` used while its copies
 /// are still in flight) must be caught: the emulated cp.async poisons its destination and lands
 /// only at the wait that retires it (the NaN scores end as all-zero rows, as the kernel gives
-/// a row whose sum is not positive). If attention.cu changes shape, update `FROM`.
+/// a row whose sum is not positive). If attention_decode.cu changes shape, update `FROM`.
 #[test]
 fn a_late_cp_async_wait_is_caught() {
     if !have_compiler("a_late_cp_async_wait_is_caught") {
@@ -626,8 +653,9 @@ fn a_late_cp_async_wait_is_caught() {
         .iter()
         .map(|f| format!("attention_{f}_f32"))
         .collect();
-    let m = common::build_module("attention-late-wait", "attention.cu", &entries, |t| {
-        common::mutate("attention.cu", t, FROM, TO)
+    let main = file(DECODE_MODULE);
+    let m = common::build_module("attention-late-wait", &main, &entries, |t| {
+        common::mutate(&main, t, FROM, TO)
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let mut rng = Rng::new(7);
@@ -651,8 +679,9 @@ fn a_wrong_mma_fragment_is_caught() {
     const FROM: &str = "a[1] = attn_pack_bf16x2(c0[2], c0[3]);";
     const TO: &str = "a[1] = attn_pack_bf16x2(c1[0], c1[1]);";
     let entries = vec!["attention_fwd_hd64_bf16".to_string()];
-    let m = common::build_module("attention-bad-fragment", "attention.cu", &entries, |t| {
-        common::mutate("attention.cu", t, FROM, TO)
+    let main = file(MODULE);
+    let m = common::build_module("attention-bad-fragment", &main, &entries, |t| {
+        common::mutate(&main, t, FROM, TO)
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let mut rng = Rng::new(8);

@@ -1,14 +1,15 @@
 //! The CUDA kernels of `kernels/elementwise.cu`, `kernels/loss.cu` and `kernels/optim.cu`, run
-//! on the CPU under emulation, against the CPU reference backend (tests/cuda_emulated.rs does
-//! norm.cu and explains the emulator: one std::thread per CUDA thread, real barriers, warp
+//! on the CPU under emulation, against the CPU reference backend (tests/cuda_emulated_norm.rs
+//! does norm.cu and explains the emulator: one std::thread per CUDA thread, real barriers, warp
 //! shuffles through an exchange, guard bytes after every buffer).
 //!
 //! Each kernel runs with the grid and block the backend computes (`KernelLaunch` in
-//! src/backend/cuda/backend.rs, which the backend itself calls) and the arguments in the
+//! src/backend/cuda/launch.rs, which the backend itself calls) and the arguments in the
 //! backend's order, for bf16 and f32 where it has both; outputs start NaN-poisoned; results are
 //! compared with `caft_fast::backend::cpu` through the `Backend` trait as
-//! `backend::cuda::parity` compares a GPU (relative L2 error within 1e-5 for f32, 1e-2 for
-//! bf16, NaN never passes); the cases with reductions run twice and must agree bit for bit.
+//! `backend::cuda::diagnostics::parity` compares a GPU (relative L2 error within 1e-5 for f32,
+//! 1e-2 for bf16, NaN never passes); the cases with reductions run twice and must agree bit
+//! for bit.
 //!
 //! - elementwise.cu: `embedding`; `add_bias` as the bias half of `linear` (the GPU runs cuBLAS,
 //!   here the CPU product, then the kernel); `swiglu_fwd` / `swiglu_bwd` (lengths below one
@@ -29,12 +30,13 @@
 //!   `--ignored`).
 //! - One mutation check per source file: a broken line must make its test fail.
 //!
-//! `kernels/attention.cu` (inline PTX: `mma.sync`, `ldmatrix`, `cp.async`, replaced by
-//! tests/cuda_emulated/ptx_emu.hpp) is tests/cuda_emulated_attention.rs. The emulator's other
+//! `kernels/attention.cu` and `kernels/attention_decode.cu` (inline PTX in `kernels/ptx.cuh`:
+//! `mma.sync`, `ldmatrix`, `cp.async`, replaced by tests/cuda_emulated/ptx_emu.hpp) are
+//! tests/cuda_emulated_attention.rs. The emulator's other
 //! limits (timing, the GPU memory model beyond barriers, FMA contraction) are listed in
-//! tests/cuda_emulated.rs.
+//! tests/cuda_emulated_norm.rs.
 //!
-//! The same switches and skip policy as tests/cuda_emulated.rs: without g++ the tests fail
+//! The same switches and skip policy as tests/cuda_emulated_norm.rs: without g++ the tests fail
 //! when `CI` is set and are skipped with a notice otherwise; `CXX`, `CAFT_EMU_SANITIZE`,
 //! `CAFT_EMU_KERNELS`.
 //!
@@ -43,6 +45,7 @@
 
 #[path = "cuda_emulated/common.rs"]
 mod common;
+mod support;
 #[path = "cuda_emulated/harness.rs"]
 mod harness;
 

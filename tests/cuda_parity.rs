@@ -1,13 +1,13 @@
 //! Every CUDA op against the CPU reference, on fresh random inputs at several shapes (odd
 //! sizes included), for bf16 and f32 storage; and determinism (two runs, bit-identical).
 //!
-//! The comparison itself is `caft_fast::backend::cuda::parity` (shared with `caft-fast doctor`):
-//! relative L2 error within 1e-2 (bf16) or 1e-5 (f32), NaN never passes, outputs NaN-poisoned
+//! The comparison itself is `caft_fast::backend::cuda::diagnostics::parity` (shared with
+//! `caft-fast doctor`): relative L2 error within 1e-2 (bf16) or 1e-5 (f32), NaN never passes, outputs NaN-poisoned
 //! before every run. Needs a CUDA GPU: run with `--include-ignored` on one. Without one,
 //! `on_the_emulated_gpu` runs them all on the emulated GPU (tests/cuda_emulated/gpu.rs).
 
 use caft_fast::backend::cpu::CpuBackend;
-use caft_fast::backend::cuda::parity::{self, CaseResult, Shape};
+use caft_fast::backend::cuda::diagnostics::parity::{self, CaseResult, Shape};
 use caft_fast::backend::cuda::{probe, CudaBackend, DeviceElem, Runtime};
 use std::sync::{Arc, OnceLock};
 
@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 mod emulated_gpu;
 #[path = "cuda_emulated/harness.rs"]
 mod harness;
+mod support;
 
 /// Every test of this file (all ignored: they need a GPU) on the emulated GPU, the CPU standing
 /// in for the driver and cuBLAS (tests/cuda_emulated/gpu.rs), so they run in CI too.

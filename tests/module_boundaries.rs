@@ -3,7 +3,10 @@
 //! it; the model; the backends, which know nothing above them. Each rule names the files it
 //! covers and the module paths they must not use; a violation prints `file:line` and the line.
 
+mod support;
+
 use std::path::{Path, PathBuf};
+use support::repo;
 
 /// A rule: files under `scope` (relative to `src/`, a folder or a file) except those under
 /// `except` must not mention any of `forbidden` in code.
@@ -91,12 +94,6 @@ const RULES: &[Rule] = &[
 
 /// Files longer than this need a reason in docs/architecture.md.
 const MAX_LINES: usize = 900;
-
-fn repo() -> PathBuf {
-    std::env::var_os("CAFT_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-}
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let mut entries: Vec<_> = std::fs::read_dir(dir)

@@ -18,9 +18,12 @@
 //!   second one of the same length); a [`LoraSlot`] says where one adapted projection's `A` and
 //!   `B` are. That makes AdamW and the gradient norm one pass over one buffer.
 
+mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+
+pub(crate) use check::{check_len, check_min};
 
 use anyhow::Result;
 

@@ -5,7 +5,7 @@ use anyhow::Result;
 use std::path::PathBuf;
 
 pub fn doctor() -> Result<bool> {
-    crate::backend::cuda::doctor::doctor()
+    crate::backend::cuda::diagnostics::doctor::doctor()
 }
 
 pub fn fetch_model() -> Result<PathBuf> {

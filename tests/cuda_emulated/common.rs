@@ -15,7 +15,7 @@
 
 use crate::harness::{self, Arg, Module};
 use caft_fast::backend::cuda::compile::kernel_sources;
-use caft_fast::backend::cuda::parity::{rel_err, tolerance};
+use caft_fast::backend::cuda::diagnostics::parity::{rel_err, tolerance};
 use caft_fast::backend::cuda::DeviceElem;
 use caft_fast::util::rng::Rng;
 use std::fmt::Debug;

@@ -1,5 +1,5 @@
 // cuda_shim.hpp: enough of the CUDA device language for block-level kernels (no inline PTX;
-// attention.cu's PTX wrappers are replaced by ptx_emu.hpp)
+// the wrappers of kernels/ptx.cuh are replaced by ptx_emu.hpp)
 // to compile as plain C++20 and run on the CPU, one std::thread per CUDA thread.
 //
 // Model: a launch runs its blocks one after another (so `__shared__` can be a function-local

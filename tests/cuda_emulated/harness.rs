@@ -1,11 +1,11 @@
 //! Builds CUDA kernel sources as C++ against `cuda_shim.hpp` and runs launches on the CPU.
 //!
 //! [`Module::build`] copies the sources into a fresh directory (rewriting dynamic shared memory
-//! declarations, which C++ cannot spell, and replacing marked inline-PTX wrappers by
-//! `ptx_emu.hpp`: [`splice_ptx_wrappers`]), generates a `main.cpp` with a table of the named
-//! `extern "C" __global__` entry points, and compiles it with g++ once. [`Module::run`] sends one
-//! [`Launch`] to the executable (a file in, a file out) and returns every buffer argument as it
-//! was after the kernel ran. A launch that hangs (a barrier not every thread reaches) is killed
+//! declarations, which C++ cannot spell, and replacing the inline-PTX header `ptx.cuh` by one
+//! that includes `ptx_emu.hpp`: [`emulated_source`]), generates a `main.cpp` with a table of
+//! the named `extern "C" __global__` entry points, and compiles it with g++ once.
+//! [`Module::run`] sends one [`Launch`] to the executable (a file in, a file out) and returns
+//! every buffer argument as it was after the kernel ran. A launch that hangs (a barrier not every thread reaches) is killed
 //! after [`timeout`].
 //!
 //! Another test file uses it with `#[path = "cuda_emulated/harness.rs"] mod harness;` and a
@@ -65,14 +65,10 @@ impl After {
     }
 }
 
-/// Where `cuda_shim.hpp` and `cuda_driver.hpp` live (`$CAFT_REPO` when the tests run from a
-/// copied executable, as in tests/common).
+/// Where `cuda_shim.hpp` and `cuda_driver.hpp` live (under `$CAFT_REPO` when the tests run
+/// from a copied executable: `support::repo`).
 pub fn shim_dir() -> PathBuf {
-    std::env::var_os("CAFT_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
-        .join("tests")
-        .join("cuda_emulated")
+    crate::support::repo().join("tests").join("cuda_emulated")
 }
 
 /// The C++ compiler: `$CXX`, else `g++`, when it runs.
@@ -131,54 +127,39 @@ pub fn rewrite_dynamic_smem(src: &str) -> String {
     out
 }
 
-/// The markers around the inline-PTX wrappers of a kernel source (kernels/attention.cu).
-pub const PTX_BEGIN: &str =
-    "// ---- PTX wrappers (tests/cuda_emulated replaces the functions with asm in this block) ----";
-pub const PTX_END: &str = "// ---- end of PTX wrappers ----";
+/// The kernel header holding every inline-PTX wrapper (kernels/ptx.cuh).
+pub const PTX_HEADER: &str = "ptx.cuh";
 
-/// Between [`PTX_BEGIN`] and [`PTX_END`], every top-level function whose text contains `asm`
-/// (with the comment lines above it) is replaced by `#include "ptx_emu.hpp"`, which defines
-/// C++ stand-ins under the same names; the other functions of the block stay. Sources without
-/// the markers come back unchanged. An error when the markers are unpaired or any `asm` is
-/// left in the source afterwards (the emulator cannot run it).
-pub fn splice_ptx_wrappers(name: &str, src: &str) -> Result<String, String> {
-    let Some(begin) = src.find(PTX_BEGIN) else {
-        if src.contains(PTX_END) {
-            return Err(format!("{name}: `{PTX_END}` without `{PTX_BEGIN}`"));
+/// What the emulator compiles under [`PTX_HEADER`]'s name: the C++ stand-ins of
+/// `ptx_emu.hpp`, which define the same functions.
+const PTX_HEADER_EMULATED: &str = "\
+// ptx.cuh as the emulator builds it (tests/cuda_emulated/harness.rs): the inline-PTX wrappers
+// of kernels/ptx.cuh replaced by their C++ stand-ins.
+#pragma once
+#include \"common.cuh\"
+#include \"ptx_emu.hpp\"
+";
+
+/// `src` (kernel file `name`) as the emulator compiles it: [`PTX_HEADER`] is replaced by
+/// [`PTX_HEADER_EMULATED`]; any other file comes back unchanged. An error when a file other
+/// than [`PTX_HEADER`] has an `asm` statement (the emulator cannot run it), or when
+/// [`PTX_HEADER`] has none (it no longer holds the wrappers the stand-ins replace).
+pub fn emulated_source(name: &str, src: &str) -> Result<String, String> {
+    if name == PTX_HEADER {
+        if !has_asm(src) {
+            return Err(format!(
+                "{name}: no inline PTX; the emulator replaces this header expecting the wrappers"
+            ));
         }
-        return Ok(src.to_string());
-    };
-    let body_start = begin + PTX_BEGIN.len();
-    let end = body_start
-        + src[body_start..]
-            .find(PTX_END)
-            .ok_or_else(|| format!("{name}: `{PTX_BEGIN}` without `{PTX_END}`"))?;
-    // Top-level items: runs of lines ending with a line that is just "}" (a function's end;
-    // function bodies inside the block indent their inner braces).
-    let mut kept = String::new();
-    let mut item = String::new();
-    for line in src[body_start..end].split_inclusive('\n') {
-        item.push_str(line);
-        if line.trim_end() == "}" {
-            if !has_asm(&item) {
-                kept.push_str(&item);
-            }
-            item.clear();
-        }
+        return Ok(PTX_HEADER_EMULATED.to_string());
     }
-    kept.push_str(&item);
-    let out = format!(
-        "{}{PTX_BEGIN}\n#include \"ptx_emu.hpp\"\n{kept}{}",
-        &src[..begin],
-        &src[end..]
-    );
-    if has_asm(&out) {
+    if has_asm(src) {
         return Err(format!(
-            "{name}: inline PTX outside a function of the `{PTX_BEGIN}` block; the emulator \
-             cannot run it"
+            "{name}: inline PTX outside {PTX_HEADER}; the emulator cannot run it (put the \
+             instruction in a wrapper in {PTX_HEADER} and its C++ stand-in in ptx_emu.hpp)"
         ));
     }
-    Ok(out)
+    Ok(src.to_string())
 }
 
 /// Whether `text` has an `asm` statement (`asm(`, `asm volatile`, `asm (`).
@@ -282,10 +263,10 @@ impl Module {
 }
 
 /// Write `files` into `dir` as the emulator compiles them: dynamic shared memory declarations
-/// rewritten, inline-PTX wrappers replaced ([`rewrite_dynamic_smem`], [`splice_ptx_wrappers`]).
+/// rewritten, the inline-PTX header replaced ([`rewrite_dynamic_smem`], [`emulated_source`]).
 fn write_sources(dir: &std::path::Path, files: &[(String, String)]) -> Result<(), String> {
     for (name, text) in files {
-        let text = rewrite_dynamic_smem(&splice_ptx_wrappers(name, text)?);
+        let text = rewrite_dynamic_smem(&emulated_source(name, text)?);
         std::fs::write(dir.join(name), text).map_err(|e| format!("writing {name}: {e}"))?;
     }
     Ok(())

@@ -1,10 +1,8 @@
-// ptx_emu.hpp: C++ stand-ins for the inline-PTX wrappers of kernels/attention.cu, for the CPU
-// emulation (cuda_shim.hpp). The harness (harness.rs, `splice_ptx_wrappers`) removes every
-// function containing `asm` between the markers
-//   // ---- PTX wrappers (tests/cuda_emulated replaces the functions with asm in this block) ----
-//   // ---- end of PTX wrappers ----
-// and puts this file's definitions in their place; the other helpers of the block (address
-// arithmetic, fragment packing, tile copies) stay as written and run for real.
+// ptx_emu.hpp: C++ stand-ins for the inline-PTX wrappers of kernels/ptx.cuh (used by the
+// attention kernels), for the CPU emulation (cuda_shim.hpp). The harness (harness.rs,
+// `emulated_source`) compiles the kernels with a ptx.cuh of its own that includes this file, so
+// every function of kernels/ptx.cuh is defined here under the same name; the kernels' other
+// helpers (address arithmetic, fragment packing, tile copies) stay as written and run for real.
 //
 // Semantics, from the PTX ISA:
 // - ex2.approx.ftz.f32: exp2f, subnormal inputs and results flushed to zero (the hardware's
@@ -12,8 +10,8 @@
 // - cvt.rn.bf16x2.f32 d, a, b: d = bf16(a) << 16 | bf16(b), round to nearest even (NaN -> a
 //   quiet NaN). The wrapper passes (hi, lo).
 // - __cvta_generic_to_shared: a 32-bit shared address; here the byte offset from the block's
-//   dynamic shared memory (the only shared memory attention.cu addresses this way), checked to
-//   lie inside it. ldmatrix and cp.async map it back and check the 16 bytes they touch.
+//   dynamic shared memory (the only shared memory the attention kernels address this way),
+//   checked to lie inside it. ldmatrix and cp.async map it back and check the 16 bytes they touch.
 // - cp.async.cg.shared.global [dst], [src], 16, n: 16 bytes copied when n = 16, zero-filled
 //   (nothing read) when n = 0. Asynchronous as the PTX ISA allows at its latest: the
 //   destination is NaN-poisoned (0xff bytes) when the copy is issued, and the data lands only
@@ -78,7 +76,7 @@ __device__ __forceinline__ u32 attn_pack_bf16x2(float lo, float hi) {
     return cuda_emu::f32_to_bf16_rne(hi) << 16 | cuda_emu::f32_to_bf16_rne(lo);
 }
 
-// The CUDA intrinsic (not asm: attention.cu's attn_smem_addr calls it and stays as written).
+// The CUDA intrinsic (not asm: attention.cuh's attn_smem_addr calls it and stays as written).
 inline std::size_t __cvta_generic_to_shared(const void* p) {
     const auto* c = static_cast<const unsigned char*>(p);
     const unsigned char* base = cuda_emu::dynamic_smem();

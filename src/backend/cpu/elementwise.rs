@@ -6,8 +6,8 @@
 //! the inverse uses `-s`, which is also the backward (a rotation's transpose is its inverse).
 //! SwiGLU: `out = silu(g) · u`, `silu(g) = g σ(g)`; `d silu/dg = σ(g)(1 + g(1 - σ(g)))`.
 
-use super::check_len;
 use super::simd::{exp_f32, multiversion};
+use super::{check_len, check_min};
 use rayon::prelude::*;
 
 /// Elements per rayon task for flat elementwise loops.
@@ -65,7 +65,7 @@ pub fn rope(
         return;
     }
     let max_pos = (0..batch * seq).map(pos).max().unwrap_or(0);
-    check_len(
+    check_min(
         "rope",
         "table (max_pos·head_dim)",
         table.len(),

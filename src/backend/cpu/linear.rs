@@ -6,7 +6,7 @@
 //! `dL/du = scale · dy B`: `dB = scale · dyᵀ u`, `dA = duᵀ x`, `dx = du A`.
 
 use super::simd::multiversion;
-use super::{check_len, matmul, MatRef, Threads};
+use super::{check_len, check_min, matmul, MatRef, Threads};
 use crate::backend::LoraSlot;
 use rayon::prelude::*;
 
@@ -179,8 +179,8 @@ pub fn linear_bwd_input(
 fn check_slot(op: &str, slot: &LoraSlot, len: usize) {
     let a_len = slot.r * slot.d_in;
     let b_len = slot.d_out * slot.r;
-    check_len(op, "LoRA A (params/grads)", len, slot.a_off + a_len);
-    check_len(op, "LoRA B (params/grads)", len, slot.b_off + b_len);
+    check_min(op, "LoRA A (params/grads)", len, slot.a_off + a_len);
+    check_min(op, "LoRA B (params/grads)", len, slot.b_off + b_len);
     assert!(
         slot.a_off + a_len <= slot.b_off || slot.b_off + b_len <= slot.a_off,
         "{op}: LoRA A and B overlap in {slot:?}"

@@ -25,7 +25,7 @@ mod simd;
 #[cfg(test)]
 mod testutil;
 
-use super::{AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
+use super::{check_len, check_min, AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
 use anyhow::Result;
 
 /// The f32 reference backend. Stateless: it uses rayon's global thread pool (size it with
@@ -211,13 +211,6 @@ impl SharedMut {
     }
 }
 
-fn check_len(op: &str, what: &str, len: usize, need: usize) {
-    assert!(
-        len >= need,
-        "{op}: {what} has {len} elements, needs at least {need}"
-    );
-}
-
 impl Backend for CpuBackend {
     type Act = Vec<f32>;
     type F32 = Vec<f32>;
@@ -266,8 +259,8 @@ impl Backend for CpuBackend {
         src_off: usize,
         len: usize,
     ) -> Result<()> {
-        check_len("copy_act", "dst", dst.len(), dst_off + len);
-        check_len("copy_act", "src", src.len(), src_off + len);
+        check_min("copy_act", "dst", dst.len(), dst_off + len);
+        check_min("copy_act", "src", src.len(), src_off + len);
         dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
         Ok(())
     }

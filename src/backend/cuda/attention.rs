@@ -1,6 +1,6 @@
 //! Host side of `kernels/attention.cu`: causal (optionally sliding-window) attention with GQA,
-//! forward and deterministic backward; and attention against a key/value cache for generation
-//! ([`attention_cached`], planned by [`cached_plan`]).
+//! forward and deterministic backward; and of `kernels/attention_decode.cu`: attention against a
+//! key/value cache for generation ([`attention_cached`], planned by [`cached_plan`]).
 //!
 //! Kernel choice: bf16 with `head_dim` 64 or 128 runs the tensor-core (FlashAttention-2 style)
 //! kernels `*_hd64_bf16` / `*_hd128_bf16`; every other case (f32, or bf16 with another head
@@ -30,6 +30,11 @@ use cudarc::driver::{sys::CUfunction_attribute, CudaSlice, LaunchConfig, PushKer
 
 /// Largest head dim the generic kernels support (8 accumulators per lane, `ATTN_GEN_MAXD`).
 pub const MAX_GENERIC_HEAD_DIM: usize = 256;
+
+/// The kernel module of the training kernels (`kernels/attention.cu`).
+pub const MODULE: &str = "attention";
+/// The kernel module of the key/value-cache kernels (`kernels/attention_decode.cu`).
+pub const DECODE_MODULE: &str = "attention_decode";
 
 /// Threads per CTA of every attention kernel (`ATTN_THREADS`).
 pub const THREADS: u32 = 128;
@@ -66,11 +71,13 @@ impl Path {
     }
 }
 
-/// One kernel launch: name, grid, dynamic shared memory (blocks of [`THREADS`]). Public so the
-/// emulated-kernel tests (tests/cuda_emulated_attention.rs) launch exactly what the backend
-/// launches.
+/// One kernel launch: module, name, grid, dynamic shared memory (blocks of [`THREADS`]). Public
+/// so the emulated-kernel tests (tests/cuda_emulated_attention.rs) launch exactly what the
+/// backend launches.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Launch {
+    /// [`MODULE`] or [`DECODE_MODULE`].
+    pub module: &'static str,
     pub name: String,
     pub grid: (u32, u32, u32),
     pub smem: u32,
@@ -110,6 +117,7 @@ pub fn forward_launch(shape: &AttnShape, suffix: &str) -> Launch {
         Path::Generic => (GENERIC_ROWS, 0),
     };
     Launch {
+        module: MODULE,
         name: path.kernel("fwd", suffix),
         grid: (
             shape.seq.div_ceil(rows_per_cta) as u32,
@@ -125,6 +133,7 @@ pub fn backward_launches(shape: &AttnShape, suffix: &str) -> [Launch; 3] {
     let path = Path::select(suffix, shape.head_dim);
     let pre_warps = shape.rows() * shape.n_heads;
     let pre = Launch {
+        module: MODULE,
         name: format!("attention_bwd_preprocess_{suffix}"),
         grid: (pre_warps.div_ceil(GENERIC_ROWS) as u32, 1, 1),
         smem: 0,
@@ -143,11 +152,13 @@ pub fn backward_launches(shape: &AttnShape, suffix: &str) -> [Launch; 3] {
     };
     let tiles = shape.seq.div_ceil(rows_per_cta) as u32;
     let dkdv = Launch {
+        module: MODULE,
         name: path.kernel("bwd_dkdv", suffix),
         grid: (tiles, shape.n_kv_heads as u32, shape.batch as u32),
         smem: dkdv_smem as u32,
     };
     let dq = Launch {
+        module: MODULE,
         name: path.kernel("bwd_dq", suffix),
         grid: (tiles, shape.n_heads as u32, shape.batch as u32),
         smem: dq_smem as u32,
@@ -217,7 +228,9 @@ fn check_shape(shape: &AttnShape) -> Result<Scalars> {
     })
 }
 
-fn check_len(what: &str, actual: usize, expected: usize, layout: &str) -> Result<()> {
+/// The rule of [`crate::backend::check_len`] (exactly the elements the shape gives), reported
+/// as an error naming the layout, as every check of this module is.
+fn ensure_len(what: &str, actual: usize, expected: usize, layout: &str) -> Result<()> {
     ensure!(
         actual == expected,
         "attention: {what} has {actual} elements, expected {expected} ({layout})"
@@ -228,7 +241,7 @@ fn check_len(what: &str, actual: usize, expected: usize, layout: &str) -> Result
 /// Look up `launch`'s kernel and, when it asks for more than 48 KB of dynamic shared memory,
 /// raise the kernel's limit (sm_80 allows up to 163 KB, sm_90 227 KB).
 fn prepare(rt: &Runtime, launch: &Launch) -> Result<cudarc::driver::CudaFunction> {
-    let f = rt.function("attention", &launch.name)?;
+    let f = rt.function(launch.module, &launch.name)?;
     if launch.smem > DEFAULT_SMEM_LIMIT {
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -267,12 +280,12 @@ pub fn attention_fwd<T: DeviceElem>(
     );
     let q_layout = "[batch*seq, n_heads*head_dim]";
     let kv_layout = "[batch*seq, n_kv_heads*head_dim]";
-    check_len("q", q.len(), nq, q_layout)?;
-    check_len("k", k.len(), nkv, kv_layout)?;
-    check_len("v", v.len(), nkv, kv_layout)?;
-    check_len("out", out.len(), nq, q_layout)?;
+    ensure_len("q", q.len(), nq, q_layout)?;
+    ensure_len("k", k.len(), nkv, kv_layout)?;
+    ensure_len("v", v.len(), nkv, kv_layout)?;
+    ensure_len("out", out.len(), nq, q_layout)?;
     let n_stats = shape.batch * shape.n_heads * shape.seq;
-    check_len("lse", lse.len(), n_stats, "[batch, n_heads, seq]")?;
+    ensure_len("lse", lse.len(), n_stats, "[batch, n_heads, seq]")?;
     if n_stats == 0 {
         return Ok(());
     }
@@ -327,16 +340,16 @@ pub fn attention_bwd<T: DeviceElem>(
     );
     let q_layout = "[batch*seq, n_heads*head_dim]";
     let kv_layout = "[batch*seq, n_kv_heads*head_dim]";
-    check_len("q", q.len(), nq, q_layout)?;
-    check_len("k", k.len(), nkv, kv_layout)?;
-    check_len("v", v.len(), nkv, kv_layout)?;
-    check_len("out", out.len(), nq, q_layout)?;
-    check_len("dout", dout.len(), nq, q_layout)?;
-    check_len("dq", dq.len(), nq, q_layout)?;
-    check_len("dk", dk.len(), nkv, kv_layout)?;
-    check_len("dv", dv.len(), nkv, kv_layout)?;
+    ensure_len("q", q.len(), nq, q_layout)?;
+    ensure_len("k", k.len(), nkv, kv_layout)?;
+    ensure_len("v", v.len(), nkv, kv_layout)?;
+    ensure_len("out", out.len(), nq, q_layout)?;
+    ensure_len("dout", dout.len(), nq, q_layout)?;
+    ensure_len("dq", dq.len(), nq, q_layout)?;
+    ensure_len("dk", dk.len(), nkv, kv_layout)?;
+    ensure_len("dv", dv.len(), nkv, kv_layout)?;
     let n_stats = shape.batch * shape.n_heads * shape.seq;
-    check_len("lse", lse.len(), n_stats, "[batch, n_heads, seq]")?;
+    ensure_len("lse", lse.len(), n_stats, "[batch, n_heads, seq]")?;
     if n_stats == 0 {
         return Ok(());
     }
@@ -406,7 +419,7 @@ pub fn attention_bwd<T: DeviceElem>(
 // ---- generation: attention against a key/value cache -------------------------------------------
 
 /// Query vectors (new rows x query heads of one kv head) per CTA of `attention_cached_*`
-/// (`ACACHE_QMAX` in attention.cu).
+/// (`ACACHE_QMAX` in attention_decode.cu).
 const CACHED_QMAX: usize = 8;
 /// Key tiles the cached kernel takes, largest first (`ACACHE_MAX_KT` is the first); each divides
 /// [`THREADS`].
@@ -548,11 +561,13 @@ pub fn cached_plan(shape: &CacheShape, suffix: &str, sm_count: usize) -> Result<
         },
         window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
         append: Launch {
+            module: DECODE_MODULE,
             name: format!("attention_cache_append_{suffix}"),
             grid: flat(append_items),
             smem: 0,
         },
         attend: Launch {
+            module: DECODE_MODULE,
             name: format!("attention_cached_{suffix}"),
             grid: (
                 (row_tiles * splits) as u32,
@@ -562,6 +577,7 @@ pub fn cached_plan(shape: &CacheShape, suffix: &str, sm_count: usize) -> Result<
             smem: smem as u32,
         },
         combine: (splits > 1).then(|| Launch {
+            module: DECODE_MODULE,
             name: format!("attention_cached_combine_{suffix}"),
             grid: flat(rows * n_heads * head_dim),
             smem: 0,
@@ -597,14 +613,14 @@ pub fn attention_cached<T: DeviceElem>(
     let (nq, nkv) = (rows * shape.q_width(), rows * shape.kv_width());
     let q_layout = "[batch*new, n_heads*head_dim]";
     let kv_layout = "[batch*new, n_kv_heads*head_dim]";
-    check_len("q", q.len(), nq, q_layout)?;
-    check_len("k", k.len(), nkv, kv_layout)?;
-    check_len("v", v.len(), nkv, kv_layout)?;
-    check_len("out", out.len(), nq, q_layout)?;
+    ensure_len("q", q.len(), nq, q_layout)?;
+    ensure_len("k", k.len(), nkv, kv_layout)?;
+    ensure_len("v", v.len(), nkv, kv_layout)?;
+    ensure_len("out", out.len(), nq, q_layout)?;
     let cache_len = shape.batch * shape.cap * shape.kv_width();
     let cache_layout = "[batch*cap, n_kv_heads*head_dim]";
-    check_len("k_cache", k_cache.len(), cache_len, cache_layout)?;
-    check_len("v_cache", v_cache.len(), cache_len, cache_layout)?;
+    ensure_len("k_cache", k_cache.len(), cache_len, cache_layout)?;
+    ensure_len("v_cache", v_cache.len(), cache_len, cache_layout)?;
     ensure!(
         start.len() >= shape.batch,
         "attention_cached: {} sequence starts on the device for a batch of {}",
@@ -888,8 +904,9 @@ mod tests {
         }
     }
 
-    /// Every kernel the host can pick exists in the module, for sm_80 and sm_90a, without
-    /// register spills. Needs libnvrtc (not a GPU); skipped with a notice when it is absent.
+    /// Every kernel the host can pick exists in the module the host loads it from, for sm_80
+    /// and sm_90a, without register spills. Needs libnvrtc (not a GPU); skipped with a notice
+    /// when it is absent.
     #[test]
     fn every_selectable_kernel_compiles_without_spills() {
         if !compile::nvrtc_present() {
@@ -900,32 +917,35 @@ mod tests {
         for suffix in ["bf16", "f32"] {
             for d in [24, 64, 96, 128] {
                 let s = shape(100, 4, 2, d);
-                wanted.push(forward_launch(&s, suffix).name);
-                wanted.extend(backward_launches(&s, suffix).map(|l| l.name));
+                wanted.push(forward_launch(&s, suffix));
+                wanted.extend(backward_launches(&s, suffix));
             }
         }
         for suffix in ["bf16", "f32"] {
             let p = cached_plan(&cache_shape(1, 1, 1000, (9, 3), 64, None), suffix, 132).unwrap();
-            wanted.extend([p.append.name, p.attend.name]);
-            wanted.extend(p.combine.map(|c| c.name));
+            wanted.extend([p.append, p.attend]);
+            wanted.extend(p.combine);
         }
+        let mut wanted: Vec<(&str, String)> =
+            wanted.into_iter().map(|l| (l.module, l.name)).collect();
         wanted.sort();
         wanted.dedup();
         for arch in ["sm_80", "sm_90a"] {
-            let c = compile::compile("attention", arch, Output::Cubin, &["-Xptxas=-v"])
-                .unwrap_or_else(|e| panic!("{e:#}"));
-            let stats = compile::parse_ptxas_log(&c.log);
-            for name in &wanted {
-                let k = stats
-                    .iter()
-                    .find(|k| &k.name == name)
-                    .unwrap_or_else(|| panic!("{arch}: kernel {name} not in the module"));
-                assert_eq!(
-                    (k.spill_stores, k.spill_loads),
-                    (0, 0),
-                    "{arch}: {name} spills registers ({} used)",
-                    k.registers
-                );
+            for module in [MODULE, DECODE_MODULE] {
+                let c = compile::compile(module, arch, Output::Cubin, &["-Xptxas=-v"])
+                    .unwrap_or_else(|e| panic!("{e:#}"));
+                let stats = compile::parse_ptxas_log(&c.log);
+                for (_, name) in wanted.iter().filter(|(m, _)| *m == module) {
+                    let k = stats.iter().find(|k| &k.name == name).unwrap_or_else(|| {
+                        panic!("{arch}: kernel {name} not in kernels/{module}.cu")
+                    });
+                    assert_eq!(
+                        (k.spill_stores, k.spill_loads),
+                        (0, 0),
+                        "{arch}: {name} spills registers ({} used)",
+                        k.registers
+                    );
+                }
             }
         }
     }

@@ -66,8 +66,8 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
         bail!("libnvrtc not found (put the folder holding libnvrtc.so on LD_LIBRARY_PATH)");
     }
     let (mut major, mut minor) = (0 as c_int, 0 as c_int);
-    // SAFETY: the library is present; both pointers are valid for writes.
     check(
+        // SAFETY: the library is present; both pointers are valid for writes.
         unsafe { nv::nvrtcVersion(&mut major, &mut minor) },
         "nvrtcVersion",
     )?;
@@ -152,9 +152,9 @@ pub fn compile(module: &str, arch: &str, output: Output, extra: &[&str]) -> Resu
     let opt_ptrs: Vec<*const c_char> = c_opts.iter().map(|o| o.as_ptr()).collect();
 
     let mut prog: nv::nvrtcProgram = std::ptr::null_mut();
-    // SAFETY: all strings are NUL-terminated and outlive the call; the header arrays have
-    // `headers.len()` entries each; `prog` is a valid out-pointer.
     check(
+        // SAFETY: all strings are NUL-terminated and outlive the call; the header arrays have
+        // `headers.len()` entries each; `prog` is a valid out-pointer.
         unsafe {
             nv::nvrtcCreateProgram(
                 &mut prog,
@@ -178,14 +178,14 @@ pub fn compile(module: &str, arch: &str, output: Output, extra: &[&str]) -> Resu
         let image = match output {
             Output::Cubin => {
                 let mut size = 0usize;
-                // SAFETY: `prog` compiled successfully; `size` is a valid out-pointer.
                 check(
+                    // SAFETY: `prog` compiled successfully; `size` is a valid out-pointer.
                     unsafe { nv::nvrtcGetCUBINSize(prog, &mut size) },
                     "nvrtcGetCUBINSize",
                 )?;
                 let mut buf = vec![0u8; size];
-                // SAFETY: `buf` has exactly the size NVRTC reported.
                 check(
+                    // SAFETY: `buf` has exactly the size NVRTC reported.
                     unsafe { nv::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char) },
                     "nvrtcGetCUBIN",
                 )?;
@@ -196,14 +196,14 @@ pub fn compile(module: &str, arch: &str, output: Output, extra: &[&str]) -> Resu
             }
             Output::Ptx => {
                 let mut size = 0usize;
-                // SAFETY: as above.
                 check(
+                    // SAFETY: as above.
                     unsafe { nv::nvrtcGetPTXSize(prog, &mut size) },
                     "nvrtcGetPTXSize",
                 )?;
                 let mut buf = vec![0u8; size];
-                // SAFETY: `buf` has exactly the size NVRTC reported.
                 check(
+                    // SAFETY: `buf` has exactly the size NVRTC reported.
                     unsafe { nv::nvrtcGetPTX(prog, buf.as_mut_ptr() as *mut c_char) },
                     "nvrtcGetPTX",
                 )?;
@@ -222,14 +222,14 @@ pub fn compile(module: &str, arch: &str, output: Output, extra: &[&str]) -> Resu
 
 fn program_log(prog: nv::nvrtcProgram) -> Result<String> {
     let mut size = 0usize;
-    // SAFETY: `prog` is a valid program; `size` is a valid out-pointer.
     check(
+        // SAFETY: `prog` is a valid program; `size` is a valid out-pointer.
         unsafe { nv::nvrtcGetProgramLogSize(prog, &mut size) },
         "nvrtcGetProgramLogSize",
     )?;
     let mut buf = vec![0u8; size.max(1)];
-    // SAFETY: `buf` holds at least the reported size.
     check(
+        // SAFETY: `buf` holds at least the reported size.
         unsafe { nv::nvrtcGetProgramLog(prog, buf.as_mut_ptr() as *mut c_char) },
         "nvrtcGetProgramLog",
     )?;

@@ -92,8 +92,8 @@ impl Gemm {
         }
         let blas = CudaBlas::new(rt.stream.clone())
             .map_err(|e| anyhow::anyhow!("creating a cuBLAS handle: {e:?}"))?;
-        // SAFETY: the handle is valid; DEFAULT_MATH disallows TF32 for f32 GEMMs.
         check(
+            // SAFETY: the handle is valid; DEFAULT_MATH disallows TF32 for f32 GEMMs.
             unsafe { cb::cublasSetMathMode(*blas.handle(), cb::cublasMath_t::CUBLAS_DEFAULT_MATH) },
             "cublasSetMathMode",
         )?;
@@ -103,8 +103,8 @@ impl Gemm {
     /// cuBLAS version number (e.g. 130001 for 13.0.1).
     pub fn version(&self) -> Result<i32> {
         let mut v: c_int = 0;
-        // SAFETY: valid handle and out-pointer.
         check(
+            // SAFETY: valid handle and out-pointer.
             unsafe { cb::cublasGetVersion_v2(*self.blas.handle(), &mut v) },
             "cublasGetVersion",
         )?;

@@ -189,7 +189,7 @@ impl Runtime {
             .with_context(|| format!("loading the {arch} cubin of kernels/{module}.cu"))?;
         if let Some(path) = &cached {
             // The disk cache is an optimisation: failing to write it is not an error.
-            let _ = write_atomically(path, &cubin.image);
+            let _ = crate::io::write_atomic(path, &cubin.image);
         }
         Ok(m)
     }
@@ -293,10 +293,4 @@ pub fn cache_dir() -> Option<PathBuf> {
     let dir = base.join("caft-fast").join("kernels");
     std::fs::create_dir_all(&dir).ok()?;
     Some(dir)
-}
-
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }

@@ -6,8 +6,8 @@
 //! would otherwise be checked only when a GPU is at hand. Here each kernel is compiled as C++
 //! against `cuda_emulated/cuda_shim.hpp` (one std::thread per CUDA thread, real barriers for
 //! `__syncthreads`, a per-warp exchange for `__shfl_xor_sync`) and launched exactly as
-//! `src/backend/cuda/backend.rs` launches it; the outputs are compared with
-//! `caft_fast::backend::cpu` the way `backend::cuda::parity` compares a GPU: outputs
+//! `src/backend/cuda/norm.rs` launches it; the outputs are compared with
+//! `caft_fast::backend::cpu` the way `backend::cuda::diagnostics::parity` compares a GPU: outputs
 //! NaN-poisoned first, relative L2 error within 1e-5 (f32) or 1e-2 (bf16), NaN never passes.
 //! The emulator also fails a launch that writes past a buffer or its dynamic shared memory,
 //! passes arguments of the wrong kind or count, or leaves a barrier short of threads.
@@ -19,8 +19,8 @@
 //!
 //! What it cannot check: timing, occupancy and register spills (tests/cuda_compile.rs); the
 //! GPU memory model beyond what barriers order; GPU arithmetic details (nvcc contracts a*b+c
-//! into FMA, g++ here does not: results differ by rounding); inline PTX, except attention.cu's
-//! wrappers (tests/cuda_emulated/ptx_emu.hpp). The real-GPU comparison stays
+//! into FMA, g++ here does not: results differ by rounding); inline PTX, except the wrappers of
+//! kernels/ptx.cuh (tests/cuda_emulated/ptx_emu.hpp). The real-GPU comparison stays
 //! tests/cuda_parity.rs. The other kernels are tests/cuda_emulated_ops.rs (elementwise.cu,
 //! loss.cu, optim.cu) and tests/cuda_emulated_attention.rs; what the files share is
 //! tests/cuda_emulated/common.rs.
@@ -36,6 +36,7 @@
 
 #[path = "cuda_emulated/common.rs"]
 mod common;
+mod support;
 #[path = "cuda_emulated/harness.rs"]
 mod harness;
 
@@ -48,7 +49,7 @@ use common::{act, draw, have_compiler, poisoned, to_f32, Elem, Outputs};
 use harness::{Arg, Launch, Module};
 use std::sync::OnceLock;
 
-// ==== The launches: as src/backend/cuda/backend.rs makes them ===============================
+// ==== The launches: as src/backend/cuda/norm.rs makes them ===================================
 // Entry point, grid, block and shared memory come from the backend's own `NormLaunch`; only
 // the argument lists are written out here (in the kernels' parameter order).
 

@@ -14,9 +14,9 @@
 //! √(reduction length) stays far below it); bf16 storage 1e-2 (each stored value carries a
 //! rounding error up to 2⁻⁹ ≈ 0.2 %, and an op chains at most a few such roundings).
 
-use super::backend::CudaBackend;
-use super::runtime::DeviceElem;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::backend::CudaBackend;
+use crate::backend::cuda::runtime::DeviceElem;
 use crate::backend::{AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
 use crate::linalg::gaussian_orthonormal;
 use crate::util::rng::Rng;
@@ -139,27 +139,7 @@ pub fn wide_row_shapes() -> Vec<Shape> {
         .collect()
 }
 
-/// `‖got - want‖₂ / ‖want‖₂` (absolute when `want` is all zeros); infinite on NaN/inf or a
-/// length mismatch.
-pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    if got.len() != want.len() {
-        return f64::INFINITY;
-    }
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        if !g.is_finite() || !w.is_finite() {
-            return f64::INFINITY;
-        }
-        let e = g as f64 - w as f64;
-        num += e * e;
-        den += (w as f64) * (w as f64);
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
+pub use crate::linalg::rel_err;
 
 /// Tolerance of the relative error for storage type `T`.
 pub fn tolerance<T: DeviceElem>() -> f64 {

@@ -1,12 +1,12 @@
 //! `caft-fast doctor`: what GPU support this machine has, and whether every CUDA op agrees with
 //! the CPU reference here.
 
-use super::backend::CudaBackend;
-use super::compile;
 use super::parity;
-use super::probe::probe;
-use super::runtime::Runtime;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::backend::CudaBackend;
+use crate::backend::cuda::compile;
+use crate::backend::cuda::probe::probe;
+use crate::backend::cuda::runtime::Runtime;
 use anyhow::Result;
 use std::sync::Arc;
 use std::time::Instant;

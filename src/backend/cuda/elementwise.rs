@@ -1,0 +1,211 @@
+//! Embedding lookup, rotary embeddings, SwiGLU forward and backward, and the f32 -> `T` cast
+//! (kernels/elementwise.cu).
+
+use super::backend::CudaBackend;
+use super::launch::{to_i32, KernelLaunch};
+use super::runtime::DeviceElem;
+use super::scratch::{ensure, Scratch};
+use crate::backend::{check_len, check_min};
+use anyhow::{Context, Result};
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+impl<T: DeviceElem> CudaBackend<T> {
+    fn is_f32() -> bool {
+        T::SUFFIX == "f32"
+    }
+
+    /// Device address of `len` f32 values at `src` seen as `T`: the same address when `T` is
+    /// f32, else a `T` copy in scratch slot `slot`.
+    pub(super) fn f32_as_t(
+        &self,
+        scratch: &mut Scratch<T>,
+        slot: usize,
+        src: u64,
+        len: usize,
+    ) -> Result<u64> {
+        if Self::is_f32() {
+            return Ok(src);
+        }
+        let dst = ensure(&self.rt, &mut scratch.lora[slot], len)?;
+        let dst_ptr = self.rt.ptr(dst);
+        let (f, name) = self.func("elementwise", "cast_from_f32")?;
+        let len_i = len as i64;
+        let mut args = self.rt.stream.launch_builder(&f);
+        args.arg(&dst_ptr).arg(&src).arg(&len_i);
+        let cfg = KernelLaunch::cast(len).config();
+        // SAFETY: cast_from_f32(T* dst, const float* src, long long len); dst holds >= len
+        // elements (ensured above), src holds len f32 values (caller).
+        unsafe { self.rt.launch(&name, cfg, args) }?;
+        Ok(dst_ptr)
+    }
+
+    /// Scratch address for `len` elements of `T` in slot `slot` (no conversion).
+    pub(super) fn t_scratch(
+        &self,
+        scratch: &mut Scratch<T>,
+        slot: usize,
+        len: usize,
+    ) -> Result<u64> {
+        let dst = ensure(&self.rt, &mut scratch.lora[slot], len)?;
+        Ok(self.rt.ptr(dst))
+    }
+}
+
+pub(super) fn embedding<T: DeviceElem>(
+    be: &CudaBackend<T>,
+    out: &mut CudaSlice<T>,
+    table: &CudaSlice<T>,
+    ids: &[u32],
+    d: usize,
+) -> Result<()> {
+    let n = ids.len();
+    check_len("embedding", "out", out.len(), n * d);
+    assert!(
+        d > 0 && table.len().is_multiple_of(d),
+        "embedding: table length {} is not a multiple of d = {d}",
+        table.len()
+    );
+    if n == 0 {
+        return Ok(());
+    }
+    let mut sc = be.scratch();
+    let ids_dev = ensure(&be.rt, &mut sc.ids, n)?;
+    be.rt
+        .stream
+        .memcpy_htod(ids, &mut ids_dev.slice_mut(0..n))
+        .context("uploading token ids")?;
+    let (f, name) = be.func("elementwise", "embedding")?;
+    let d_i = to_i32("embedding", "d", d);
+    let (o, t, i) = (be.rt.ptr(out), be.rt.ptr(table), be.rt.ptr(&*ids_dev));
+    let mut args = be.rt.stream.launch_builder(&f);
+    args.arg(&o).arg(&t).arg(&i).arg(&d_i);
+    let cfg = KernelLaunch::embedding::<T>(n, d).config();
+    // SAFETY: embedding(T* out, const T* table, const u32* ids, int d): out holds n·d,
+    // ids holds n valid row indices of table (validated by the caller), grid = n rows.
+    unsafe { be.rt.launch(&name, cfg, args) }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rope<T: DeviceElem>(
+    be: &CudaBackend<T>,
+    x: &mut CudaSlice<T>,
+    table: &CudaSlice<f32>,
+    batch: usize,
+    seq: usize,
+    n_heads: usize,
+    head_dim: usize,
+    inverse: bool,
+    offsets: Option<&[i32]>,
+) -> Result<()> {
+    assert!(
+        head_dim.is_multiple_of(2),
+        "rope: head_dim {head_dim} is odd"
+    );
+    let rows = batch * seq;
+    check_len("rope", "x", x.len(), rows * n_heads * head_dim);
+    let max_pos = match offsets {
+        None => seq.max(1) - 1,
+        Some(o) => {
+            check_len("rope", "offsets", o.len(), batch);
+            o.iter()
+                .map(|&p| (p as i64 + seq as i64 - 1).max(0) as usize)
+                .max()
+                .unwrap_or(0)
+        }
+    };
+    check_min("rope", "table", table.len(), (max_pos + 1) * head_dim);
+    let total = rows * n_heads * head_dim / 2;
+    if total == 0 {
+        return Ok(());
+    }
+    let mut sc = be.scratch();
+    let offsets_ptr = match offsets {
+        None => 0u64,
+        Some(o) => {
+            let dev = sc.offsets.upload(&be.rt, o, "rope offsets")?;
+            be.rt.ptr(dev)
+        }
+    };
+    let (f, name) = be.func("elementwise", "rope")?;
+    let (xp, tp) = (be.rt.ptr(x), be.rt.ptr(table));
+    let rows_i = rows as i64;
+    let (seq_i, nh_i, hd_i) = (
+        to_i32("rope", "seq", seq),
+        to_i32("rope", "n_heads", n_heads),
+        to_i32("rope", "head_dim", head_dim),
+    );
+    let sign: f32 = if inverse { -1.0 } else { 1.0 };
+    let mut args = be.rt.stream.launch_builder(&f);
+    args.arg(&xp)
+        .arg(&tp)
+        .arg(&offsets_ptr)
+        .arg(&rows_i)
+        .arg(&seq_i)
+        .arg(&nh_i)
+        .arg(&hd_i)
+        .arg(&sign);
+    let cfg = KernelLaunch::rope::<T>(rows * n_heads, head_dim).config();
+    // SAFETY: rope(T* x, const float* table, const int* offsets, long long rows, int seq,
+    // int n_heads, int hd, float sign): x holds rows·n_heads·hd, table covers every
+    // position used (checked above), offsets is null or holds `batch` ints.
+    unsafe { be.rt.launch(&name, cfg, args) }
+}
+
+pub(super) fn swiglu<T: DeviceElem>(
+    be: &CudaBackend<T>,
+    out: &mut CudaSlice<T>,
+    gate: &CudaSlice<T>,
+    up: &CudaSlice<T>,
+) -> Result<()> {
+    let len = out.len();
+    check_len("swiglu", "gate", gate.len(), len);
+    check_len("swiglu", "up", up.len(), len);
+    if len == 0 {
+        return Ok(());
+    }
+    let (f, name) = be.func("elementwise", "swiglu_fwd")?;
+    let (op, gp, upp) = (be.rt.ptr(out), be.rt.ptr(gate), be.rt.ptr(up));
+    let len_i = len as i64;
+    let mut args = be.rt.stream.launch_builder(&f);
+    args.arg(&op).arg(&gp).arg(&upp).arg(&len_i);
+    let cfg = KernelLaunch::swiglu::<T>(len).config();
+    // SAFETY: swiglu_fwd(T* out, const T* gate, const T* up, long long len): all three hold
+    // len elements (whole buffers, so 16-byte aligned for the vector path).
+    unsafe { be.rt.launch(&name, cfg, args) }
+}
+
+pub(super) fn swiglu_bwd<T: DeviceElem>(
+    be: &CudaBackend<T>,
+    dgate: &mut CudaSlice<T>,
+    dup: &mut CudaSlice<T>,
+    dout: &CudaSlice<T>,
+    gate: &CudaSlice<T>,
+    up: &CudaSlice<T>,
+) -> Result<()> {
+    let len = dout.len();
+    check_len("swiglu_bwd", "dgate", dgate.len(), len);
+    check_len("swiglu_bwd", "dup", dup.len(), len);
+    check_len("swiglu_bwd", "gate", gate.len(), len);
+    check_len("swiglu_bwd", "up", up.len(), len);
+    if len == 0 {
+        return Ok(());
+    }
+    let (f, name) = be.func("elementwise", "swiglu_bwd")?;
+    let ptrs = [
+        be.rt.ptr(dgate),
+        be.rt.ptr(dup),
+        be.rt.ptr(dout),
+        be.rt.ptr(gate),
+        be.rt.ptr(up),
+    ];
+    let len_i = len as i64;
+    let mut args = be.rt.stream.launch_builder(&f);
+    for p in &ptrs {
+        args.arg(p);
+    }
+    args.arg(&len_i);
+    let cfg = KernelLaunch::swiglu::<T>(len).config();
+    // SAFETY: swiglu_bwd(T* dgate, T* dup, const T* dout, const T* gate, const T* up,
+    // long long len): all five hold len elements.
+    unsafe { be.rt.launch(&name, cfg, args) }
+}
