@@ -36,9 +36,9 @@
 
 #[path = "cuda_emulated/common.rs"]
 mod common;
-mod support;
 #[path = "cuda_emulated/harness.rs"]
 mod harness;
+mod support;
 
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::cuda::NormLaunch;
