@@ -2,12 +2,13 @@
 //! the thread count, the default model, and the model of a benchmark.
 
 use crate::backend::device::{Device, DEVICE_NAMES};
+use crate::model::config::ModelConfig;
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::spec::ModelSpec;
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The parser of `--device`: auto, cpu or cuda, listed with their meaning in `--help`.
 pub fn device_parser() -> impl TypedValueParser<Value = Device> {
@@ -56,18 +57,28 @@ pub struct BenchModelArgs {
     /// Model: a Hugging Face folder or a GGUF file (default: SmolLM2-135M-Instruct).
     #[arg(long, conflicts_with = "shape")]
     pub model: Option<PathBuf>,
-    /// Instead of a model file, random weights of a known shape: qwen2.5-1.5b, llama-3.2-1b,
-    /// smollm2-135m.
+    /// Instead of a model file, random weights of a shape: a preset (qwen2.5-1.5b,
+    /// llama-3.2-1b, smollm2-135m) or any Hugging Face `config.json` (or the folder holding
+    /// one), so a model's step can be timed without its weights.
     #[arg(long)]
     pub shape: Option<String>,
 }
 
 impl BenchModelArgs {
-    /// Random weights of the preset shape, or the model file.
+    /// Random weights of the shape (a preset, or a `config.json`), or the model file.
     pub fn load(&self) -> Result<LoadedModel> {
         Ok(match &self.shape {
             Some(shape) => {
-                let config = crate::model::random::preset(shape)?;
+                let path = Path::new(shape);
+                let config = if path.is_dir() {
+                    ModelConfig::from_hf_json(&path.join("config.json"))?
+                } else if path.is_file() {
+                    ModelConfig::from_hf_json(path)?
+                } else {
+                    crate::model::random::preset(shape).with_context(|| {
+                        format!("--shape {shape:?} is no file either (a config.json or its folder)")
+                    })?
+                };
                 LoadedModel {
                     weights: Box::new(crate::model::random::RandomWeights::new(config.clone(), 0)),
                     config,

@@ -142,3 +142,37 @@ fn token_id_beyond_vocabulary() {
         "{err}"
     );
 }
+
+/// `bench-step --shape` takes any config.json (a model's shape without its weights): the tiny
+/// Qwen2's config runs with random weights and is reported as such; a shape that is neither a
+/// file nor a preset names both choices.
+#[test]
+fn bench_step_shape_from_a_config_json() {
+    let config = tiny_fixture("qwen2").join("config.json");
+    let run = |shape: &str| {
+        caft([
+            "bench-step",
+            "--device",
+            "cpu",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--lora-r",
+            "2",
+            "--shape",
+            shape,
+        ])
+    };
+    let out = assert_ok(&run(s(&config)));
+    assert!(out.contains(&format!("random:{}", s(&config))), "{out}");
+    assert!(out.contains("\"tokens\":8"), "{out}");
+    assert_error(
+        &run("no-such-shape"),
+        &["no-such-shape", "config.json", "llama-3.2-1b"],
+    );
+}
