@@ -121,10 +121,10 @@ pub struct ReportArgs {
     #[arg(long)]
     pub labels: Option<String>,
     /// Misaligned: aligned score below this ...
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     pub aligned_below: f64,
     /// ... and coherent score above this.
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = 50.0, allow_negative_numbers = true)]
     pub coherent_above: f64,
     /// Bootstrap resamples of the intervals.
     #[arg(long, default_value_t = 2000)]

@@ -34,7 +34,11 @@ fn the_number_distribution_accounts_for_the_logits() {
     let d = lj.distribution(&be, &mut model, &ids).unwrap();
     // The next-token probabilities, read here with a plain forward of a fresh cache.
     let mut cache = model.new_cache(&be, 1, ids.len()).unwrap();
-    let p0 = softmax(&model.prefill(&be, &mut cache, std::slice::from_ref(&ids)).unwrap()[..v]);
+    let p0 = softmax(
+        &model
+            .prefill(&be, &mut cache, std::slice::from_ref(&ids))
+            .unwrap()[..v],
+    );
     let mut first = [0.0f64; 10];
     for id in 0..v as u32 {
         let t = tok.decode(&[id]).unwrap_or_default();
