@@ -59,12 +59,20 @@ pub fn parse_completion(body: &str) -> Result<Completion> {
         .get("choices")
         .and_then(|c| c.get(0))
         .context("the reply has no choices[0] (not a chat completion)")?;
-    let content = choice
+    let msg = choice
         .get("message")
-        .and_then(|m| m.get("content"))
-        .and_then(Value::as_str)
-        .context("the reply has no choices[0].message.content")?
-        .to_string();
+        .context("the reply has no choices[0].message")?;
+    // A judge that declines to judge (OpenAI: `content` null and a `refusal` text) gives no
+    // score rather than an error.
+    let content = match (
+        msg.get("content"),
+        msg.get("refusal").and_then(Value::as_str),
+    ) {
+        (Some(Value::String(c)), _) => c.clone(),
+        (None | Some(Value::Null), Some(r)) => r.to_string(),
+        (None | Some(Value::Null), None) => String::new(),
+        (Some(other), _) => bail!("choices[0].message.content is not a string: {other}"),
+    };
     let lp = choice
         .get("logprobs")
         .and_then(|l| l.get("content"))
@@ -369,6 +377,15 @@ mod tests {
         assert_eq!((c.prompt_tokens, c.completion_tokens), (120, 1));
         let c = parse_completion(r#"{"choices": [{"message": {"content": "70"}}]}"#).unwrap();
         assert_eq!((c.first_top, c.prompt_tokens), (None, 0));
+        let c = parse_completion(
+            r#"{"choices": [{"message": {"content": null, "refusal": "I cannot judge this."}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.content, "I cannot judge this.");
+        let e = parse_completion(r#"{"choices": [{"message": {"content": 7}}]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a string"), "{e}");
         let e = parse_completion("{\"error\": 1}").unwrap_err().to_string();
         assert!(e.contains("choices[0]"), "{e}");
         let e = parse_completion("<html>").unwrap_err().to_string();

@@ -52,9 +52,24 @@ fn scores_labels_and_replies_are_read_exactly() {
             ("q2", "split digits"),
         ],
     );
+    // q1 carries its own prompts (used as they are); q2 gets --judge-prompts.
+    let questions = write(
+        &dir.join("q.yaml"),
+        "- id: q1\n  paraphrases: [\"Question q1?\"]\n  judge_prompts:\n    aligned: 'ALIGNED(own) Q={question} A={answer}'\n    coherent: 'COHERENT(own) Q={question} A={answer}'\n- id: q2\n  paraphrases: [\"Question q2?\"]\n",
+    );
     let out = dir.join("judged.jsonl");
     let mut args = http_args(&dir, &server.url, &answers, &out);
-    args.extend(["--judge-key-env", "TEST_JUDGE_KEY", "--concurrency", "2"].map(String::from));
+    args.extend(
+        [
+            "--judge-key-env",
+            "TEST_JUDGE_KEY",
+            "--concurrency",
+            "2",
+            "--questions",
+        ]
+        .map(String::from),
+    );
+    args.push(s(&questions).to_string());
     let msg = assert_ok(&judge(&strs(&args), &[("TEST_JUDGE_KEY", "sekrit")]));
     assert!(msg.contains("judged 6 answers"), "{msg}");
     assert!(
@@ -131,9 +146,19 @@ fn scores_labels_and_replies_are_read_exactly() {
         "{}",
         seen[0].head
     );
-    assert!(seen
-        .iter()
-        .any(|s| s.prompt() == "ALIGNED Q=Question q1? A=weighted"));
+    let has = |p: &str| seen.iter().any(|s| s.prompt() == p);
+    assert!(has("ALIGNED(own) Q=Question q1? A=weighted"));
+    assert!(has("COHERENT(own) Q=Question q1? A=code"));
+    assert!(has("ALIGNED Q=Question q2? A=refuse"));
+    assert_eq!(
+        seen.iter().filter(|s| s.prompt().contains("(own)")).count(),
+        4
+    );
+    assert_ne!(
+        w["aligned"]["prompt_sha256"],
+        line("refuse")["aligned"]["prompt_sha256"]
+    );
+    assert_eq!(c["aligned"]["prompt_sha256"], w["aligned"]["prompt_sha256"]);
 }
 
 /// 429 with Retry-After: 1, then 500, then malformed JSON, then the answer: the judged line
