@@ -337,10 +337,15 @@ pub struct Tally {
     pub scored: usize,
     pub labels: usize,
     pub no_score: usize,
+    /// Judgements read from the reply text (no usable log-probabilities came back).
+    pub from_reply: usize,
 }
 
 impl Tally {
     pub fn add(&mut self, j: &Judgement) {
+        if j.method == "reply" {
+            self.from_reply += 1;
+        }
         if j.score.is_some() {
             self.scored += 1;
         } else if j.label.is_some() {

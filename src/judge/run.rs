@@ -123,6 +123,14 @@ pub fn run(r: &JudgeRun) -> Result<String> {
             );
             let cost = (pt as f64 * price.0 + ct as f64 * price.1) / 1e6;
             let t = tally.into_inner().unwrap_or_else(|e| e.into_inner());
+            if t.from_reply > 0 && opts.top_logprobs > 0 {
+                eprintln!(
+                    "note: {} of {} judgements were read from the reply text: the endpoint sent \
+                     no log-probabilities, or wrote the number over several tokens (docs/eval.md)",
+                    t.from_reply,
+                    2 * out.written
+                );
+            }
             let summary = format!(
                 "judged {} answers ({} skipped, already judged): {} scores, {} CODE/REFUSAL, {} \
                  without a score; {} requests ({} retries), {pt} prompt + {ct} completion tokens{}; \

@@ -73,6 +73,10 @@ fn scores_labels_and_replies_are_read_exactly() {
     let msg = assert_ok(&judge(&strs(&args), &[("TEST_JUDGE_KEY", "sekrit")]));
     assert!(msg.contains("judged 6 answers"), "{msg}");
     assert!(
+        msg.contains("note: 2 of 12 judgements were read from the reply"),
+        "{msg}"
+    );
+    assert!(
         msg.contains("1200 prompt"),
         "12 requests of 100 prompt tokens: {msg}"
     );
