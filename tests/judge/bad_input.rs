@@ -134,3 +134,36 @@ fn report_thresholds_and_mixed_judges() {
     );
     assert!(!e.contains("panicked"));
 }
+
+/// Keys and the local model are checked before anything is read or sent.
+#[test]
+fn missing_keys_and_models_are_named() {
+    let dir = TempDir::new("judge-keys");
+    let answers = answers_file(&dir.join("a.jsonl"), &[("q", "x")]);
+    let out = dir.join("j.jsonl");
+    let base = [
+        "--answers",
+        s(&answers),
+        "-o",
+        s(&out),
+        "--judge-model",
+        "gpt-test",
+    ];
+    assert_error(&judge(&base, &[]), &["OPENAI_API_KEY is not set"]);
+    let mut args = base.to_vec();
+    args.extend(["--judge-key-env", "CAFT_TEST_NO_SUCH_KEY"]);
+    assert_error(&judge(&args, &[]), &["CAFT_TEST_NO_SUCH_KEY", "not set"]);
+    let missing = dir.join("no-such-model.gguf");
+    let args = [
+        "--answers",
+        s(&answers),
+        "-o",
+        s(&out),
+        "--judge-local",
+        s(&missing),
+        "--device",
+        "cpu",
+    ];
+    assert_error(&judge(&args, &[]), &["no-such-model.gguf"]);
+    assert!(!out.exists());
+}

@@ -285,7 +285,17 @@ fn a_killed_run_resumes_without_asking_twice() {
     let mut text = std::fs::read_to_string(&out).unwrap();
     text.push_str("{\"id\": \"q\", \"aligned\": {\"sco");
     std::fs::write(&out, text).unwrap();
-    let asked_before = server.count();
+    // Requests the killed run had sent may reach the server's threads a moment later: wait
+    // until the count settles before taking it.
+    let mut asked_before = server.count();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let n = server.count();
+        if n == asked_before {
+            break;
+        }
+        asked_before = n;
+    }
     let msg = assert_ok(&judge(&strs(&args), &[]));
     assert!(msg.contains(&format!("{} skipped", before.len())), "{msg}");
     let rerun: Vec<String> = server.seen()[asked_before..]

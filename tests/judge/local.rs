@@ -140,3 +140,69 @@ fn judge_local_scores_every_answer_of_a_generate_output() {
     let msg = assert_ok(&judge(&args, &[]));
     assert!(msg.contains("judged 0 answers (2 skipped"), "{msg}");
 }
+
+/// A vocabulary with a token for every number 0–100 (a byte-level tokenizer for the tiny
+/// Llama: ids 0..=100 are "0".."100", the rest printable ASCII): only the next token is read,
+/// so each number's probability is exactly its token's softmax probability.
+#[test]
+fn one_token_numbers_are_read_from_the_next_token() {
+    let table = caft_fast::model::tokenizer::byte_to_char_table();
+    let mut vocab = serde_json::Map::new();
+    for v in 0..=100u32 {
+        vocab.insert(v.to_string(), v.into());
+    }
+    let mut id = 101u32;
+    for b in (b' '..=b'~').chain([b'\n']) {
+        if !b.is_ascii_digit() {
+            vocab.insert(table[b as usize].to_string(), id.into());
+            id += 1;
+        }
+    }
+    assert!(id <= 256, "the tiny model has 256 ids");
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": false, "vocab": vocab, "merges": []}
+    });
+    let dir = TempDir::new("judge-onetoken");
+    let path = write(&dir.join("tokenizer.json"), &json.to_string());
+    let tok = caft_fast::model::tokenizer::Tokenizer::from_file(&path).unwrap();
+    let be = CpuBackend::new();
+    let loaded = load_model(&tiny_llama()).unwrap();
+    let v = loaded.config.vocab_size;
+    let lj = LocalJudge::new(&tok, None, v, 0.0).unwrap();
+    assert!(lj.vocab.one_token_numbers);
+    let mut model = Model::new(&be, loaded.config.clone(), loaded.weights.as_ref()).unwrap();
+    let ids = lj
+        .encode("Rate this answer from 0 to 100: 42 apples.")
+        .unwrap();
+    assert!(ids.len() > 20 && !ids.contains(&42) && ids.contains(&4));
+    let d = lj.distribution(&be, &mut model, &ids).unwrap();
+    let mut cache = model.new_cache(&be, 1, ids.len()).unwrap();
+    let p0 = softmax(
+        &model
+            .prefill(&be, &mut cache, std::slice::from_ref(&ids))
+            .unwrap()[..v],
+    );
+    for (n, &p) in p0.iter().enumerate().take(101) {
+        assert!(
+            (d.probs[n] - p).abs() <= 1e-6 * p.max(1e-9),
+            "{n}: {} vs {p}",
+            d.probs[n]
+        );
+    }
+    let want: f64 = p0[..=100].iter().sum();
+    assert!((d.mass - want).abs() < 1e-6 * want && (d.first_token_mass - want).abs() < 1e-6 * want);
+    assert!(
+        want > 0.05 && want < 0.95,
+        "random weights spread the mass: {want}"
+    );
+    let j = judgement(&d, 0.0, "h");
+    let mean = (0..=100).map(|n| n as f64 * p0[n]).sum::<f64>() / want;
+    assert!((j.score.unwrap() - mean).abs() < 1e-6 * mean);
+}
