@@ -221,7 +221,7 @@ pub fn scatter_svg(
         }
         let _ = writeln!(
             s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{} ({} answers)</text><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">aligned</text>"#,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{} ({} scored answers)</text><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="11">aligned</text>"#,
             x0 + pw / 2.0,
             top - 8.0,
             esc(label),
