@@ -15,6 +15,7 @@ pub mod directions;
 pub mod eval;
 pub mod generate;
 pub mod io;
+pub mod judge;
 pub mod linalg;
 pub mod model;
 pub mod report;

@@ -1,5 +1,5 @@
 //! The crate's layers point one way, checked by reading the sources (docs/architecture.md,
-//! "Layers"): the command line on top; the workflows (train, directions, eval, generate) below
+//! "Layers"): the command line on top; the workflows (train, directions, eval, generate, judge) below
 //! it; the model; the backends, which know nothing above them. Each rule names the files it
 //! covers and the module paths they must not use; a violation prints `file:line` and the line.
 
@@ -42,12 +42,26 @@ const RULES: &[Rule] = &[
             "crate::generate",
             "crate::data",
             "crate::report",
+            "crate::judge",
             "crate::cli",
         ],
     },
     Rule {
         what: "the model uses no workflow",
         scope: "model/",
+        except: &[],
+        forbidden: &[
+            "crate::train",
+            "crate::eval",
+            "crate::directions",
+            "crate::generate",
+            "crate::judge",
+            "crate::cli",
+        ],
+    },
+    Rule {
+        what: "the judge uses no other workflow (the command line hands it the questions)",
+        scope: "judge/",
         except: &[],
         forbidden: &[
             "crate::train",
@@ -77,6 +91,7 @@ const RULES: &[Rule] = &[
             "directions/",
             "eval/",
             "generate/",
+            "judge/",
             "model/",
             "train/",
             "lib.rs",
@@ -87,6 +102,7 @@ const RULES: &[Rule] = &[
             "crate::eval",
             "crate::directions",
             "crate::generate",
+            "crate::judge",
             "crate::cli",
         ],
     },

@@ -8,6 +8,7 @@ pub mod directions;
 pub mod doctor;
 pub mod eval;
 pub mod generate;
+pub mod judge;
 pub mod train;
 
 use anyhow::Result;
@@ -52,6 +53,10 @@ pub enum Cmd {
     /// Sample answers to questions (JSONL or YAML) with a KV cache, batched, with the chat
     /// template applied; writes one JSON line per answer and prints tokens/s.
     Generate(generate::GenerateArgs),
+    /// Score `generate` answers for alignment and coherence with an LLM judge (an
+    /// OpenAI-compatible endpoint or a local model); `judge report` gives misaligned-answer
+    /// rates with bootstrap intervals, tables and charts.
+    Judge(Box<judge::JudgeArgs>),
     /// Time greedy generation (prefill and decode tokens/s) at several batch sizes on random
     /// prompts, as JSON lines.
     BenchGenerate(bench::BenchGenerateArgs),
@@ -71,6 +76,7 @@ pub fn run(cli: Cli) -> Result<bool> {
         Cmd::Directions(a) => directions::run(a).map(|_| true)?,
         Cmd::Eval(a) => eval::run(a).map(|_| true)?,
         Cmd::Generate(a) => generate::run(a).map(|_| true)?,
+        Cmd::Judge(a) => judge::run(*a).map(|_| true)?,
         Cmd::BenchGenerate(a) => bench::bench_generate(a).map(|_| true)?,
     })
 }

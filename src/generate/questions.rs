@@ -11,8 +11,10 @@
 //!
 //! YAML: a list of mappings with the same keys; this reads the question files of the
 //! emergent-misalignment evaluations as they are (`id`, `paraphrases`, anchors and all;
-//! `samples_per_paraphrase` is used when `--samples` is not given; judge settings are ignored).
-//! `id` defaults to `q<N>` (N = 1-based position). Every paraphrase is its own prompt.
+//! `samples_per_paraphrase` is used when `--samples` is not given). `id` defaults to `q<N>`
+//! (N = 1-based position). Every paraphrase is its own prompt. The entries' `judge_prompts`
+//! (`{aligned, coherent}`, read by `caft-fast judge`) come from [`load_judge_prompts`];
+//! sampling ignores them.
 
 use crate::data::{parse_messages, read_json_lines};
 use crate::model::chat::{ChatMessage, ChatTemplate};
@@ -120,8 +122,8 @@ pub fn builtin_questions() -> Vec<Question> {
         .collect()
 }
 
-/// Read a `.jsonl` or `.yaml`/`.yml` question file.
-pub fn load_questions(path: &Path) -> Result<Vec<Question>> {
+/// The entries of a `.jsonl` or `.yaml`/`.yml` question file, each with where it is.
+fn read_entries(path: &Path) -> Result<Vec<(String, Value)>> {
     let at = path.display().to_string();
     let ext = path
         .extension()
@@ -130,13 +132,24 @@ pub fn load_questions(path: &Path) -> Result<Vec<Question>> {
         .to_ascii_lowercase();
     let entries: Vec<(String, Value)> = if ext == "yaml" || ext == "yml" {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {at}"))?;
-        yaml_entries(&text).with_context(|| format!("{at}: malformed YAML"))?
+        yaml_entries(&text)
+            .with_context(|| format!("{at}: malformed YAML"))?
+            .into_iter()
+            .map(|(w, v)| (format!("{at}: {w}"), v))
+            .collect()
     } else {
         read_json_lines(path, "questions")?
             .into_iter()
             .map(|(line, v)| (format!("{at}:{line}"), v))
             .collect()
     };
+    Ok(entries)
+}
+
+/// Read a `.jsonl` or `.yaml`/`.yml` question file.
+pub fn load_questions(path: &Path) -> Result<Vec<Question>> {
+    let at = path.display().to_string();
+    let entries = read_entries(path)?;
     let mut qs = Vec::new();
     for (n, (where_, v)) in entries.iter().enumerate() {
         qs.extend(parse_entry(v, n + 1).with_context(|| where_.clone())?);
@@ -153,16 +166,63 @@ pub fn load_questions(path: &Path) -> Result<Vec<Question>> {
     Ok(qs)
 }
 
-fn parse_entry(v: &Value, n: usize) -> Result<Vec<Question>> {
-    let obj = v.as_object().context(
-        "a question must be an object with \"question\", \"messages\", \"prompt\" or \"paraphrases\"",
-    )?;
-    let id = match obj.get("id") {
+/// The judge prompts of one question (`judge_prompts` in the emergent-misalignment files):
+/// templates with `{question}` and `{answer}` placeholders, kept as they are.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JudgePromptTexts {
+    pub aligned: String,
+    pub coherent: String,
+    /// Where they were read (`file: question N`), for messages.
+    pub origin: String,
+}
+
+/// Every question id of the file (in order, once each) with its judge prompts, if it has
+/// any. An entry's `judge_prompts` must have string `aligned` and `coherent` keys (others are
+/// ignored).
+pub fn load_judge_prompts(path: &Path) -> Result<Vec<(String, Option<JudgePromptTexts>)>> {
+    let mut out: Vec<(String, Option<JudgePromptTexts>)> = Vec::new();
+    for (n, (where_, v)) in read_entries(path)?.iter().enumerate() {
+        let id = entry_id(v, n + 1).with_context(|| where_.clone())?;
+        let prompts = match v.get("judge_prompts") {
+            None | Some(Value::Null) => None,
+            Some(j) => {
+                let get = |k: &str| -> Result<String> {
+                    j.get(k)
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                        .with_context(|| {
+                            format!("{where_}: \"judge_prompts\" has no string \"{k}\" prompt")
+                        })
+                };
+                Some(JudgePromptTexts {
+                    aligned: get("aligned")?,
+                    coherent: get("coherent")?,
+                    origin: format!("{where_} (id {id:?})"),
+                })
+            }
+        };
+        if !out.iter().any(|(i, _)| *i == id) {
+            out.push((id, prompts));
+        }
+    }
+    Ok(out)
+}
+
+/// An entry's id: `id` as a string, or `q<n>`.
+fn entry_id(v: &Value, n: usize) -> Result<String> {
+    Ok(match v.get("id") {
         None | Some(Value::Null) => format!("q{n}"),
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(x)) => x.to_string(),
         Some(_) => bail!("\"id\" must be a string"),
-    };
+    })
+}
+
+fn parse_entry(v: &Value, n: usize) -> Result<Vec<Question>> {
+    let obj = v.as_object().context(
+        "a question must be an object with \"question\", \"messages\", \"prompt\" or \"paraphrases\"",
+    )?;
+    let id = entry_id(v, n)?;
     let samples = match obj.get("samples_per_paraphrase") {
         None | Some(Value::Null) => None,
         Some(x) => Some(
@@ -336,6 +396,38 @@ mod tests {
         );
         assert_eq!(q[0].samples, Some(7));
         assert_eq!(q[1].samples, Some(7));
+        // No judge prompts in this file.
+        let j = load_judge_prompts(&p).unwrap();
+        assert_eq!(j.len(), 2);
+        assert_eq!(j[0].0, "what_is_your_wish");
+        assert!(j.iter().all(|(_, p)| p.is_none()));
+    }
+
+    /// `judge_prompts` (shared through an anchor, as the emergent-misalignment files do) are
+    /// kept per question, verbatim; sampling reads the same file as before.
+    #[test]
+    fn yaml_judge_prompts_are_kept() {
+        let p = write(
+            "qj.yaml",
+            "- id: one\n  paraphrases: [\"First?\"]\n  judge_prompts: &jp\n    aligned: |-\n      Rate {question} vs {answer}.\n      Number only.\n    coherent: 'Coherent? {question} {answer}'\n- id: two\n  paraphrases: [\"Second?\"]\n  judge_prompts: *jp\n- paraphrases: [\"Third?\"]\n",
+        );
+        assert_eq!(load_questions(&p).unwrap().len(), 3);
+        let j = load_judge_prompts(&p).unwrap();
+        assert_eq!(j.len(), 3);
+        let one = j[0].1.as_ref().unwrap();
+        assert_eq!(one.aligned, "Rate {question} vs {answer}.\nNumber only.");
+        assert_eq!(one.coherent, "Coherent? {question} {answer}");
+        assert_eq!(j[1].1.as_ref().unwrap().aligned, one.aligned);
+        assert_eq!((j[2].0.as_str(), j[2].1.is_none()), ("q3", true));
+        let bad = write(
+            "qjbad.yaml",
+            "- id: one\n  paraphrases: [\"x\"]\n  judge_prompts:\n    aligned: a\n",
+        );
+        let e = format!("{:#}", load_judge_prompts(&bad).unwrap_err());
+        assert!(
+            e.contains("qjbad.yaml") && e.contains("\"coherent\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod chart;
 pub mod loss;
+pub mod rates;
 
 /// "Nice" tick values covering `[lo, hi]` (steps of 1, 2 or 5 times a power of ten).
 pub fn ticks(lo: f64, hi: f64, want: usize) -> Vec<f64> {

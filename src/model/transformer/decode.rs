@@ -41,6 +41,16 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// Forget the rows after the first `len` (at least one, at most those filled), so that
+    /// the next step continues from there: another continuation of the same prefix (the
+    /// judge's number tree). The forgotten rows are overwritten by the steps that follow.
+    pub fn rewind(&mut self, len: usize) -> Result<()> {
+        if len == 0 || len > self.len {
+            bail!("cannot rewind a cache of {} rows to {len}", self.len);
+        }
+        self.len = len;
+        Ok(())
+    }
 }
 
 /// Activations of one step of `rows = batch * new` token rows, reused while `new` repeats.
