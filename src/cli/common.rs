@@ -129,3 +129,27 @@ impl ModelArgs {
         })
     }
 }
+
+/// The names of the runs compared in a table or chart: `--labels a,b,c` (one per file) or
+/// each file's stem.
+pub fn run_labels(labels: &Option<String>, files: &[PathBuf], what: &str) -> Result<Vec<String>> {
+    let names: Vec<String> = match labels {
+        Some(l) => l.split(',').map(|s| s.trim().to_string()).collect(),
+        None => files
+            .iter()
+            .map(|p| {
+                p.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| p.display().to_string())
+            })
+            .collect(),
+    };
+    if names.len() != files.len() {
+        anyhow::bail!(
+            "--labels has {} names for {} {what}; give one name per file",
+            names.len(),
+            files.len()
+        );
+    }
+    Ok(names)
+}

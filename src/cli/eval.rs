@@ -1,12 +1,12 @@
 //! Arguments of `caft-fast eval` and the thin glue from them to the library.
 
-use super::common::{set_threads, ModelArgs};
+use super::common::{run_labels, set_threads, ModelArgs};
 use crate::data::TrainOn;
 use crate::eval::loss::LossOptions;
 use crate::eval::task::TaskConfig;
 use crate::eval::{loss, mc, task};
 use crate::report::chart::{bar_chart_svg, markdown_table, read_report, Row};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -192,25 +192,7 @@ pub struct ChartArgs {
 
 /// `eval chart`: read the reports, print the markdown table, write the SVG.
 fn chart(a: &ChartArgs) -> Result<()> {
-    let labels: Vec<String> = match &a.labels {
-        Some(l) => l.split(',').map(|s| s.trim().to_string()).collect(),
-        None => a
-            .results
-            .iter()
-            .map(|p| {
-                p.file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| p.display().to_string())
-            })
-            .collect(),
-    };
-    if labels.len() != a.results.len() {
-        bail!(
-            "--labels has {} names for {} --results files; give one name per file",
-            labels.len(),
-            a.results.len()
-        );
-    }
+    let labels = run_labels(&a.labels, &a.results, "--results files")?;
     let rows = a
         .results
         .iter()

@@ -1,7 +1,7 @@
 //! Arguments of `caft-fast judge` (and `judge report`, `judge default-prompts`) and the glue
 //! from them to [`crate::judge`].
 
-use super::common::{device_parser, set_threads};
+use super::common::{device_parser, run_labels, set_threads};
 use crate::backend::device::Device;
 use crate::generate::questions::{load_judge_prompts, load_questions};
 use crate::judge::http::HttpOptions;
@@ -252,25 +252,7 @@ pub fn run(a: JudgeArgs) -> Result<()> {
 }
 
 fn report(r: &ReportArgs) -> Result<()> {
-    let labels: Vec<String> = match &r.labels {
-        Some(l) => l.split(',').map(|s| s.trim().to_string()).collect(),
-        None => r
-            .files
-            .iter()
-            .map(|p| {
-                p.file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| p.display().to_string())
-            })
-            .collect(),
-    };
-    if labels.len() != r.files.len() {
-        bail!(
-            "--labels has {} names for {} judged files; give one name per file",
-            labels.len(),
-            r.files.len()
-        );
-    }
+    let labels = run_labels(&r.labels, &r.files, "judged files")?;
     if r.bootstrap == 0 {
         bail!("--bootstrap must be at least 1");
     }

@@ -129,18 +129,7 @@ pub fn bar_chart_svg(title: &str, rows: &[Row]) -> String {
     let h = 420.0;
     let plot_w = w - left - right;
     let py = |v: f64| h - bottom - v.clamp(0.0, 1.0) * (h - top - bottom);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="22" text-anchor="middle" font-size="14">{}</text>"#,
-        w / 2.0,
-        esc(title)
-    );
+    let mut s = super::svg_start(w, h, title);
     for t in ticks(0.0, 1.0, 5) {
         let y = py(t);
         let _ = writeln!(

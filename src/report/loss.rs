@@ -2,7 +2,7 @@
 //! there are many steps), validation loss where it was measured. Written by hand: a line chart
 //! needs a few dozen lines of SVG, not a plotting library.
 
-use super::{esc, fmt_tick, ticks};
+use super::{fmt_tick, ticks};
 use std::fmt::Write;
 
 /// Chart size and margins in SVG user units (pixels).
@@ -23,18 +23,7 @@ pub fn loss_svg(title: &str, train: &[(u64, f64)], val: &[(u64, f64)]) -> String
             .collect()
     };
     let (tr, va) = (finite(train), finite(val));
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>"#,
-        W / 2.0,
-        esc(title)
-    );
+    let mut s = super::svg_start(W, H, title);
     let all: Vec<&(f64, f64)> = tr.iter().chain(va.iter()).collect();
     if all.is_empty() {
         let _ = writeln!(

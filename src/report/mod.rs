@@ -35,6 +35,25 @@ pub fn fmt_tick(t: f64) -> String {
     }
 }
 
+/// A `w x h` SVG document opened with a white background and `title` centred on top (the
+/// caller appends the content and `</svg>`).
+pub fn svg_start(w: f64, h: f64, title: &str) -> String {
+    format!(
+        concat!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#,
+            "\n",
+            r#"<rect width="{w}" height="{h}" fill="white"/>"#,
+            "\n",
+            r#"<text x="{x:.1}" y="22" text-anchor="middle" font-size="14">{title}</text>"#,
+            "\n"
+        ),
+        w = w,
+        h = h,
+        x = w / 2.0,
+        title = esc(title)
+    )
+}
+
 /// The left and bottom axis lines of the plot area `[left, right] x [top, bottom]` and the
 /// y-axis label, rotated, centred on the axis.
 pub fn axes(s: &mut String, (left, top, right, bottom): (f64, f64, f64, f64), y_label: &str) {

@@ -48,18 +48,7 @@ pub fn rate_chart_svg(title: &str, y_label: &str, groups: &[String], runs: &[Ser
     let w = (left + right + group_w * groups.len().max(1) as f64).max(480.0);
     let h = 400.0;
     let py = |v: f64| h - bottom - (v / ymax).clamp(0.0, 1.0) * (h - top - bottom);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="22" text-anchor="middle" font-size="14">{}</text>"#,
-        w / 2.0,
-        esc(title)
-    );
+    let mut s = super::svg_start(w, h, title);
     for t in ticks(0.0, ymax, 5) {
         let y = py(t);
         let _ = writeln!(
@@ -161,18 +150,7 @@ pub fn scatter_svg(
     let (pw, gap, left, top, bottom) = (240.0, 36.0, 56.0, 48.0, 48.0);
     let w = left + (pw + gap) * runs.len().max(1) as f64;
     let h = top + pw + bottom;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{:.1}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
-        w / 2.0,
-        esc(title)
-    );
+    let mut s = super::svg_start(w, h, title);
     for (ri, (label, pts)) in runs.iter().enumerate() {
         let x0 = left + (pw + gap) * ri as f64;
         let px = |a: f64| x0 + a.clamp(0.0, 100.0) / 100.0 * pw;
