@@ -229,8 +229,17 @@ impl std::fmt::Debug for LoadedModel {
     }
 }
 
-/// Load a model from a Hugging Face directory or a `.gguf` file.
+/// Load a model from a Hugging Face directory, a `.gguf` file, or a Hub id (`ORG/NAME[@REV]`)
+/// found in the local Hugging Face cache ([`crate::model::hub`]).
 pub fn load_model(path: &Path) -> Result<LoadedModel> {
+    if !path.exists() {
+        if let Some(spec) = path
+            .to_str()
+            .filter(|s| crate::model::hub::parse_id(s).is_some())
+        {
+            return load_hf_dir(&crate::model::hub::resolve(spec)?);
+        }
+    }
     if path.is_dir() {
         load_hf_dir(path)
     } else if path

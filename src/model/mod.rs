@@ -5,6 +5,7 @@ pub mod ablation;
 pub mod chat;
 pub mod config;
 pub mod gguf;
+pub mod hub;
 pub mod loader;
 pub mod lora;
 pub mod peft;

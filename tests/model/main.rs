@@ -7,5 +7,6 @@ mod support;
 
 mod ablation_directions;
 mod bad_input;
+mod hub;
 mod loading;
 mod tokenizer_chat;
