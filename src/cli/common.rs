@@ -54,7 +54,8 @@ pub fn model_path(p: &Option<PathBuf>) -> Result<PathBuf> {
 /// The model of a benchmark.
 #[derive(Args, Debug, Clone)]
 pub struct BenchModelArgs {
-    /// Model: a Hugging Face folder, a GGUF file or a Hub id in the local cache (ORG/NAME[@REV]) (default: SmolLM2-135M-Instruct).
+    /// Model: a Hugging Face folder, a GGUF file or a Hub id in the local cache (ORG/NAME[@REV])
+    /// (default: SmolLM2-135M-Instruct).
     #[arg(long, conflicts_with = "shape")]
     pub model: Option<PathBuf>,
     /// Instead of a model file, random weights of a shape: a preset (qwen2.5-1.5b,
@@ -95,7 +96,8 @@ impl BenchModelArgs {
 /// The model a command runs (`eval`, `generate`): base, adapter, directions, device.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Base model: a Hugging Face folder, a GGUF file or a Hub id in the local cache (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
+    /// Base model: a Hugging Face folder, a GGUF file or a Hub id in the local cache
+    /// (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// A PEFT LoRA adapter folder (e.g. <train output>/adapter) [default: the base model].

@@ -52,7 +52,8 @@ pub enum DirectionsCmd {
 
 #[derive(Args, Debug, Clone)]
 pub struct SaeTrainArgs {
-    /// Base model: a Hugging Face folder, a GGUF file or a Hub id in the local cache (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
+    /// Base model: a Hugging Face folder, a GGUF file or a Hub id in the local cache
+    /// (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Corpus: JSONL ({"text": ...} or any form `train` reads) or plain text, one text a line.
@@ -160,7 +161,8 @@ threshold [m]; apply_b_dec_to_input read from a cfg.json beside it) or dictionar
 The architecture is guessed from the tensors (threshold per latent: jumprelu; scalar threshold
 and k: batchtopk; k alone: topk; else relu) unless --sae-arch is given.")]
 pub struct SaeArgs {
-    /// Base model: a Hugging Face folder, a GGUF file or a Hub id in the local cache (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
+    /// Base model: a Hugging Face folder, a GGUF file or a Hub id in the local cache
+    /// (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The fine-tune: a PEFT LoRA adapter folder.
@@ -197,7 +199,8 @@ records, every token of text records, labels >= 0 of pre-tokenized ones).
 Memory: one d_model x d_model f64 covariance per layer (512 MiB at d_model = 8192), whatever
 the number of tokens.")]
 pub struct PcaArgs {
-    /// Base model: a Hugging Face folder, a GGUF file or a Hub id in the local cache (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
+    /// Base model: a Hugging Face folder, a GGUF file or a Hub id in the local cache
+    /// (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// The fine-tune: a PEFT LoRA adapter folder (adapter_config.json +
@@ -250,7 +253,8 @@ No test data is read: the probes carry the concept to remove and nothing else.
 Output: an ablation file (layer.<L> [k, d_model], the chosen rows bit for bit, as `select`
 writes them) and, with --json, every component's d, AUC and label means.")]
 pub struct ProbeSelectArgs {
-    /// Base model: a Hugging Face folder, a GGUF file or a Hub id in the local cache (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
+    /// Base model: a Hugging Face folder, a GGUF file or a Hub id in the local cache
+    /// (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// A `directions pca` output (or any file with `layer.<L>` tensors [k, d_model]).
@@ -334,7 +338,8 @@ pub struct ImportArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ExplainArgs {
-    /// Base model: a Hugging Face folder, a GGUF file or a Hub id in the local cache (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
+    /// Base model: a Hugging Face folder, a GGUF file or a Hub id in the local cache
+    /// (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// A `directions pca` output (or any file with `layer.<L>` tensors [k, d_model]).

@@ -46,7 +46,8 @@ pub struct TrainArgs {
     /// training settings must be the checkpoint's; device and cadence options may change.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
-    /// Model: a Hugging Face folder, a GGUF file or a Hub id in the local cache (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct, fetched on
+    /// Model: a Hugging Face folder, a GGUF file or a Hub id in the local cache (ORG/NAME[@REV])
+    /// [default: SmolLM2-135M-Instruct, fetched on
     /// first use].
     #[arg(long)]
     pub model: Option<PathBuf>,
