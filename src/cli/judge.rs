@@ -59,8 +59,8 @@ pub struct JudgeArgs {
     #[arg(long, default_value = "OPENAI_API_KEY", value_name = "NAME")]
     pub judge_key_env: String,
     /// Judge with a model run here instead (a Hugging Face folder, a GGUF file or a Hub id in the
-    /// local cache (ORG/NAME[@REV]); without a
-    /// value the default SmolLM2-135M-Instruct), its next-token logits read. Offline.
+    /// local cache (ORG/NAME[@REV]); without a value the default SmolLM2-135M-Instruct), its
+    /// next-token logits read. Offline.
     #[arg(long, value_name = "MODEL", num_args = 0..=1, default_missing_value = "",
           conflicts_with_all = ["judge_model", "concurrency"])]
     pub judge_local: Option<String>,

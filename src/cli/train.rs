@@ -47,8 +47,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
     /// Model: a Hugging Face folder, a GGUF file or a Hub id in the local cache (ORG/NAME[@REV])
-    /// [default: SmolLM2-135M-Instruct, fetched on
-    /// first use].
+    /// [default: SmolLM2-135M-Instruct, fetched on first use].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// auto, cpu or cuda [default: auto].
