@@ -156,7 +156,8 @@ impl PassArgs {
 #[derive(Args, Debug, Clone)]
 #[command(after_long_help = "\
 SAE files: safetensors with SAELens names (W_enc [d, m], b_enc, W_dec [m, d], b_dec, optional
-threshold [m]; apply_b_dec_to_input read from a cfg.json beside it) or dictionary_learning names
+threshold [m]; apply_b_dec_to_input read from a cfg.json beside it), Gemma Scope's params.npz
+(the same names as .npy arrays, read as published) or dictionary_learning names
 (encoder.weight [m, d], encoder.bias, decoder.weight [d, m], b_dec, optional threshold and k).
 The architecture is guessed from the tensors (threshold per latent: jumprelu; scalar threshold
 and k: batchtopk; k alone: topk; else relu) unless --sae-arch is given.")]
@@ -598,6 +599,14 @@ fn sae_impl<B: Backend>(be: &B, a: &SaeArgs, loaded: &LoadedModel) -> Result<()>
             .parse()
             .with_context(|| format!("--sae {spec:?}: layer {l:?} is not a number"))?;
         let sae = Sae::load(Path::new(f), a.sae_arch.as_deref(), a.sae_k)?;
+        let d = loaded.config.hidden_size;
+        if sae.d != d {
+            bail!(
+                "{f}: the SAE for layer {layer} reads width {} but the model's d_model is {d} \
+                 (an SAE of another model?)",
+                sae.d
+            );
+        }
         saes.push((layer, sae));
     }
     // The adapter first: its errors come before any data is read.

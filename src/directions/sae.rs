@@ -18,7 +18,8 @@
 //!   `max(pre, 0) · [pre > θ]` with one global threshold (dictionary_learning).
 //!
 //! Files: safetensors with SAELens names (`W_enc [d, m]`, `b_enc`, `W_dec [m, d]`, `b_dec`,
-//! optional `threshold [m]`) or dictionary_learning names (`encoder.weight [m, d]`,
+//! optional `threshold [m]`), Gemma Scope's `params.npz` (the same names as `.npy` arrays, read
+//! as published), or dictionary_learning names (`encoder.weight [m, d]`,
 //! `encoder.bias`, `decoder.weight [d, m]`, `b_dec` (or `bias`), optional scalar `threshold`
 //! and `k`).
 //!
@@ -68,7 +69,15 @@ impl Sae {
     /// unless the file has it.
     pub fn load(path: &Path, arch: Option<&str>, k: Option<usize>) -> Result<Sae> {
         let file = path.display().to_string();
-        let t = crate::io::read_f32_safetensors(path)?;
+        // Gemma Scope publishes params.npz with SAELens's names; everything else is safetensors.
+        let t = if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("npz"))
+        {
+            crate::io::npy::read_npz(path)?
+        } else {
+            crate::io::read_f32_safetensors(path)?
+        };
         let get = |name: &str| t.get(name);
         let need = |name: &str| {
             t.get(name).ok_or_else(|| {

@@ -1,6 +1,7 @@
 //! Files the workflows write and read: atomic writes (every output and the kernel cache),
 //! JSON reports, f32 safetensors, and the provenance recorded in each output.
 
+pub mod npy;
 mod safetensors;
 
 pub use self::safetensors::{f32_safetensors, read_f32_safetensors, NamedTensors};

@@ -260,3 +260,143 @@ fn planted_direction_ranks_its_latent_first() {
     let dirs = caft_fast::model::ablation::load_directions(&sel, None, d, 4).unwrap();
     assert_eq!(dirs.layers(), [1]);
 }
+
+/// Write `arrays` (f32, C order) as an `.npz`: a zip of `NAME.npy` members, as numpy's
+/// `savez` writes it (stored, uncompressed).
+fn write_npz(path: &Path, arrays: &[(&str, Vec<usize>, Vec<f32>)]) {
+    use std::io::Write;
+    let dir = path.parent().unwrap();
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, shape, data) in arrays {
+        let tmp = dir.join(format!("{name}.npy"));
+        let dims: Vec<String> = shape.iter().map(|n| n.to_string()).collect();
+        let shape_text = match dims.len() {
+            1 => format!("({},)", dims[0]),
+            _ => format!("({})", dims.join(", ")),
+        };
+        write_npy(&tmp, 1, "<f4", false, &shape_text, &f32_le(data));
+        zip.start_file(format!("{name}.npy"), opts).unwrap();
+        zip.write_all(&std::fs::read(&tmp).unwrap()).unwrap();
+        std::fs::remove_file(&tmp).unwrap();
+    }
+    zip.finish().unwrap();
+}
+
+/// A Gemma Scope `params.npz` (W_enc [d, m], W_dec [m, d], b_enc, b_dec, threshold: JumpReLU)
+/// read as published ranks the latents exactly as the same arrays in SAELens safetensors do;
+/// missing or mis-shaped arrays and a width that is not the model's are named.
+#[test]
+fn gemma_scope_npz_ranks_as_the_saelens_form() {
+    let tmp = TempDir::new("sae-npz");
+    let cfg = tiny_config();
+    let d = cfg.hidden_size;
+    let v = unit_vector(d, 7);
+    let adapter = tmp.join("adapter");
+    write_planted_adapter(&adapter, &cfg, 1, &v);
+    let m = 24;
+    let mut rng = caft_fast::util::rng::Rng::new(3);
+    let w_enc = rng.normal_vec(d * m);
+    let w_dec = rng.normal_vec(m * d);
+    let b_enc: Vec<f32> = rng.normal_vec(m).iter().map(|x| 0.5 * x).collect();
+    let b_dec = rng.normal_vec(d);
+    // Thresholds low enough that most latents fire on some tokens, not all on every token.
+    let threshold: Vec<f32> = rng.normal_vec(m).iter().map(|x| 0.2 * x.abs()).collect();
+    let arrays = [
+        ("W_enc", vec![d, m], w_enc.clone()),
+        ("W_dec", vec![m, d], w_dec.clone()),
+        ("b_enc", vec![m], b_enc),
+        ("b_dec", vec![d], b_dec),
+        ("threshold", vec![m], threshold),
+    ];
+    let npz = tmp.join("params.npz");
+    write_npz(&npz, &arrays);
+    let st = tmp.join("params.safetensors");
+    write_st(&st, &arrays, &[]);
+    let data = tmp.join("data.jsonl");
+    write_tokens_jsonl(&data, 12, 9);
+    let rank = |sae: &Path, out: &str| {
+        let out = tmp.join(out);
+        let ran = directions(&[
+            "sae",
+            "--model",
+            s(&tiny_llama()),
+            "--adapter",
+            s(&adapter),
+            "--data",
+            s(&data),
+            "--sae",
+            &format!("1={}", s(sae)),
+            "--top",
+            "8",
+            "--device",
+            "cpu",
+            "-o",
+            s(&out),
+        ]);
+        assert_ok(&ran);
+        read_tensors(&out)
+    };
+    let (a, b) = (
+        rank(&npz, "from-npz.safetensors"),
+        rank(&st, "from-st.safetensors"),
+    );
+    for name in ["sae_latent.1", "sae_score.1", "layer.1"] {
+        assert_eq!(a[name], b[name], "{name}");
+    }
+    let scores = &a["sae_score.1"].1;
+    assert!(
+        scores.iter().any(|x| x.abs() > 1e-4),
+        "the adapter moves some latent: {scores:?}"
+    );
+    // The loader read it as JumpReLU with per-latent thresholds.
+    let sae = Sae::load(&npz, None, None).unwrap();
+    assert!(matches!(sae.act, Activation::JumpRelu(ref t) if t.len() == m));
+
+    // Bad input: a missing array, a mis-shaped one, a width that is not the model's.
+    let bad = |name: &str, arrays: &[(&str, Vec<usize>, Vec<f32>)], needles: &[&str]| {
+        let p = tmp.join(name);
+        write_npz(&p, arrays);
+        let ran = directions(&[
+            "sae",
+            "--model",
+            s(&tiny_llama()),
+            "--adapter",
+            s(&adapter),
+            "--data",
+            s(&data),
+            "--sae",
+            &format!("1={}", s(&p)),
+            "--device",
+            "cpu",
+            "-o",
+            s(&tmp.join("x.st")),
+        ]);
+        assert_error(&ran, needles);
+    };
+    bad(
+        "no-dec.npz",
+        &[arrays[0].clone(), arrays[2].clone(), arrays[3].clone()],
+        &["no-dec.npz", "W_dec", "missing"],
+    );
+    let mut shaped = arrays.to_vec();
+    shaped[1] = ("W_dec", vec![d, m], w_dec.clone());
+    bad(
+        "shape.npz",
+        &shaped,
+        &["shape.npz", "W_dec", &format!("[{m}, {d}]")],
+    );
+    let wide = d + 2;
+    let narrow = [
+        ("W_enc", vec![wide, m], vec![0.1; wide * m]),
+        ("W_dec", vec![m, wide], vec![0.1; m * wide]),
+        ("b_enc", vec![m], vec![0.0; m]),
+        ("b_dec", vec![wide], vec![0.0; wide]),
+    ];
+    bad(
+        "wide.npz",
+        &narrow,
+        &["wide.npz", &wide.to_string(), &d.to_string()],
+    );
+}
