@@ -73,13 +73,7 @@ pub fn run(r: &JudgeRun) -> Result<String> {
         } => {
             let judge_name = format!("chat-completions:{}", opts.model);
             let judge = HttpJudge::new(opts.clone())?;
-            let all = jobs(&answers, &r.prompts, &judge_name);
-            let mut out = Output::open(&r.output)?;
-            let todo: Vec<_> = all
-                .into_iter()
-                .filter(|j| !out.done.contains(&j.key))
-                .collect();
-            let skipped = answers.len() - todo.len();
+            let (todo, mut out, skipped) = pending(&answers, r, &judge_name)?;
             eprintln!(
                 "judging {} answers with {} at {} ({} already judged in {})",
                 todo.len(),
@@ -176,13 +170,7 @@ pub fn run(r: &JudgeRun) -> Result<String> {
                 loaded.config.vocab_size,
                 *min_mass,
             )?;
-            let all = jobs(&answers, &r.prompts, &judge_name);
-            let mut out = Output::open(&r.output)?;
-            let todo: Vec<_> = all
-                .into_iter()
-                .filter(|j| !out.done.contains(&j.key))
-                .collect();
-            let skipped = answers.len() - todo.len();
+            let (todo, mut out, skipped) = pending(&answers, r, &judge_name)?;
             with_backend!(*device, |be| run_local(
                 be,
                 spec,
@@ -201,6 +189,22 @@ pub fn run(r: &JudgeRun) -> Result<String> {
             ))
         }
     }
+}
+
+/// The jobs of `judge` not yet in the output file (opened for appending), and how many were
+/// skipped because they are: what makes a rerun resume.
+fn pending(
+    answers: &[Answer],
+    r: &JudgeRun,
+    judge: &str,
+) -> Result<(Vec<super::Job>, Output, usize)> {
+    let out = Output::open(&r.output)?;
+    let todo: Vec<_> = jobs(answers, &r.prompts, judge)
+        .into_iter()
+        .filter(|j| !out.done.contains(&j.key))
+        .collect();
+    let skipped = answers.len() - todo.len();
+    Ok((todo, out, skipped))
 }
 
 fn run_local<B: Backend>(
