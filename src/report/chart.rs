@@ -3,7 +3,7 @@
 //! split: in- and out-of-distribution), axis 0–100%, each bar labelled with its value and
 //! drawn with its 95% Wilson interval, and a dashed line at 50% (chance for two options).
 
-use super::{esc, fmt_tick, ticks};
+use super::esc;
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -130,17 +130,7 @@ pub fn bar_chart_svg(title: &str, rows: &[Row]) -> String {
     let plot_w = w - left - right;
     let py = |v: f64| h - bottom - v.clamp(0.0, 1.0) * (h - top - bottom);
     let mut s = super::svg_start(w, h, title);
-    for t in ticks(0.0, 1.0, 5) {
-        let y = py(t);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e4e4e4"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}%</text>"##,
-            w - right,
-            left - 6.0,
-            y + 4.0,
-            fmt_tick(100.0 * t)
-        );
-    }
+    super::percent_grid(&mut s, (left, top, w - right, h - bottom), 1.0);
     super::axes(&mut s, (left, top, w - right, h - bottom), "accuracy");
     let slot = plot_w / rows.len().max(1) as f64;
     let bar_w = 44.0f64.min((slot - 16.0) / names.len().max(1) as f64);

@@ -54,6 +54,22 @@ pub fn svg_start(w: f64, h: f64, title: &str) -> String {
     )
 }
 
+/// Horizontal grid lines with percent labels for shares `0..=ymax` (1 = 100%) over the plot
+/// area `[left, right] x [top, bottom]`, share 0 at `bottom`.
+pub fn percent_grid(s: &mut String, (left, top, right, bottom): (f64, f64, f64, f64), ymax: f64) {
+    use std::fmt::Write;
+    for t in ticks(0.0, ymax, 5) {
+        let y = bottom - (t / ymax) * (bottom - top);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{left}" y1="{y:.1}" x2="{right:.1}" y2="{y:.1}" stroke="#e4e4e4"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}%</text>"##,
+            left - 6.0,
+            y + 4.0,
+            fmt_tick(100.0 * t)
+        );
+    }
+}
+
 /// The left and bottom axis lines of the plot area `[left, right] x [top, bottom]` and the
 /// y-axis label, rotated, centred on the axis.
 pub fn axes(s: &mut String, (left, top, right, bottom): (f64, f64, f64, f64), y_label: &str) {

@@ -49,17 +49,7 @@ pub fn rate_chart_svg(title: &str, y_label: &str, groups: &[String], runs: &[Ser
     let h = 400.0;
     let py = |v: f64| h - bottom - (v / ymax).clamp(0.0, 1.0) * (h - top - bottom);
     let mut s = super::svg_start(w, h, title);
-    for t in ticks(0.0, ymax, 5) {
-        let y = py(t);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#e4e4e4"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}%</text>"##,
-            w - right,
-            left - 6.0,
-            y + 4.0,
-            fmt_tick(100.0 * t)
-        );
-    }
+    super::percent_grid(&mut s, (left, top, w - right, h - bottom), ymax);
     axes(&mut s, (left, top, w - right, h - bottom), y_label);
     let slot = (w - left - right) / groups.len().max(1) as f64;
     let bar_w = 24.0f64.min((slot - 12.0) / runs.len().max(1) as f64);
