@@ -159,18 +159,9 @@ fn one_token_numbers_are_read_from_the_next_token() {
         }
     }
     assert!(id <= 256, "the tiny model has 256 ids");
-    let json = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-            "ignore_merges": false, "vocab": vocab, "merges": []}
-    });
+    let json = byte_level_bpe_json(vocab, vec![]);
     let dir = TempDir::new("judge-onetoken");
-    let path = write(&dir.join("tokenizer.json"), &json.to_string());
+    let path = write(&dir.join("tokenizer.json"), &json);
     let tok = caft_fast::model::tokenizer::Tokenizer::from_file(&path).unwrap();
     let be = CpuBackend::new();
     let loaded = load_model(&tiny_llama()).unwrap();

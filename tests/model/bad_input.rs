@@ -9,24 +9,36 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Output;
 
-/// Run `caft-fast bench-step` on a model path (checking that it did not panic).
-fn bench_on(model: &Path) -> Output {
-    let head = [
+/// `caft-fast bench-step`: one CPU step of batch 1 x `seq` tokens with LoRA r 2 on `source`
+/// (`--model PATH` or `--shape S`), with `env` set (checking that it did not panic).
+pub(crate) fn bench_step(seq: usize, source: [&OsStr; 2], env: &[(&str, &Path)]) -> Output {
+    let seq = seq.to_string();
+    let args = [
         "bench-step",
         "--device",
         "cpu",
         "--batch",
         "1",
         "--seq",
-        "4",
+        &seq,
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--lora-r",
+        "2",
     ];
-    let tail = ["--steps", "1", "--warmup", "0", "--lora-r", "2", "--model"];
-    caft(
-        head.iter()
-            .chain(&tail)
-            .map(OsStr::new)
-            .chain([model.as_os_str()]),
-    )
+    let mut cmd = std::process::Command::new(exe());
+    cmd.args(args).args(source);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    no_panic(cmd.output().expect("running caft-fast"))
+}
+
+/// Run `caft-fast bench-step` on a model path.
+fn bench_on(model: &Path) -> Output {
+    bench_step(4, [OsStr::new("--model"), model.as_os_str()], &[])
 }
 
 /// `bench-step` on `model` ends in an error (exit 2) that mentions every one of `needles`.
@@ -149,25 +161,7 @@ fn token_id_beyond_vocabulary() {
 #[test]
 fn bench_step_shape_from_a_config_json() {
     let config = tiny_fixture("qwen2").join("config.json");
-    let run = |shape: &str| {
-        caft([
-            "bench-step",
-            "--device",
-            "cpu",
-            "--batch",
-            "1",
-            "--seq",
-            "8",
-            "--steps",
-            "1",
-            "--warmup",
-            "0",
-            "--lora-r",
-            "2",
-            "--shape",
-            shape,
-        ])
-    };
+    let run = |shape: &str| bench_step(8, [OsStr::new("--shape"), OsStr::new(shape)], &[]);
     let out = assert_ok(&run(s(&config)));
     assert!(out.contains(&format!("random:{}", s(&config))), "{out}");
     assert!(out.contains("\"tokens\":8"), "{out}");

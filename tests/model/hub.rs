@@ -4,7 +4,7 @@
 
 use crate::support::*;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 /// A cache holding the tiny Llama as `tiny-org/tiny-llama`: two commits (`main` points to the
 /// second; the tag `v1` to the first), snapshot files linked to blobs as the Hub client does.
@@ -29,24 +29,10 @@ fn build_cache(root: &Path) -> (String, String) {
 
 /// `bench-step` on `model`, with the cache at `cache` (`HF_HUB_CACHE`).
 fn bench(cache: &Path, model: &str) -> Output {
-    no_panic(
-        Command::new(exe())
-            .args([
-                "bench-step",
-                "--device",
-                "cpu",
-                "--batch",
-                "1",
-                "--seq",
-                "4",
-                "--steps",
-                "1",
-            ])
-            .args(["--warmup", "0", "--lora-r", "2", "--model", model])
-            .env("HF_HUB_CACHE", cache)
-            .env_remove("HF_HOME")
-            .output()
-            .expect("running caft-fast"),
+    crate::bad_input::bench_step(
+        4,
+        ["--model".as_ref(), model.as_ref()],
+        &[("HF_HUB_CACHE", cache)],
     )
 }
 

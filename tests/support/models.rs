@@ -50,9 +50,17 @@ pub fn tiny_tokenizer_json() -> String {
         serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
             "rstrip": false, "normalized": false, "special": true})
     };
+    byte_level_bpe_json(vocab, vec![added(254, IM_START), added(255, IM_END)])
+}
+
+/// A byte-level BPE `tokenizer.json` (no merges) with `vocab` and `added_tokens`.
+pub fn byte_level_bpe_json(
+    vocab: serde_json::Map<String, serde_json::Value>,
+    added_tokens: Vec<serde_json::Value>,
+) -> String {
     serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [added(254, IM_START), added(255, IM_END)],
+        "added_tokens": added_tokens,
         "normalizer": null,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
         "post_processor": null,
