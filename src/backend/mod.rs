@@ -26,6 +26,12 @@ pub mod device;
 
 pub(crate) use check::{check_len, check_min};
 
+/// The error of an op a backend does not implement yet (the model families that need it name
+/// the backends that run them).
+fn unsupported(backend: &str, op: &str) -> Result<()> {
+    anyhow::bail!("{op} is not implemented on the {backend} backend yet")
+}
+
 use anyhow::Result;
 
 /// Where one LoRA pair lives inside the flat parameter (and gradient) buffer.
@@ -467,6 +473,44 @@ pub trait Backend {
         gate: &Self::Act,
         up: &Self::Act,
     ) -> Result<()>;
+
+    /// `out = gelu_tanh(gate) * up` (GeGLU, Gemma-2), with PyTorch's tanh-approximated GELU
+    /// `gelu_tanh(x) = x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
+    fn geglu(&self, out: &mut Self::Act, gate: &Self::Act, up: &Self::Act) -> Result<()> {
+        let _ = (out, gate, up);
+        unsupported(&self.name(), "geglu")
+    }
+    /// `dgate = dout · up · gelu_tanh'(gate)`, `dup = dout · gelu_tanh(gate)`.
+    fn geglu_bwd(
+        &self,
+        dgate: &mut Self::Act,
+        dup: &mut Self::Act,
+        dout: &Self::Act,
+        gate: &Self::Act,
+        up: &Self::Act,
+    ) -> Result<()> {
+        let _ = (dgate, dup, dout, gate, up);
+        unsupported(&self.name(), "geglu_bwd")
+    }
+
+    // ---- elementwise --------------------------------------------------------------------------
+    /// `x <- s · x` in place, `s` first rounded to the activation type (as transformers casts
+    /// Gemma's embedding normalizer `sqrt(hidden)` to the weights' dtype).
+    fn scale_act(&self, x: &mut Self::Act, s: f32) -> Result<()> {
+        let _ = (x, s);
+        unsupported(&self.name(), "scale_act")
+    }
+    /// Soft-capping in place: `x <- c · tanh(x / c)` (Gemma-2's final logits).
+    fn softcap(&self, x: &mut Self::Act, cap: f32) -> Result<()> {
+        let _ = (x, cap);
+        unsupported(&self.name(), "softcap")
+    }
+    /// Backward of [`Backend::softcap`] in place on the gradient, from the capped values `y`:
+    /// `dx <- dx · (1 - (y/c)²)`.
+    fn softcap_bwd(&self, dx: &mut Self::Act, y: &Self::Act, cap: f32) -> Result<()> {
+        let _ = (dx, y, cap);
+        unsupported(&self.name(), "softcap_bwd")
+    }
 
     // ---- loss -------------------------------------------------------------------------------
     /// Cross-entropy of `logits: [n, vocab]` against `targets` (`-1` = ignored row).

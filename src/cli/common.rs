@@ -5,6 +5,7 @@ use crate::backend::device::{Device, DEVICE_NAMES};
 use crate::model::config::ModelConfig;
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::spec::ModelSpec;
+use crate::model::transformer::Checkpointing;
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
@@ -19,6 +20,23 @@ pub fn device_parser() -> impl TypedValueParser<Value = Device> {
     };
     PossibleValuesParser::new(DEVICE_NAMES.map(|n| PossibleValue::new(n).help(help(n))))
         .map(|s| s.parse::<Device>().expect("one of the possible values"))
+}
+
+/// `--checkpointing` with help per mode.
+pub fn checkpointing_parser() -> impl TypedValueParser<Value = Checkpointing> {
+    let modes = [
+        ("none", "keep every activation (fastest, most memory)"),
+        (
+            "selective",
+            "recompute each layer's MLP part in the backward",
+        ),
+        (
+            "full",
+            "keep only each layer's input; recompute the layer in the backward",
+        ),
+    ];
+    PossibleValuesParser::new(modes.map(|(n, h)| PossibleValue::new(n).help(h)))
+        .map(|s| Checkpointing::parse(&s).expect("one of the possible values"))
 }
 
 /// Parse `10,20,30`.

@@ -1,15 +1,15 @@
 //! Random-weight models of real shapes, for benchmarks that need no download: the shapes of
-//! Qwen2.5-1.5B, Llama-3.2-1B and SmolLM2-135M with weights drawn uniformly (std 0.02, norms 1),
+//! Qwen2.5-1.5B, Qwen3-1.7B, Llama-3.2-1B and SmolLM2-135M with weights drawn uniformly (std 0.02, norms 1),
 //! generated tensor by tensor on demand.
 
-use crate::model::config::{Arch, Llama3Scaling, ModelConfig};
+use crate::model::config::{Arch, Llama3Scaling, MlpAct, ModelConfig};
 use crate::model::weights::{HostTensor, WeightSource};
 use crate::util::rng::Rng;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 /// Names accepted by [`preset`].
-pub const PRESETS: &[&str] = &["qwen2.5-1.5b", "llama-3.2-1b", "smollm2-135m"];
+pub const PRESETS: &[&str] = &["qwen2.5-1.5b", "qwen3-1.7b", "llama-3.2-1b", "smollm2-135m"];
 
 /// The configuration of a known model shape.
 pub fn preset(name: &str) -> Result<ModelConfig> {
@@ -29,6 +29,13 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
         max_position_embeddings: 32768,
         sliding_window: None,
         attention_bias: false,
+        qk_norm: false,
+        mlp_act: MlpAct::Silu,
+        query_pre_attn_scalar: None,
+        attn_softcap: None,
+        final_softcap: None,
+        gemma_norms: false,
+        sliding_layers: None,
         bos_token_id: None,
         eos_token_ids: vec![],
     };
@@ -44,6 +51,20 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
             head_dim: 128,
             rope_theta: 1e6,
             attention_bias: true,
+            ..base
+        },
+        "qwen3-1.7b" => ModelConfig {
+            arch: Arch::Qwen3,
+            vocab_size: 151936,
+            hidden_size: 2048,
+            intermediate_size: 6144,
+            num_layers: 28,
+            num_heads: 16,
+            num_kv_heads: 8,
+            head_dim: 128,
+            rope_theta: 1e6,
+            max_position_embeddings: 40960,
+            qk_norm: true,
             ..base
         },
         "llama-3.2-1b" => ModelConfig {
@@ -120,6 +141,10 @@ impl RandomWeights {
                 t.push((format!("{p}.self_attn.q_proj.bias"), vec![qw]));
                 t.push((format!("{p}.self_attn.k_proj.bias"), vec![kvw]));
                 t.push((format!("{p}.self_attn.v_proj.bias"), vec![kvw]));
+            }
+            if c.qk_norm {
+                t.push((format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim]));
+                t.push((format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim]));
             }
             t.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
             t.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
