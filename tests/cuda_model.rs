@@ -80,12 +80,7 @@ fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
             labels[b * seq + t] = -100;
         }
     }
-    Batch {
-        batch,
-        seq,
-        ids,
-        labels,
-    }
+    Batch::padded(batch, seq, ids, labels)
 }
 
 /// Run forward, backward and `steps` AdamW steps of the model at `dir` (a tiny fixture folder

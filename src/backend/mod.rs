@@ -89,7 +89,12 @@ pub struct AttnShape {
 
 impl AttnShape {
     /// Heads with the usual `1/sqrt(head_dim)` scale and no soft-capping.
-    pub fn plain(n_heads: usize, n_kv_heads: usize, head_dim: usize, window: Option<usize>) -> Self {
+    pub fn plain(
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+    ) -> Self {
         AttnShape {
             n_heads,
             n_kv_heads,
@@ -108,7 +113,7 @@ impl AttnShape {
 }
 
 /// Shape of one [`Backend::attention_cached`] call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CacheShape {
     pub batch: usize,
     /// New rows per sequence (the padded prompt length at prefill, 1 per decoding step).

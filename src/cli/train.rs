@@ -110,9 +110,21 @@ pub struct TrainArgs {
     /// Sequences per micro-batch [default: 2].
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step [default: 8].
+    /// Micro-batches per optimizer step [default: 8]. With packing (the default) a step still
+    /// holds batch-size x grad-accum examples, laid out in as few packed micro-batches as the
+    /// token budget allows.
     #[arg(long)]
     pub grad_accum: Option<usize>,
+    /// Pad each micro-batch to its longest example instead of packing the step's examples end
+    /// to end (padding-free packing is the default; same update up to rounding).
+    #[arg(long, conflicts_with = "packing")]
+    pub no_packing: bool,
+    /// Pack (the default; switches a config file's `packing = false` back on).
+    #[arg(long)]
+    pub packing: bool,
+    /// Token budget of one packed micro-batch [default: batch-size x max-seq-len].
+    #[arg(long, value_name = "N")]
+    pub max_tokens_per_batch: Option<usize>,
     /// Clip the global gradient norm (0 = off) [default: 1.0].
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
@@ -189,11 +201,18 @@ impl TrainArgs {
             data,
             val_data,
             max_steps,
+            max_tokens_per_batch,
             ablate,
             ablate_random,
             eval_every,
             save_every
         );
+        if self.no_packing {
+            c.packing = false;
+        }
+        if self.packing {
+            c.packing = true;
+        }
         if let Some(t) = &self.train_on {
             c.train_on = TrainOn::parse(t)?;
         }

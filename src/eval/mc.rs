@@ -408,12 +408,8 @@ pub fn score<B: Backend>(
             let p = &enc[i].prompt_ids;
             ids[r * seq..r * seq + p.len()].copy_from_slice(p);
         }
-        let batch = Batch {
-            batch: idx.len(),
-            seq,
-            labels: vec![IGNORE; ids.len()],
-            ids,
-        };
+        let labels = vec![IGNORE; ids.len()];
+        let batch = Batch::padded(idx.len(), seq, ids, labels);
         let out = model.forward(be, &batch, true)?;
         let logits = out.logits.context("the forward pass returned no logits")?;
         for (r, &i) in idx.iter().enumerate() {

@@ -19,7 +19,7 @@
 //! the residual gradient (P is symmetric, so the backward of the projection is itself).
 //! Frozen weights get no gradient; LoRA parameters accumulate theirs in one flat buffer.
 
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnShape, Backend, Seqs};
 use crate::model::ablation::Directions;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::lora::{LoraLayout, Target};
@@ -32,27 +32,62 @@ pub use decode::KvCache;
 /// Labels at or below this are ignored (Hugging Face uses -100).
 pub const IGNORE: i32 = -100;
 
-/// Token ids and labels of one micro-batch, `batch` sequences of `seq` tokens, row-major.
+/// Token ids and labels of one micro-batch: sequences laid end to end, `lens[s]` rows each
+/// (padding-free packing; a padded batch is `batch` sequences of one length, padding included).
 /// `labels[i]` is the token the model should produce at position `i` *itself* (Hugging Face
-/// convention: the shift happens inside the loss, position `t` predicts `labels[t+1]`);
-/// negative labels are ignored.
+/// convention: the shift happens inside the loss, position `t` predicts `labels[t+1]`, never
+/// across a sequence boundary); negative labels are ignored.
 #[derive(Clone, Debug)]
 pub struct Batch {
-    pub batch: usize,
-    pub seq: usize,
+    pub lens: Vec<usize>,
     pub ids: Vec<u32>,
     pub labels: Vec<i32>,
 }
 
 impl Batch {
-    /// The shifted targets per row: row `b*seq + t` predicts `labels[b*seq + t + 1]`.
+    /// `batch` sequences of `seq` rows each (row-major `[batch, seq]` ids and labels).
+    pub fn padded(batch: usize, seq: usize, ids: Vec<u32>, labels: Vec<i32>) -> Batch {
+        Batch {
+            lens: vec![seq; batch],
+            ids,
+            labels,
+        }
+    }
+
+    /// Token rows.
+    pub fn rows(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The longest sequence.
+    pub fn max_len(&self) -> usize {
+        self.lens.iter().copied().max().unwrap_or(0)
+    }
+
+    /// `rows x max_len` as "4x256" for padded batches, "packed 5 seqs / 1234 rows" otherwise
+    /// (for messages).
+    pub fn describe(&self) -> String {
+        match self.lens.first() {
+            Some(&l) if self.lens.iter().all(|&x| x == l) => format!("{}x{l}", self.lens.len()),
+            _ => format!(
+                "packed {} sequences / {} rows",
+                self.lens.len(),
+                self.rows()
+            ),
+        }
+    }
+
+    /// The shifted targets per row: row `r` predicts `labels[r + 1]` when row `r + 1` is in the
+    /// same sequence; a sequence's last row predicts nothing (`-1`).
     pub fn targets(&self) -> Vec<i32> {
         let mut t = vec![-1; self.ids.len()];
-        for b in 0..self.batch {
-            for p in 0..self.seq.saturating_sub(1) {
-                let l = self.labels[b * self.seq + p + 1];
-                t[b * self.seq + p] = if l < 0 { -1 } else { l };
+        let mut r0 = 0;
+        for &len in &self.lens {
+            for p in r0..(r0 + len).saturating_sub(1) {
+                let l = self.labels[p + 1];
+                t[p] = if l < 0 { -1 } else { l };
             }
+            r0 += len;
         }
         t
     }
@@ -60,6 +95,18 @@ impl Batch {
     /// Number of positions that contribute to the loss.
     pub fn n_targets(&self) -> usize {
         self.targets().iter().filter(|&&t| t >= 0).count()
+    }
+
+    /// (sequence, position) of row `r`, for messages.
+    fn locate(&self, r: usize) -> (usize, usize) {
+        let mut r0 = 0;
+        for (s, &len) in self.lens.iter().enumerate() {
+            if r < r0 + len {
+                return (s, r - r0);
+            }
+            r0 += len;
+        }
+        (self.lens.len(), r - r0)
     }
 }
 
@@ -136,10 +183,10 @@ struct LayerActs<B: Backend> {
     lora_u: [Option<B::F32>; 7],
 }
 
-/// Every buffer a forward and backward of one batch shape needs, allocated once per shape.
+/// Every buffer a forward and backward of `rows` token rows needs, allocated once per row
+/// count.
 struct Activations<B: Backend> {
-    batch: usize,
-    seq: usize,
+    rows: usize,
     chunk_rows: usize,
     /// `resid[l]` is the input of layer `l`; `resid[L]` the last layer's output.
     resid: Vec<B::Act>,
@@ -171,7 +218,7 @@ pub struct ForwardOut {
     /// Σ cross-entropy over the target positions.
     pub loss_sum: f64,
     pub n_targets: usize,
-    /// `[batch*seq, vocab]` when asked for.
+    /// `[rows, vocab]` when asked for.
     pub logits: Option<Vec<f32>>,
 }
 
@@ -189,6 +236,8 @@ pub struct Model<B: Backend> {
     /// The training-time switch: when false the directions are kept but not applied.
     pub ablate: bool,
     acts: Option<Activations<B>>,
+    /// The sequence layout of the micro-batch in `acts` (set by the forward).
+    seqs: Option<Seqs<B::Idx>>,
     loss_acc: B::F32,
 }
 
@@ -344,6 +393,7 @@ impl<B: Backend> Model<B> {
             ablation: (0..n_layers).map(|_| None).collect(),
             ablate: true,
             acts: None,
+            seqs: None,
             loss_acc,
         })
     }
@@ -407,15 +457,14 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    fn ensure_acts(&mut self, be: &B, batch: usize, seq: usize) -> Result<()> {
+    fn ensure_acts(&mut self, be: &B, n: usize) -> Result<()> {
         if let Some(a) = &self.acts {
-            if a.batch == batch && a.seq == seq {
+            if a.rows == n {
                 return Ok(());
             }
         }
         self.acts = None; // free the old buffers first
         let c = &self.cfg;
-        let n = batch * seq;
         let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let qw = c.num_heads * c.head_dim;
         let kvw = c.num_kv_heads * c.head_dim;
@@ -441,7 +490,7 @@ impl<B: Backend> Model<B> {
                 k: act(n * kvw)?,
                 v: act(n * kvw)?,
                 att: act(n * qw)?,
-                lse: be.alloc_f32(batch * c.num_heads * seq)?,
+                lse: be.alloc_f32(c.num_heads * n)?,
                 h_mid: act(n * d)?,
                 n2: act(n * d)?,
                 rstd2: be.alloc_f32(n)?,
@@ -452,8 +501,7 @@ impl<B: Backend> Model<B> {
         }
         let l1 = c.num_layers + 1;
         self.acts = Some(Activations {
-            batch,
-            seq,
+            rows: n,
             chunk_rows,
             resid: (0..l1).map(|_| act(n * d)).collect::<Result<_>>()?,
             n1: (0..l1).map(|_| act(n * d)).collect::<Result<_>>()?,
@@ -479,61 +527,57 @@ impl<B: Backend> Model<B> {
     }
 
     fn check_batch(&self, b: &Batch) -> Result<()> {
-        let n = b.batch * b.seq;
-        if n == 0 || b.ids.len() != n || b.labels.len() != n {
+        let n: usize = b.lens.iter().sum();
+        if n == 0 || b.lens.contains(&0) || b.ids.len() != n || b.labels.len() != n {
             bail!(
-                "batch of {}x{} needs {} ids and labels, got {} and {}",
-                b.batch,
-                b.seq,
-                n,
+                "a batch of sequences of lengths {:?} needs {n} ids and labels, got {} and {}",
+                b.lens,
                 b.ids.len(),
                 b.labels.len()
             );
         }
         let v = self.cfg.vocab_size;
-        for (i, &id) in b.ids.iter().enumerate() {
-            if id as usize >= v {
-                bail!(
-                    "token id {id} at sequence {} position {} is >= the vocabulary size {v}",
-                    i / b.seq,
-                    i % b.seq
-                );
-            }
+        if let Some(i) = b.ids.iter().position(|&id| id as usize >= v) {
+            let (s, p) = b.locate(i);
+            bail!(
+                "token id {} at sequence {s} position {p} is >= the vocabulary size {v}",
+                b.ids[i]
+            );
         }
-        for (i, &l) in b.labels.iter().enumerate() {
-            if l >= v as i32 {
-                bail!(
-                    "label {l} at sequence {} position {} is >= the vocabulary size {v}",
-                    i / b.seq,
-                    i % b.seq
-                );
-            }
+        if let Some(i) = b.labels.iter().position(|&l| l >= v as i32) {
+            let (s, p) = b.locate(i);
+            bail!(
+                "label {} at sequence {s} position {p} is >= the vocabulary size {v}",
+                b.labels[i]
+            );
         }
         Ok(())
     }
 
-    fn attn_shape(&self, batch: usize, seq: usize) -> AttnShape {
-        AttnShape {
-            batch,
-            seq,
-            n_heads: self.cfg.num_heads,
-            n_kv_heads: self.cfg.num_kv_heads,
-            head_dim: self.cfg.head_dim,
-            window: self.cfg.sliding_window.filter(|&w| w < seq),
-        }
+    /// The heads of layer `l`'s attention for sequences up to `max_len` long.
+    fn attn_shape(&self, max_len: usize) -> AttnShape {
+        let c = &self.cfg;
+        AttnShape::plain(
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.sliding_window.filter(|&w| w < max_len),
+        )
     }
 
     /// Forward through every layer, keeping what the backward needs.
     fn run_layers(&mut self, be: &B, b: &Batch) -> Result<()> {
         self.check_batch(b)?;
-        self.ensure_rope(be, b.seq)?;
-        self.ensure_acts(be, b.batch, b.seq)?;
+        self.ensure_rope(be, b.max_len())?;
+        self.ensure_acts(be, b.rows())?;
+        self.seqs = Some(be.seqs(&b.lens)?);
+        let seqs = self.seqs.as_ref().expect("just set");
         let cfg = &self.cfg;
-        let (n, d, f) = (b.batch * b.seq, cfg.hidden_size, cfg.intermediate_size);
+        let (n, d, f) = (b.rows(), cfg.hidden_size, cfg.intermediate_size);
         let qw = cfg.num_heads * cfg.head_dim;
         let kvw = cfg.num_kv_heads * cfg.head_dim;
         let eps = cfg.rms_norm_eps as f32;
-        let shape = self.attn_shape(b.batch, b.seq);
+        let shape = self.attn_shape(b.max_len());
         let a = self.acts.as_mut().expect("activations allocated");
         let w = &self.w;
         let lora = self.lora.as_ref();
@@ -609,24 +653,22 @@ impl<B: Backend> Model<B> {
             be.rope(
                 &mut la.q,
                 &self.rope,
-                b.batch,
-                b.seq,
+                &seqs.pos_dev,
+                n,
                 cfg.num_heads,
                 cfg.head_dim,
                 false,
-                None,
             )?;
             be.rope(
                 &mut la.k,
                 &self.rope,
-                b.batch,
-                b.seq,
+                &seqs.pos_dev,
+                n,
                 cfg.num_kv_heads,
                 cfg.head_dim,
                 false,
-                None,
             )?;
-            be.attention_fwd(&mut la.att, &mut la.lse, &la.q, &la.k, &la.v, &shape)?;
+            be.attention_fwd(&mut la.att, &mut la.lse, &la.q, &la.k, &la.v, seqs, &shape)?;
             proj(be, &mut a.o, uo, &la.att, &lw.wo, None, Target::O, qw, d)?;
             be.residual_ablate_norm(
                 &mut la.h_mid,
@@ -682,7 +724,7 @@ impl<B: Backend> Model<B> {
         want_logits: bool,
     ) -> Result<ForwardOut> {
         let cfg = &self.cfg;
-        let (n, d, v) = (b.batch * b.seq, cfg.hidden_size, cfg.vocab_size);
+        let (n, d, v) = (b.rows(), cfg.hidden_size, cfg.vocab_size);
         let targets = b.targets();
         let a = self.acts.as_mut().expect("activations allocated");
         let w_head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
@@ -741,8 +783,9 @@ impl<B: Backend> Model<B> {
 
     fn backward_layers(&mut self, be: &B, b: &Batch) -> Result<()> {
         let cfg = &self.cfg;
-        let (n, d) = (b.batch * b.seq, cfg.hidden_size);
-        let shape = self.attn_shape(b.batch, b.seq);
+        let (n, d) = (b.rows(), cfg.hidden_size);
+        let shape = self.attn_shape(b.max_len());
+        let seqs = self.seqs.as_ref().expect("forward ran");
         let a = self.acts.as_mut().expect("activations allocated");
         let w = &self.w;
         let lora = self.lora.as_mut().expect("lora present");
@@ -833,27 +876,25 @@ impl<B: Backend> Model<B> {
             )?;
             be.attention_bwd(
                 &mut a.dq, &mut a.dk, &mut a.dv, &a.d_att, &la.att, &la.lse, &la.q, &la.k, &la.v,
-                &shape,
+                seqs, &shape,
             )?;
             be.rope(
                 &mut a.dq,
                 &self.rope,
-                b.batch,
-                b.seq,
+                &seqs.pos_dev,
+                n,
                 cfg.num_heads,
                 cfg.head_dim,
                 true,
-                None,
             )?;
             be.rope(
                 &mut a.dk,
                 &self.rope,
-                b.batch,
-                b.seq,
+                &seqs.pos_dev,
+                n,
                 cfg.num_kv_heads,
                 cfg.head_dim,
                 true,
-                None,
             )?;
             let x = &a.n1[l];
             lg.bwd(
@@ -896,7 +937,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// The decoder layer `layer`'s output (resid_post, after any ablation) of the last
-    /// forward, `[batch*seq, hidden]`.
+    /// forward, `[rows, hidden]`.
     pub fn resid_post(&self, be: &B, layer: usize) -> Result<Vec<f32>> {
         let a = self
             .acts

@@ -62,12 +62,8 @@ impl<B: Backend> StepBench<B> {
         let n = spec.batch * spec.seq;
         let mut rng = Rng::new(2);
         let ids: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
-        let batch = Batch {
-            batch: spec.batch,
-            seq: spec.seq,
-            labels: ids.iter().map(|&x| x as i32).collect(),
-            ids,
-        };
+        let labels = ids.iter().map(|&x| x as i32).collect();
+        let batch = Batch::padded(spec.batch, spec.seq, ids, labels);
         let opt = OptimConfig {
             total_steps: 1 << 20,
             warmup_steps: 0,

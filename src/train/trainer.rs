@@ -89,6 +89,9 @@ pub fn prepare_data(cfg: &TrainConfig, loaded: &LoadedModel) -> Result<Prepared>
         Ok(())
     };
     empty(&train, "training", &source)?;
+    if cfg.packing {
+        data::check_token_budget(&train, &source, cfg.token_budget())?;
+    }
     let (mut records, mut truncated, mut dropped) = (train.records, train.truncated, train.dropped);
     let (train_ex, val_ex, val_sha) = match &cfg.val_data {
         Some(p) => {
@@ -104,12 +107,7 @@ pub fn prepare_data(cfg: &TrainConfig, loaded: &LoadedModel) -> Result<Prepared>
             (t, v, None)
         }
     };
-    let pad_id = loaded
-        .tokenizer
-        .as_ref()
-        .and_then(|t| t.eos_token_id())
-        .or_else(|| loaded.config.eos_token_ids.first().copied())
-        .unwrap_or(0);
+    let pad_id = data::pad_id(loaded);
     Ok(Prepared {
         train: train_ex,
         val: val_ex,
@@ -228,6 +226,8 @@ pub struct Trainer<'a, B: Backend> {
     lengths: Vec<usize>,
     batch_size: usize,
     grad_accum: usize,
+    /// Token budget of a packed micro-batch; `None` = padded micro-batches.
+    packing: Option<usize>,
     seed: u64,
     val_batches: Vec<Batch>,
 }
@@ -269,7 +269,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             schedule: Schedule::parse(&cfg.schedule)?,
             ..OptimConfig::default()
         };
-        let val_batches = data::validation_batches(&data.val, cfg.batch_size, data.pad_id);
+        let val_batches = data::validation_batches(&data.val, cfg.batch_size);
         let state = TrainerState {
             format: 1,
             program: program(),
@@ -297,6 +297,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             lengths,
             batch_size: cfg.batch_size,
             grad_accum: cfg.grad_accum,
+            packing: cfg.packing.then(|| cfg.token_budget()),
             seed: cfg.seed,
             val_batches,
         })
@@ -408,10 +409,21 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let start = self.state.next_micro;
         let end = (start + self.grad_accum).min(self.state.plan.len());
-        let micro: Vec<Batch> = self.state.plan[start..end]
-            .iter()
-            .map(|idx| data::make_batch(&self.data.train, idx, self.data.pad_id))
-            .collect();
+        let plan = &self.state.plan[start..end];
+        let train = &self.data.train;
+        let micro: Vec<Batch> = match self.packing {
+            Some(budget) => {
+                let step_examples: Vec<u32> = plan.iter().flatten().copied().collect();
+                data::pack_step(train, &step_examples, budget)
+                    .iter()
+                    .map(|idx| data::packed_batch(train, idx))
+                    .collect()
+            }
+            None => plan
+                .iter()
+                .map(|idx| data::make_batch(train, idx, self.data.pad_id))
+                .collect(),
+        };
         let tokens: usize = self.state.plan[start..end]
             .iter()
             .flatten()
@@ -425,10 +437,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 .model
                 .forward_backward(be, m, 1.0 / n_step.max(1) as f32)
                 .with_context(|| {
-                    format!(
-                        "step {step}: forward/backward of a {}x{} batch",
-                        m.batch, m.seq
-                    )
+                    format!("step {step}: forward/backward of a {} batch", m.describe())
                 })?
                 .loss_sum;
         }

@@ -17,15 +17,16 @@ use caft_fast::model::transformer::{Batch, Model};
 use caft_fast::train::optim::{optimizer_step, OptimConfig, Schedule};
 use std::collections::BTreeMap;
 
-struct Case {
-    model: Model<CpuBackend>,
-    be: CpuBackend,
-    fx: BTreeMap<String, Fx>,
-    layout: LoraLayout,
-    init: Vec<f32>,
+/// A fixture model on the CPU with the fixture's LoRA init and ablation, and its tensors.
+pub struct Case {
+    pub model: Model<CpuBackend>,
+    pub be: CpuBackend,
+    pub fx: BTreeMap<String, Fx>,
+    pub layout: LoraLayout,
+    pub init: Vec<f32>,
 }
 
-fn setup(name: &str) -> Case {
+pub fn setup(name: &str) -> Case {
     let dir = tiny_fixture(name);
     let fx = read_safetensors(&dir.join("fixture.safetensors"));
     let meta: serde_json::Value =
@@ -76,12 +77,12 @@ fn setup(name: &str) -> Case {
 }
 
 fn batch_from(ids: &[i64], labels: &[i64], batch: usize, seq: usize) -> Batch {
-    Batch {
+    Batch::padded(
         batch,
         seq,
-        ids: ids.iter().map(|&x| x as u32).collect(),
-        labels: labels.iter().map(|&x| x as i32).collect(),
-    }
+        ids.iter().map(|&x| x as u32).collect(),
+        labels.iter().map(|&x| x as i32).collect(),
+    )
 }
 
 fn forward_backward_matches(name: &str) {

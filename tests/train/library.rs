@@ -34,12 +34,12 @@ fn tiny_config(dir: &std::path::Path) -> TrainConfig {
 }
 
 fn batch_of(ids: &[u32], batch: usize) -> Batch {
-    Batch {
+    Batch::padded(
         batch,
-        seq: ids.len() / batch,
-        ids: ids.to_vec(),
-        labels: vec![IGNORE; ids.len()],
-    }
+        ids.len() / batch,
+        ids.to_vec(),
+        vec![IGNORE; ids.len()],
+    )
 }
 
 /// The committed adapter (trained by caft-fast, see the fixture's README) loads back through

@@ -1,7 +1,7 @@
 //! Row-parallel elementwise ops: embedding lookup, rotary embeddings, SwiGLU.
 //!
 //! Rotary (Hugging Face "rotate_half" pairing): for each head and `i < head_dim/2`, with
-//! `(c, s) = table[p, i]` at position `p = row % seq`,
+//! `(c, s) = table[p, i]` at the row's position `p = pos[row]`,
 //!   x1' = x1 c - x2 s,   x2' = x2 c + x1 s        (x1 = x[i], x2 = x[i + head_dim/2]);
 //! the inverse uses `-s`, which is also the backward (a rotation's transpose is its inverse).
 //! SwiGLU: `out = silu(g) · u`, `silu(g) = g σ(g)`; `d silu/dg = σ(g)(1 + g(1 - σ(g)))`.
@@ -35,16 +35,13 @@ pub fn embedding(out: &mut [f32], table: &[f32], ids: &[u32], d: usize) {
         });
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn rope(
     x: &mut [f32],
     table: &[f32],
-    batch: usize,
-    seq: usize,
+    pos: &[i32],
     n_heads: usize,
     head_dim: usize,
     inverse: bool,
-    offsets: Option<&[i32]>,
 ) {
     assert!(
         head_dim.is_multiple_of(2),
@@ -52,19 +49,13 @@ pub fn rope(
     );
     let width = n_heads * head_dim;
     let half = head_dim / 2;
-    check_len("rope", "x", x.len(), batch * seq * width);
-    if let Some(o) = offsets {
-        check_len("rope", "offsets", o.len(), batch);
-    }
-    // Position of token row `row` (see `Backend::rope`).
-    let pos = |row: usize| match offsets {
-        None => row % seq,
-        Some(o) => (o[row / seq] as i64 + (row % seq) as i64).max(0) as usize,
-    };
-    if width == 0 || batch * seq == 0 {
+    let n = pos.len();
+    check_len("rope", "x", x.len(), n * width);
+    if width == 0 || n == 0 {
         return;
     }
-    let max_pos = (0..batch * seq).map(pos).max().unwrap_or(0);
+    assert!(pos.iter().all(|&p| p >= 0), "rope: a negative position");
+    let max_pos = pos.iter().copied().max().unwrap_or(0) as usize;
     check_min(
         "rope",
         "table (max_pos·head_dim)",
@@ -73,12 +64,12 @@ pub fn rope(
     );
     // Flipping the sign of sin rotates by -θ.
     let sign = if inverse { -1.0f32 } else { 1.0 };
-    x[..batch * seq * width]
+    x[..n * width]
         .par_chunks_mut(width)
-        .enumerate()
+        .zip(pos.par_iter())
         .with_min_len(16)
-        .for_each(|(row, xr)| {
-            let p = pos(row);
+        .for_each(|(xr, &p)| {
+            let p = p as usize;
             let cs = &table[p * head_dim..(p + 1) * head_dim];
             for head in xr.chunks_exact_mut(head_dim) {
                 let (x1, x2) = head.split_at_mut(half);
@@ -188,17 +179,6 @@ mod tests {
         t
     }
 
-    fn naive_rope(
-        x: &[f64],
-        t: &[f32],
-        seq: usize,
-        n_heads: usize,
-        hd: usize,
-        inv: bool,
-    ) -> Vec<f64> {
-        naive_rope_at(x, t, n_heads, hd, inv, &|row| row % seq)
-    }
-
     fn naive_rope_at(
         x: &[f64],
         t: &[f32],
@@ -224,26 +204,19 @@ mod tests {
         y
     }
 
-    /// Per-sequence offsets (generation): row `t` of sequence `b` at `max(0, off[b] + t)`.
+    /// Positions of packed sequences (restarting at 0) and of generation (arbitrary, not
+    /// sorted): row `r` rotates at `pos[r]`.
     #[test]
-    fn rope_with_offsets() {
+    fn rope_at_given_positions() {
         let mut rng = Rng::new(33);
-        let (batch, seq, heads, hd) = (3, 4, 2, 8);
-        let off = [5i32, -2, 0];
+        let (heads, hd) = (2, 8);
+        let pos = [0i32, 1, 2, 0, 0, 1, 7, 3, 12];
         let t = table(&mut rng, 16, hd);
-        let x = rng.normal_vec(batch * seq * heads * hd);
+        let x = rng.normal_vec(pos.len() * heads * hd);
         let mut y = x.clone();
-        rope(&mut y, &t, batch, seq, heads, hd, false, Some(&off));
-        let want = naive_rope_at(&f64s(&x), &t, heads, hd, false, &|row| {
-            (off[row / seq] + (row % seq) as i32).max(0) as usize
-        });
-        assert_close("rope offsets", &y, &want, 1e-6);
-        // Offsets of zero are the plain positions.
-        let mut a = x.clone();
-        let mut b = x.clone();
-        rope(&mut a, &t, batch, seq, heads, hd, false, Some(&[0, 0, 0]));
-        rope(&mut b, &t, batch, seq, heads, hd, false, None);
-        assert_eq!(a, b);
+        rope(&mut y, &t, &pos, heads, hd, false);
+        let want = naive_rope_at(&f64s(&x), &t, heads, hd, false, &|row| pos[row] as usize);
+        assert_close("rope at positions", &y, &want, 1e-6);
     }
 
     /// Forward against f64 (two products and a sum per element: ~1e-7; bound 1e-6), the
@@ -256,25 +229,27 @@ mod tests {
         for &(batch, seq, heads, hd) in &[(1, 1, 1, 2), (2, 5, 3, 4), (3, 17, 2, 64)] {
             let max_pos = seq + 3;
             let t = table(&mut rng, max_pos, hd);
+            let pos: Vec<i32> = (0..batch * seq).map(|r| (r % seq) as i32).collect();
+            let at = |row: usize| row % seq;
             let x = rng.normal_vec(batch * seq * heads * hd);
             let mut y = x.clone();
-            rope(&mut y, &t, batch, seq, heads, hd, false, None);
+            rope(&mut y, &t, &pos, heads, hd, false);
             assert_close(
                 "rope fwd",
                 &y,
-                &naive_rope(&f64s(&x), &t, seq, heads, hd, false),
+                &naive_rope_at(&f64s(&x), &t, heads, hd, false, &at),
                 1e-6,
             );
             let mut back = y.clone();
-            rope(&mut back, &t, batch, seq, heads, hd, true, None);
+            rope(&mut back, &t, &pos, heads, hd, true);
             assert_close("rope inverse(rope)", &back, &f64s(&x), 1e-6);
             let r = rng.normal_vec(x.len());
             let r64 = f64s(&r);
             let fd = fd_grad(&f64s(&x), |x| {
-                dot(&naive_rope(x, &t, seq, heads, hd, false), &r64)
+                dot(&naive_rope_at(x, &t, heads, hd, false, &at), &r64)
             });
             let mut g = r.clone();
-            rope(&mut g, &t, batch, seq, heads, hd, true, None);
+            rope(&mut g, &t, &pos, heads, hd, true);
             assert_close("rope gradient", &g, &fd, 1e-6);
         }
     }

@@ -210,20 +210,21 @@ impl<B: Backend> Model<B> {
         let d = cfg.hidden_size;
         let eps = cfg.rms_norm_eps as f32;
         let past = cache.len;
-        let offsets: Vec<i32> = cache
+        // Row `i` of sequence `b` sits at timeline row `past + i`, which is position
+        // `past + i - start[b]` of that sequence (left padding sits below 0: clamped, never seen).
+        let pos: Vec<i32> = cache
             .start
             .iter()
-            .map(|&s| past as i32 - s as i32)
+            .flat_map(|&s| (0..new).map(move |i| (past + i) as i32 - s as i32))
+            .map(|p| p.max(0))
             .collect();
+        let pos = be.upload_idx(&pos)?;
         let shape = CacheShape {
             batch,
             new,
             past,
             cap: cache.cap,
-            n_heads: cfg.num_heads,
-            n_kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
-            window: cfg.sliding_window,
+            heads: self.attn_shape(cache.cap),
         };
         let w = &self.w;
         let lora = self.lora.as_ref();
@@ -268,26 +269,8 @@ impl<B: Backend> Model<B> {
             proj(be, &mut s.k, u, &s.n1, &lw.wk, lw.bk.as_ref(), l, Target::K)?;
             proj(be, &mut s.v, u, &s.n1, &lw.wv, lw.bv.as_ref(), l, Target::V)?;
             let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-            be.rope(
-                &mut s.q,
-                &self.rope,
-                batch,
-                new,
-                nh,
-                hd,
-                false,
-                Some(&offsets),
-            )?;
-            be.rope(
-                &mut s.k,
-                &self.rope,
-                batch,
-                new,
-                nkv,
-                hd,
-                false,
-                Some(&offsets),
-            )?;
+            be.rope(&mut s.q, &self.rope, &pos, rows, nh, hd, false)?;
+            be.rope(&mut s.k, &self.rope, &pos, rows, nkv, hd, false)?;
             be.attention_cached(
                 &mut s.att,
                 &s.q,
