@@ -8,9 +8,11 @@
 //   add_bias    y[i, j] += bias[j]
 //   swiglu      out = silu(g) · u,  silu(g) = g · σ(g),  σ(g) = 1 / (1 + e^-g)
 //   swiglu_bwd  dg = dout · u · σ(g) · (1 + g · (1 - σ(g))),  du = dout · silu(g)
-//   rope        pairs (i, i + hd/2) of each head at position p = row % seq (plus the row's
-//               sequence offset when offsets are given, clamped at 0):
+//   rope        pairs (i, i + hd/2) of each head at position p = pos[row] (each row's own
+//               position: within its sequence in training, on the timeline in generation):
 //               x1' = x1 cos θ - x2 sin θ,  x2' = x2 cos θ + x1 sin θ   (θ -> -θ for the inverse)
+//               A position outside the table (p < 0 or p >= n_pos) traps: the host cannot see
+//               device positions, so the kernel is what keeps the table read in bounds.
 //   casts       f32 <-> T, round to nearest even.
 //
 // Memory plan: each thread handles one 16-byte vector of T when the row length allows it (so
@@ -108,14 +110,14 @@ __device__ __forceinline__ void swiglu_bwd(T* __restrict__ dgate, T* __restrict_
 }
 
 // ---- rope -------------------------------------------------------------------------------
-// x: [rows, n_heads * hd]; table: [max_pos, hd/2] of (cos, sin) pairs. sign = +1 forward, -1
-// inverse. One thread per M consecutive pairs (i0 .. i0 + M) of one (row, head): M = 16 bytes
+// x: [rows, n_heads * hd]; pos: [rows] i32; table: [n_pos, hd/2] of (cos, sin) pairs. sign = +1
+// forward, -1 inverse. One thread per M consecutive pairs (i0 .. i0 + M) of one (row, head): M = 16 bytes
 // of T when hd/2 allows it, so x1, x2 and the table are each read with 16-byte accesses, and
 // the index arithmetic (64-bit divisions) is paid once per M pairs.
 template <typename T, int M>
 __device__ __forceinline__ void rope(T* __restrict__ x, const float* __restrict__ table,
-                                     const int* __restrict__ offsets, long long rows, int seq,
-                                     int n_heads, int hd, float sign) {
+                                     const int* __restrict__ positions, long long rows,
+                                     int n_heads, int hd, int n_pos, float sign) {
     const int half = hd / 2, per_head = half / M;
     const long long total = rows * n_heads * per_head;
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -123,8 +125,8 @@ __device__ __forceinline__ void rope(T* __restrict__ x, const float* __restrict_
         const int i0 = (int)(t % per_head) * M;
         const long long rh = t / per_head;  // row * n_heads + head
         const long long row = rh / n_heads;
-        int pos = (int)(row % seq);
-        if (offsets) pos = max(0, pos + offsets[row / seq]);
+        const int pos = positions[row];
+        if (pos < 0 || pos >= n_pos) __trap();
         const float* cs = table + ((long long)pos * half + i0) * 2;
         float c[M], s[M];
         if constexpr (M % 2 == 0) {
@@ -190,13 +192,13 @@ __device__ __forceinline__ void cast_to_f32(float* __restrict__ dst, const T* __
                                                 const T* gate, const T* up, long long len) {  \
         swiglu_bwd<T>(dgate, dup, dout, gate, up, len);                                       \
     }                                                                                         \
-    extern "C" __global__ void rope_##SUF(T* x, const float* table, const int* offsets,       \
-                                          long long rows, int seq, int n_heads, int hd,       \
+    extern "C" __global__ void rope_##SUF(T* x, const float* table, const int* pos,           \
+                                          long long rows, int n_heads, int hd, int n_pos,     \
                                           float sign) {                                       \
         if ((hd / 2) % Vec<T>::N == 0)                                                        \
-            rope<T, Vec<T>::N>(x, table, offsets, rows, seq, n_heads, hd, sign);              \
+            rope<T, Vec<T>::N>(x, table, pos, rows, n_heads, hd, n_pos, sign);                \
         else                                                                                  \
-            rope<T, 1>(x, table, offsets, rows, seq, n_heads, hd, sign);                      \
+            rope<T, 1>(x, table, pos, rows, n_heads, hd, n_pos, sign);                        \
     }                                                                                         \
     extern "C" __global__ void cast_from_f32_##SUF(T* dst, const float* src, long long len) { \
         cast_from_f32<T>(dst, src, len);                                                      \

@@ -16,7 +16,9 @@ use super::gemm::Gemm;
 use super::runtime::{DeviceElem, Runtime};
 use super::scratch::{ensure, Mirrored, Scratch};
 use super::{attention, elementwise, linear, loss, norm, optim};
-use crate::backend::{check_len, check_min, AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
+use crate::backend::{
+    check_len, check_min, AdamStep, AttnShape, Backend, CacheShape, LoraSlot, Seqs,
+};
 use anyhow::{Context, Result};
 use cudarc::driver::{CudaFunction, CudaSlice};
 use std::marker::PhantomData;
@@ -46,7 +48,6 @@ impl<T: DeviceElem> CudaBackend<T> {
             scratch: Mutex::new(Scratch {
                 ids: None,
                 targets: None,
-                offsets: Mirrored::default(),
                 starts: Mirrored::default(),
                 row_loss: None,
                 partial: None,
@@ -75,6 +76,7 @@ impl<T: DeviceElem> CudaBackend<T> {
 impl<T: DeviceElem> Backend for CudaBackend<T> {
     type Act = CudaSlice<T>;
     type F32 = CudaSlice<f32>;
+    type Idx = CudaSlice<i32>;
 
     fn name(&self) -> String {
         format!("cuda:{} {}", self.rt.ctx.ordinal(), self.rt.device_name())
@@ -100,6 +102,11 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
 
     fn upload_f32(&self, host: &[f32]) -> Result<Self::F32> {
         self.rt.upload(host, || "uploading to the GPU".to_string())
+    }
+
+    fn upload_idx(&self, host: &[i32]) -> Result<Self::Idx> {
+        self.rt
+            .upload(host, || "uploading indices to the GPU".to_string())
     }
 
     fn download_act(&self, buf: &Self::Act) -> Result<Vec<f32>> {
@@ -272,16 +279,13 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         &self,
         x: &mut Self::Act,
         table: &Self::F32,
-        batch: usize,
-        seq: usize,
+        pos: &Self::Idx,
+        n: usize,
         n_heads: usize,
         head_dim: usize,
         inverse: bool,
-        offsets: Option<&[i32]>,
     ) -> Result<()> {
-        elementwise::rope(
-            self, x, table, batch, seq, n_heads, head_dim, inverse, offsets,
-        )
+        elementwise::rope(self, x, table, pos, n, n_heads, head_dim, inverse)
     }
 
     // ---- attention ----------------------------------------------------------------------
@@ -292,9 +296,10 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         q: &Self::Act,
         k: &Self::Act,
         v: &Self::Act,
+        seqs: &Seqs<Self::Idx>,
         shape: &AttnShape,
     ) -> Result<()> {
-        attention::attention_fwd::<T>(&self.rt, out, lse, q, k, v, shape)
+        attention::attention_fwd::<T>(&self.rt, out, lse, q, k, v, seqs, shape)
     }
 
     fn attention_cached(
@@ -336,9 +341,10 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         q: &Self::Act,
         k: &Self::Act,
         v: &Self::Act,
+        seqs: &Seqs<Self::Idx>,
         shape: &AttnShape,
     ) -> Result<()> {
-        attention::attention_bwd::<T>(&self.rt, dq, dk, dv, dout, out, lse, q, k, v, shape)
+        attention::attention_bwd::<T>(&self.rt, dq, dk, dv, dout, out, lse, q, k, v, seqs, shape)
     }
 
     // ---- MLP ----------------------------------------------------------------------------

@@ -85,69 +85,55 @@ pub(super) fn embedding<T: DeviceElem>(
     unsafe { be.rt.launch(&name, cfg, args) }
 }
 
+/// Rotate `x: [n, n_heads*head_dim]` in place at the positions `pos` (`n` i32 on the device).
+/// The host cannot see the positions, so the kernel checks each against the table's
+/// `table.len() / head_dim` rows and traps (a launch failure) on one outside it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rope<T: DeviceElem>(
     be: &CudaBackend<T>,
     x: &mut CudaSlice<T>,
     table: &CudaSlice<f32>,
-    batch: usize,
-    seq: usize,
+    pos: &CudaSlice<i32>,
+    n: usize,
     n_heads: usize,
     head_dim: usize,
     inverse: bool,
-    offsets: Option<&[i32]>,
 ) -> Result<()> {
     assert!(
-        head_dim.is_multiple_of(2),
-        "rope: head_dim {head_dim} is odd"
+        head_dim > 0 && head_dim.is_multiple_of(2),
+        "rope: head_dim {head_dim} is odd or 0"
     );
-    let rows = batch * seq;
-    check_len("rope", "x", x.len(), rows * n_heads * head_dim);
-    let max_pos = match offsets {
-        None => seq.max(1) - 1,
-        Some(o) => {
-            check_len("rope", "offsets", o.len(), batch);
-            o.iter()
-                .map(|&p| (p as i64 + seq as i64 - 1).max(0) as usize)
-                .max()
-                .unwrap_or(0)
-        }
-    };
-    check_min("rope", "table", table.len(), (max_pos + 1) * head_dim);
-    let total = rows * n_heads * head_dim / 2;
+    check_len("rope", "x", x.len(), n * n_heads * head_dim);
+    check_len("rope", "pos", pos.len(), n);
+    let n_pos = table.len() / head_dim;
+    let total = n * n_heads * head_dim / 2;
     if total == 0 {
         return Ok(());
     }
-    let mut sc = be.scratch();
-    let offsets_ptr = match offsets {
-        None => 0u64,
-        Some(o) => {
-            let dev = sc.offsets.upload(&be.rt, o, "rope offsets")?;
-            be.rt.ptr(dev)
-        }
-    };
+    check_min("rope", "table (one position)", table.len(), head_dim);
     let (f, name) = be.func("elementwise", "rope")?;
-    let (xp, tp) = (be.rt.ptr(x), be.rt.ptr(table));
-    let rows_i = rows as i64;
-    let (seq_i, nh_i, hd_i) = (
-        to_i32("rope", "seq", seq),
+    let (xp, tp, pp) = (be.rt.ptr(x), be.rt.ptr(table), be.rt.ptr(pos));
+    let rows_i = n as i64;
+    let (nh_i, hd_i, np_i) = (
         to_i32("rope", "n_heads", n_heads),
         to_i32("rope", "head_dim", head_dim),
+        to_i32("rope", "table positions", n_pos),
     );
     let sign: f32 = if inverse { -1.0 } else { 1.0 };
     let mut args = be.rt.stream.launch_builder(&f);
     args.arg(&xp)
         .arg(&tp)
-        .arg(&offsets_ptr)
+        .arg(&pp)
         .arg(&rows_i)
-        .arg(&seq_i)
         .arg(&nh_i)
         .arg(&hd_i)
+        .arg(&np_i)
         .arg(&sign);
-    let cfg = KernelLaunch::rope::<T>(rows * n_heads, head_dim).config();
-    // SAFETY: rope(T* x, const float* table, const int* offsets, long long rows, int seq,
-    // int n_heads, int hd, float sign): x holds rows·n_heads·hd, table covers every
-    // position used (checked above), offsets is null or holds `batch` ints.
+    let cfg = KernelLaunch::rope::<T>(n * n_heads, head_dim).config();
+    // SAFETY: rope(T* x, const float* table, const int* pos, long long rows, int n_heads, int hd,
+    // int n_pos, float sign): x holds rows·n_heads·hd, pos holds rows ints (both checked), and
+    // the kernel traps on a position outside [0, n_pos), n_pos = table.len() / hd, so every table
+    // read is in bounds.
     unsafe { be.rt.launch(&name, cfg, args) }
 }
 
