@@ -3,7 +3,6 @@
 //! every activation, over several micro-batches of different shapes (buffers of the shared
 //! recomputation slots are reused across layers and micro-batches).
 
-use crate::support::*;
 use crate::tiny::setup;
 use caft_fast::backend::Backend;
 use caft_fast::data::{packed_batch, Example};

@@ -1,7 +1,9 @@
 //! The transformer on the CPU backend against transformers + PEFT fixtures
 //! (scripts/make_fixtures.py): tiny random Llama (GQA, llama3 rope scaling, untied), Qwen2
-//! (q/k/v biases, tied), Mistral (explicit head_dim, sliding window) and Qwen3 (per-head q/k
-//! norms, head_dim 24 with hidden 64), each with LoRA and ablation at two layers.
+//! (q/k/v biases, tied), Mistral (explicit head_dim, sliding window), Qwen3 (per-head q/k
+//! norms, head_dim 24 with hidden 64) and Gemma-2 ((1 + w) sandwich norms, GeGLU, soft-capped
+//! attention and logits that saturate, sliding and global layers alternating,
+//! query_pre_attn_scalar, tied), each with LoRA and ablation at two layers.
 //!
 //! Tolerances (f32 against f32): logits and resid_post within 1e-5 relative norm, LoRA
 //! gradients within 1e-4, the loss within 1e-6 absolute. Both sides compute in f32 with
@@ -226,6 +228,10 @@ fn qwen3_forward_backward() {
     forward_backward_matches("qwen3");
 }
 #[test]
+fn gemma2_forward_backward() {
+    forward_backward_matches("gemma2");
+}
+#[test]
 fn llama_three_adamw_steps() {
     training_matches("llama");
 }
@@ -277,6 +283,14 @@ fn greedy_matches(name: &str) {
 #[test]
 fn qwen3_greedy_generation() {
     greedy_matches("qwen3");
+}
+#[test]
+fn gemma2_three_adamw_steps() {
+    training_matches("gemma2");
+}
+#[test]
+fn gemma2_greedy_generation() {
+    greedy_matches("gemma2");
 }
 
 #[test]
