@@ -76,9 +76,9 @@ pub struct BenchModelArgs {
     /// (default: SmolLM2-135M-Instruct).
     #[arg(long, conflicts_with = "shape")]
     pub model: Option<PathBuf>,
-    /// Instead of a model file, random weights of a shape: a preset (qwen2.5-1.5b,
-    /// llama-3.2-1b, smollm2-135m) or any Hugging Face `config.json` (or the folder holding
-    /// one), so a model's step can be timed without its weights.
+    /// Instead of a model file, random weights of a shape: a preset (qwen2.5-1.5b, qwen3-1.7b,
+    /// gemma-2-2b, llama-3.2-1b, smollm2-135m) or any Hugging Face `config.json` (or the folder
+    /// holding one), so a model's step can be timed without its weights.
     #[arg(long)]
     pub shape: Option<String>,
 }

@@ -35,9 +35,11 @@ loss.svg, run.json (configuration, data and directions hashes, program version),
 checkpoints/step-N/ (adapter, optimizer state, data order, step), merged/ with --merge.
 Ctrl-C saves a checkpoint and exits with status 1; --resume <output> continues bit-identically.
 
-Departures from the paper's code: AdamW keeps f32 moments (the paper ran 8-bit AdamW); every
-activation is kept for the backward (no gradient checkpointing: same gradients, more memory);
-the default model is SmolLM2-135M-Instruct, a 4-bit GGUF dequantised on load."
+Departures from the paper's code: AdamW keeps f32 moments (the paper ran 8-bit AdamW);
+activation checkpointing is off unless --checkpointing asks for it (the paper's code ran gradient
+checkpointing; every mode gives the same gradients); examples are packed without padding unless
+--no-packing (same examples per step, same loss normalisation); the default model is
+SmolLM2-135M-Instruct, a 4-bit GGUF dequantised on load."
 )]
 pub struct TrainArgs {
     /// TOML file with any of the options below (flags given here override it).

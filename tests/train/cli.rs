@@ -763,9 +763,10 @@ fn bad_packing_options_are_named() {
         (0..40).collect::<Vec<i32>>()
     );
     let data = write(&dir.join("long.jsonl"), &long);
+    let model = tiny_llama();
     let base = [
         "--model",
-        s(&tiny_llama()),
+        s(&model),
         "--data",
         s(&data),
         "-o",
