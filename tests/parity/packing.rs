@@ -14,9 +14,8 @@ use caft_fast::data::{make_batch, pack_step, packed_batch, Example};
 use caft_fast::model::transformer::{Batch, Model, IGNORE};
 use caft_fast::util::rng::Rng;
 
-/// Examples of uneven lengths (1 to 23 tokens) with the first few labels ignored, as a chat
-/// prompt would be.
-fn examples(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Example> {
+/// Examples of uneven lengths with the first few labels ignored, as a chat prompt would be.
+pub fn examples(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Example> {
     lens.iter()
         .map(|&l| {
             let ids: Vec<u32> = (0..l).map(|_| rng.below(vocab) as u32).collect();
@@ -33,7 +32,7 @@ fn examples(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Example> {
 
 /// A fixture model whose LoRA parameters are the fixture's init plus noise (PEFT's init has
 /// B = 0, which would leave the A gradients zero and untested).
-fn model(name: &str, seed: u64) -> (CpuBackend, Model<CpuBackend>) {
+pub fn model(name: &str, seed: u64) -> (CpuBackend, Model<CpuBackend>) {
     let c = setup(name);
     let mut rng = Rng::new(seed);
     let params: Vec<f32> = c

@@ -118,11 +118,29 @@ fn gelu_tanh(g: f32) -> (f32, f32) {
     (y, dy)
 }
 
-/// `out = gelu_tanh(gate) · up`.
-pub fn geglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
+multiversion! {
+    fn geglu_chunk(out: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+            *o = gelu_tanh(*g).0 * *u;
+        }
+    }
+}
+
+multiversion! {
+    fn geglu_bwd_chunk(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+        for ((((dg, du), d), g), u) in dgate.iter_mut().zip(dup.iter_mut()).zip(dout).zip(gate).zip(up) {
+            let (y, dy) = gelu_tanh(*g);
+            *du = *d * y;
+            *dg = *d * *u * dy;
+        }
+    }
+}
+
+/// A gated MLP's activation `out = act(gate) · up`, chunk by chunk in parallel.
+fn glu(op: &str, out: &mut [f32], gate: &[f32], up: &[f32], chunk: fn(&mut [f32], &[f32], &[f32])) {
     assert!(
         out.len() == gate.len() && gate.len() == up.len(),
-        "geglu: lengths differ (out {}, gate {}, up {})",
+        "{op}: lengths differ (out {}, gate {}, up {})",
         out.len(),
         gate.len(),
         up.len()
@@ -130,18 +148,25 @@ pub fn geglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
-        .for_each(|((o, g), u)| {
-            for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                *o = gelu_tanh(*g).0 * *u;
-            }
-        });
+        .for_each(|((o, g), u)| chunk(o, g, u));
 }
 
-pub fn geglu_bwd(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+type GluBwdChunk = fn(&mut [f32], &mut [f32], &[f32], &[f32], &[f32]);
+
+/// Its backward, `dgate = dout · up · act'(gate)`, `dup = dout · act(gate)`.
+fn glu_bwd(
+    op: &str,
+    dgate: &mut [f32],
+    dup: &mut [f32],
+    dout: &[f32],
+    gate: &[f32],
+    up: &[f32],
+    chunk: GluBwdChunk,
+) {
     let n = dout.len();
     assert!(
         dgate.len() == n && dup.len() == n && gate.len() == n && up.len() == n,
-        "geglu_bwd: lengths differ (dgate {}, dup {}, dout {n}, gate {}, up {})",
+        "{op}: lengths differ (dgate {}, dup {}, dout {n}, gate {}, up {})",
         dgate.len(),
         dup.len(),
         gate.len(),
@@ -153,13 +178,23 @@ pub fn geglu_bwd(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32],
         .zip(dout.par_chunks(CHUNK))
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
-        .for_each(|((((dg, du), d), g), u)| {
-            for ((((dg, du), d), g), u) in dg.iter_mut().zip(du.iter_mut()).zip(d).zip(g).zip(u) {
-                let (y, dy) = gelu_tanh(*g);
-                *du = *d * y;
-                *dg = *d * *u * dy;
-            }
-        });
+        .for_each(|((((dg, du), d), g), u)| chunk(dg, du, d, g, u));
+}
+
+pub fn swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    glu("swiglu", out, gate, up, swiglu_chunk);
+}
+
+pub fn swiglu_bwd(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+    glu_bwd("swiglu_bwd", dgate, dup, dout, gate, up, swiglu_bwd_chunk);
+}
+
+pub fn geglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    glu("geglu", out, gate, up, geglu_chunk);
+}
+
+pub fn geglu_bwd(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+    glu_bwd("geglu_bwd", dgate, dup, dout, gate, up, geglu_bwd_chunk);
 }
 
 /// `x <- s · x`.
@@ -194,39 +229,6 @@ pub fn softcap_bwd(dx: &mut [f32], y: &[f32], cap: f32) {
                 *d *= 1.0 - t * t;
             }
         });
-}
-
-pub fn swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) {
-    assert!(
-        out.len() == gate.len() && gate.len() == up.len(),
-        "swiglu: lengths differ (out {}, gate {}, up {})",
-        out.len(),
-        gate.len(),
-        up.len()
-    );
-    out.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK))
-        .zip(up.par_chunks(CHUNK))
-        .for_each(|((o, g), u)| swiglu_chunk(o, g, u));
-}
-
-pub fn swiglu_bwd(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
-    let n = dout.len();
-    assert!(
-        dgate.len() == n && dup.len() == n && gate.len() == n && up.len() == n,
-        "swiglu_bwd: lengths differ (dgate {}, dup {}, dout {n}, gate {}, up {})",
-        dgate.len(),
-        dup.len(),
-        gate.len(),
-        up.len()
-    );
-    dgate
-        .par_chunks_mut(CHUNK)
-        .zip(dup.par_chunks_mut(CHUNK))
-        .zip(dout.par_chunks(CHUNK))
-        .zip(gate.par_chunks(CHUNK))
-        .zip(up.par_chunks(CHUNK))
-        .for_each(|((((dg, du), d), g), u)| swiglu_bwd_chunk(dg, du, d, g, u));
 }
 
 #[cfg(test)]
