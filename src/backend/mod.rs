@@ -26,12 +26,6 @@ pub mod device;
 
 pub(crate) use check::{check_len, check_min};
 
-/// The error of an op a backend does not implement yet (the model families that need it name
-/// the backends that run them).
-fn unsupported(backend: &str, op: &str) -> Result<()> {
-    anyhow::bail!("{op} is not implemented on the {backend} backend yet")
-}
-
 use anyhow::Result;
 
 /// Where one LoRA pair lives inside the flat parameter (and gradient) buffer.
@@ -476,10 +470,7 @@ pub trait Backend {
 
     /// `out = gelu_tanh(gate) * up` (GeGLU, Gemma-2), with PyTorch's tanh-approximated GELU
     /// `gelu_tanh(x) = x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
-    fn geglu(&self, out: &mut Self::Act, gate: &Self::Act, up: &Self::Act) -> Result<()> {
-        let _ = (out, gate, up);
-        unsupported(&self.name(), "geglu")
-    }
+    fn geglu(&self, out: &mut Self::Act, gate: &Self::Act, up: &Self::Act) -> Result<()>;
     /// `dgate = dout · up · gelu_tanh'(gate)`, `dup = dout · gelu_tanh(gate)`.
     fn geglu_bwd(
         &self,
@@ -488,29 +479,17 @@ pub trait Backend {
         dout: &Self::Act,
         gate: &Self::Act,
         up: &Self::Act,
-    ) -> Result<()> {
-        let _ = (dgate, dup, dout, gate, up);
-        unsupported(&self.name(), "geglu_bwd")
-    }
+    ) -> Result<()>;
 
     // ---- elementwise --------------------------------------------------------------------------
     /// `x <- s · x` in place, `s` first rounded to the activation type (as transformers casts
     /// Gemma's embedding normalizer `sqrt(hidden)` to the weights' dtype).
-    fn scale_act(&self, x: &mut Self::Act, s: f32) -> Result<()> {
-        let _ = (x, s);
-        unsupported(&self.name(), "scale_act")
-    }
+    fn scale_act(&self, x: &mut Self::Act, s: f32) -> Result<()>;
     /// Soft-capping in place: `x <- c · tanh(x / c)` (Gemma-2's final logits).
-    fn softcap(&self, x: &mut Self::Act, cap: f32) -> Result<()> {
-        let _ = (x, cap);
-        unsupported(&self.name(), "softcap")
-    }
+    fn softcap(&self, x: &mut Self::Act, cap: f32) -> Result<()>;
     /// Backward of [`Backend::softcap`] in place on the gradient, from the capped values `y`:
     /// `dx <- dx · (1 - (y/c)²)`.
-    fn softcap_bwd(&self, dx: &mut Self::Act, y: &Self::Act, cap: f32) -> Result<()> {
-        let _ = (dx, y, cap);
-        unsupported(&self.name(), "softcap_bwd")
-    }
+    fn softcap_bwd(&self, dx: &mut Self::Act, y: &Self::Act, cap: f32) -> Result<()>;
 
     // ---- loss -------------------------------------------------------------------------------
     /// Cross-entropy of `logits: [n, vocab]` against `targets` (`-1` = ignored row).
