@@ -24,13 +24,28 @@
 //!   sequence's start see no key and must come out zero), sliding windows, GQA and MHA, with
 //!   the key split of a 132-SM GPU (H200: small calls split their keys and run the merge) and
 //!   of a 1-SM one (no split); also a group of 10 query heads, head_dim 34 (element copies) and
-//!   256 (smaller key tiles).
-//! - `attention_fwd`: the tensor-core kernels (bf16, head_dim 64 and 128) and the generic kernels (f32;
-//!   bf16 with head_dim 32), causal, windowed, GQA, partial tiles.
-//! - `attention_bwd`: preprocess, dK/dV, dQ after each side's own forward, for the same kernels.
+//!   256 (smaller key tiles); and Gemma-2-like scores (scale, soft cap) split or not, windowed,
+//!   at head_dim 64 and 256.
+//! - `attention_fwd`: the tensor-core kernels (bf16, head_dim 64 and 128) and the generic
+//!   kernels (f32; bf16 with head_dim 32, 40 and 256), on packed sequences of unequal lengths
+//!   (a single row, lengths not multiples of the 64-row tile, several sequences within 64 rows),
+//!   causal, windowed, GQA, and with Gemma-2-like scores (scale 2/sqrt(hd), soft cap 3, which
+//!   a good share of the raw scores exceed).
+//! - `attention_bwd`: preprocess, dK/dV, dQ after each side's own forward, for the same cases.
+//! - Packed sequences are independent: with one sequence redrawn, the others' outputs (out,
+//!   lse, dq, dk, dv) are bit-identical (tensor-core bf16 and generic f32).
 //!
-//! Two mutation checks show the emulation can fail: a cp.async wait one group too late in the
-//! decoding kernel, and a wrong mma A fragment in the forward.
+//! Tolerances (`parity::tolerance`, relative L2 over each output): f32 1e-5 (measured 1e-7 to
+//! 5e-7: the same f32 math in another order); bf16 1e-2 against the CPU reference fed the same
+//! bf16-rounded inputs (measured 1.4e-3 to 3.2e-3): the outputs are rounded to bf16 (2⁻⁹
+//! relative, about 1.5e-3 in L2 alone), and the tensor-core kernels round P (forward) and P,
+//! dS (backward) to bf16 for their products, so the backward chains two or three such
+//! roundings; 1e-2 leaves a 3x margin, while every mutation below lands at 0.3 or more.
+//!
+//! Four mutation checks show the emulation can fail: a cp.async wait one group too late in the
+//! decoding kernel, a wrong mma A fragment in the forward, the soft cap's factor 1 - t² missing
+//! from the tensor-core dK/dV, and sequences that start one row early (reading across a
+//! boundary).
 //!
 //! What the emulation cannot check: the hardware's mma summation order and ex2 error (covered
 //! by the tolerances), timing and register use.
@@ -866,4 +881,58 @@ fn a_wrong_mma_fragment_is_caught() {
         &emulate_fwd::<bf16>(&m, &x).unwrap(),
         &cpu_fwd(&x),
     );
+}
+
+/// The soft cap's chain factor dropped from the tensor-core dK/dV kernel (dS instead of
+/// dS·(1 - t²)) must be out of tolerance: the capped cases saturate the tanh on purpose. If
+/// attention.cu changes shape, update `FROM`.
+#[test]
+fn a_missing_softcap_factor_is_caught() {
+    if !have_compiler("a_missing_softcap_factor_is_caught") {
+        return;
+    }
+    const FROM: &str = "dpt[nt][e] = p * (dpt[nt][e] - sDelta[ii]) * g;";
+    const TO: &str = "dpt[nt][e] = p * (dpt[nt][e] - sDelta[ii]);";
+    let entries: Vec<String> = ["fwd_hd64", "bwd_preprocess", "bwd_dkdv_hd64", "bwd_dq_hd64"]
+        .iter()
+        .map(|f| format!("attention_{f}_bf16"))
+        .collect();
+    let main = file(MODULE);
+    let m = common::build_module("attention-no-cap-factor", &main, &entries, |t| {
+        common::mutate(&main, t, FROM, TO)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let x = attn_inputs::<bf16>(&mut Rng::new(9), &capped(&[33, 2, 45], (2, 1), 64, None));
+    common::assert_caught::<bf16>(
+        "a missing soft-cap factor",
+        &emulate_bwd::<bf16>(&m, &x).unwrap(),
+        &cpu_bwd(&x),
+    );
+}
+
+/// Sequences that reach one row back (every sequence but the first also takes the previous
+/// sequence's last row as its position 0: its tiles read across the boundary, its queries see
+/// that foreign key) must be out of tolerance, with every output still written. If attention.cu
+/// changes shape, update `FROM`.
+#[test]
+fn a_read_across_sequences_is_caught() {
+    if !have_compiler("a_read_across_sequences_is_caught") {
+        return;
+    }
+    const FROM: &str = ": s0(cu[z]), len(cu[z + 1] - cu[z]) {}";
+    const TO: &str =
+        ": s0(cu[z] > 0 ? cu[z] - 1 : 0), len(cu[z + 1] - (cu[z] > 0 ? cu[z] - 1 : 0)) {}";
+    let entries = vec!["attention_fwd_f32".to_string()];
+    let main = file(MODULE);
+    let m = common::build_module("attention-across", &main, &entries, |t| {
+        common::mutate(&main, t, FROM, TO)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let x = attn_inputs::<f32>(&mut Rng::new(10), &plain(&[6, 9, 3], (4, 2), 24, None));
+    let got = emulate_fwd::<f32>(&m, &x).unwrap();
+    assert!(
+        got.iter().flatten().all(|v| v.is_finite()),
+        "the mutant must fail on values, not on unwritten (NaN) rows"
+    );
+    common::assert_caught::<f32>("a read across sequences", &got, &cpu_fwd(&x));
 }
