@@ -1001,7 +1001,9 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS, ATTN_GEN_MIN_CTAS) at
                                  head_dim, window, scale, softcap);
 }
 
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_bwd_dq_hd64_bf16(ATTN_DQ_ARGS(bf16)) {
+// dQ at D = 64: three CTAs per SM, as before the soft cap (168 registers, no spills; left to
+// itself ptxas takes ~220 with the cap's tanh and only two CTAs fit).
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS, 3) attention_bwd_dq_hd64_bf16(ATTN_DQ_ARGS(bf16)) {
     attn_bwd_dq_mma<64>(dq, dout, lse, delta, q, k, v, cu, n, n_heads, n_kv_heads, window, scale,
                         softcap);
 }

@@ -14,9 +14,10 @@
 //! - elementwise.cu: `embedding`; `add_bias` as the bias half of `linear` (the GPU runs cuBLAS,
 //!   here the CPU product, then the kernel); `swiglu_fwd` / `swiglu_bwd` and `geglu_fwd` /
 //!   `geglu_bwd` (lengths below one 16-byte vector, with a tail, over several blocks); `scale`,
-//!   `softcap_fwd`, `softcap_bwd` (saturating); `rope` forward and inverse, without
-//!   and with per-sequence offsets (continuations, left padding clamped at position 0, a
-//!   decoding step); `cast_from_f32` / `cast_to_f32` bit for bit against the host's own
+//!   `softcap_fwd`, `softcap_bwd` (saturating); `rope` forward and inverse at per-row
+//!   positions (packed sequences of unequal lengths, generation positions out of order), and
+//!   a position past the table, which must trap; `cast_from_f32` / `cast_to_f32` bit for bit
+//!   against the host's own
 //!   conversion (`DeviceElem`), NaN payloads, infinities, ties and subnormals included. The
 //!   backend launches only `cast_from_f32_bf16` (LoRA factors as bf16); the others run with the
 //!   same flat launch shape.
@@ -619,35 +620,43 @@ fn scale_and_softcap_bf16() {
 
 // ==== elementwise.cu: rope ===================================================================
 
+/// Where the rows' positions come from.
+#[derive(Debug, Clone, Copy)]
+enum Positions {
+    /// Packed training sequences of these lengths: positions restart at 0 in each.
+    Packed(&'static [usize]),
+    /// Generation: every row its own timeline position (these, cycled over the rows).
+    Given(&'static [i32]),
+}
+
 #[derive(Debug, Clone, Copy)]
 struct RopeShape {
-    batch: usize,
-    seq: usize,
+    rows: usize,
     n_heads: usize,
     head_dim: usize,
-    offsets: Option<&'static [i32]>,
+    pos: Positions,
     inverse: bool,
 }
 
-/// Each forward and inverse: plain positions (one sequence, two); offsets continuing
-/// sequences, one left-padded (negative: its first rows clamp to position 0), with an odd
-/// half head dim; a decoding step (seq 1); a sequence that is all padding.
+/// Each forward and inverse: one sequence; packed sequences of unequal lengths (one of a single
+/// row), with an odd half head dim; generation positions (decoding steps of sequences at
+/// different timeline rows, prefill continuations, position 0), out of order.
 fn rope_shapes() -> Vec<RopeShape> {
+    use Positions::*;
     let base = [
-        (1, 7, 3, 32, None),
-        (2, 13, 4, 64, None),
-        (3, 5, 2, 10, Some(&[0, 4, -2][..])),
-        (2, 1, 9, 64, Some(&[17, 3][..])),
-        (2, 6, 2, 128, Some(&[-6, 2][..])),
+        (7, 3, 32, Packed(&[7])),
+        (26, 4, 64, Packed(&[13, 1, 12])),
+        (15, 2, 10, Packed(&[5, 9, 1])),
+        (2, 9, 64, Given(&[17, 3])),
+        (12, 2, 128, Given(&[0, 1, 2, 40, 41, 7, 0, 3, 3, 2, 1, 39])),
     ];
     base.iter()
-        .flat_map(|&(batch, seq, n_heads, head_dim, offsets)| {
+        .flat_map(|&(rows, n_heads, head_dim, pos)| {
             [false, true].map(|inverse| RopeShape {
-                batch,
-                seq,
+                rows,
                 n_heads,
                 head_dim,
-                offsets,
+                pos,
                 inverse,
             })
         })
@@ -657,23 +666,27 @@ fn rope_shapes() -> Vec<RopeShape> {
 struct RopeInputs {
     x: Vec<f32>,
     table: Vec<f32>,
+    pos: Vec<i32>,
     s: RopeShape,
 }
 
-/// Position of token row `row`, as `Backend::rope` defines it.
-fn rope_pos(s: &RopeShape, row: usize) -> usize {
-    match s.offsets {
-        None => row % s.seq,
-        Some(o) => (o[row / s.seq] as i64 + (row % s.seq) as i64).max(0) as usize,
-    }
+/// Every row's position, as the caller of `Backend::rope` passes them.
+fn rope_positions(s: &RopeShape) -> Vec<i32> {
+    let pos: Vec<i32> = match s.pos {
+        Positions::Packed(lens) => lens.iter().flat_map(|&l| 0..l as i32).collect(),
+        Positions::Given(p) => p.iter().copied().cycle().take(s.rows).collect(),
+    };
+    assert_eq!(pos.len(), s.rows, "{s:?}");
+    pos
 }
 
 fn rope_inputs<T: Elem>(rng: &mut Rng, s: &RopeShape) -> RopeInputs {
-    let rows = s.batch * s.seq;
-    let max_pos = (0..rows).map(|r| rope_pos(s, r)).max().unwrap_or(0);
+    let pos = rope_positions(s);
+    // A table a few positions longer than needed (the kernel must not need it exact).
+    let n_pos = pos.iter().copied().max().unwrap_or(0) as usize + 3;
     // (cos, sin) of p·10000^(-2i/hd): the angles the models use.
     let half = s.head_dim / 2;
-    let table = (0..=max_pos)
+    let table = (0..n_pos)
         .flat_map(|p| {
             (0..half).flat_map(move |i| {
                 let a = p as f64 * 10000f64.powf(-2.0 * i as f64 / s.head_dim as f64);
@@ -682,8 +695,9 @@ fn rope_inputs<T: Elem>(rng: &mut Rng, s: &RopeShape) -> RopeInputs {
         })
         .collect();
     RopeInputs {
-        x: draw::<T>(rng, rows * s.n_heads * s.head_dim, 1.0),
+        x: draw::<T>(rng, s.rows * s.n_heads * s.head_dim, 1.0),
         table,
+        pos,
         s: *s,
     }
 }
@@ -691,20 +705,19 @@ fn rope_inputs<T: Elem>(rng: &mut Rng, s: &RopeShape) -> RopeInputs {
 /// `CudaBackend::<T>::rope`.
 fn emulate_rope<T: Elem>(m: &Module, x: &RopeInputs) -> Result<Outputs, String> {
     let s = &x.s;
-    let rows = s.batch * s.seq;
     let sign: f32 = if s.inverse { -1.0 } else { 1.0 };
     let after = m.run(&launch(
         typed::<T>("rope"),
-        KernelLaunch::rope::<T>(rows * s.n_heads, s.head_dim),
+        KernelLaunch::rope::<T>(s.rows * s.n_heads, s.head_dim),
         vec![
-            act::<T>(&x.x),                        // 0 T* x (in and out)
-            Arg::buf(&x.table),                    // 1 const float* table
-            s.offsets.map_or(Arg::Null, Arg::buf), // 2 const int* offsets
-            Arg::I64(rows as i64),                 // 3 long long rows
-            Arg::I32(s.seq as i32),                // 4 int seq
-            Arg::I32(s.n_heads as i32),            // 5 int n_heads
-            Arg::I32(s.head_dim as i32),           // 6 int hd
-            Arg::F32(sign),                        // 7 float sign
+            act::<T>(&x.x),                                // 0 T* x (in and out)
+            Arg::buf(&x.table),                            // 1 const float* table
+            Arg::buf(&x.pos),                              // 2 const int* pos
+            Arg::I64(s.rows as i64),                       // 3 long long rows
+            Arg::I32(s.n_heads as i32),                    // 4 int n_heads
+            Arg::I32(s.head_dim as i32),                   // 5 int hd
+            Arg::I32((x.table.len() / s.head_dim) as i32), // 6 int n_pos
+            Arg::F32(sign),                                // 7 float sign
         ],
     ))?;
     Ok(vec![to_f32(&after.get::<T>(0))])
@@ -715,7 +728,7 @@ fn cpu_rope(x: &RopeInputs) -> Outputs {
     let mut out = x.x.clone();
     CpuBackend::new()
         .rope(
-            &mut out, &x.table, s.batch, s.seq, s.n_heads, s.head_dim, s.inverse, s.offsets,
+            &mut out, &x.table, &x.pos, s.rows, s.n_heads, s.head_dim, s.inverse,
         )
         .expect("CPU rope");
     vec![out]
@@ -743,6 +756,25 @@ fn rope_f32() {
 #[test]
 fn rope_bf16() {
     rope::<bf16>("rope_bf16", 30);
+}
+
+/// The host cannot see device positions, so the kernel keeps the table read in bounds: a
+/// position past the table (or negative) must trap, not read outside it.
+#[test]
+fn rope_traps_on_a_position_outside_the_table() {
+    if !have_compiler("rope_traps_on_a_position_outside_the_table") {
+        return;
+    }
+    let shape = rope_shapes()[4];
+    let mut x = rope_inputs::<f32>(&mut Rng::new(9), &shape);
+    let n_pos = (x.table.len() / shape.head_dim) as i32;
+    assert!(emulate_rope::<f32>(Kernels::Elementwise.module(), &x).is_ok());
+    for bad in [n_pos, -1] {
+        x.pos[3] = bad;
+        let err = emulate_rope::<f32>(Kernels::Elementwise.module(), &x)
+            .expect_err("a position outside the table must fail the launch");
+        assert!(err.contains("__trap"), "position {bad}: {err}");
+    }
 }
 
 // ==== elementwise.cu: casts ==================================================================
@@ -1314,7 +1346,7 @@ fn a_broken_sum_of_squares_is_caught() {
 }
 
 /// The elementwise tests can fail: with the second half's rotation turned the wrong way, rope
-/// must be out of tolerance (shown on an inverse rotation with offsets).
+/// must be out of tolerance (shown on an inverse rotation at generation positions).
 #[test]
 fn a_broken_rope_is_caught() {
     if !have_compiler("a_broken_rope_is_caught") {
@@ -1326,7 +1358,7 @@ fn a_broken_rope_is_caught() {
     );
     let shape = rope_shapes()
         .into_iter()
-        .find(|s| s.inverse && s.offsets.is_some())
+        .find(|s| s.inverse && matches!(s.pos, Positions::Given(_)))
         .unwrap();
     let x = rope_inputs::<f32>(&mut Rng::new(8), &shape);
     common::assert_caught::<f32>(
