@@ -231,7 +231,7 @@ mod gpu {
     fn tiny<T: caft_fast::backend::cuda::runtime::DeviceElem>(tol_state: f64, tol_grad: f64) {
         let gpu = CudaBackend::<T>::new(0).expect("a CUDA GPU");
         let cpu = CpuBackend::new();
-        for name in ["llama", "qwen2", "mistral", "qwen3"] {
+        for name in ["llama", "qwen2", "mistral", "qwen3", "gemma2"] {
             let dir = tiny_fixture(name);
             // seq 40 crosses attention tile edges and, for Mistral, its window of 8.
             let want = run(&cpu, &dir, 3, 40, 3);
@@ -305,7 +305,7 @@ mod gpu {
     #[ignore = "needs a CUDA GPU"]
     fn tiny_models_checkpointing_bf16_bit_identical() {
         use caft_fast::model::transformer::Checkpointing;
-        for name in ["llama", "mistral", "qwen3"] {
+        for name in ["llama", "mistral", "qwen3", "gemma2"] {
             let (gpu, mut m) = gpu_model(name);
             let ex = examples(m.cfg.vocab_size, &[13, 70, 1, 40, 22], 5);
             let micro = [
