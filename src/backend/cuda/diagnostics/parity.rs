@@ -467,22 +467,39 @@ body!(AttnCachedCase { q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, start: Vec<u32>,
     Ok(outs)
 });
 
-body!(SwigluCase { gate: Vec<f32>, up: Vec<f32> } |self, b| {
+body!(GluCase { gate: Vec<f32>, up: Vec<f32>, gelu: bool } |self, b| {
     let g = b.upload_act(&self.gate)?;
     let u = b.upload_act(&self.up)?;
     let mut out = b.upload_act(&nan(self.gate.len()))?;
-    b.swiglu(&mut out, &g, &u)?;
+    match self.gelu {
+        false => b.swiglu(&mut out, &g, &u)?,
+        true => b.geglu(&mut out, &g, &u)?,
+    }
     Ok(vec![b.download_act(&out)?])
 });
 
-body!(SwigluBwdCase { dout: Vec<f32>, gate: Vec<f32>, up: Vec<f32> } |self, b| {
+body!(GluBwdCase { dout: Vec<f32>, gate: Vec<f32>, up: Vec<f32>, gelu: bool } |self, b| {
     let d = b.upload_act(&self.dout)?;
     let g = b.upload_act(&self.gate)?;
     let u = b.upload_act(&self.up)?;
     let mut dg = b.upload_act(&nan(self.gate.len()))?;
     let mut du = b.upload_act(&nan(self.gate.len()))?;
-    b.swiglu_bwd(&mut dg, &mut du, &d, &g, &u)?;
+    match self.gelu {
+        false => b.swiglu_bwd(&mut dg, &mut du, &d, &g, &u)?,
+        true => b.geglu_bwd(&mut dg, &mut du, &d, &g, &u)?,
+    }
     Ok(vec![b.download_act(&dg)?, b.download_act(&du)?])
+});
+
+// Soft-cap forward, its backward from the capped values, and the embedding scale.
+body!(SoftcapCase { x: Vec<f32>, dy: Vec<f32>, cap: f32 } |self, b| {
+    let mut y = b.upload_act(&self.x)?;
+    b.softcap(&mut y, self.cap)?;
+    let mut dx = b.upload_act(&self.dy)?;
+    b.softcap_bwd(&mut dx, &y, self.cap)?;
+    let mut s = b.upload_act(&self.x)?;
+    b.scale_act(&mut s, self.cap)?;
+    Ok(vec![b.download_act(&y)?, b.download_act(&dx)?, b.download_act(&s)?])
 });
 
 body!(CeCase { logits: Vec<f32>, targets: Vec<i32>, vocab: usize, grad: Option<f32> } |self, b| {
@@ -889,16 +906,40 @@ const CASES: &[Case] = &[
         cached_case(g, s.batch, &[prompt], 2, heads)
     }),
     case!("swiglu", |s, g| {
-        SwigluCase {
+        GluCase {
             gate: g.act(s.n * s.ffn, 2.0),
             up: g.act(s.n * s.ffn, 1.0),
+            gelu: false,
         }
     }),
     case!("swiglu_bwd", |s, g| {
-        SwigluBwdCase {
+        GluBwdCase {
             dout: g.act(s.n * s.ffn, 1.0),
             gate: g.act(s.n * s.ffn, 2.0),
             up: g.act(s.n * s.ffn, 1.0),
+            gelu: false,
+        }
+    }),
+    case!("geglu", |s, g| {
+        GluCase {
+            gate: g.act(s.n * s.ffn, 2.0),
+            up: g.act(s.n * s.ffn, 1.0),
+            gelu: true,
+        }
+    }),
+    case!("geglu_bwd", |s, g| {
+        GluBwdCase {
+            dout: g.act(s.n * s.ffn, 1.0),
+            gate: g.act(s.n * s.ffn, 2.0),
+            up: g.act(s.n * s.ffn, 1.0),
+            gelu: true,
+        }
+    }),
+    case!("softcap+scale", |s, g| {
+        SoftcapCase {
+            x: g.act(s.n * s.vocab, 4.0),
+            dy: g.act(s.n * s.vocab, 1.0),
+            cap: 1.5,
         }
     }),
     case!("cross_entropy", |s, g| {
