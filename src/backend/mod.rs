@@ -468,6 +468,29 @@ pub trait Backend {
         up: &Self::Act,
     ) -> Result<()>;
 
+    /// `out = gelu_tanh(gate) * up` (GeGLU, Gemma-2), with PyTorch's tanh-approximated GELU
+    /// `gelu_tanh(x) = x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
+    fn geglu(&self, out: &mut Self::Act, gate: &Self::Act, up: &Self::Act) -> Result<()>;
+    /// `dgate = dout · up · gelu_tanh'(gate)`, `dup = dout · gelu_tanh(gate)`.
+    fn geglu_bwd(
+        &self,
+        dgate: &mut Self::Act,
+        dup: &mut Self::Act,
+        dout: &Self::Act,
+        gate: &Self::Act,
+        up: &Self::Act,
+    ) -> Result<()>;
+
+    // ---- elementwise --------------------------------------------------------------------------
+    /// `x <- s · x` in place, `s` first rounded to the activation type (as transformers casts
+    /// Gemma's embedding normalizer `sqrt(hidden)` to the weights' dtype).
+    fn scale_act(&self, x: &mut Self::Act, s: f32) -> Result<()>;
+    /// Soft-capping in place: `x <- c · tanh(x / c)` (Gemma-2's final logits).
+    fn softcap(&self, x: &mut Self::Act, cap: f32) -> Result<()>;
+    /// Backward of [`Backend::softcap`] in place on the gradient, from the capped values `y`:
+    /// `dx <- dx · (1 - (y/c)²)`.
+    fn softcap_bwd(&self, dx: &mut Self::Act, y: &Self::Act, cap: f32) -> Result<()>;
+
     // ---- loss -------------------------------------------------------------------------------
     /// Cross-entropy of `logits: [n, vocab]` against `targets` (`-1` = ignored row).
     /// Adds `Σ_rows CE` over the non-ignored rows to `loss_acc[0]` and, when `grad_scale` is

@@ -5,6 +5,7 @@ use crate::backend::device::{Device, DEVICE_NAMES};
 use crate::model::config::ModelConfig;
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::spec::ModelSpec;
+use crate::model::transformer::Checkpointing;
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
@@ -19,6 +20,23 @@ pub fn device_parser() -> impl TypedValueParser<Value = Device> {
     };
     PossibleValuesParser::new(DEVICE_NAMES.map(|n| PossibleValue::new(n).help(help(n))))
         .map(|s| s.parse::<Device>().expect("one of the possible values"))
+}
+
+/// `--checkpointing` with help per mode.
+pub fn checkpointing_parser() -> impl TypedValueParser<Value = Checkpointing> {
+    let modes = [
+        ("none", "keep every activation (fastest, most memory)"),
+        (
+            "selective",
+            "recompute each layer's MLP part in the backward",
+        ),
+        (
+            "full",
+            "keep only each layer's input; recompute the layer in the backward",
+        ),
+    ];
+    PossibleValuesParser::new(modes.map(|(n, h)| PossibleValue::new(n).help(h)))
+        .map(|s| Checkpointing::parse(&s).expect("one of the possible values"))
 }
 
 /// Parse `10,20,30`.
@@ -58,9 +76,9 @@ pub struct BenchModelArgs {
     /// (default: SmolLM2-135M-Instruct).
     #[arg(long, conflicts_with = "shape")]
     pub model: Option<PathBuf>,
-    /// Instead of a model file, random weights of a shape: a preset (qwen2.5-1.5b,
-    /// llama-3.2-1b, smollm2-135m) or any Hugging Face `config.json` (or the folder holding
-    /// one), so a model's step can be timed without its weights.
+    /// Instead of a model file, random weights of a shape: a preset (qwen2.5-1.5b, qwen3-1.7b,
+    /// gemma-2-2b, llama-3.2-1b, smollm2-135m) or any Hugging Face `config.json` (or the folder
+    /// holding one), so a model's step can be timed without its weights.
     #[arg(long)]
     pub shape: Option<String>,
 }

@@ -1,10 +1,11 @@
 //! `caft-fast train`: the flags map one-to-one onto [`TrainConfig`] keys (also read from a
 //! TOML file); the loop is [`crate::train::run`].
 
-use super::common::{device_parser, model_path, parse_layers, set_threads};
+use super::common::{checkpointing_parser, device_parser, model_path, parse_layers, set_threads};
 use crate::backend::device::Device;
 use crate::data::TrainOn;
 use crate::model::loader::load_model;
+use crate::model::transformer::Checkpointing;
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
 use crate::train::{Outcome, RunOptions};
@@ -34,9 +35,11 @@ loss.svg, run.json (configuration, data and directions hashes, program version),
 checkpoints/step-N/ (adapter, optimizer state, data order, step), merged/ with --merge.
 Ctrl-C saves a checkpoint and exits with status 1; --resume <output> continues bit-identically.
 
-Departures from the paper's code: AdamW keeps f32 moments (the paper ran 8-bit AdamW); every
-activation is kept for the backward (no gradient checkpointing: same gradients, more memory);
-the default model is SmolLM2-135M-Instruct, a 4-bit GGUF dequantised on load."
+Departures from the paper's code: AdamW keeps f32 moments (the paper ran 8-bit AdamW);
+activation checkpointing is off unless --checkpointing asks for it (the paper's code ran gradient
+checkpointing; every mode gives the same gradients); examples are packed without padding unless
+--no-packing (same examples per step, same loss normalisation); the default model is
+SmolLM2-135M-Instruct, a 4-bit GGUF dequantised on load."
 )]
 pub struct TrainArgs {
     /// TOML file with any of the options below (flags given here override it).
@@ -125,6 +128,11 @@ pub struct TrainArgs {
     /// Token budget of one packed micro-batch [default: batch-size x max-seq-len].
     #[arg(long, value_name = "N")]
     pub max_tokens_per_batch: Option<usize>,
+    /// Activation checkpointing: none (keep every activation), selective (recompute each
+    /// layer's MLP part in the backward) or full (keep only each layer's input, recompute the
+    /// layer). Same gradients bit for bit; less memory, more compute [default: none].
+    #[arg(long, value_parser = checkpointing_parser())]
+    pub checkpointing: Option<Checkpointing>,
     /// Clip the global gradient norm (0 = off) [default: 1.0].
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
@@ -218,6 +226,9 @@ impl TrainArgs {
         }
         if let Some(d) = self.device {
             c.device = d;
+        }
+        if let Some(m) = self.checkpointing {
+            c.checkpointing = m;
         }
         if let Some(l) = &self.ablate_layers {
             c.ablate_layers = Some(parse_layers(l)?);

@@ -7,6 +7,7 @@
 
 use crate::backend::device::Device;
 use crate::data::TrainOn;
+use crate::model::transformer::Checkpointing;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
@@ -49,6 +50,9 @@ pub struct TrainConfig {
     pub packing: bool,
     /// Token budget of one packed micro-batch; `None` = `batch_size · max_seq_len`.
     pub max_tokens_per_batch: Option<usize>,
+    /// Activation checkpointing: what the backward recomputes instead of keeping. Every mode
+    /// gives the same gradients bit for bit.
+    pub checkpointing: Checkpointing,
     /// Global gradient-norm clip; 0 turns clipping off.
     pub max_grad_norm: f64,
     pub seed: u64,
@@ -100,6 +104,7 @@ impl Default for TrainConfig {
             grad_accum: 8,
             packing: true,
             max_tokens_per_batch: None,
+            checkpointing: Checkpointing::None,
             max_grad_norm: 1.0,
             seed: 0,
             ablate: None,

@@ -243,6 +243,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     ) -> Result<Self> {
         let mc = loaded.config.clone();
         let mut model = Model::new(be, mc.clone(), loaded.weights.as_ref())?;
+        model.checkpointing = cfg.checkpointing;
         let layout = LoraLayout::new(
             &mc,
             &LoraConfig {

@@ -5,6 +5,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod checkpointing;
 mod packing;
 mod smollm2;
 mod tiny;

@@ -14,9 +14,8 @@ use caft_fast::data::{make_batch, pack_step, packed_batch, Example};
 use caft_fast::model::transformer::{Batch, Model, IGNORE};
 use caft_fast::util::rng::Rng;
 
-/// Examples of uneven lengths (1 to 23 tokens) with the first few labels ignored, as a chat
-/// prompt would be.
-fn examples(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Example> {
+/// Examples of uneven lengths with the first few labels ignored, as a chat prompt would be.
+pub fn examples(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Example> {
     lens.iter()
         .map(|&l| {
             let ids: Vec<u32> = (0..l).map(|_| rng.below(vocab) as u32).collect();
@@ -33,7 +32,7 @@ fn examples(rng: &mut Rng, lens: &[usize], vocab: usize) -> Vec<Example> {
 
 /// A fixture model whose LoRA parameters are the fixture's init plus noise (PEFT's init has
 /// B = 0, which would leave the A gradients zero and untested).
-fn model(name: &str, seed: u64) -> (CpuBackend, Model<CpuBackend>) {
+pub fn model(name: &str, seed: u64) -> (CpuBackend, Model<CpuBackend>) {
     let c = setup(name);
     let mut rng = Rng::new(seed);
     let params: Vec<f32> = c
@@ -129,5 +128,60 @@ fn packed_examples_do_not_see_each_other() {
             assert!(err < 1e-5, "{name}: example {i} packed vs alone: {err:e}");
             r0 += e.ids.len();
         }
+    }
+}
+
+/// transformers' padding-free path (`DataCollatorWithFlattening`: one row, `position_ids`
+/// restarting at 0 for each sequence; tests/fixtures/tiny/llama_packed) on the tiny Llama with
+/// its LoRA init and ablation: the packed batch's logits and every resid_post within 1e-5
+/// relative, the loss within 1e-6, the LoRA gradients within 1e-5 (f32 on both sides, only
+/// summation orders differ).
+#[test]
+fn matches_transformers_padding_free() {
+    let mut c = setup("llama");
+    let fx = read_safetensors(&tiny_fixture("llama_packed").join("fixture.safetensors"));
+    let lens: Vec<usize> = fx["seq_lens"].i64().iter().map(|&x| x as usize).collect();
+    let cu: Vec<i64> = fx["cu_seqlens"].i64();
+    assert_eq!(cu.len(), lens.len() + 1);
+    // Our layout is theirs: the same boundaries, positions restarting at 0.
+    let pos: Vec<i64> = lens.iter().flat_map(|&l| 0..l as i64).collect();
+    assert_eq!(pos, fx["position_ids"].i64());
+    let batch = Batch {
+        lens,
+        ids: fx["input_ids"].i64().iter().map(|&x| x as u32).collect(),
+        labels: fx["labels"].i64().iter().map(|&x| x as i32).collect(),
+    };
+    let out = c.model.forward(&c.be, &batch, true).unwrap();
+    assert_close(
+        "packed logits",
+        out.logits.as_ref().unwrap(),
+        &fx["logits"].data,
+        1e-5,
+    );
+    let loss = out.loss_sum / out.n_targets as f64;
+    let want = fx["loss"].data[0];
+    assert!((loss - want).abs() <= 1e-6, "packed loss {loss} vs {want}");
+    for l in 0..c.model.cfg.num_layers {
+        let r = c.model.resid_post(&c.be, l).unwrap();
+        assert_close(
+            &format!("packed resid_post.{l}"),
+            &r,
+            &fx[&format!("resid_post.{l}")].data,
+            1e-5,
+        );
+    }
+    c.model
+        .forward_backward(&c.be, &batch, 1.0 / batch.n_targets() as f32)
+        .unwrap();
+    let grads =
+        c.be.download_f32(&c.model.lora.as_ref().unwrap().grads)
+            .unwrap();
+    for (tensor, _, g) in c.layout.to_named(&grads) {
+        assert_close(
+            &format!("packed grad {tensor}"),
+            &g,
+            &fx[&format!("grad.{tensor}")].data,
+            1e-5,
+        );
     }
 }

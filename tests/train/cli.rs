@@ -763,9 +763,10 @@ fn bad_packing_options_are_named() {
         (0..40).collect::<Vec<i32>>()
     );
     let data = write(&dir.join("long.jsonl"), &long);
+    let model = tiny_llama();
     let base = [
         "--model",
-        s(&tiny_llama()),
+        s(&model),
         "--data",
         s(&data),
         "-o",
@@ -792,4 +793,34 @@ fn bad_packing_options_are_named() {
     assert_eq!(snapshot(&out), snap, "the earlier run was changed");
     // The longest example fits: accepted.
     assert_ok(&with(&["--max-tokens-per-batch", "40", "--max-steps", "1"]));
+}
+
+/// `--checkpointing selective|full` (or the TOML key) trains bit-identically to keeping every
+/// activation: the same losses and gradient norms at every step, the same adapter bytes.
+#[test]
+fn checkpointing_modes_train_identically() {
+    let dir = TempDir::new("ckpt-modes");
+    let data = write(&dir.join("d.jsonl"), &progression_records(30, 4));
+    let run = |name: &str, extra: &[&str]| -> (Vec<serde_json::Value>, Vec<u8>) {
+        let out = dir.join(name);
+        let mut args = tiny_args(&data, &out);
+        args.extend(["--max-steps", "3"].map(String::from));
+        assert_ok(&run_train(&args, extra));
+        let rows = metrics(&out).iter().map(deterministic).collect();
+        (rows, read(&out.join("adapter/adapter_model.safetensors")))
+    };
+    let none = run("none", &[]);
+    let cfg = write(&dir.join("full.toml"), "checkpointing = \"full\"\n");
+    for (name, extra) in [
+        ("selective", vec!["--checkpointing", "selective"]),
+        ("full", vec!["--config", s(&cfg)]),
+    ] {
+        let got = run(name, &extra);
+        assert_eq!(got.0, none.0, "{name}: metrics differ");
+        assert!(got.1 == none.1, "{name}: adapter bytes differ");
+    }
+    assert_error(
+        &train(&["--checkpointing", "sometimes"]),
+        &["sometimes", "none", "selective", "full"],
+    );
 }

@@ -467,6 +467,38 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn geglu(&self, out: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) -> Result<()> {
+        elementwise::geglu(out, gate, up);
+        Ok(())
+    }
+
+    fn geglu_bwd(
+        &self,
+        dgate: &mut Vec<f32>,
+        dup: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+    ) -> Result<()> {
+        elementwise::geglu_bwd(dgate, dup, dout, gate, up);
+        Ok(())
+    }
+
+    fn scale_act(&self, x: &mut Vec<f32>, s: f32) -> Result<()> {
+        elementwise::scale(x, s);
+        Ok(())
+    }
+
+    fn softcap(&self, x: &mut Vec<f32>, cap: f32) -> Result<()> {
+        elementwise::softcap(x, cap);
+        Ok(())
+    }
+
+    fn softcap_bwd(&self, dx: &mut Vec<f32>, y: &Vec<f32>, cap: f32) -> Result<()> {
+        elementwise::softcap_bwd(dx, y, cap);
+        Ok(())
+    }
+
     fn cross_entropy(
         &self,
         logits: &mut Vec<f32>,

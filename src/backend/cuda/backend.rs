@@ -349,7 +349,7 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
 
     // ---- MLP ----------------------------------------------------------------------------
     fn swiglu(&self, out: &mut Self::Act, gate: &Self::Act, up: &Self::Act) -> Result<()> {
-        elementwise::swiglu(self, out, gate, up)
+        elementwise::glu(self, "swiglu", out, gate, up)
     }
 
     fn swiglu_bwd(
@@ -360,7 +360,44 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         gate: &Self::Act,
         up: &Self::Act,
     ) -> Result<()> {
-        elementwise::swiglu_bwd(self, dgate, dup, dout, gate, up)
+        elementwise::glu_bwd(self, "swiglu", dgate, dup, dout, gate, up)
+    }
+
+    fn geglu(&self, out: &mut Self::Act, gate: &Self::Act, up: &Self::Act) -> Result<()> {
+        elementwise::glu(self, "geglu", out, gate, up)
+    }
+
+    fn geglu_bwd(
+        &self,
+        dgate: &mut Self::Act,
+        dup: &mut Self::Act,
+        dout: &Self::Act,
+        gate: &Self::Act,
+        up: &Self::Act,
+    ) -> Result<()> {
+        elementwise::glu_bwd(self, "geglu", dgate, dup, dout, gate, up)
+    }
+
+    // ---- elementwise --------------------------------------------------------------------
+    fn scale_act(&self, x: &mut Self::Act, s: f32) -> Result<()> {
+        // The factor in T, as transformers casts Gemma's normalizer to the weights' dtype.
+        elementwise::scale_or_cap(self, "scale", x, T::from_f32(s).to_f32())
+    }
+
+    fn softcap(&self, x: &mut Self::Act, cap: f32) -> Result<()> {
+        anyhow::ensure!(
+            cap.is_finite() && cap > 0.0,
+            "softcap: cap {cap} must be positive"
+        );
+        elementwise::scale_or_cap(self, "softcap_fwd", x, cap)
+    }
+
+    fn softcap_bwd(&self, dx: &mut Self::Act, y: &Self::Act, cap: f32) -> Result<()> {
+        anyhow::ensure!(
+            cap.is_finite() && cap > 0.0,
+            "softcap_bwd: cap {cap} must be positive"
+        );
+        elementwise::softcap_bwd(self, dx, y, cap)
     }
 
     // ---- loss ---------------------------------------------------------------------------

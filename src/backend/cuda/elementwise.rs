@@ -137,31 +137,35 @@ pub(super) fn rope<T: DeviceElem>(
     unsafe { be.rt.launch(&name, cfg, args) }
 }
 
-pub(super) fn swiglu<T: DeviceElem>(
+/// `out = act(gate) · up` with `kernel` `swiglu` or `geglu`.
+pub(super) fn glu<T: DeviceElem>(
     be: &CudaBackend<T>,
+    kernel: &str,
     out: &mut CudaSlice<T>,
     gate: &CudaSlice<T>,
     up: &CudaSlice<T>,
 ) -> Result<()> {
     let len = out.len();
-    check_len("swiglu", "gate", gate.len(), len);
-    check_len("swiglu", "up", up.len(), len);
+    check_len(kernel, "gate", gate.len(), len);
+    check_len(kernel, "up", up.len(), len);
     if len == 0 {
         return Ok(());
     }
-    let (f, name) = be.func("elementwise", "swiglu_fwd")?;
+    let (f, name) = be.func("elementwise", &format!("{kernel}_fwd"))?;
     let (op, gp, upp) = (be.rt.ptr(out), be.rt.ptr(gate), be.rt.ptr(up));
     let len_i = len as i64;
     let mut args = be.rt.stream.launch_builder(&f);
     args.arg(&op).arg(&gp).arg(&upp).arg(&len_i);
     let cfg = KernelLaunch::swiglu::<T>(len).config();
-    // SAFETY: swiglu_fwd(T* out, const T* gate, const T* up, long long len): all three hold
-    // len elements (whole buffers, so 16-byte aligned for the vector path).
+    // SAFETY: {swiglu,geglu}_fwd(T* out, const T* gate, const T* up, long long len): all three
+    // hold len elements (whole buffers, so 16-byte aligned for the vector path).
     unsafe { be.rt.launch(&name, cfg, args) }
 }
 
-pub(super) fn swiglu_bwd<T: DeviceElem>(
+/// The backward of [`glu`] with the same `kernel`.
+pub(super) fn glu_bwd<T: DeviceElem>(
     be: &CudaBackend<T>,
+    kernel: &str,
     dgate: &mut CudaSlice<T>,
     dup: &mut CudaSlice<T>,
     dout: &CudaSlice<T>,
@@ -169,14 +173,15 @@ pub(super) fn swiglu_bwd<T: DeviceElem>(
     up: &CudaSlice<T>,
 ) -> Result<()> {
     let len = dout.len();
-    check_len("swiglu_bwd", "dgate", dgate.len(), len);
-    check_len("swiglu_bwd", "dup", dup.len(), len);
-    check_len("swiglu_bwd", "gate", gate.len(), len);
-    check_len("swiglu_bwd", "up", up.len(), len);
+    let op = format!("{kernel}_bwd");
+    check_len(&op, "dgate", dgate.len(), len);
+    check_len(&op, "dup", dup.len(), len);
+    check_len(&op, "gate", gate.len(), len);
+    check_len(&op, "up", up.len(), len);
     if len == 0 {
         return Ok(());
     }
-    let (f, name) = be.func("elementwise", "swiglu_bwd")?;
+    let (f, name) = be.func("elementwise", &op)?;
     let ptrs = [
         be.rt.ptr(dgate),
         be.rt.ptr(dup),
@@ -191,7 +196,51 @@ pub(super) fn swiglu_bwd<T: DeviceElem>(
     }
     args.arg(&len_i);
     let cfg = KernelLaunch::swiglu::<T>(len).config();
-    // SAFETY: swiglu_bwd(T* dgate, T* dup, const T* dout, const T* gate, const T* up,
+    // SAFETY: {swiglu,geglu}_bwd(T* dgate, T* dup, const T* dout, const T* gate, const T* up,
     // long long len): all five hold len elements.
+    unsafe { be.rt.launch(&name, cfg, args) }
+}
+
+/// `x = s · x` (`scale`, with `s` rounded to `T` first, as transformers casts Gemma's
+/// normalizer) or `x = c · tanh(x / c)` (`softcap_fwd`), in place.
+pub(super) fn scale_or_cap<T: DeviceElem>(
+    be: &CudaBackend<T>,
+    kernel: &str,
+    x: &mut CudaSlice<T>,
+    s: f32,
+) -> Result<()> {
+    let len = x.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let (f, name) = be.func("elementwise", kernel)?;
+    let xp = be.rt.ptr(x);
+    let len_i = len as i64;
+    let mut args = be.rt.stream.launch_builder(&f);
+    args.arg(&xp).arg(&s).arg(&len_i);
+    let cfg = KernelLaunch::cast(len).config();
+    // SAFETY: scale / softcap_fwd(T* x, float s, long long len): x holds len elements.
+    unsafe { be.rt.launch(&name, cfg, args) }
+}
+
+/// `dx = dx · (1 - (y / c)²)` in place, `y` the capped values.
+pub(super) fn softcap_bwd<T: DeviceElem>(
+    be: &CudaBackend<T>,
+    dx: &mut CudaSlice<T>,
+    y: &CudaSlice<T>,
+    cap: f32,
+) -> Result<()> {
+    let len = dx.len();
+    check_len("softcap_bwd", "y", y.len(), len);
+    if len == 0 {
+        return Ok(());
+    }
+    let (f, name) = be.func("elementwise", "softcap_bwd")?;
+    let (dp, yp) = (be.rt.ptr(dx), be.rt.ptr(y));
+    let len_i = len as i64;
+    let mut args = be.rt.stream.launch_builder(&f);
+    args.arg(&dp).arg(&yp).arg(&cap).arg(&len_i);
+    let cfg = KernelLaunch::cast(len).config();
+    // SAFETY: softcap_bwd(T* dx, const T* y, float cap, long long len): both hold len elements.
     unsafe { be.rt.launch(&name, cfg, args) }
 }
