@@ -197,7 +197,7 @@ fn run(c: &mut Criterion, b: &B) {
         .collect();
     let table = b.upload_f32(&table).expect("upload");
     // N / SEQ sequences of SEQ rows, packed.
-    let seqs = b.seqs(&vec![SEQ; N / SEQ]).expect("seqs");
+    let seqs = b.seqs(&[SEQ; N / SEQ]).expect("seqs");
     bench(
         c,
         b,

@@ -31,7 +31,7 @@
 // Both backward kernels recompute R from q and k, t and S from R, and P from S and the saved lse.
 // The softmax runs in base 2: S is multiplied by log2(e) so exp becomes exp2 (without a cap
 // the factor c·log2(e) is applied to the dot product at once; with one, t = tanh(dot · c/κ)
-// and S·log2(e) = κ·log2(e)·t: attn_score2); the stored lse is natural-log
+// and S·log2(e) = κ·log2(e)·t: AttnScore); the stored lse is natural-log
 // (lse = ln2 · (m₂ + log2 ℓ)).
 //
 // ---- tensor-core kernels (bf16, head_dim D = 64 or 128; FlashAttention-2 schedule) ------------
@@ -60,10 +60,12 @@
 //   are never visited; the per-element mask is applied only on tiles that need it (which
 //   includes every tile that reaches past the sequence end, whose rows are zero-filled).
 //   Soft cap: one tanh per score on the f32 accumulators, after the mma and before the mask
-//   (attn_score2 and friends); κ = 0 skips it (a uniform branch: one kernel family for both).
-//   Speed (H200, seq 2048, causal): ~165 TFLOP/s forward, ~120 backward (counted as 2.5x the
-//   forward's FLOPs), about 40% of cuDNN/FA2. The limit is shared-memory traffic: with 16 rows per
-//   warp every ldmatrix.x4 of K/V feeds only two mma; 32 rows per warp (BM = 128) would halve it.
+//   (AttnScore; with_grad in the backward); κ = 0 skips it (a uniform branch: one kernel
+//   family for both).
+//   Speed (H200, seq 2048, causal, measured before varlen and the soft cap, not re-measured):
+//   ~165 TFLOP/s forward, ~120 backward (counted as 2.5x the forward's FLOPs), about 40% of
+//   cuDNN/FA2. The limit is shared-memory traffic: with 16 rows per warp every ldmatrix.x4 of
+//   K/V feeds only two mma; 32 rows per warp (BM = 128) would halve it.
 //
 // head_dim 256 (Gemma-2) runs the generic kernels for now: a tensor-core path for it needs other
 // tiles (its Q/dQ/O fragments alone would take 128 registers per thread at 16 rows per warp).
