@@ -87,9 +87,9 @@ impl Batch {
         let mut t = vec![-1; self.ids.len()];
         let mut r0 = 0;
         for &len in &self.lens {
-            for p in r0..(r0 + len).saturating_sub(1) {
-                let l = self.labels[p + 1];
-                t[p] = if l < 0 { -1 } else { l };
+            let (rows, next) = (&mut t[r0..r0 + len], &self.labels[r0 + 1..r0 + len]);
+            for (t, &l) in rows.iter_mut().zip(next) {
+                *t = if l < 0 { -1 } else { l };
             }
             r0 += len;
         }

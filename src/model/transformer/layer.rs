@@ -193,6 +193,7 @@ pub(super) struct Layer<'a, B: Backend> {
 
 impl<B: Backend> Layer<'_, B> {
     /// `y = x Wᵀ (+ bias) (+ LoRA)` for projection `t`, saving the LoRA `u` when adapted.
+    #[allow(clippy::too_many_arguments)]
     fn proj(
         &self,
         lora: Option<&LoraView<B>>,
