@@ -260,8 +260,5 @@ fn plan_equals_the_measured_peak() {
         }
     }
     println!("{report}worst relative error {:.4}%", 100.0 * worst);
-    assert!(
-        worst <= 0.02,
-        "the plan is off by more than 2%:\n{report}"
-    );
+    assert!(worst <= 0.02, "the plan is off by more than 2%:\n{report}");
 }

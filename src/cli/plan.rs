@@ -13,7 +13,9 @@ use clap::Args;
 use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug, Clone, Default)]
-#[command(after_long_help = "\
+#[command(
+    args_override_self = true,
+    after_long_help = "\
 The plan counts every buffer caft-fast allocates on the GPU for a training step (bf16 weights and
 activations, f32 LoRA state): frozen weights; LoRA parameters, gradients and AdamW moments;
 activations kept for the backward; recomputation and backward scratch; the lm head's logits
@@ -22,7 +24,8 @@ estimate of the CUDA context. The largest micro-batch is the token budget
 (--max-tokens-per-batch, default batch-size x max-seq-len).
 
 Exit status: 0 when the run fits, 1 when it does not (the shortfall and what to change are
-printed), 2 on bad input. `train` makes the same check on the GPU before loading the weights.")]
+printed), 2 on bad input. `train` makes the same check on the GPU before loading the weights."
+)]
 pub struct PlanArgs {
     /// The model: a folder holding config.json (weights not needed), a config.json, a GGUF
     /// file, or a shape preset (qwen2.5-1.5b, qwen3-1.7b, gemma-2-2b, llama-3.2-1b,

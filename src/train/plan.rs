@@ -28,8 +28,8 @@ use crate::backend::cuda::KernelLaunch;
 use crate::backend::DeviceMemory;
 use crate::model::config::ModelConfig;
 use crate::model::lora::{LoraConfig, LoraLayout, Target};
-use crate::train::config::TrainConfig;
 use crate::model::transformer::{Checkpointing, LOGITS_CHUNK_ELEMS};
+use crate::train::config::TrainConfig;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -58,7 +58,9 @@ impl CheckpointingChoice {
             "auto" => Ok(CheckpointingChoice::Auto),
             _ => Checkpointing::parse(s)
                 .map(CheckpointingChoice::Mode)
-                .map_err(|_| anyhow::anyhow!("unknown checkpointing mode {s:?}: use {}", Self::NAMES)),
+                .map_err(|_| {
+                    anyhow::anyhow!("unknown checkpointing mode {s:?}: use {}", Self::NAMES)
+                }),
         }
     }
 }
@@ -293,7 +295,7 @@ pub fn plan(input: &PlanInput, mode: Checkpointing) -> MemoryPlan {
         t.add(ACTS, n, f4); // rstd1
     }
     t.add(RECOMPUTE, n * d, ab); // embed
-    // The layer scratch: o, act, dres, dn, d_att, dq, dk, dv, d_act, d_gate, d_up.
+                                 // The layer scratch: o, act, dres, dn, d_att, dq, dk, dv, d_act, d_gate, d_up.
     for len in [
         n * d,
         n * f,
@@ -440,11 +442,19 @@ pub fn verdict(input: &PlanInput, asked: CheckpointingChoice, budget: u64) -> Ve
         CheckpointingChoice::Mode(m) => m,
         CheckpointingChoice::Auto => auto.unwrap_or(Checkpointing::Full),
     };
-    let plan = all.iter().find(|p| p.mode == mode).expect("every mode").clone();
+    let plan = all
+        .iter()
+        .find(|p| p.mode == mode)
+        .expect("every mode")
+        .clone();
     let fits = plan.total <= budget;
     Verdict {
         asked,
-        max_rows: if fits { input.rows } else { max_rows(input, mode, budget) },
+        max_rows: if fits {
+            input.rows
+        } else {
+            max_rows(input, mode, budget)
+        },
         max_rows_full: max_rows(input, Checkpointing::Full, budget),
         plan,
         all,
@@ -471,7 +481,12 @@ impl Verdict {
             "GiB"
         ));
         for ((_, label), bytes) in PARTS.iter().zip(&self.plan.parts) {
-            s.push_str(&format!("  {:<w2$} {:>9}\n", label, gib(*bytes), w2 = w - 2));
+            s.push_str(&format!(
+                "  {:<w2$} {:>9}\n",
+                label,
+                gib(*bytes),
+                w2 = w - 2
+            ));
         }
         s.push_str(&format!("{:<w$} {:>9}\n", "total", gib(self.plan.total)));
         s.push_str(&format!("{:<w$} {:>9}\n", budget_what, gib(self.budget)));
@@ -488,7 +503,11 @@ impl Verdict {
                     "{} {} GiB{}",
                     p.mode,
                     gib(p.total),
-                    if p.total <= self.budget { "" } else { " (does not fit)" }
+                    if p.total <= self.budget {
+                        ""
+                    } else {
+                        " (does not fit)"
+                    }
                 )
             })
             .collect();
@@ -679,7 +698,8 @@ pub fn resolve(
     let v = verdict(&input, choice, mem.free);
     if !v.fits {
         bail!(
-            "this run does not fit on {device} (planned before loading the weights;              `caft-fast plan` prints the same table):\n{}{}",
+            "this run does not fit on {device} (planned before loading the weights; \
+             `caft-fast plan` prints the same table):\n{}{}",
             v.table("free on the GPU"),
             v.advice(input.rows)
         );
@@ -715,7 +735,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         _ => bail!("memory size {s:?}: unknown unit {unit:?} (use B, KiB, MiB, GiB, TiB or KB, MB, GB, TB)"),
     };
     let bytes = (value * mult).round();
-    if !(bytes >= 1.0 && bytes < 1.8e19) {
+    if !(1.0..1.8e19).contains(&bytes) {
         bail!("memory size {s:?} must be more than zero bytes");
     }
     Ok(bytes as u64)
