@@ -210,6 +210,16 @@ impl AdamStep {
     }
 }
 
+/// A GPU's memory as a memory plan needs it ([`Backend::device_memory`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes free now (the context, and whatever else runs on the GPU, already taken).
+    pub free: u64,
+    pub total: u64,
+    /// Bytes of one activation (`Act`) element: 2 for bf16.
+    pub act_bytes: usize,
+}
+
 /// The model's ops. Every method works on whole buffers of the backend's own storage; sizes are
 /// passed explicitly and checked by the implementation (a mismatch is a programming error and
 /// panics with the op name). Methods that may fail for reasons outside the program (device
@@ -274,6 +284,11 @@ pub trait Backend {
     /// Device memory in use now, in MiB (GPU backends; `None` where the host's RSS is the
     /// measure). Buffers are allocated up front, so after a step this is the step's peak.
     fn device_memory_used_mib(&self) -> Option<f64> {
+        None
+    }
+    /// The device's memory for a memory plan (`train::plan`): free and total bytes now and the
+    /// bytes of one activation element; `None` on the CPU, which has no fixed budget.
+    fn device_memory(&self) -> Option<DeviceMemory> {
         None
     }
 

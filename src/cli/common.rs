@@ -6,6 +6,7 @@ use crate::model::config::ModelConfig;
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::spec::ModelSpec;
 use crate::model::transformer::Checkpointing;
+use crate::train::plan::CheckpointingChoice;
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
@@ -37,6 +38,27 @@ pub fn checkpointing_parser() -> impl TypedValueParser<Value = Checkpointing> {
     ];
     PossibleValuesParser::new(modes.map(|(n, h)| PossibleValue::new(n).help(h)))
         .map(|s| Checkpointing::parse(&s).expect("one of the possible values"))
+}
+
+/// `train --checkpointing`: `auto` or a mode, with help per choice.
+pub fn checkpointing_choice_parser() -> impl TypedValueParser<Value = CheckpointingChoice> {
+    let modes = [
+        (
+            "auto",
+            "the fastest mode whose memory plan fits the GPU (none on the CPU)",
+        ),
+        ("none", "keep every activation (fastest, most memory)"),
+        (
+            "selective",
+            "recompute each layer's MLP part in the backward",
+        ),
+        (
+            "full",
+            "keep only each layer's input; recompute the layer in the backward",
+        ),
+    ];
+    PossibleValuesParser::new(modes.map(|(n, h)| PossibleValue::new(n).help(h)))
+        .map(|s| CheckpointingChoice::parse(&s).expect("one of the possible values"))
 }
 
 /// Parse `10,20,30`.

@@ -1,13 +1,15 @@
 //! `caft-fast train`: the flags map one-to-one onto [`TrainConfig`] keys (also read from a
 //! TOML file); the loop is [`crate::train::run`].
 
-use super::common::{checkpointing_parser, device_parser, model_path, parse_layers, set_threads};
+use super::common::{
+    checkpointing_choice_parser, device_parser, model_path, parse_layers, set_threads,
+};
 use crate::backend::device::Device;
 use crate::data::TrainOn;
 use crate::model::loader::load_model;
-use crate::model::transformer::Checkpointing;
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
+use crate::train::plan::CheckpointingChoice;
 use crate::train::{Outcome, RunOptions};
 use crate::with_backend;
 use anyhow::{bail, Result};
@@ -36,8 +38,9 @@ checkpoints/step-N/ (adapter, optimizer state, data order, step), merged/ with -
 Ctrl-C saves a checkpoint and exits with status 1; --resume <output> continues bit-identically.
 
 Departures from the paper's code: AdamW keeps f32 moments (the paper ran 8-bit AdamW);
-activation checkpointing is off unless --checkpointing asks for it (the paper's code ran gradient
-checkpointing; every mode gives the same gradients); examples are packed without padding unless
+activation checkpointing is off unless the GPU needs it (--checkpointing auto, the default, picks
+the fastest mode whose memory plan fits; the paper's code ran gradient checkpointing; every mode
+gives the same gradients); examples are packed without padding unless
 --no-packing (same examples per step, same loss normalisation); the default model is
 SmolLM2-135M-Instruct, a 4-bit GGUF dequantised on load."
 )]
@@ -128,11 +131,14 @@ pub struct TrainArgs {
     /// Token budget of one packed micro-batch [default: batch-size x max-seq-len].
     #[arg(long, value_name = "N")]
     pub max_tokens_per_batch: Option<usize>,
-    /// Activation checkpointing: none (keep every activation), selective (recompute each
+    /// Activation checkpointing: auto, none (keep every activation), selective (recompute each
     /// layer's MLP part in the backward) or full (keep only each layer's input, recompute the
-    /// layer). Same gradients bit for bit; less memory, more compute [default: none].
-    #[arg(long, value_parser = checkpointing_parser())]
-    pub checkpointing: Option<Checkpointing>,
+    /// layer). Same gradients bit for bit; less memory, more compute. On a GPU the run's
+    /// memory plan (`caft-fast plan`) is checked before the weights are loaded: a run that
+    /// cannot fit is refused with the table, and auto takes the fastest mode that fits (none
+    /// on the CPU) [default: auto].
+    #[arg(long, value_parser = checkpointing_choice_parser())]
+    pub checkpointing: Option<CheckpointingChoice>,
     /// Clip the global gradient norm (0 = off) [default: 1.0].
     #[arg(long)]
     pub max_grad_norm: Option<f64>,

@@ -394,11 +394,34 @@ pub fn check_token_budget(d: &Dataset, origin: &str, max_tokens: usize) -> Resul
 /// Validation micro-batches: examples sorted by length, `batch` at a time, packed without
 /// padding.
 pub fn validation_batches(examples: &[Example], batch: usize) -> Vec<Batch> {
+    validation_batches_within(examples, batch, None)
+}
+
+/// [`validation_batches`] with each micro-batch also held to `max_tokens` rows (training's
+/// token budget, so validation never needs more device memory than a training micro-batch);
+/// an example longer than the budget goes alone.
+pub fn validation_batches_within(
+    examples: &[Example],
+    batch: usize,
+    max_tokens: Option<usize>,
+) -> Vec<Batch> {
     let mut order: Vec<u32> = (0..examples.len() as u32).collect();
     order.sort_by_key(|&i| examples[i as usize].ids.len());
-    order
-        .chunks(batch.max(1))
-        .map(|c| packed_batch(examples, c))
+    let (batch, cap) = (batch.max(1), max_tokens.unwrap_or(usize::MAX));
+    let mut groups: Vec<(usize, Vec<u32>)> = Vec::new();
+    for i in order {
+        let len = examples[i as usize].ids.len();
+        match groups.last_mut() {
+            Some((rows, g)) if g.len() < batch && *rows + len <= cap => {
+                *rows += len;
+                g.push(i);
+            }
+            _ => groups.push((len, vec![i])),
+        }
+    }
+    groups
+        .iter()
+        .map(|(_, g)| packed_batch(examples, g))
         .collect()
 }
 

@@ -219,7 +219,7 @@ pub struct ForwardOut {
 }
 
 /// Keep the logits of the lm-head chunk under this many elements (256 MB in f32).
-const LOGITS_CHUNK_ELEMS: usize = 64 << 20;
+pub const LOGITS_CHUNK_ELEMS: usize = 64 << 20;
 
 pub struct Model<B: Backend> {
     pub cfg: ModelConfig,
@@ -439,6 +439,9 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    // Every buffer allocated here (and in `new`, `set_lora`, `set_ablation`, `ensure_rope`) is
+    // mirrored by the device-memory plan, `train/plan.rs`; `tests/cuda_plan.rs` holds the two
+    // together on the emulated GPU. Change both.
     fn ensure_acts(&mut self, be: &B, n: usize) -> Result<()> {
         let mode = self.checkpointing;
         if let Some(a) = &self.acts {

@@ -7,7 +7,7 @@
 
 use crate::backend::device::Device;
 use crate::data::TrainOn;
-use crate::model::transformer::Checkpointing;
+use crate::train::plan::CheckpointingChoice;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
@@ -51,8 +51,10 @@ pub struct TrainConfig {
     /// Token budget of one packed micro-batch; `None` = `batch_size · max_seq_len`.
     pub max_tokens_per_batch: Option<usize>,
     /// Activation checkpointing: what the backward recomputes instead of keeping. Every mode
-    /// gives the same gradients bit for bit.
-    pub checkpointing: Checkpointing,
+    /// gives the same gradients bit for bit. `auto` (the default) takes the fastest mode whose
+    /// memory plan (`train::plan`) fits the GPU's free memory: `none` whenever it fits, so a
+    /// run that fitted before is unchanged; on the CPU `auto` is `none`.
+    pub checkpointing: CheckpointingChoice,
     /// Global gradient-norm clip; 0 turns clipping off.
     pub max_grad_norm: f64,
     pub seed: u64,
@@ -104,7 +106,7 @@ impl Default for TrainConfig {
             grad_accum: 8,
             packing: true,
             max_tokens_per_batch: None,
-            checkpointing: Checkpointing::None,
+            checkpointing: CheckpointingChoice::Auto,
             max_grad_norm: 1.0,
             seed: 0,
             ablate: None,

@@ -14,10 +14,11 @@ use crate::io::{file_sha256, program, sha256_hex};
 use crate::model::ablation::{load_directions, random_directions, Directions};
 use crate::model::loader::LoadedModel;
 use crate::model::lora::{LoraConfig, LoraLayout, Target};
-use crate::model::transformer::{Batch, Model};
+use crate::model::transformer::{Batch, Checkpointing, Model};
 use crate::train::checkpoint::{self, Checkpoint, TrainerState, CHECKPOINTS_DIR};
 use crate::train::config::TrainConfig;
 use crate::train::optim::{optimizer_step, OptimConfig, Schedule};
+use crate::train::plan::{self, KnownData, Verdict};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -230,6 +231,10 @@ pub struct Trainer<'a, B: Backend> {
     packing: Option<usize>,
     seed: u64,
     val_batches: Vec<Batch>,
+    /// The checkpointing mode in use (`auto` resolved).
+    pub checkpointing: Checkpointing,
+    /// The device-memory plan the run was checked against (GPU only).
+    pub memory_plan: Option<Verdict>,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -242,8 +247,29 @@ impl<'a, B: Backend> Trainer<'a, B> {
         directions: Option<Directions>,
     ) -> Result<Self> {
         let mc = loaded.config.clone();
+        // The memory plan, before any weight reaches the device: refuse a run that cannot fit
+        // and resolve `auto` (train/plan.rs).
+        let mem = be.device_memory();
+        let input = match mem {
+            Some(m) => {
+                let ks = directions
+                    .as_ref()
+                    .map(|d| d.sets.iter().map(|s| s.k).collect())
+                    .unwrap_or_default();
+                let lens = |ex: &[Example]| ex.iter().map(|e| e.ids.len()).collect::<Vec<_>>();
+                let (train, val) = (lens(&data.train), lens(&data.val));
+                let known = KnownData {
+                    train: &train,
+                    val: &val,
+                };
+                Some(plan::run_input(cfg, &mc, ks, Some(known), m.act_bytes, 0)?)
+            }
+            None => None,
+        };
+        let (checkpointing, memory_plan) =
+            plan::resolve(cfg.checkpointing, input, mem, &be.name())?;
         let mut model = Model::new(be, mc.clone(), loaded.weights.as_ref())?;
-        model.checkpointing = cfg.checkpointing;
+        model.checkpointing = checkpointing;
         let layout = LoraLayout::new(
             &mc,
             &LoraConfig {
@@ -270,7 +296,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
             schedule: Schedule::parse(&cfg.schedule)?,
             ..OptimConfig::default()
         };
-        let val_batches = data::validation_batches(&data.val, cfg.batch_size);
+        let val_batches = data::validation_batches_within(
+            &data.val,
+            cfg.batch_size,
+            cfg.packing.then(|| cfg.token_budget()),
+        );
         let state = TrainerState {
             format: 1,
             program: program(),
@@ -301,6 +331,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             packing: cfg.packing.then(|| cfg.token_budget()),
             seed: cfg.seed,
             val_batches,
+            checkpointing,
+            memory_plan,
         })
     }
 

@@ -173,6 +173,15 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         Some((total - free) as f64 / (1u64 << 20) as f64)
     }
 
+    fn device_memory(&self) -> Option<crate::backend::DeviceMemory> {
+        let (free, total) = self.rt.ctx.mem_get_info().ok()?;
+        Some(crate::backend::DeviceMemory {
+            free: free as u64,
+            total: total as u64,
+            act_bytes: std::mem::size_of::<T>(),
+        })
+    }
+
     // ---- embedding ----------------------------------------------------------------------
     fn embedding(
         &self,
