@@ -243,7 +243,10 @@ fn elementwise(c: &mut Criterion) {
         .collect();
     let mut x = randn(&mut rng, N * 9 * 64, 1.0);
     let pos: Vec<i32> = (0..4 * 256).map(|r| r % 256).collect();
-    let mut run = || be.rope(&mut x, &table, &pos, 4 * 256, 9, 64, false).unwrap();
+    let mut run = || {
+        be.rope(&mut x, &table, &pos, 4 * 256, 9, 64, false)
+            .unwrap()
+    };
     print_bytes(
         "rope 1024x9x64",
         (2 * N * 9 * 64 * 4) as f64,

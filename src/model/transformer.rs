@@ -221,6 +221,15 @@ pub struct ForwardOut {
 /// Keep the logits of the lm-head chunk under this many elements (256 MB in f32).
 pub const LOGITS_CHUNK_ELEMS: usize = 64 << 20;
 
+/// Rows of the lm head's chunk for `n` token rows: as few chunks as the logits budget allows,
+/// of equal size rounded up (the last chunk runs its few spare rows as ignored targets).
+/// Packed micro-batches have any row count, often prime, so a divisor of `n` would not do.
+pub fn chunk_rows(n: usize, vocab: usize) -> usize {
+    let n = n.max(1);
+    let max_rows = (LOGITS_CHUNK_ELEMS / vocab.max(1)).clamp(1, n);
+    n.div_ceil(n.div_ceil(max_rows))
+}
+
 pub struct Model<B: Backend> {
     pub cfg: ModelConfig,
     w: Weights<B>,
@@ -454,12 +463,7 @@ impl<B: Backend> Model<B> {
         let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let qw = c.num_heads * c.head_dim;
         let kvw = c.num_kv_heads * c.head_dim;
-        // The largest divisor of n within the budget, so every chunk has the same size.
-        let max_rows = (LOGITS_CHUNK_ELEMS / v).clamp(1, n);
-        let chunk_rows = (1..=max_rows)
-            .rev()
-            .find(|r| n.is_multiple_of(*r))
-            .unwrap_or(1);
+        let chunk_rows = chunk_rows(n, v);
         let act = |len: usize| be.alloc_act(len);
         let lora = self.lora.as_ref();
         let (n_attn, n_mlp) = mode.slots(c.num_layers);
@@ -655,30 +659,30 @@ impl<B: Backend> Model<B> {
         let mut logits = want_logits.then(|| Vec::with_capacity(n * v));
         let last = cfg.num_layers;
         let mut r0 = 0;
+        let chunk = a.chunk_rows;
+        // The last chunk's spare rows (at most a few) keep the previous chunk's values and
+        // an ignored target: no loss, a zero gradient, never copied out.
+        let mut chunk_targets = vec![-1i32; chunk];
         while r0 < n {
-            let rows = a.chunk_rows;
+            let rows = chunk.min(n - r0);
+            chunk_targets[..rows].copy_from_slice(&targets[r0..r0 + rows]);
+            chunk_targets[rows..].fill(-1);
             let (x, lg, dx) = (&mut a.chunk_x, &mut a.chunk_logits, &mut a.chunk_dx);
             be.copy_act(x, 0, &a.n1[last], r0 * d, rows * d)?;
-            be.linear(lg, x, w_head, None, rows, d, v, false)?;
+            be.linear(lg, x, w_head, None, chunk, d, v, false)?;
             if let (Some(c), Some(capped)) = (cfg.final_softcap, a.chunk_capped.as_mut()) {
                 be.softcap(lg, c as f32)?;
-                be.copy_act(capped, 0, lg, 0, rows * v)?;
+                be.copy_act(capped, 0, lg, 0, chunk * v)?;
             }
             if let Some(l) = logits.as_mut() {
-                l.extend_from_slice(&be.download_act(lg)?);
+                l.extend_from_slice(&be.download_act(lg)?[..rows * v]);
             }
-            be.cross_entropy(
-                lg,
-                &mut self.loss_acc,
-                &targets[r0..r0 + rows],
-                v,
-                grad_scale,
-            )?;
+            be.cross_entropy(lg, &mut self.loss_acc, &chunk_targets, v, grad_scale)?;
             if grad_scale.is_some() {
                 if let (Some(c), Some(capped)) = (cfg.final_softcap, a.chunk_capped.as_ref()) {
                     be.softcap_bwd(lg, capped, c as f32)?;
                 }
-                be.linear_bwd_input(dx, lg, w_head, rows, d, v, false)?;
+                be.linear_bwd_input(dx, lg, w_head, chunk, d, v, false)?;
                 be.copy_act(&mut a.scratch.dn, r0 * d, dx, 0, rows * d)?;
             }
             r0 += rows;

@@ -28,7 +28,7 @@ use crate::backend::cuda::KernelLaunch;
 use crate::backend::DeviceMemory;
 use crate::model::config::ModelConfig;
 use crate::model::lora::{LoraConfig, LoraLayout, Target};
-use crate::model::transformer::{Checkpointing, LOGITS_CHUNK_ELEMS};
+use crate::model::transformer::{chunk_rows, Checkpointing};
 use crate::train::config::TrainConfig;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -167,16 +167,6 @@ impl Tally {
         self.parts[part] += (elems * elem_bytes) as u64;
         self.buffers += 1;
     }
-}
-
-/// Rows of the lm head's chunk for `n` rows: the largest divisor of `n` within the logits
-/// budget (as `Model::ensure_acts`).
-pub fn chunk_rows(n: usize, vocab: usize) -> usize {
-    let max_rows = (LOGITS_CHUNK_ELEMS / vocab.max(1)).clamp(1, n.max(1));
-    (1..=max_rows)
-        .rev()
-        .find(|r| n.is_multiple_of(*r))
-        .unwrap_or(1)
 }
 
 /// The plan of `input` under `mode`.
@@ -766,9 +756,19 @@ mod tests {
     }
 
     #[test]
-    fn chunk_rows_divides_and_respects_the_budget() {
+    fn chunk_rows_covers_the_rows_within_the_budget() {
         let c = chunk_rows(4096, 152064);
-        assert!(4096 % c == 0 && c * 152064 <= LOGITS_CHUNK_ELEMS, "{c}");
+        assert!(
+            c * 152064 <= crate::model::transformer::LOGITS_CHUNK_ELEMS,
+            "{c}"
+        );
+        assert!(
+            4096usize.div_ceil(c) * c - 4096 < 4096usize.div_ceil(c),
+            "few spare rows"
+        );
         assert_eq!(chunk_rows(7, 100), 7);
+        assert_eq!(c, 410, "ten chunks of 410 rows, 4 spare");
+        // A prime row count (packing) still gets full-size chunks: 3 of 1365 rows, 2 spare.
+        assert_eq!(chunk_rows(4093, 49152), 1365);
     }
 }
