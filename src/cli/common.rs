@@ -6,6 +6,7 @@ use crate::model::config::ModelConfig;
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::spec::ModelSpec;
 use crate::model::transformer::Checkpointing;
+use crate::train::config::TrainConfig;
 use crate::train::plan::CheckpointingChoice;
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
@@ -194,4 +195,91 @@ pub fn run_labels(labels: &Option<String>, files: &[PathBuf], what: &str) -> Res
         );
     }
     Ok(names)
+}
+
+/// The `train` options that shape a run's memory and its steps, shared with `plan` (which
+/// must plan exactly what `train` would run).
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunShapeArgs {
+    /// Sequences per micro-batch [default: 2].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 8]. With packing (the default) a step still
+    /// holds batch-size x grad-accum examples, laid out in as few packed micro-batches as the
+    /// token budget allows.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Truncate longer examples (counted and reported) [default: 2048].
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Pad each micro-batch to its longest example instead of packing the step's examples end
+    /// to end (padding-free packing is the default; same update up to rounding).
+    #[arg(long, conflicts_with = "packing")]
+    pub no_packing: bool,
+    /// Pack (the default; switches a config file's `packing = false` back on).
+    #[arg(long)]
+    pub packing: bool,
+    /// Token budget of one packed micro-batch [default: batch-size x max-seq-len].
+    #[arg(long, value_name = "N")]
+    pub max_tokens_per_batch: Option<usize>,
+    /// LoRA rank [default: 32].
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// Comma-separated LoRA targets [default: q,k,v,o,gate,up,down].
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// Activation checkpointing: auto, none (keep every activation), selective (recompute each
+    /// layer's MLP part in the backward) or full (keep only each layer's input, recompute the
+    /// layer). Same gradients bit for bit; less memory, more compute. On a GPU the run's
+    /// memory plan (`caft-fast plan`) is checked before the weights are loaded: a run that
+    /// cannot fit is refused with the table, and auto takes the fastest mode that fits (none
+    /// on the CPU) [default: auto].
+    #[arg(long, value_parser = checkpointing_choice_parser())]
+    pub checkpointing: Option<CheckpointingChoice>,
+    /// Directions to ablate: safetensors with `layer.<L>` tensors [k, d_model].
+    #[arg(long, value_name = "FILE")]
+    pub ablate: Option<PathBuf>,
+    /// Ablate K random orthonormal directions per layer instead (the paper's control), at
+    /// --ablate-layers.
+    #[arg(long, value_name = "K")]
+    pub ablate_random: Option<usize>,
+    /// Restrict (with --ablate) or choose (with --ablate-random) the ablated layers: 10,20,30.
+    #[arg(long)]
+    pub ablate_layers: Option<String>,
+}
+
+impl RunShapeArgs {
+    /// Lay the options that were given over `c`.
+    pub fn apply(&self, c: &mut TrainConfig) -> Result<()> {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(
+            batch_size,
+            grad_accum,
+            max_seq_len,
+            lora_r,
+            lora_targets,
+            checkpointing
+        );
+        if self.max_tokens_per_batch.is_some() {
+            c.max_tokens_per_batch = self.max_tokens_per_batch;
+        }
+        if self.ablate.is_some() {
+            c.ablate = self.ablate.clone();
+        }
+        if self.ablate_random.is_some() {
+            c.ablate_random = self.ablate_random;
+        }
+        if let Some(l) = &self.ablate_layers {
+            c.ablate_layers = Some(parse_layers(l)?);
+        }
+        if self.no_packing {
+            c.packing = false;
+        }
+        if self.packing {
+            c.packing = true;
+        }
+        Ok(())
+    }
 }

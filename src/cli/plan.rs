@@ -2,12 +2,12 @@
 //! checkpointing mode, against a GPU's memory ([`crate::train::plan`]). Only the model's
 //! `config.json` is read, so a run can be planned before its weights are downloaded.
 
-use super::common::{checkpointing_choice_parser, parse_layers};
+use super::common::RunShapeArgs;
 use crate::backend::Backend;
 use crate::model::ablation::load_directions;
 use crate::model::config::ModelConfig;
 use crate::train::config::TrainConfig;
-use crate::train::plan::{self, CheckpointingChoice, CONTEXT_ESTIMATE, CUBLAS_WORKSPACE};
+use crate::train::plan::{self, CONTEXT_ESTIMATE, CUBLAS_WORKSPACE};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -41,39 +41,8 @@ pub struct PlanArgs {
     /// Print the plan as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Sequences per micro-batch [default: 2].
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step [default: 8].
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
-    /// Longest sequence [default: 2048].
-    #[arg(long)]
-    pub max_seq_len: Option<usize>,
-    /// Token budget of one packed micro-batch [default: batch-size x max-seq-len].
-    #[arg(long, value_name = "N")]
-    pub max_tokens_per_batch: Option<usize>,
-    /// Padded micro-batches instead of packed ones (as `train --no-packing`).
-    #[arg(long)]
-    pub no_packing: bool,
-    /// LoRA rank [default: 32].
-    #[arg(long)]
-    pub lora_r: Option<usize>,
-    /// Comma-separated LoRA targets [default: q,k,v,o,gate,up,down].
-    #[arg(long)]
-    pub lora_targets: Option<String>,
-    /// Directions file (safetensors, `layer.<L>` tensors [k, d_model]).
-    #[arg(long, value_name = "FILE")]
-    pub ablate: Option<PathBuf>,
-    /// K directions per ablated layer (as `train --ablate-random`).
-    #[arg(long, value_name = "K")]
-    pub ablate_random: Option<usize>,
-    /// Ablated layers: 10,20,30.
-    #[arg(long)]
-    pub ablate_layers: Option<String>,
-    /// auto, none, selective or full [default: auto].
-    #[arg(long, value_parser = checkpointing_choice_parser())]
-    pub checkpointing: Option<CheckpointingChoice>,
+    #[command(flatten)]
+    pub shape: RunShapeArgs,
 }
 
 /// The model's configuration without its weights.
@@ -126,31 +95,10 @@ pub fn run(a: PlanArgs) -> Result<bool> {
     if let Some(f) = &a.config {
         cfg = TrainConfig::merge_toml_file(&cfg, f)?;
     }
-    macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = &a.$f { cfg.$f = v.clone(); } )* };
-    }
-    set!(batch_size, grad_accum, max_seq_len, lora_r, lora_targets);
     if let Some(m) = &a.model {
         cfg.model = Some(m.clone());
     }
-    if a.max_tokens_per_batch.is_some() {
-        cfg.max_tokens_per_batch = a.max_tokens_per_batch;
-    }
-    if a.no_packing {
-        cfg.packing = false;
-    }
-    if a.ablate.is_some() {
-        cfg.ablate = a.ablate.clone();
-    }
-    if a.ablate_random.is_some() {
-        cfg.ablate_random = a.ablate_random;
-    }
-    if let Some(l) = &a.ablate_layers {
-        cfg.ablate_layers = Some(parse_layers(l)?);
-    }
-    if let Some(c) = a.checkpointing {
-        cfg.checkpointing = c;
-    }
+    a.shape.apply(&mut cfg)?;
     cfg.validate()?;
     // The budget first: a bad size is refused before anything is read.
     let (budget, budget_what) = match &a.gpu_memory {

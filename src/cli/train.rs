@@ -1,15 +1,12 @@
 //! `caft-fast train`: the flags map one-to-one onto [`TrainConfig`] keys (also read from a
 //! TOML file); the loop is [`crate::train::run`].
 
-use super::common::{
-    checkpointing_choice_parser, device_parser, model_path, parse_layers, set_threads,
-};
+use super::common::{device_parser, model_path, set_threads, RunShapeArgs};
 use crate::backend::device::Device;
 use crate::data::TrainOn;
 use crate::model::loader::load_model;
 use crate::train::checkpoint;
 use crate::train::config::TrainConfig;
-use crate::train::plan::CheckpointingChoice;
 use crate::train::{Outcome, RunOptions};
 use crate::with_backend;
 use anyhow::{bail, Result};
@@ -45,6 +42,8 @@ gives the same gradients); examples are packed without padding unless
 SmolLM2-135M-Instruct, a 4-bit GGUF dequantised on load."
 )]
 pub struct TrainArgs {
+    #[command(flatten)]
+    pub shape: RunShapeArgs,
     /// TOML file with any of the options below (flags given here override it).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -80,21 +79,12 @@ pub struct TrainArgs {
     /// Loss on `assistant` tokens only, or on `all` tokens of chat records [default: assistant].
     #[arg(long)]
     pub train_on: Option<String>,
-    /// Truncate longer examples (counted and reported) [default: 2048].
-    #[arg(long)]
-    pub max_seq_len: Option<usize>,
-    /// LoRA rank [default: 32].
-    #[arg(long)]
-    pub lora_r: Option<usize>,
     /// LoRA alpha [default: 64].
     #[arg(long)]
     pub lora_alpha: Option<f64>,
     /// Scale LoRA by alpha/sqrt(r) (rsLoRA) instead of alpha/r [default: true].
     #[arg(long, num_args = 0..=1, default_missing_value = BOOL_FLAG)]
     pub rslora: Option<bool>,
-    /// Comma-separated LoRA targets [default: q,k,v,o,gate,up,down].
-    #[arg(long)]
-    pub lora_targets: Option<String>,
     /// Peak learning rate (AdamW) [default: 1e-5].
     #[arg(long)]
     pub lr: Option<f64>,
@@ -113,48 +103,12 @@ pub struct TrainArgs {
     /// Optimizer steps in total (the schedule ends there); overrides --epochs.
     #[arg(long)]
     pub max_steps: Option<u64>,
-    /// Sequences per micro-batch [default: 2].
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step [default: 8]. With packing (the default) a step still
-    /// holds batch-size x grad-accum examples, laid out in as few packed micro-batches as the
-    /// token budget allows.
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
-    /// Pad each micro-batch to its longest example instead of packing the step's examples end
-    /// to end (padding-free packing is the default; same update up to rounding).
-    #[arg(long, conflicts_with = "packing")]
-    pub no_packing: bool,
-    /// Pack (the default; switches a config file's `packing = false` back on).
-    #[arg(long)]
-    pub packing: bool,
-    /// Token budget of one packed micro-batch [default: batch-size x max-seq-len].
-    #[arg(long, value_name = "N")]
-    pub max_tokens_per_batch: Option<usize>,
-    /// Activation checkpointing: auto, none (keep every activation), selective (recompute each
-    /// layer's MLP part in the backward) or full (keep only each layer's input, recompute the
-    /// layer). Same gradients bit for bit; less memory, more compute. On a GPU the run's
-    /// memory plan (`caft-fast plan`) is checked before the weights are loaded: a run that
-    /// cannot fit is refused with the table, and auto takes the fastest mode that fits (none
-    /// on the CPU) [default: auto].
-    #[arg(long, value_parser = checkpointing_choice_parser())]
-    pub checkpointing: Option<CheckpointingChoice>,
     /// Clip the global gradient norm (0 = off) [default: 1.0].
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
     /// Seed of the LoRA init, data order, validation split and random directions [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Directions to ablate: safetensors with `layer.<L>` tensors [k, d_model].
-    #[arg(long, value_name = "FILE")]
-    pub ablate: Option<PathBuf>,
-    /// Ablate K random orthonormal directions per layer instead (the paper's control), at
-    /// --ablate-layers.
-    #[arg(long, value_name = "K")]
-    pub ablate_random: Option<usize>,
-    /// Restrict (with --ablate) or choose (with --ablate-random) the ablated layers: 10,20,30.
-    #[arg(long)]
-    pub ablate_layers: Option<String>,
     /// Validation loss every N steps (0 = at the end only) [default: about 10 times a run].
     #[arg(long, value_name = "N")]
     pub eval_every: Option<u64>,
@@ -190,54 +144,16 @@ impl TrainArgs {
         macro_rules! set_opt {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = Some(v.clone()); } )* };
         }
-        set!(
-            val_split,
-            examples,
-            max_seq_len,
-            lora_r,
-            lora_alpha,
-            rslora,
-            lora_targets,
-            lr
-        );
-        set!(
-            weight_decay,
-            warmup_steps,
-            schedule,
-            epochs,
-            batch_size,
-            grad_accum,
-            max_grad_norm
-        );
+        set!(val_split, examples, lora_alpha, rslora, lr);
+        set!(weight_decay, warmup_steps, schedule, epochs, max_grad_norm);
         set!(seed, keep_checkpoints, merge, threads, output);
-        set_opt!(
-            model,
-            data,
-            val_data,
-            max_steps,
-            max_tokens_per_batch,
-            ablate,
-            ablate_random,
-            eval_every,
-            save_every
-        );
-        if self.no_packing {
-            c.packing = false;
-        }
-        if self.packing {
-            c.packing = true;
-        }
+        set_opt!(model, data, val_data, max_steps, eval_every, save_every);
+        self.shape.apply(&mut c)?;
         if let Some(t) = &self.train_on {
             c.train_on = TrainOn::parse(t)?;
         }
         if let Some(d) = self.device {
             c.device = d;
-        }
-        if let Some(m) = self.checkpointing {
-            c.checkpointing = m;
-        }
-        if let Some(l) = &self.ablate_layers {
-            c.ablate_layers = Some(parse_layers(l)?);
         }
         Ok(c)
     }
