@@ -122,14 +122,9 @@ fn lora(c: &mut Criterion) {
 fn attention(c: &mut Criterion) {
     let be = CpuBackend::new();
     let mut rng = Rng::new(3);
-    let sh = AttnShape {
-        batch: 4,
-        seq: 256,
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        window: None,
-    };
+    let (batch, seq) = (4, 256);
+    let sh = AttnShape::plain(9, 3, 64, None);
+    let seqs = be.seqs(&[seq; 4]).unwrap();
     let q = randn(&mut rng, N * sh.q_width(), 1.0);
     let k = randn(&mut rng, N * sh.kv_width(), 1.0);
     let v = randn(&mut rng, N * sh.kv_width(), 1.0);
@@ -143,10 +138,10 @@ fn attention(c: &mut Criterion) {
     );
     // Useful work: T(T+1)/2 visible (query, key) pairs per (sequence, head), 2·hd FLOPs per
     // pair per product; 2 products forward, 5 backward (S again, dV, dP, dQ, dK).
-    let pairs = (sh.batch * sh.n_heads * sh.seq * (sh.seq + 1) / 2) as f64;
+    let pairs = (batch * sh.n_heads * seq * (seq + 1) / 2) as f64;
     let per_product = pairs * 2.0 * sh.head_dim as f64;
     let mut run = || {
-        be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &sh)
+        be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &seqs, &sh)
             .unwrap()
     };
     print_flops(
@@ -155,11 +150,11 @@ fn attention(c: &mut Criterion) {
         median_secs(&mut run),
     );
     c.bench_function("attention_fwd 4x256 9/3x64", |b| b.iter(&mut run));
-    be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &sh)
+    be.attention_fwd(&mut out, &mut lse, &q, &k, &v, &seqs, &sh)
         .unwrap();
     let mut run = || {
         be.attention_bwd(
-            &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, &sh,
+            &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, &seqs, &sh,
         )
         .unwrap()
     };
@@ -247,7 +242,11 @@ fn elementwise(c: &mut Criterion) {
         .flat_map(|i| [(i as f32).cos(), (i as f32).sin()])
         .collect();
     let mut x = randn(&mut rng, N * 9 * 64, 1.0);
-    let mut run = || be.rope(&mut x, &table, 4, 256, 9, 64, false, None).unwrap();
+    let pos: Vec<i32> = (0..4 * 256).map(|r| r % 256).collect();
+    let mut run = || {
+        be.rope(&mut x, &table, &pos, 4 * 256, 9, 64, false)
+            .unwrap()
+    };
     print_bytes(
         "rope 1024x9x64",
         (2 * N * 9 * 64 * 4) as f64,

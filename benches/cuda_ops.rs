@@ -196,37 +196,32 @@ fn run(c: &mut Criterion, b: &B) {
         .map(|i| ((i % 7) as f32 * 0.1).cos())
         .collect();
     let table = b.upload_f32(&table).expect("upload");
+    // N / SEQ sequences of SEQ rows, packed.
+    let seqs = b.seqs(&[SEQ; N / SEQ]).expect("seqs");
     bench(
         c,
         b,
         "rope",
         || {
-            b.rope(&mut qa, &table, N / SEQ, SEQ, HEADS, HD, false, None)
+            b.rope(&mut qa, &table, &seqs.pos_dev, N, HEADS, HD, false)
                 .expect("op")
         },
         |s| rep.bytes("rope", 2.0 * (N * HEADS * HD) as f64 * e, s),
     );
 
     // Attention (flash-style, causal).
-    let shape = AttnShape {
-        batch: N / SEQ,
-        seq: SEQ,
-        n_heads: HEADS,
-        n_kv_heads: KV_HEADS,
-        head_dim: HD,
-        window: None,
-    };
+    let shape = AttnShape::plain(HEADS, KV_HEADS, HD, None);
     let kk = act(b, &mut rng, N * KV_HEADS * HD, 1.0);
     let vv = act(b, &mut rng, N * KV_HEADS * HD, 1.0);
     let mut out = b.alloc_act(N * HEADS * HD).expect("alloc");
     let mut lse = b.alloc_f32(N * HEADS).expect("alloc");
-    let causal_pairs = (shape.batch * HEADS) as f64 * (SEQ * (SEQ + 1) / 2) as f64;
+    let causal_pairs = (seqs.n_seqs() * HEADS) as f64 * (SEQ * (SEQ + 1) / 2) as f64;
     bench(
         c,
         b,
         "attention_fwd",
         || {
-            b.attention_fwd(&mut out, &mut lse, &qa, &kk, &vv, &shape)
+            b.attention_fwd(&mut out, &mut lse, &qa, &kk, &vv, &seqs, &shape)
                 .expect("op")
         },
         |s| rep.flops("attention_fwd", 4.0 * causal_pairs * HD as f64, s),
@@ -241,13 +236,13 @@ fn run(c: &mut Criterion, b: &B) {
         "attention_bwd",
         || {
             b.attention_bwd(
-                &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &qa, &kk, &vv, &shape,
+                &mut dq, &mut dk, &mut dv, &dout, &out, &lse, &qa, &kk, &vv, &seqs, &shape,
             )
             .expect("op")
         },
         |s| rep.flops("attention_bwd", 10.0 * causal_pairs * HD as f64, s),
     );
-    drop((qa, kk, vv, out, lse, dout, dq, dk, dv));
+    drop((qa, kk, vv, out, lse, dout, dq, dk, dv, seqs));
 
     // Generation: one decoding step against a key/value cache (memory-bound: every cached K/V
     // row of a sequence is read once per kv head), and a prefill of the same 8 x 1024 tokens
@@ -258,10 +253,7 @@ fn run(c: &mut Criterion, b: &B) {
             new: 1,
             past: cache - 1,
             cap: cache,
-            n_heads: HEADS,
-            n_kv_heads: KV_HEADS,
-            head_dim: HD,
-            window: None,
+            heads: AttnShape::plain(HEADS, KV_HEADS, HD, None),
         };
         let mut kc = act(b, &mut rng, batch * cache * KV_HEADS * HD, 1.0);
         let mut vc = act(b, &mut rng, batch * cache * KV_HEADS * HD, 1.0);
@@ -289,10 +281,7 @@ fn run(c: &mut Criterion, b: &B) {
             new: SEQ,
             past: 0,
             cap: SEQ,
-            n_heads: HEADS,
-            n_kv_heads: KV_HEADS,
-            head_dim: HD,
-            window: None,
+            heads: AttnShape::plain(HEADS, KV_HEADS, HD, None),
         };
         let qa = act(b, &mut rng, N * HEADS * HD, 1.0);
         let kk = act(b, &mut rng, N * KV_HEADS * HD, 1.0);

@@ -10,6 +10,7 @@ use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::Backend;
 use caft_fast::model::loader::load_model;
 use caft_fast::model::lora::Target;
+use caft_fast::model::transformer::Checkpointing;
 use caft_fast::train::bench::{step_flops, StepBench, StepSpec};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::time::Duration;
@@ -25,6 +26,7 @@ fn run<B: Backend>(c: &mut Criterion, be: &B) {
         targets: Target::ALL.to_vec(),
         ablate_layers: vec![10, 20],
         ablate_k: 8,
+        checkpointing: Checkpointing::None,
     };
     let mut bench = StepBench::new(be, &loaded.config, loaded.weights.as_ref(), &spec).unwrap();
     bench.step(be).unwrap(); // warm-up: allocations, kernel compilation

@@ -1,5 +1,7 @@
 // attention_decode.cu: attention of new rows against a per-sequence key/value cache, for
-// generation (prefill and decoding steps), with GQA and an optional sliding window.
+// generation (prefill and decoding steps), with GQA, an optional sliding window and optional
+// logit soft-capping (Gemma-2), with the scores of training (attention.cu, "math"):
+// S = c·q·k, then κ·tanh(S/κ) when the cap κ > 0.
 // defines: attention_cache_append_{bf16,f32}, attention_cached_{bf16,f32},
 //          attention_cached_combine_{bf16,f32}
 
@@ -26,8 +28,10 @@
 //     scores  thread (key kk = tid % KT, query vectors tid/KT + i·128/KT): dot products over the
 //             head dim from shared memory (K rows at an odd number of 16-byte chunks apart, so
 //             the 8 rows of one quarter-warp hit 8 distinct bank groups; Q broadcast, stored f32
-//             and pre-scaled by c·log2 e), masked to -inf, into a [NQ, KT] score tile;
-//     softmax one warp per query vector: running max m and sum l (base 2, f32), p = 2^(s - m)
+//             and pre-scaled by c·log2 e, or by c/κ with a cap), masked to -inf, into a
+//             [NQ, KT] score tile;
+//     softmax one warp per query vector: with a cap first s <- κ·log2(e)·tanh(s) on the
+//             visible scores; running max m and sum l (base 2, f32), p = 2^(s - m)
 //             in place, and the factor alpha that rescales the older partial output;
 //     P·V     thread = (16-byte chunk of the head dim, query vector, key part): accumulates
 //             Σ_j p_j v_j over the keys kk ≡ part (mod KP) of every tile in f32 registers; KP
@@ -112,7 +116,7 @@ __device__ __forceinline__ void attn_cached(T* __restrict__ out, float* __restri
                                             const u32* __restrict__ start, int new_rows,
                                             int past, int cap, int n_heads, int n_kv_heads,
                                             int head_dim, int window, float scale,
-                                            int rows_per_cta, int heads_per_cta, int splits,
+                                            float softcap, int rows_per_cta, int heads_per_cta, int splits,
                                             int kt) {
     constexpr int N = Vec<T>::N;
     // Score items per thread (KT x NQ over 128 threads) and P·V items per thread (at most
@@ -164,12 +168,13 @@ __device__ __forceinline__ void attn_cached(T* __restrict__ out, float* __restri
 
     const long long q_ld = (long long)n_heads * head_dim, kv_ld = (long long)n_kv_heads * head_dim;
     const long long rows_total = (long long)gridDim.z * new_rows;
-    const float sl2 = scale * ATTN_LOG2E;
+    // Q's factor, so that a dot product is the base-2 score, or with a cap the tanh argument.
+    const float qmul = softcap > 0.0f ? scale / softcap : scale * ATTN_LOG2E;
     for (int x = tid; x < nq * dpad; x += ATTN_THREADS) {
         const int qv = x / dpad, d = x % dpad;
         const long long row = (long long)b * new_rows + i0 + qv / nh;
         const int h = h0 + qv % nh;
-        sQ[qv * dpad + d] = d < head_dim ? to_f32(q[row * q_ld + (long long)h * head_dim + d]) * sl2
+        sQ[qv * dpad + d] = d < head_dim ? to_f32(q[row * q_ld + (long long)h * head_dim + d]) * qmul
                                          : 0.0f;
     }
 
@@ -255,6 +260,11 @@ __device__ __forceinline__ void attn_cached(T* __restrict__ out, float* __restri
             const int qv = warp + 4 * u;
             if (qv < nq) {  // warp-uniform
                 float* srow = sS + qv * kt;
+                if (softcap > 0.0f) {  // the cap, here rather than in the register-heavy dots
+                    const float cap2 = softcap * ATTN_LOG2E;
+                    for (int x = lane; x < kt; x += 32)
+                        if (srow[x] != NEG_INF) srow[x] = cap2 * tanhf(srow[x]);
+                }
                 float mx = m_run[u];
                 for (int x = lane; x < kt; x += 32) mx = fmaxf(mx, srow[x]);
                 mx = warp_max(mx);
@@ -366,13 +376,18 @@ __device__ __forceinline__ void attn_cached_combine(T* __restrict__ out,
     }
 }
 
+// Shared memory holds attention_cached_* to about three CTAs per SM (the host's key-tile budget),
+// so promising ptxas only that many lets it use up to 168 registers: with the bare launch bound
+// it aims lower and spills around the soft cap's tanhf.
+#define ACACHE_MIN_CTAS 3
+
 #define ATTN_APPEND_ARGS(T)                                                                      \
     T *k_cache, T *v_cache, const T *k, const T *v, long long rows, int new_rows, int past,       \
         int cap, int kv_ld
 #define ATTN_CACHED_ARGS(T)                                                                      \
     T *out, float *part, const T *q, const T *k_cache, const T *v_cache, const u32 *start,        \
         int new_rows, int past, int cap, int n_heads, int n_kv_heads, int head_dim, int window,   \
-        float scale, int rows_per_cta, int heads_per_cta, int splits, int kt
+        float scale, float softcap, int rows_per_cta, int heads_per_cta, int splits, int kt
 #define ATTN_COMBINE_ARGS(T)                                                                     \
     T *out, const float *part, int rows, int n_heads, int head_dim, int splits
 
@@ -382,14 +397,15 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_cache_appen
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_cache_append_f32(ATTN_APPEND_ARGS(float)) {
     attn_cache_append<float>(k_cache, v_cache, k, v, rows, new_rows, past, cap, kv_ld);
 }
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_cached_bf16(ATTN_CACHED_ARGS(bf16)) {
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS, ACACHE_MIN_CTAS) attention_cached_bf16(ATTN_CACHED_ARGS(bf16)) {
     attn_cached<bf16>(out, part, q, k_cache, v_cache, start, new_rows, past, cap, n_heads,
-                      n_kv_heads, head_dim, window, scale, rows_per_cta, heads_per_cta, splits, kt);
+                      n_kv_heads, head_dim, window, scale, softcap, rows_per_cta, heads_per_cta,
+                      splits, kt);
 }
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_cached_f32(ATTN_CACHED_ARGS(float)) {
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS, ACACHE_MIN_CTAS) attention_cached_f32(ATTN_CACHED_ARGS(float)) {
     attn_cached<float>(out, part, q, k_cache, v_cache, start, new_rows, past, cap, n_heads,
-                       n_kv_heads, head_dim, window, scale, rows_per_cta, heads_per_cta, splits,
-                       kt);
+                       n_kv_heads, head_dim, window, scale, softcap, rows_per_cta, heads_per_cta,
+                       splits, kt);
 }
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS) attention_cached_combine_bf16(ATTN_COMBINE_ARGS(bf16)) {
     attn_cached_combine<bf16>(out, part, rows, n_heads, head_dim, splits);

@@ -1,16 +1,23 @@
 // elementwise.cu: the memory-bound per-element ops.
-// defines: embedding_{bf16,f32}, add_bias_{bf16,f32}, swiglu_fwd_{bf16,f32},
-//          swiglu_bwd_{bf16,f32}, rope_{bf16,f32}, cast_from_f32_{bf16,f32},
-//          cast_to_f32_{bf16,f32}
+// defines: embedding_{bf16,f32}, add_bias_{bf16,f32}, {swiglu,geglu}_{fwd,bwd}_{bf16,f32},
+//          rope_{bf16,f32}, scale_{bf16,f32}, softcap_{fwd,bwd}_{bf16,f32},
+//          cast_from_f32_{bf16,f32}, cast_to_f32_{bf16,f32}
 //
 // Math (storage T, arithmetic f32):
 //   embedding   out[i, :] = table[ids[i], :]
 //   add_bias    y[i, j] += bias[j]
 //   swiglu      out = silu(g) · u,  silu(g) = g · σ(g),  σ(g) = 1 / (1 + e^-g)
 //   swiglu_bwd  dg = dout · u · σ(g) · (1 + g · (1 - σ(g))),  du = dout · silu(g)
-//   rope        pairs (i, i + hd/2) of each head at position p = row % seq (plus the row's
-//               sequence offset when offsets are given, clamped at 0):
+//   geglu       out = gelu(g) · u,  gelu(g) = g/2 · (1 + t),  t = tanh(a (g + b g³)),
+//               a = √(2/π), b = 0.044715 (PyTorch's gelu(approximate="tanh"), Gemma-2)
+//   geglu_bwd   dg = dout · u · ((1 + t)/2 + g/2 · (1 - t²) · a · (1 + 3 b g²)),  du = dout · gelu(g)
+//   scale       x = s · x  (s is rounded to T by the host)
+//   softcap     x = c · tanh(x / c);  bwd: dx = dx · (1 - (y / c)²) from the capped y
+//   rope        pairs (i, i + hd/2) of each head at position p = pos[row] (each row's own
+//               position: within its sequence in training, on the timeline in generation):
 //               x1' = x1 cos θ - x2 sin θ,  x2' = x2 cos θ + x1 sin θ   (θ -> -θ for the inverse)
+//               A position outside the table (p < 0 or p >= n_pos) traps: the host cannot see
+//               device positions, so the kernel is what keeps the table read in bounds.
 //   casts       f32 <-> T, round to nearest even.
 //
 // Memory plan: each thread handles one 16-byte vector of T when the row length allows it (so
@@ -47,12 +54,36 @@ __device__ __forceinline__ void add_bias(T* __restrict__ y, const T* __restrict_
         p[i] = from_f32<T>(to_f32(p[i]) + to_f32(bias[i]));
 }
 
-// ---- swiglu -----------------------------------------------------------------------------
-__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
+// ---- gated MLP activations (SwiGLU, GeGLU) ------------------------------------------------
+// One template for both: `Act::f(g)` is the activation, `Act::grad(g, u, dout, dg, du)` the
+// backward.
+struct Silu {
+    static __device__ __forceinline__ float f(float g) { return g / (1.0f + expf(-g)); }
+    static __device__ __forceinline__ void grad(float g, float u, float dout, float& dg,
+                                                float& du) {
+        const float sig = 1.0f / (1.0f + expf(-g));
+        du = dout * (g * sig);
+        dg = dout * u * sig * (1.0f + g * (1.0f - sig));
+    }
+};
 
-template <typename T>
-__device__ __forceinline__ void swiglu_fwd(T* __restrict__ out, const T* __restrict__ gate,
-                                           const T* __restrict__ up, long long len) {
+struct GeluTanh {
+    static constexpr float A = 0.7978845608f;  // √(2/π)
+    static constexpr float B = 0.044715f;
+    static __device__ __forceinline__ float f(float g) {
+        return 0.5f * g * (1.0f + tanhf(A * (g + B * g * g * g)));
+    }
+    static __device__ __forceinline__ void grad(float g, float u, float dout, float& dg,
+                                                float& du) {
+        const float t = tanhf(A * (g + B * g * g * g));
+        du = dout * (0.5f * g * (1.0f + t));
+        dg = dout * u * (0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * A * (1.0f + 3.0f * B * g * g));
+    }
+};
+
+template <typename T, typename Act>
+__device__ __forceinline__ void glu_fwd(T* __restrict__ out, const T* __restrict__ gate,
+                                        const T* __restrict__ up, long long len) {
     constexpr int N = Vec<T>::N;
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long nvec = len / N;
@@ -60,27 +91,20 @@ __device__ __forceinline__ void swiglu_fwd(T* __restrict__ out, const T* __restr
         Vec<T> g = load_vec(gate + c * N), u = load_vec(up + c * N), o;
 #pragma unroll
         for (int e = 0; e < N; e++)
-            o.v[e] = from_f32<T>(silu_f(to_f32(g.v[e])) * to_f32(u.v[e]));
+            o.v[e] = from_f32<T>(Act::f(to_f32(g.v[e])) * to_f32(u.v[e]));
         store_vec(out + c * N, o);
     }
     // Tail (len not a multiple of N): handled by the first threads of block 0.
     if (blockIdx.x == 0) {
         for (long long i = nvec * N + threadIdx.x; i < len; i += blockDim.x)
-            out[i] = from_f32<T>(silu_f(to_f32(gate[i])) * to_f32(up[i]));
+            out[i] = from_f32<T>(Act::f(to_f32(gate[i])) * to_f32(up[i]));
     }
 }
 
-__device__ __forceinline__ void swiglu_grad(float g, float u, float dout, float& dg, float& du) {
-    const float sig = 1.0f / (1.0f + expf(-g));
-    const float silu = g * sig;
-    du = dout * silu;
-    dg = dout * u * sig * (1.0f + g * (1.0f - sig));
-}
-
-template <typename T>
-__device__ __forceinline__ void swiglu_bwd(T* __restrict__ dgate, T* __restrict__ dup,
-                                           const T* __restrict__ dout, const T* __restrict__ gate,
-                                           const T* __restrict__ up, long long len) {
+template <typename T, typename Act>
+__device__ __forceinline__ void glu_bwd(T* __restrict__ dgate, T* __restrict__ dup,
+                                        const T* __restrict__ dout, const T* __restrict__ gate,
+                                        const T* __restrict__ up, long long len) {
     constexpr int N = Vec<T>::N;
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long nvec = len / N;
@@ -90,7 +114,7 @@ __device__ __forceinline__ void swiglu_bwd(T* __restrict__ dgate, T* __restrict_
 #pragma unroll
         for (int e = 0; e < N; e++) {
             float a, b;
-            swiglu_grad(to_f32(g.v[e]), to_f32(u.v[e]), to_f32(d.v[e]), a, b);
+            Act::grad(to_f32(g.v[e]), to_f32(u.v[e]), to_f32(d.v[e]), a, b);
             dg.v[e] = from_f32<T>(a);
             du.v[e] = from_f32<T>(b);
         }
@@ -100,7 +124,7 @@ __device__ __forceinline__ void swiglu_bwd(T* __restrict__ dgate, T* __restrict_
     if (blockIdx.x == 0) {
         for (long long i = nvec * N + threadIdx.x; i < len; i += blockDim.x) {
             float a, b;
-            swiglu_grad(to_f32(gate[i]), to_f32(up[i]), to_f32(dout[i]), a, b);
+            Act::grad(to_f32(gate[i]), to_f32(up[i]), to_f32(dout[i]), a, b);
             dgate[i] = from_f32<T>(a);
             dup[i] = from_f32<T>(b);
         }
@@ -108,14 +132,14 @@ __device__ __forceinline__ void swiglu_bwd(T* __restrict__ dgate, T* __restrict_
 }
 
 // ---- rope -------------------------------------------------------------------------------
-// x: [rows, n_heads * hd]; table: [max_pos, hd/2] of (cos, sin) pairs. sign = +1 forward, -1
-// inverse. One thread per M consecutive pairs (i0 .. i0 + M) of one (row, head): M = 16 bytes
+// x: [rows, n_heads * hd]; pos: [rows] i32; table: [n_pos, hd/2] of (cos, sin) pairs. sign = +1
+// forward, -1 inverse. One thread per M consecutive pairs (i0 .. i0 + M) of one (row, head): M = 16 bytes
 // of T when hd/2 allows it, so x1, x2 and the table are each read with 16-byte accesses, and
 // the index arithmetic (64-bit divisions) is paid once per M pairs.
 template <typename T, int M>
 __device__ __forceinline__ void rope(T* __restrict__ x, const float* __restrict__ table,
-                                     const int* __restrict__ offsets, long long rows, int seq,
-                                     int n_heads, int hd, float sign) {
+                                     const int* __restrict__ positions, long long rows,
+                                     int n_heads, int hd, int n_pos, float sign) {
     const int half = hd / 2, per_head = half / M;
     const long long total = rows * n_heads * per_head;
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -123,8 +147,8 @@ __device__ __forceinline__ void rope(T* __restrict__ x, const float* __restrict_
         const int i0 = (int)(t % per_head) * M;
         const long long rh = t / per_head;  // row * n_heads + head
         const long long row = rh / n_heads;
-        int pos = (int)(row % seq);
-        if (offsets) pos = max(0, pos + offsets[row / seq]);
+        const int pos = positions[row];
+        if (pos < 0 || pos >= n_pos) __trap();
         const float* cs = table + ((long long)pos * half + i0) * 2;
         float c[M], s[M];
         if constexpr (M % 2 == 0) {
@@ -158,6 +182,35 @@ __device__ __forceinline__ void rope(T* __restrict__ x, const float* __restrict_
     }
 }
 
+// ---- scale, soft-cap ----------------------------------------------------------------------
+// One element per thread, grid-stride (these run once per forward on the embedding, and per
+// lm-head chunk on the logits).
+template <typename T>
+__device__ __forceinline__ void scale(T* __restrict__ x, float s, long long len) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride)
+        x[i] = from_f32<T>(to_f32(x[i]) * s);
+}
+
+template <typename T>
+__device__ __forceinline__ void softcap_fwd(T* __restrict__ x, float cap, long long len) {
+    const float inv = 1.0f / cap;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride)
+        x[i] = from_f32<T>(cap * tanhf(to_f32(x[i]) * inv));
+}
+
+template <typename T>
+__device__ __forceinline__ void softcap_bwd(T* __restrict__ dx, const T* __restrict__ y, float cap,
+                                            long long len) {
+    const float inv = 1.0f / cap;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride) {
+        const float t = to_f32(y[i]) * inv;
+        dx[i] = from_f32<T>(to_f32(dx[i]) * (1.0f - t * t));
+    }
+}
+
 // ---- casts ------------------------------------------------------------------------------
 template <typename T>
 __device__ __forceinline__ void cast_from_f32(T* __restrict__ dst, const float* __restrict__ src,
@@ -184,19 +237,36 @@ __device__ __forceinline__ void cast_to_f32(float* __restrict__ dst, const T* __
     }                                                                                         \
     extern "C" __global__ void swiglu_fwd_##SUF(T* out, const T* gate, const T* up,           \
                                                 long long len) {                              \
-        swiglu_fwd<T>(out, gate, up, len);                                                    \
+        glu_fwd<T, Silu>(out, gate, up, len);                                                 \
     }                                                                                         \
     extern "C" __global__ void swiglu_bwd_##SUF(T* dgate, T* dup, const T* dout,              \
                                                 const T* gate, const T* up, long long len) {  \
-        swiglu_bwd<T>(dgate, dup, dout, gate, up, len);                                       \
+        glu_bwd<T, Silu>(dgate, dup, dout, gate, up, len);                                    \
     }                                                                                         \
-    extern "C" __global__ void rope_##SUF(T* x, const float* table, const int* offsets,       \
-                                          long long rows, int seq, int n_heads, int hd,       \
+    extern "C" __global__ void geglu_fwd_##SUF(T* out, const T* gate, const T* up,            \
+                                               long long len) {                               \
+        glu_fwd<T, GeluTanh>(out, gate, up, len);                                             \
+    }                                                                                         \
+    extern "C" __global__ void geglu_bwd_##SUF(T* dgate, T* dup, const T* dout,               \
+                                               const T* gate, const T* up, long long len) {   \
+        glu_bwd<T, GeluTanh>(dgate, dup, dout, gate, up, len);                                \
+    }                                                                                         \
+    extern "C" __global__ void scale_##SUF(T* x, float s, long long len) {                    \
+        scale<T>(x, s, len);                                                                  \
+    }                                                                                         \
+    extern "C" __global__ void softcap_fwd_##SUF(T* x, float cap, long long len) {            \
+        softcap_fwd<T>(x, cap, len);                                                          \
+    }                                                                                         \
+    extern "C" __global__ void softcap_bwd_##SUF(T* dx, const T* y, float cap, long long len) { \
+        softcap_bwd<T>(dx, y, cap, len);                                                      \
+    }                                                                                         \
+    extern "C" __global__ void rope_##SUF(T* x, const float* table, const int* pos,           \
+                                          long long rows, int n_heads, int hd, int n_pos,     \
                                           float sign) {                                       \
         if ((hd / 2) % Vec<T>::N == 0)                                                        \
-            rope<T, Vec<T>::N>(x, table, offsets, rows, seq, n_heads, hd, sign);              \
+            rope<T, Vec<T>::N>(x, table, pos, rows, n_heads, hd, n_pos, sign);                \
         else                                                                                  \
-            rope<T, 1>(x, table, offsets, rows, seq, n_heads, hd, sign);                      \
+            rope<T, 1>(x, table, pos, rows, n_heads, hd, n_pos, sign);                        \
     }                                                                                         \
     extern "C" __global__ void cast_from_f32_##SUF(T* dst, const float* src, long long len) { \
         cast_from_f32<T>(dst, src, len);                                                      \

@@ -96,6 +96,11 @@ for t in "$STAGE"/tests/*; do
   [ -x "$t" ] && step "test-$name" 90 "$t" --include-ignored --skip on_the_emulated_gpu --test-threads=1 --nocapture
 done
 [ -x scripts/gpu_generate.sh ] && step gpu_generate 150 scripts/gpu_generate.sh "$LOG" "$STAGE/caft-fast"
+# Padded vs packed train on chat-like lengths at the paper's 2 x 8, and each checkpointing
+# mode's device memory and speed (SmolLM2, 4 x 1024).
+[ -x scripts/bench_packing.sh ] && [ -f .cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] && \
+  step gpu_packing 120 env DEVICE=cuda BIN="$STAGE/caft-fast" STEPS=4 GGUF=.cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+    OUT_DIR="$LOG/packing" scripts/bench_packing.sh
 
 echo
 # The headline numbers: the copy ceiling and the row kernels' share of it, whole-model
@@ -105,6 +110,7 @@ grep -hE "^(llama|qwen2|mistral|smollm2)[^:]*: " "$LOG"/test-cuda_model.log 2>/d
 grep -hE "FAIL|fail" "$LOG/doctor.log" 2>/dev/null | head -10
 sed -n '/^shape /,$p' "$LOG/gpu_compare.log" 2>/dev/null
 sed -n '/^generate /,$p' "$LOG/gpu_generate.log" 2>/dev/null
+grep -hE "^(train|bench-step) " "$LOG/gpu_packing.log" 2>/dev/null
 echo
 echo "summary ($LOG/):"
 printf '  %-28s %-20s %6s\n' step result seconds

@@ -7,17 +7,21 @@ Pinned versions (a warning is printed when the installed ones differ):
 Everything runs on CPU in float32 with attn_implementation="eager" and fixed seeds.
 
 Writes (paths relative to the repository root):
-    tests/fixtures/tiny/{llama,qwen2,mistral}/
+    tests/fixtures/tiny/{llama,qwen2,mistral,qwen3,gemma2}/
         config.json, model.safetensors      random-weight model, as save_pretrained writes them
         directions.safetensors              raw (non-orthonormal) directions, `layer.<L>` [k, hidden]
         fixture.safetensors, fixture.json   LoRA init, forward/backward outputs, 3 AdamW steps
+                                            (qwen3, gemma2 also: greedy generation ids)
+    tests/fixtures/tiny/llama_packed/
+        fixture.safetensors, fixture.json   the llama fixture's model, LoRA and ablation on 5 sequences
+                                            packed padding-free in one row, and the same run padded
     tests/fixtures/smollm2/
         tokenizer.json                      encode and chat-template cases
         logits.safetensors                  logits of the real GGUF model on 3 chat prompts
         greedy.json                         greedy model.generate on 4 chat prompts (ids, text, margins)
 
 Usage:
-    python3 scripts/make_fixtures.py [--only tiny|smollm2|greedy] [--gguf PATH]
+    python3 scripts/make_fixtures.py [--only tiny|qwen3|gemma2|packed|smollm2|greedy] [--gguf PATH]
 See docs/fixtures.md for what every tensor holds.
 """
 
@@ -95,7 +99,52 @@ TINY = {
         ablate={1: 3, 2: 2},
         seed=1003,
     ),
+    # Qwen3: per-head RMSNorm on q and k (q_norm/k_norm over head_dim, before rope), no q/k/v bias,
+    # head_dim * heads (96) != hidden (64), GQA 4/2, untied.
+    "qwen3": dict(
+        cls="Qwen3ForCausalLM",
+        config=dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+                    attention_bias=False, rms_norm_eps=1e-6, max_position_embeddings=64,
+                    use_sliding_window=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        rslora=True,
+        ablate={0: 2, 2: 3},
+        seed=1004,
+        generate=True,
+    ),
+    # Gemma-2: sqrt(hidden) embedding scale, (1 + w) norms, four norms per layer, gelu-tanh MLP,
+    # query_pre_attn_scalar != head_dim, attention and final-logit tanh soft-capping (small enough
+    # to saturate), sliding window 8 < T on the layers config.layer_types marks sliding, GQA 4/2,
+    # head_dim * heads (128) != hidden (64), tied embeddings.
+    "gemma2": dict(
+        cls="Gemma2ForCausalLM",
+        config=dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                    sliding_window=8, attn_logit_softcapping=1.0, final_logit_softcapping=1.5,
+                    hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, attention_bias=False,
+                    rms_norm_eps=1e-6, max_position_embeddings=64,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        rslora=False,
+        ablate={1: 3, 2: 2},
+        seed=1005,
+        norm_offset=True,       # norm weights stored as w, used as (1 + w); initialised w ~ N(0, 0.1^2)
+        sliding="layer_types",  # sliding on some layers only; checked by switching them all to full
+        generate=True,
+    ),
 }
+
+# Greedy generation (qwen3, gemma2): base model only (no LoRA, no ablation), one prompt at a time.
+GEN_PROMPT_LENS = (5, 11)
+GEN_NEW = 6
+
+# Padding-free packing on the llama fixture (model, LoRA init and directions of tiny/llama).
+PACKED_LENS = [5, 16, 1, 9, 12]
+PACKED_IGNORE = [2, 4, 0, 3, 0]  # leading prompt tokens with label -100, per sequence
+PACKED_SEED = 1006
+PACKED_PAD_ID = 0
 
 LORA_R = 4
 LORA_ALPHA = 8
@@ -114,12 +163,13 @@ LOSS_FORMULA = ("loss = sum_{b,t : labels[b,t+1] != -100} -log_softmax(logits[b,
                 "/ #{b,t : labels[b,t+1] != -100}  (t = 0..T-2; position t predicts token t+1)")
 
 
-def init_weights(model, gen):
-    """Random weights, std WEIGHT_STD; norm weights 1 + WEIGHT_STD*N(0,1); biases WEIGHT_STD*N(0,1)."""
+def init_weights(model, gen, norm_offset=False):
+    """Random weights, std WEIGHT_STD; norm weights 1 + WEIGHT_STD*N(0,1); biases WEIGHT_STD*N(0,1).
+    norm_offset (Gemma): the model multiplies by (1 + weight), so norm weights are WEIGHT_STD*N(0,1)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * WEIGHT_STD
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") and not norm_offset:
                 p.copy_(1.0 + noise)
             else:
                 p.copy_(noise)
@@ -188,6 +238,97 @@ def make_labels(ids, n_ignored):
     return labels
 
 
+def lora_config(spec):
+    return peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, use_rslora=spec["rslora"],
+                           target_modules=spec["targets"], lora_dropout=0.0, bias="none",
+                           task_type="CAUSAL_LM")
+
+
+def softcap_saturation(model, layers, qs, input_ids):
+    """Gemma-2: share of pre-cap attention scores s (q.k * scaling, visible query/key pairs only) and of
+    pre-cap logits z with |s/c| > 1, i.e. where tanh is well into its flat part. Same forward as the
+    fixture's (initial LoRA, ablation on), no grad."""
+    from transformers.models.gemma2.modeling_gemma2 import apply_rotary_pos_emb, repeat_kv
+    cfg = model.config
+    T = input_ids.shape[1]
+    qi, kj = torch.arange(T)[:, None], torch.arange(T)[None]
+    scores, pre_logits = [], []
+
+    def attn_hook(mod, _args, kwargs):
+        hs = kwargs["hidden_states"]
+        shape = (*hs.shape[:-1], -1, mod.head_dim)
+        q = mod.q_proj(hs).view(shape).transpose(1, 2)
+        k = mod.k_proj(hs).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *kwargs["position_embeddings"])
+        s = (q @ repeat_kv(k, mod.num_key_value_groups).transpose(2, 3)) * mod.scaling
+        visible = kj <= qi
+        if cfg.layer_types[mod.layer_idx] == "sliding_attention":
+            visible = visible & (kj > qi - cfg.sliding_window)
+        scores.append(s[..., visible])
+
+    handles = add_ablation_hooks(layers, qs)
+    handles += [layer.self_attn.register_forward_pre_hook(attn_hook, with_kwargs=True) for layer in layers]
+    handles.append(model.base_model.model.lm_head.register_forward_hook(
+        lambda _m, _i, out: pre_logits.append(out.detach().clone())))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=input_ids)
+    model.train()
+    for h in handles:
+        h.remove()
+    s, z = torch.cat([x.reshape(-1) for x in scores]), pre_logits[0].reshape(-1)
+    ca, cf = cfg.attn_logit_softcapping, cfg.final_logit_softcapping
+    return {"attn_scores_frac_abs_over_cap": float((s / ca).abs().gt(1).float().mean()),
+            "attn_scores_max_abs_over_cap": float((s / ca).abs().max()),
+            "attn_scores_counted": int(s.numel()),
+            "logits_frac_abs_over_cap": float((z / cf).abs().gt(1).float().mean()),
+            "logits_max_abs_over_cap": float((z / cf).abs().max()),
+            "definition": "attention: s = (q . k) * query_pre_attn_scalar^-0.5 after rope, before the cap, "
+                          "over every layer, head, row and visible (causal, in-window on sliding layers) "
+                          "query/key pair of the forward_backward input (initial LoRA, ablation on); "
+                          "logits: z = lm_head(final norm output) before the cap, every row/position/vocab "
+                          "entry of the same forward; frac = share with |x / cap| > 1"}
+
+
+def greedy_tiny(spec, out_dir, gen, tensors):
+    """Greedy model.generate of the saved base model (no LoRA, no ablation), one prompt at a time.
+    Checked against argmax of an uncached forward over prompt + generated ids."""
+    model = getattr(transformers, spec["cls"]).from_pretrained(
+        out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    eos = model.generation_config.eos_token_id
+    eos = sorted({int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None})
+    cases = []
+    for i, n in enumerate(GEN_PROMPT_LENS):
+        prompt = torch.randint(0, model.config.vocab_size, (1, n), generator=gen)
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=GEN_NEW, return_dict_in_generate=True,
+                                 output_scores=True, output_logits=True)
+        new = out.sequences[0, n:]
+        assert new.numel() == GEN_NEW and not any(int(t) in eos for t in new), (new, eos)
+        margins = []
+        for step, (lg, sc) in enumerate(zip(out.logits, out.scores)):
+            assert torch.equal(lg, sc), step  # no logits processors
+            top = torch.topk(lg[0], 2)
+            assert int(top.indices[0]) == int(new[step]), step
+            margins.append(float(top.values[0] - top.values[1]))
+        with torch.no_grad():
+            full = model(input_ids=out.sequences[:, :-1], use_cache=False).logits[0, n - 1:]
+        assert torch.equal(full.argmax(-1), new), "cached generate differs from an uncached forward"
+        tensors[f"generate.prompt.{i}"] = prompt[0].clone()
+        tensors[f"generate.ids.{i}"] = new.clone()
+        tensors[f"generate.margins.{i}"] = torch.tensor(margins, dtype=torch.float32)
+        cases.append({"prompt_ids": prompt[0].tolist(), "generated_ids": new.tolist(),
+                      "margins": [round(m, 4) for m in margins]})
+    return {"how": "model.generate(input_ids=prompt [1,T], attention_mask=ones, do_sample=False, "
+                   f"max_new_tokens={GEN_NEW}) on the saved base model (no LoRA, no ablation), one prompt at "
+                   "a time, f32, eager, with the default DynamicCache; no logits processors are active. "
+                   "Each generated id is also the argmax of an uncached forward over prompt + the ids before it",
+            "eos_token_ids": eos, "cases": cases,
+            "tensors": "generate.prompt.<i> [T_i] int64, generate.ids.<i> [6] int64, generate.margins.<i> [6] "
+                       "f32 (top-1 minus top-2 logit at each step)"}
+
+
 def build_tiny(name, spec, out_dir):
     from transformers import AutoConfig
     torch.manual_seed(spec["seed"])
@@ -196,7 +337,7 @@ def build_tiny(name, spec, out_dir):
     config = cfg_cls(**spec["config"], attn_implementation="eager", attention_dropout=0.0)
     config.architectures = [spec["cls"]]
     model = getattr(transformers, spec["cls"])(config).float().eval()
-    init_weights(model, gen)
+    init_weights(model, gen, spec.get("norm_offset", False))
     if config.tie_word_embeddings:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
@@ -214,7 +355,25 @@ def build_tiny(name, spec, out_dir):
 
     # Mistral: make sure the sliding window really changes eager attention at T=16 > window.
     sw_effect = None
-    if getattr(model.config, "sliding_window", None):
+    if spec.get("sliding") == "layer_types":
+        # Gemma-2: the mask of each layer follows config.layer_types[i]; switching every layer to
+        # full attention must change only the positions past the window.
+        ids = torch.randint(0, config.vocab_size, (1, SEQ), generator=gen)
+        win, saved = model.config.sliding_window, list(model.config.layer_types)
+        assert win < SEQ and "sliding_attention" in saved and "full_attention" in saved, saved
+        with torch.no_grad():
+            a = model(input_ids=ids).logits
+            model.config.layer_types = ["full_attention"] * len(saved)
+            b = model(input_ids=ids).logits
+            model.config.layer_types = saved
+        sw_effect = {
+            "layer_types": saved,
+            "max_abs_diff_first_window_positions": float((a[:, :win] - b[:, :win]).abs().max()),
+            "max_abs_diff_later_positions": float((a[:, win:] - b[:, win:]).abs().max()),
+        }
+        assert sw_effect["max_abs_diff_first_window_positions"] < 1e-5
+        assert sw_effect["max_abs_diff_later_positions"] > 1e-3, "eager Gemma-2 ignores sliding_window"
+    elif getattr(model.config, "sliding_window", None):
         ids = torch.randint(0, config.vocab_size, (1, SEQ), generator=gen)
         with torch.no_grad():
             a = model(input_ids=ids).logits
@@ -230,10 +389,20 @@ def build_tiny(name, spec, out_dir):
         assert sw_effect["max_abs_diff_first_window_positions"] < 1e-5
         assert sw_effect["max_abs_diff_later_positions"] > 1e-3, "eager Mistral ignores sliding_window"
 
-    lcfg = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, use_rslora=spec["rslora"],
-                           target_modules=spec["targets"], lora_dropout=0.0, bias="none",
-                           task_type="CAUSAL_LM")
-    model = peft.get_peft_model(model, lcfg)
+    embed_check = None
+    if spec.get("norm_offset"):
+        # Gemma: the embedding output is weight[ids] * normalizer, the normalizer being the f32 scalar
+        # sqrt(hidden) cast to the embedding weight's dtype.
+        ids = torch.arange(config.vocab_size)[None]
+        with torch.no_grad():
+            e = model.model.embed_tokens(ids)
+        normalizer = torch.tensor(config.hidden_size ** 0.5, dtype=torch.float32)
+        assert torch.equal(e, model.model.embed_tokens.weight[ids] * normalizer)
+        embed_check = {"normalizer": float(normalizer),
+                       "dtype": "float32 scalar sqrt(hidden_size), cast to the embedding weight dtype "
+                                "before the multiply (bf16 weights: the bf16 rounding of sqrt(hidden))"}
+
+    model = peft.get_peft_model(model, lora_config(spec))
     loras = lora_params(model)
     with torch.no_grad():
         for n, p in loras.items():
@@ -285,6 +454,9 @@ def build_tiny(name, spec, out_dir):
         logits_na = model(input_ids=input_ids).logits
     tensors["logits_noablate"] = logits_na
     ablation_effect = float((logits_na - logits.detach()).abs().max())
+    saturation = None
+    if getattr(config, "attn_logit_softcapping", None) or getattr(config, "final_logit_softcapping", None):
+        saturation = softcap_saturation(model, layers, qs, input_ids)
 
     # ---- 3 optimizer steps, grad accumulation 2, ablation on ----
     model.zero_grad(set_to_none=True)
@@ -318,6 +490,10 @@ def build_tiny(name, spec, out_dir):
     for n, p in loras.items():
         tensors[f"step3.{n}"] = p.detach().clone()
 
+    generation = None
+    if spec.get("generate"):
+        generation = greedy_tiny(spec, out_dir, gen, tensors)
+
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "fixture.safetensors"))
 
     scale = LORA_ALPHA / math.sqrt(LORA_R) if spec["rslora"] else LORA_ALPHA / LORA_R
@@ -325,7 +501,9 @@ def build_tiny(name, spec, out_dir):
         "architecture": spec["cls"],
         "dtype": "float32 everywhere (weights, activations, LoRA, optimizer state); CPU; "
                  "attn_implementation=eager",
-        "weights": f"all N(0, {WEIGHT_STD}^2); *norm.weight = 1 + N(0, {WEIGHT_STD}^2); biases N(0, {WEIGHT_STD}^2)",
+        "weights": (f"all N(0, {WEIGHT_STD}^2), *norm.weight included (Gemma stores w and multiplies by "
+                    f"(1 + w), so the effective gain is 1 + N(0, {WEIGHT_STD}^2))" if spec.get("norm_offset") else
+                    f"all N(0, {WEIGHT_STD}^2); *norm.weight = 1 + N(0, {WEIGHT_STD}^2); biases N(0, {WEIGHT_STD}^2)"),
         "seed": spec["seed"],
         "batch": BATCH, "seq": SEQ,
         "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "use_rslora": spec["rslora"], "scale": scale,
@@ -372,15 +550,185 @@ def build_tiny(name, spec, out_dir):
             "result": "step3.<name> = LoRA tensors after the 3rd optimizer step",
         },
     }
-    if sw_effect is not None:
+    if sw_effect is not None and spec.get("sliding") == "layer_types":
+        meta["sliding_window_check"] = sw_effect
+        meta["sliding_window_note"] = ("transformers 5.23 eager Gemma-2 builds a sliding-window mask for the layers "
+                                       "whose config.layer_types entry is sliding_attention (even layer indices: "
+                                       "0, 2) and a plain causal mask for the others; on sliding layers key j is "
+                                       "visible from query i iff i-window < j <= i (window keys incl. self). "
+                                       "Checked by switching every layer to full_attention: only positions >= "
+                                       "window change")
+    elif sw_effect is not None:
         meta["sliding_window_check"] = sw_effect
         meta["sliding_window_note"] = ("transformers 5.23 eager Mistral applies sliding_window: key j is "
                                        "visible from query i iff i-window < j <= i (window keys incl. self)")
+    if embed_check is not None:
+        meta["embedding_normalizer"] = embed_check
+    if saturation is not None:
+        meta["softcap_saturation"] = saturation
+    if generation is not None:
+        meta["generation"] = generation
     with open(os.path.join(out_dir, "fixture.json"), "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
     return dict(loss=float(loss.detach()), ablation_effect=ablation_effect, losses=losses, norms=norms, lrs=lrs,
-                sw=sw_effect)
+                sw=sw_effect, saturation=saturation, generation=generation)
+
+
+def build_packed(out_dir):
+    """Padding-free packing on the llama fixture: PACKED_LENS sequences laid end to end in one row as
+    DataCollatorWithFlattening lays them out, forward/backward with the llama LoRA init and ablation;
+    checked against each sequence run alone and against the same sequences right-padded in a batch."""
+    from safetensors.torch import load_file
+    src = os.path.join(FIX, "tiny", "llama")
+    spec = TINY["llama"]
+    F = load_file(os.path.join(src, "fixture.safetensors"))
+    D = load_file(os.path.join(src, "directions.safetensors"))
+    model = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
+    model = peft.get_peft_model(model, lora_config(spec))
+    loras = lora_params(model)
+    with torch.no_grad():
+        for n, p in loras.items():
+            p.copy_(F[f"lora.{n}"])
+    qs = {L: orthonormal(D[f"layer.{L}"]) for L in spec["ablate"]}
+    layers = model.base_model.model.model.layers
+    V = model.config.vocab_size
+
+    gen = torch.Generator().manual_seed(PACKED_SEED)
+    seqs = [torch.randint(0, V, (n,), generator=gen) for n in PACKED_LENS]
+    feats = []
+    for s, n_ign in zip(seqs, PACKED_IGNORE):
+        lab = s.clone()
+        lab[:n_ign] = -100
+        feats.append({"input_ids": s.tolist(), "labels": lab.tolist()})
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(feats)
+    ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
+    cu = batch["cu_seq_lens_q"].to(torch.int64)
+    N = sum(PACKED_LENS)
+    assert ids.shape == pos.shape == labels.shape == (1, N) and cu.tolist()[-1] == N
+    starts = cu[:-1]
+    assert (labels[0, starts] == -100).all() and (pos[0, starts] == 0).all()
+
+    tensors = {"input_ids": ids, "position_ids": pos, "labels": labels, "cu_seqlens": cu,
+               "seq_lens": torch.tensor(PACKED_LENS, dtype=torch.int64)}
+
+    # Each sequence alone (batch 1, no mask, default positions), ablation on.
+    handles = add_ablation_hooks(layers, qs)
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=s[None]).logits for s in seqs], dim=1)
+        # Packing is detected from position_ids only when no cache object exists: with the config's
+        # use_cache=True the model builds a DynamicCache, and the sequences then see each other.
+        leak = float((model(input_ids=ids, position_ids=pos).logits - alone).abs().max())
+    for h in handles:
+        h.remove()
+
+    # Packed: input_ids + position_ids, no attention mask, use_cache=False; ablation on.
+    model.train()
+    resid = {}
+    handles = add_ablation_hooks(layers, qs)
+    handles += add_record_hooks(layers, resid)
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    loss = causal_lm_loss(logits, labels)
+    loss.backward()
+    for h in handles:
+        h.remove()
+    vs_alone = float((logits.detach() - alone).abs().max())
+    assert vs_alone < 1e-5, f"packed sequences are not kept apart (max diff {vs_alone})"
+    tensors["logits"] = logits.detach()
+    tensors["loss"] = loss.detach().reshape(1)
+    for idx in range(len(layers)):
+        tensors[f"resid_post.{idx}"] = resid[idx]
+    grads = {n: p.grad.detach().clone() for n, p in loras.items()}
+    for n, g in grads.items():
+        tensors[f"grad.{n}"] = g
+
+    # The same sequences right-padded in one batch [n_seq, max_len], attention_mask, ablation on.
+    T = max(PACKED_LENS)
+    p_ids = torch.full((len(seqs), T), PACKED_PAD_ID, dtype=torch.int64)
+    p_mask = torch.zeros((len(seqs), T), dtype=torch.int64)
+    p_labels = torch.full((len(seqs), T), -100, dtype=torch.int64)
+    for r, (s, f) in enumerate(zip(seqs, feats)):
+        p_ids[r, :len(s)] = s
+        p_mask[r, :len(s)] = 1
+        p_labels[r, :len(s)] = torch.tensor(f["labels"])
+    handles = add_ablation_hooks(layers, qs)
+    model.zero_grad(set_to_none=True)
+    p_logits = model(input_ids=p_ids, attention_mask=p_mask).logits
+    p_loss = causal_lm_loss(p_logits, p_labels)
+    p_loss.backward()
+    for h in handles:
+        h.remove()
+    real = torch.cat([p_logits.detach()[r, :n] for r, n in enumerate(PACKED_LENS)])
+    assert float((real - alone[0]).abs().max()) < 1e-5
+    p_loss, loss = p_loss.detach(), loss.detach()
+    assert abs(float(p_loss) - float(loss)) < 1e-5, (float(p_loss), float(loss))
+    grad_rel = 0.0
+    tensors.update({"padded.input_ids": p_ids, "padded.attention_mask": p_mask, "padded.labels": p_labels,
+                    "padded.loss": p_loss.detach().reshape(1)})
+    for n, p in loras.items():
+        tensors[f"padded.grad.{n}"] = p.grad.detach().clone()
+        grad_rel = max(grad_rel, float((p.grad - grads[n]).abs().max() / grads[n].abs().max()))
+    assert grad_rel < 1e-4, grad_rel
+
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "fixture.safetensors"))
+    n_lab = int((labels[0, 1:] != -100).sum())
+    meta = {
+        "base": "tests/fixtures/tiny/llama: its config.json/model.safetensors, its LoRA init (the lora.* tensors "
+                "of its fixture.safetensors, same LoRA config: r 4, alpha 8, rsLoRA scale 4, all seven targets) "
+                "and its directions.safetensors / ablation (layers 1 and 2, same hooks); none are copied here",
+        "dtype": "float32 everywhere; CPU; attn_implementation=eager",
+        "seed": PACKED_SEED,
+        "sequences": {"lengths": PACKED_LENS, "ignored_prompt_tokens": PACKED_IGNORE,
+                      "ids": "sequence i = torch.randint(0, 256, (len_i,)) drawn in order from one generator "
+                             f"seeded {PACKED_SEED}",
+                      "labels_before_collation": "labels_i = ids_i with the first ignored_prompt_tokens[i] set to "
+                                                 "-100"},
+        "packing": "transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True) over the "
+                   "{input_ids, labels} features: input_ids [1,N] = concatenation; position_ids [1,N] restart "
+                   "at 0 for every sequence; labels [1,N] = concatenation of [-100] + labels_i[1:] (the first "
+                   "token of every sequence is -100, so no position predicts across a boundary); cu_seqlens = "
+                   "its cu_seq_lens_q (returned as int32, stored as int64)",
+        "n_tokens": N, "n_label_tokens": n_lab,
+        "attention": "each token attends causally within its own sequence only: query i sees key j iff "
+                     "seg(j) == seg(i) and j <= i, where seg = cumsum(position_ids[t] != position_ids[t-1] + 1) "
+                     "(transformers' find_packed_sequence_indices: a new sequence starts wherever the position "
+                     "does not increase by exactly 1). Rope uses position_ids (restarting at 0 per sequence)",
+        "how": "model(input_ids, position_ids, use_cache=False): no attention mask, no 4D mask. transformers 5.23 "
+               "detects packing from position_ids only when attention_mask is None AND no cache object exists; "
+               "the model builds a DynamicCache whenever use_cache is true, and the llama config says "
+               "use_cache=true, so use_cache=False must be passed (in train mode too). With the config default "
+               "the packed sequences attend to each other",
+        "check": {"max_abs_logits_packed_vs_each_alone": vs_alone,
+                  "max_abs_logits_position_ids_with_config_use_cache_true_vs_alone": leak,
+                  "max_rel_grad_diff_packed_vs_padded": grad_rel,
+                  "abs_loss_diff_packed_vs_padded": abs(float(p_loss) - float(loss))},
+        "loss": "loss = sum_{t : labels[0,t+1] != -100} -log_softmax(logits[0,t])[labels[0,t+1]] / "
+                "#{t : labels[0,t+1] != -100}  (t = 0..N-2; position t predicts token t+1; the -100 at every "
+                "sequence start keeps the last token of a sequence from predicting the next sequence's first)",
+        "tensors": {
+            "input_ids, position_ids, labels": f"[1,N] int64 (N = {N}), as the collator returns them",
+            "cu_seqlens": f"[{len(cu)}] int64, {cu.tolist()}; seq_lens [{len(PACKED_LENS)}] int64",
+            "logits": "[1,N,256] f32, packed forward with ablation (equals each sequence run alone, 1e-5)",
+            "resid_post.<l>": "[1,N,64] f32, output of decoder layer l after the ablation hook, every layer",
+            "loss": "[1] f32, mean CE as above",
+            "grad.<name>": "d loss / d LoRA tensor, PEFT saved names as in tiny/llama",
+            "padded.input_ids, padded.attention_mask, padded.labels": f"[{len(seqs)},{T}] int64: sequence r in "
+                f"row r, right padded with id {PACKED_PAD_ID}, mask 1 on real tokens, labels = labels_i (before "
+                "collation) and -100 on pads",
+            "padded.loss, padded.grad.<name>": "model(input_ids, attention_mask) with ablation (default "
+                f"positions 0..{T - 1}); same loss formula, so the same labelled (position, target) pairs as packed: "
+                "padded.loss == loss and padded.grad == grad up to f32 rounding",
+        },
+    }
+    with open(os.path.join(out_dir, "fixture.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    return dict(loss=float(loss), padded_loss=float(p_loss), vs_alone=vs_alone, grad_rel=grad_rel, leak=leak)
 
 
 # --- independent check of the tiny fixtures ---
@@ -405,20 +753,30 @@ def rms_norm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def manual_forward(name, W, L, ids, qs, meta):
-    """Plain-torch forward of a tiny model: W base weights, L LoRA tensors (PEFT names), qs {layer: Q}."""
+def manual_forward(name, W, L, ids, qs, meta, position_ids=None, key_mask=None):
+    """Plain-torch forward of a tiny model: W base weights, L LoRA tensors (PEFT names), qs {layer: Q}.
+    position_ids [1|B, T]: packed rows (rope positions; attention kept within runs where the position
+    grows by 1); key_mask [B, T]: 1 on real tokens (padding). Returns (logits, [resid_post per layer])."""
     cfg = json.load(open(os.path.join(FIX, "tiny", name, "config.json")))
+    gemma = cfg["model_type"] == "gemma2"
     H, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or H // nh
     eps, window = cfg["rms_norm_eps"], cfg.get("sliding_window")
+    # Which layers use the window: config.layer_types when present (Gemma-2, Qwen), else all (Mistral).
+    types = cfg.get("layer_types") or ["sliding_attention" if window else "full_attention"] * cfg["num_hidden_layers"]
     scale = meta["lora"]["scale"]
     B, T = ids.shape
-    ang = torch.arange(T).float()[:, None] * rope_inv_freq(cfg, hd)[None]
+    pos = torch.arange(T)[None].expand(B, T) if position_ids is None else position_ids.expand(B, T)
+    ang = pos.float()[..., None] * rope_inv_freq(cfg, hd)[None, None]
     ang = torch.cat([ang, ang], -1)
-    cos, sin = ang.cos(), ang.sin()
+    cos, sin = ang.cos()[:, None], ang.sin()[:, None]  # [B, 1, T, hd]
 
     def rotate_half(x):
         return torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+
+    def norm(x, key):
+        w = W[key]
+        return rms_norm(x, 1.0 + w if gemma else w, eps)
 
     def linear(x, li, kind, mod):
         y = x @ W[f"model.layers.{li}.{kind}.{mod}.weight"].T
@@ -431,28 +789,55 @@ def manual_forward(name, W, L, ids, qs, meta):
         return y
 
     qi, kj = torch.arange(T)[:, None], torch.arange(T)[None]
-    mask = kj <= qi
-    if window:
-        mask = mask & (kj > qi - window)
+    seg = torch.cumsum(torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1) != 1, -1)  # [B, T]
+    mask = (kj <= qi)[None] & (seg[:, :, None] == seg[:, None, :])  # [B, T, T]
+    if key_mask is not None:
+        mask = mask & key_mask.bool()[:, None, :]
+    masks = {"full_attention": mask[:, None],
+             "sliding_attention": (mask & (kj > qi - window)[None])[:, None] if window else None}
     h = W["model.embed_tokens.weight"][ids]
+    if gemma:
+        h = h * torch.tensor(H ** 0.5, dtype=torch.float32)
     resid = []
     for li in range(cfg["num_hidden_layers"]):
-        x = rms_norm(h, W[f"model.layers.{li}.input_layernorm.weight"], eps)
-        q = linear(x, li, "self_attn", "q_proj").view(B, T, nh, hd).transpose(1, 2)
-        k = linear(x, li, "self_attn", "k_proj").view(B, T, nkv, hd).transpose(1, 2)
+        pre = f"model.layers.{li}."
+        x = norm(h, pre + "input_layernorm.weight")
+        q = linear(x, li, "self_attn", "q_proj").view(B, T, nh, hd)
+        k = linear(x, li, "self_attn", "k_proj").view(B, T, nkv, hd)
         v = linear(x, li, "self_attn", "v_proj").view(B, T, nkv, hd).transpose(1, 2)
+        if pre + "self_attn.q_norm.weight" in W:  # Qwen3: RMSNorm over head_dim per head, before rope
+            q, k = norm(q, pre + "self_attn.q_norm.weight"), norm(k, pre + "self_attn.k_norm.weight")
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
-        att = ((q @ k.transpose(-1, -2)) / math.sqrt(hd)).masked_fill(~mask, float("-inf")).softmax(-1)
-        h = h + linear((att @ v).transpose(1, 2).reshape(B, T, nh * hd), li, "self_attn", "o_proj")
-        x = rms_norm(h, W[f"model.layers.{li}.post_attention_layernorm.weight"], eps)
-        act = torch.nn.functional.silu(linear(x, li, "mlp", "gate_proj")) * linear(x, li, "mlp", "up_proj")
-        h = h + linear(act, li, "mlp", "down_proj")
+        if gemma:
+            s = (q @ k.transpose(-1, -2)) * cfg["query_pre_attn_scalar"] ** -0.5
+            c = cfg["attn_logit_softcapping"]
+            s = torch.tanh(s / c) * c  # before the mask
+        else:
+            s = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        att = s.masked_fill(~masks[types[li]], float("-inf")).softmax(-1)
+        o = linear((att @ v).transpose(1, 2).reshape(B, T, nh * hd), li, "self_attn", "o_proj")
+        if gemma:
+            h = h + norm(o, pre + "post_attention_layernorm.weight")
+            x = norm(h, pre + "pre_feedforward_layernorm.weight")
+            act = torch.nn.functional.gelu(linear(x, li, "mlp", "gate_proj"), approximate="tanh")
+            y = linear(act * linear(x, li, "mlp", "up_proj"), li, "mlp", "down_proj")
+            h = h + norm(y, pre + "post_feedforward_layernorm.weight")
+        else:
+            h = h + o
+            x = norm(h, pre + "post_attention_layernorm.weight")
+            act = torch.nn.functional.silu(linear(x, li, "mlp", "gate_proj")) * linear(x, li, "mlp", "up_proj")
+            h = h + linear(act, li, "mlp", "down_proj")
         if li in qs:
             h = h - (h @ qs[li]) @ qs[li].T
         resid.append(h)
     head = W.get("lm_head.weight", W["model.embed_tokens.weight"])
-    return rms_norm(h, W["model.norm.weight"], eps) @ head.T, resid
+    logits = norm(h, "model.norm.weight") @ head.T
+    if gemma:
+        c = cfg["final_logit_softcapping"]
+        logits = torch.tanh(logits / c) * c
+    return logits, resid
 
 
 def ce_sum(logits, labels):
@@ -507,9 +892,45 @@ def verify_tiny(name):
             mh = m1[n] / (1 - BETAS[0] ** (s + 1))
             vh = m2[n] / (1 - BETAS[1] ** (s + 1))
             P[n] = P[n] - lr * mh / (vh.sqrt() + ADAM_EPS)
+    i = 0
+    while f"generate.prompt.{i}" in F:  # greedy ids: argmax of an uncached base forward, no LoRA, no ablation
+        seq = torch.cat([F[f"generate.prompt.{i}"], F[f"generate.ids.{i}"]])[None]
+        n = F[f"generate.prompt.{i}"].numel()
+        with torch.no_grad():
+            lg = manual_forward(name, W, {}, seq[:, :-1], {}, meta)[0][0, n - 1:]
+        out[f"generate.{i}_mismatches"] = float((lg.argmax(-1) != F[f"generate.ids.{i}"]).sum())
+        i += 1
     out["train.losses"] = max(abs(a - b) for a, b in zip(losses, F["train.losses"].tolist()))
     out["train.grad_norms"] = max(abs(a - b) for a, b in zip(norms, F["train.grad_norms"].tolist()))
     out["step3"] = max(err(P[n], F[f"step3.{n}"]) for n in P)
+    return out
+
+
+def verify_packed():
+    """Recompute tiny/llama_packed in plain torch: the packed row with per-sequence positions and
+    attention, and the padded batch with a key mask."""
+    from safetensors.torch import load_file
+    d = os.path.join(FIX, "tiny", "llama")
+    W = load_file(os.path.join(d, "model.safetensors"))
+    F0 = load_file(os.path.join(d, "fixture.safetensors"))
+    D = load_file(os.path.join(d, "directions.safetensors"))
+    meta = json.load(open(os.path.join(d, "fixture.json")))
+    F = load_file(os.path.join(FIX, "tiny", "llama_packed", "fixture.safetensors"))
+    qs = {int(k.split(".")[1]): orthonormal(v) for k, v in D.items()}
+    err = lambda a, b: float((a.detach() - b).abs().max())
+    out = {}
+    for pre, kw in (("", dict(position_ids=F["position_ids"])), ("padded.", dict(key_mask=F["padded.attention_mask"]))):
+        L = {k[5:]: v.clone().requires_grad_(True) for k, v in F0.items() if k.startswith("lora.")}
+        lb = F[pre + "labels"]
+        lg, res = manual_forward("llama", W, L, F[pre + "input_ids"], qs, meta, **kw)
+        loss = ce_sum(lg, lb) / (lb[:, 1:] != -100).sum()
+        loss.backward()
+        if not pre:
+            out["logits"] = err(lg, F["logits"])
+            out["resid_post"] = max(err(r, F[f"resid_post.{i}"]) for i, r in enumerate(res))
+        out[pre + "loss"] = err(loss, F[pre + "loss"][0])
+        out[pre + "grad_rel"] = max(err(p.grad, F[f"{pre}grad.{n}"]) / float(F[f"{pre}grad.{n}"].abs().max())
+                                    for n, p in L.items())
     return out
 
 
@@ -683,7 +1104,8 @@ def build_greedy(gguf_path, out_path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["tiny", "smollm2", "greedy"])
+    ap.add_argument("--only", choices=["tiny", "qwen3", "gemma2", "packed", "smollm2", "greedy"],
+                    help="tiny = all tiny models and llama_packed; qwen3, gemma2, packed = that set alone")
     ap.add_argument("--gguf", default=DEFAULT_GGUF)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--verify", action="store_true",
@@ -700,16 +1122,35 @@ def main():
             r = verify_tiny(name)
             worst = max(worst, max(r.values()))
             print(f"verify tiny/{name}: " + "  ".join(f"{k} {v:.2e}" for k, v in r.items()))
+        r = verify_packed()
+        worst = max(worst, max(r.values()))
+        print("verify tiny/llama_packed: " + "  ".join(f"{k} {v:.2e}" for k, v in r.items()))
         print("verify:", "ok" if worst < 1e-4 else "MISMATCH", f"(largest difference {worst:.2e})")
         return 0 if worst < 1e-4 else 1
 
-    if args.only in (None, "tiny"):
-        for name, spec in TINY.items():
-            r = build_tiny(name, spec, os.path.join(FIX, "tiny", name))
-            print(f"tiny/{name}: loss {r['loss']:.5f}  max|logits-logits_noablate| {r['ablation_effect']:.4f}  "
-                  f"train losses {[round(x, 5) for x in r['losses']]}  grad norms "
-                  f"{[round(x, 4) for x in r['norms']]}  lrs {r['lrs']}" +
-                  (f"  sliding-window effect {r['sw']}" if r["sw"] else ""))
+    for name, spec in TINY.items():
+        if args.only not in (None, "tiny", name):
+            continue
+        r = build_tiny(name, spec, os.path.join(FIX, "tiny", name))
+        print(f"tiny/{name}: loss {r['loss']:.5f}  max|logits-logits_noablate| {r['ablation_effect']:.4f}  "
+              f"train losses {[round(x, 5) for x in r['losses']]}  grad norms "
+              f"{[round(x, 4) for x in r['norms']]}  lrs {r['lrs']}" +
+              (f"  sliding-window effect {r['sw']}" if r["sw"] else ""))
+        if r["saturation"]:
+            sat = r["saturation"]
+            print(f"tiny/{name}: softcap saturation |s/c|>1: attention scores "
+                  f"{sat['attn_scores_frac_abs_over_cap']:.4f} (max {sat['attn_scores_max_abs_over_cap']:.2f}), "
+                  f"logits {sat['logits_frac_abs_over_cap']:.4f} (max {sat['logits_max_abs_over_cap']:.2f})")
+        if r["generation"]:
+            for c in r["generation"]["cases"]:
+                print(f"tiny/{name}: greedy {c['prompt_ids']} -> {c['generated_ids']}  "
+                      f"min margin {min(c['margins']):.4f}")
+    if args.only in (None, "tiny", "packed"):
+        r = build_packed(os.path.join(FIX, "tiny", "llama_packed"))
+        print(f"tiny/llama_packed: lengths {PACKED_LENS}  loss {r['loss']:.6f}  padded loss {r['padded_loss']:.6f}  "
+              f"max|packed - alone| logits {r['vs_alone']:.2e}  max rel grad diff packed/padded "
+              f"{r['grad_rel']:.2e}  position_ids with the config's use_cache=True: max|packed - alone| "
+              f"{r['leak']:.3f}")
     if args.only in (None, "smollm2"):
         if not os.path.exists(args.gguf):
             print(f"skipping smollm2: {args.gguf} not found")

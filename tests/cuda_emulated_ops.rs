@@ -12,10 +12,12 @@
 //! for bit.
 //!
 //! - elementwise.cu: `embedding`; `add_bias` as the bias half of `linear` (the GPU runs cuBLAS,
-//!   here the CPU product, then the kernel); `swiglu_fwd` / `swiglu_bwd` (lengths below one
-//!   16-byte vector, with a tail, over several blocks); `rope` forward and inverse, without
-//!   and with per-sequence offsets (continuations, left padding clamped at position 0, a
-//!   decoding step); `cast_from_f32` / `cast_to_f32` bit for bit against the host's own
+//!   here the CPU product, then the kernel); `swiglu_fwd` / `swiglu_bwd` and `geglu_fwd` /
+//!   `geglu_bwd` (lengths below one 16-byte vector, with a tail, over several blocks); `scale`,
+//!   `softcap_fwd`, `softcap_bwd` (saturating); `rope` forward and inverse at per-row
+//!   positions (packed sequences of unequal lengths, generation positions out of order), and
+//!   a position past the table, which must trap; `cast_from_f32` / `cast_to_f32` bit for bit
+//!   against the host's own
 //!   conversion (`DeviceElem`), NaN payloads, infinities, ties and subnormals included. The
 //!   backend launches only `cast_from_f32_bf16` (LoRA factors as bf16); the others run with the
 //!   same flat launch shape.
@@ -90,6 +92,11 @@ impl Kernels {
                 "add_bias",
                 "swiglu_fwd",
                 "swiglu_bwd",
+                "geglu_fwd",
+                "geglu_bwd",
+                "scale",
+                "softcap_fwd",
+                "softcap_bwd",
                 "rope",
                 "cast_from_f32",
                 "cast_to_f32",
@@ -387,31 +394,31 @@ fn add_bias_bf16() {
     bias::<bf16>("add_bias_bf16", 24);
 }
 
-// ==== elementwise.cu: swiglu =================================================================
+// ==== elementwise.cu: swiglu, geglu ============================================================
 
 /// Flat lengths: less than one 16-byte vector, one row of an odd width (a tail after the
 /// vectors), several rows, several blocks (270 and SmolLM2's 1536 wide rows).
-const SWIGLU_LENS: [usize; 6] = [3, 61, 3 * 61, 7 * 270, 9 * 1536, 1];
+const GLU_LENS: [usize; 6] = [3, 61, 3 * 61, 7 * 270, 9 * 1536, 1];
 
-struct SwigluInputs {
+struct GluInputs {
     dout: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
 }
 
-fn swiglu_inputs<T: Elem>(rng: &mut Rng, &len: &usize) -> SwigluInputs {
-    SwigluInputs {
+fn glu_inputs<T: Elem>(rng: &mut Rng, &len: &usize) -> GluInputs {
+    GluInputs {
         dout: draw::<T>(rng, len, 1.0),
         gate: draw::<T>(rng, len, 2.0),
         up: draw::<T>(rng, len, 1.0),
     }
 }
 
-/// `CudaBackend::<T>::swiglu`.
-fn emulate_swiglu<T: Elem>(m: &Module, x: &SwigluInputs) -> Result<Outputs, String> {
+/// `CudaBackend::<T>::swiglu` / `geglu` (`kernel`).
+fn emulate_glu<T: Elem>(kernel: &str, m: &Module, x: &GluInputs) -> Result<Outputs, String> {
     let len = x.gate.len();
     let after = m.run(&launch(
-        typed::<T>("swiglu_fwd"),
+        typed::<T>(&format!("{kernel}_fwd")),
         KernelLaunch::swiglu::<T>(len),
         vec![
             poisoned::<T>(len),   // 0 T* out
@@ -423,19 +430,22 @@ fn emulate_swiglu<T: Elem>(m: &Module, x: &SwigluInputs) -> Result<Outputs, Stri
     Ok(vec![to_f32(&after.get::<T>(0))])
 }
 
-fn cpu_swiglu(x: &SwigluInputs) -> Outputs {
+fn cpu_glu(kernel: &str, x: &GluInputs) -> Outputs {
     let mut out = vec![f32::NAN; x.gate.len()];
-    CpuBackend::new()
-        .swiglu(&mut out, &x.gate, &x.up)
-        .expect("CPU swiglu");
+    let be = CpuBackend::new();
+    match kernel {
+        "swiglu" => be.swiglu(&mut out, &x.gate, &x.up),
+        _ => be.geglu(&mut out, &x.gate, &x.up),
+    }
+    .expect("CPU glu");
     vec![out]
 }
 
-/// `CudaBackend::<T>::swiglu_bwd`: (dgate, dup).
-fn emulate_swiglu_bwd<T: Elem>(m: &Module, x: &SwigluInputs) -> Result<Outputs, String> {
+/// `CudaBackend::<T>::swiglu_bwd` / `geglu_bwd`: (dgate, dup).
+fn emulate_glu_bwd<T: Elem>(kernel: &str, m: &Module, x: &GluInputs) -> Result<Outputs, String> {
     let len = x.gate.len();
     let after = m.run(&launch(
-        typed::<T>("swiglu_bwd"),
+        typed::<T>(&format!("{kernel}_bwd")),
         KernelLaunch::swiglu::<T>(len),
         vec![
             poisoned::<T>(len),   // 0 T* dgate
@@ -449,37 +459,41 @@ fn emulate_swiglu_bwd<T: Elem>(m: &Module, x: &SwigluInputs) -> Result<Outputs, 
     Ok(vec![to_f32(&after.get::<T>(0)), to_f32(&after.get::<T>(1))])
 }
 
-fn cpu_swiglu_bwd(x: &SwigluInputs) -> Outputs {
+fn cpu_glu_bwd(kernel: &str, x: &GluInputs) -> Outputs {
     let len = x.gate.len();
     let (mut dg, mut du) = (vec![f32::NAN; len], vec![f32::NAN; len]);
-    CpuBackend::new()
-        .swiglu_bwd(&mut dg, &mut du, &x.dout, &x.gate, &x.up)
-        .expect("CPU swiglu_bwd");
+    let be = CpuBackend::new();
+    match kernel {
+        "swiglu" => be.swiglu_bwd(&mut dg, &mut du, &x.dout, &x.gate, &x.up),
+        _ => be.geglu_bwd(&mut dg, &mut du, &x.dout, &x.gate, &x.up),
+    }
+    .expect("CPU glu_bwd");
     vec![dg, du]
 }
 
-/// The forward (`bwd` false) or the backward of swiglu for storage `T`.
-fn swiglu<T: Elem>(test: &str, seed: u64, bwd: bool) {
-    let emulate = |m: &Module, x: &SwigluInputs| {
+/// The forward (`bwd` false) or the backward of `kernel` (swiglu, geglu) for storage `T`.
+fn glu<T: Elem>(kernel: &str, test: &str, seed: u64, bwd: bool) {
+    let emulate = |m: &Module, x: &GluInputs| {
         if bwd {
-            emulate_swiglu_bwd::<T>(m, x)
+            emulate_glu_bwd::<T>(kernel, m, x)
         } else {
-            emulate_swiglu::<T>(m, x)
+            emulate_glu::<T>(kernel, m, x)
         }
     };
-    let cpu = |x: &SwigluInputs| {
+    let cpu = |x: &GluInputs| {
         if bwd {
-            cpu_swiglu_bwd(x)
+            cpu_glu_bwd(kernel, x)
         } else {
-            cpu_swiglu(x)
+            cpu_glu(kernel, x)
         }
     };
+    let op = format!("{kernel}{}", if bwd { "_bwd" } else { "" });
     run_check::<T, _, _>(
         test,
-        if bwd { "swiglu_bwd" } else { "swiglu" },
+        &op,
         seed,
-        &SWIGLU_LENS,
-        &swiglu_inputs::<T>,
+        &GLU_LENS,
+        &glu_inputs::<T>,
         Kernels::Elementwise,
         &emulate,
         &cpu,
@@ -489,55 +503,160 @@ fn swiglu<T: Elem>(test: &str, seed: u64, bwd: bool) {
 
 #[test]
 fn swiglu_fwd_f32() {
-    swiglu::<f32>("swiglu_fwd_f32", 25, false);
+    glu::<f32>("swiglu", "swiglu_fwd_f32", 25, false);
 }
 
 #[test]
 fn swiglu_fwd_bf16() {
-    swiglu::<bf16>("swiglu_fwd_bf16", 26, false);
+    glu::<bf16>("swiglu", "swiglu_fwd_bf16", 26, false);
 }
 
 #[test]
 fn swiglu_bwd_f32() {
-    swiglu::<f32>("swiglu_bwd_f32", 27, true);
+    glu::<f32>("swiglu", "swiglu_bwd_f32", 27, true);
 }
 
 #[test]
 fn swiglu_bwd_bf16() {
-    swiglu::<bf16>("swiglu_bwd_bf16", 28, true);
+    glu::<bf16>("swiglu", "swiglu_bwd_bf16", 28, true);
+}
+
+#[test]
+fn geglu_fwd_f32() {
+    glu::<f32>("geglu", "geglu_fwd_f32", 125, false);
+}
+
+#[test]
+fn geglu_fwd_bf16() {
+    glu::<bf16>("geglu", "geglu_fwd_bf16", 126, false);
+}
+
+#[test]
+fn geglu_bwd_f32() {
+    glu::<f32>("geglu", "geglu_bwd_f32", 127, true);
+}
+
+#[test]
+fn geglu_bwd_bf16() {
+    glu::<bf16>("geglu", "geglu_bwd_bf16", 128, true);
+}
+
+// ==== elementwise.cu: scale, soft-cap =========================================================
+
+/// `scale` (`cap` is the factor), `softcap_fwd` and `softcap_bwd` against the CPU: values
+/// spread to 4x the cap so tanh saturates; the capped `y` of the backward is the CPU's forward.
+fn scale_cap<T: Elem>(kernel: &'static str, test: &str, seed: u64) {
+    let cap = 1.5f32;
+    let make = |rng: &mut Rng, &len: &usize| -> GluInputs {
+        let x = draw::<T>(rng, len, 6.0);
+        let mut y = x.clone();
+        CpuBackend::new().softcap(&mut y, cap).expect("CPU softcap");
+        // y as the kernel would have stored it.
+        let y: Vec<f32> = y.iter().map(|&v| T::from_f32(v).to_f32()).collect();
+        GluInputs {
+            dout: draw::<T>(rng, len, 1.0),
+            gate: x,
+            up: y,
+        }
+    };
+    let emulate = |m: &Module, x: &GluInputs| -> Result<Outputs, String> {
+        let len = x.gate.len();
+        let args = match kernel {
+            "softcap_bwd" => vec![
+                act::<T>(&x.dout),
+                act::<T>(&x.up),
+                Arg::F32(cap),
+                Arg::I64(len as i64),
+            ],
+            _ => vec![act::<T>(&x.gate), Arg::F32(cap), Arg::I64(len as i64)],
+        };
+        let after = m.run(&launch(typed::<T>(kernel), KernelLaunch::cast(len), args))?;
+        Ok(vec![to_f32(&after.get::<T>(0))])
+    };
+    let cpu = |x: &GluInputs| -> Outputs {
+        let be = CpuBackend::new();
+        let out = match kernel {
+            "scale" => {
+                let mut v = x.gate.clone();
+                be.scale_act(&mut v, cap).map(|_| v)
+            }
+            "softcap_fwd" => {
+                let mut v = x.gate.clone();
+                be.softcap(&mut v, cap).map(|_| v)
+            }
+            _ => {
+                let mut v = x.dout.clone();
+                be.softcap_bwd(&mut v, &x.up, cap).map(|_| v)
+            }
+        };
+        vec![out.expect("CPU op")]
+    };
+    run_check::<T, _, _>(
+        test,
+        kernel,
+        seed,
+        &GLU_LENS,
+        &make,
+        Kernels::Elementwise,
+        &emulate,
+        &cpu,
+        &|_| false,
+    );
+}
+
+#[test]
+fn scale_and_softcap_f32() {
+    scale_cap::<f32>("scale", "scale_and_softcap_f32", 131);
+    scale_cap::<f32>("softcap_fwd", "scale_and_softcap_f32", 132);
+    scale_cap::<f32>("softcap_bwd", "scale_and_softcap_f32", 133);
+}
+
+#[test]
+fn scale_and_softcap_bf16() {
+    scale_cap::<bf16>("scale", "scale_and_softcap_bf16", 134);
+    scale_cap::<bf16>("softcap_fwd", "scale_and_softcap_bf16", 135);
+    scale_cap::<bf16>("softcap_bwd", "scale_and_softcap_bf16", 136);
 }
 
 // ==== elementwise.cu: rope ===================================================================
 
+/// Where the rows' positions come from.
+#[derive(Debug, Clone, Copy)]
+enum Positions {
+    /// Packed training sequences of these lengths: positions restart at 0 in each.
+    Packed(&'static [usize]),
+    /// Generation: every row its own timeline position (these, cycled over the rows).
+    Given(&'static [i32]),
+}
+
 #[derive(Debug, Clone, Copy)]
 struct RopeShape {
-    batch: usize,
-    seq: usize,
+    rows: usize,
     n_heads: usize,
     head_dim: usize,
-    offsets: Option<&'static [i32]>,
+    pos: Positions,
     inverse: bool,
 }
 
-/// Each forward and inverse: plain positions (one sequence, two); offsets continuing
-/// sequences, one left-padded (negative: its first rows clamp to position 0), with an odd
-/// half head dim; a decoding step (seq 1); a sequence that is all padding.
+/// Each forward and inverse: one sequence; packed sequences of unequal lengths (one of a single
+/// row), with an odd half head dim; generation positions (decoding steps of sequences at
+/// different timeline rows, prefill continuations, position 0), out of order.
 fn rope_shapes() -> Vec<RopeShape> {
+    use Positions::*;
     let base = [
-        (1, 7, 3, 32, None),
-        (2, 13, 4, 64, None),
-        (3, 5, 2, 10, Some(&[0, 4, -2][..])),
-        (2, 1, 9, 64, Some(&[17, 3][..])),
-        (2, 6, 2, 128, Some(&[-6, 2][..])),
+        (7, 3, 32, Packed(&[7])),
+        (26, 4, 64, Packed(&[13, 1, 12])),
+        (15, 2, 10, Packed(&[5, 9, 1])),
+        (2, 9, 64, Given(&[17, 3])),
+        (12, 2, 128, Given(&[0, 1, 2, 40, 41, 7, 0, 3, 3, 2, 1, 39])),
     ];
     base.iter()
-        .flat_map(|&(batch, seq, n_heads, head_dim, offsets)| {
+        .flat_map(|&(rows, n_heads, head_dim, pos)| {
             [false, true].map(|inverse| RopeShape {
-                batch,
-                seq,
+                rows,
                 n_heads,
                 head_dim,
-                offsets,
+                pos,
                 inverse,
             })
         })
@@ -547,23 +666,27 @@ fn rope_shapes() -> Vec<RopeShape> {
 struct RopeInputs {
     x: Vec<f32>,
     table: Vec<f32>,
+    pos: Vec<i32>,
     s: RopeShape,
 }
 
-/// Position of token row `row`, as `Backend::rope` defines it.
-fn rope_pos(s: &RopeShape, row: usize) -> usize {
-    match s.offsets {
-        None => row % s.seq,
-        Some(o) => (o[row / s.seq] as i64 + (row % s.seq) as i64).max(0) as usize,
-    }
+/// Every row's position, as the caller of `Backend::rope` passes them.
+fn rope_positions(s: &RopeShape) -> Vec<i32> {
+    let pos: Vec<i32> = match s.pos {
+        Positions::Packed(lens) => lens.iter().flat_map(|&l| 0..l as i32).collect(),
+        Positions::Given(p) => p.iter().copied().cycle().take(s.rows).collect(),
+    };
+    assert_eq!(pos.len(), s.rows, "{s:?}");
+    pos
 }
 
 fn rope_inputs<T: Elem>(rng: &mut Rng, s: &RopeShape) -> RopeInputs {
-    let rows = s.batch * s.seq;
-    let max_pos = (0..rows).map(|r| rope_pos(s, r)).max().unwrap_or(0);
+    let pos = rope_positions(s);
+    // A table a few positions longer than needed (the kernel must not need it exact).
+    let n_pos = pos.iter().copied().max().unwrap_or(0) as usize + 3;
     // (cos, sin) of p·10000^(-2i/hd): the angles the models use.
     let half = s.head_dim / 2;
-    let table = (0..=max_pos)
+    let table = (0..n_pos)
         .flat_map(|p| {
             (0..half).flat_map(move |i| {
                 let a = p as f64 * 10000f64.powf(-2.0 * i as f64 / s.head_dim as f64);
@@ -572,8 +695,9 @@ fn rope_inputs<T: Elem>(rng: &mut Rng, s: &RopeShape) -> RopeInputs {
         })
         .collect();
     RopeInputs {
-        x: draw::<T>(rng, rows * s.n_heads * s.head_dim, 1.0),
+        x: draw::<T>(rng, s.rows * s.n_heads * s.head_dim, 1.0),
         table,
+        pos,
         s: *s,
     }
 }
@@ -581,20 +705,19 @@ fn rope_inputs<T: Elem>(rng: &mut Rng, s: &RopeShape) -> RopeInputs {
 /// `CudaBackend::<T>::rope`.
 fn emulate_rope<T: Elem>(m: &Module, x: &RopeInputs) -> Result<Outputs, String> {
     let s = &x.s;
-    let rows = s.batch * s.seq;
     let sign: f32 = if s.inverse { -1.0 } else { 1.0 };
     let after = m.run(&launch(
         typed::<T>("rope"),
-        KernelLaunch::rope::<T>(rows * s.n_heads, s.head_dim),
+        KernelLaunch::rope::<T>(s.rows * s.n_heads, s.head_dim),
         vec![
-            act::<T>(&x.x),                        // 0 T* x (in and out)
-            Arg::buf(&x.table),                    // 1 const float* table
-            s.offsets.map_or(Arg::Null, Arg::buf), // 2 const int* offsets
-            Arg::I64(rows as i64),                 // 3 long long rows
-            Arg::I32(s.seq as i32),                // 4 int seq
-            Arg::I32(s.n_heads as i32),            // 5 int n_heads
-            Arg::I32(s.head_dim as i32),           // 6 int hd
-            Arg::F32(sign),                        // 7 float sign
+            act::<T>(&x.x),                                // 0 T* x (in and out)
+            Arg::buf(&x.table),                            // 1 const float* table
+            Arg::buf(&x.pos),                              // 2 const int* pos
+            Arg::I64(s.rows as i64),                       // 3 long long rows
+            Arg::I32(s.n_heads as i32),                    // 4 int n_heads
+            Arg::I32(s.head_dim as i32),                   // 5 int hd
+            Arg::I32((x.table.len() / s.head_dim) as i32), // 6 int n_pos
+            Arg::F32(sign),                                // 7 float sign
         ],
     ))?;
     Ok(vec![to_f32(&after.get::<T>(0))])
@@ -605,7 +728,7 @@ fn cpu_rope(x: &RopeInputs) -> Outputs {
     let mut out = x.x.clone();
     CpuBackend::new()
         .rope(
-            &mut out, &x.table, s.batch, s.seq, s.n_heads, s.head_dim, s.inverse, s.offsets,
+            &mut out, &x.table, &x.pos, s.rows, s.n_heads, s.head_dim, s.inverse,
         )
         .expect("CPU rope");
     vec![out]
@@ -633,6 +756,25 @@ fn rope_f32() {
 #[test]
 fn rope_bf16() {
     rope::<bf16>("rope_bf16", 30);
+}
+
+/// The host cannot see device positions, so the kernel keeps the table read in bounds: a
+/// position past the table (or negative) must trap, not read outside it.
+#[test]
+fn rope_traps_on_a_position_outside_the_table() {
+    if !have_compiler("rope_traps_on_a_position_outside_the_table") {
+        return;
+    }
+    let shape = rope_shapes()[4];
+    let mut x = rope_inputs::<f32>(&mut Rng::new(9), &shape);
+    let n_pos = (x.table.len() / shape.head_dim) as i32;
+    assert!(emulate_rope::<f32>(Kernels::Elementwise.module(), &x).is_ok());
+    for bad in [n_pos, -1] {
+        x.pos[3] = bad;
+        let err = emulate_rope::<f32>(Kernels::Elementwise.module(), &x)
+            .expect_err("a position outside the table must fail the launch");
+        assert!(err.contains("__trap"), "position {bad}: {err}");
+    }
 }
 
 // ==== elementwise.cu: casts ==================================================================
@@ -1204,7 +1346,7 @@ fn a_broken_sum_of_squares_is_caught() {
 }
 
 /// The elementwise tests can fail: with the second half's rotation turned the wrong way, rope
-/// must be out of tolerance (shown on an inverse rotation with offsets).
+/// must be out of tolerance (shown on an inverse rotation at generation positions).
 #[test]
 fn a_broken_rope_is_caught() {
     if !have_compiler("a_broken_rope_is_caught") {
@@ -1216,12 +1358,54 @@ fn a_broken_rope_is_caught() {
     );
     let shape = rope_shapes()
         .into_iter()
-        .find(|s| s.inverse && s.offsets.is_some())
+        .find(|s| s.inverse && matches!(s.pos, Positions::Given(_)))
         .unwrap();
     let x = rope_inputs::<f32>(&mut Rng::new(8), &shape);
     common::assert_caught::<f32>(
         "a broken rope",
         &emulate_rope::<f32>(&m, &x).unwrap(),
         &cpu_rope(&x),
+    );
+}
+
+/// The GeGLU and soft-cap backward tests can fail: a wrong factor in GELU's derivative, and
+/// the soft-cap's `1 - t²` taken as `1 - t`, must each be out of tolerance.
+#[test]
+fn a_broken_geglu_or_softcap_is_caught() {
+    if !have_compiler("a_broken_geglu_or_softcap_is_caught") {
+        return;
+    }
+    let m = Kernels::Elementwise.build_mutated("(1.0f + 3.0f * B * g * g)", "(1.0f + B * g * g)");
+    let x = glu_inputs::<f32>(&mut Rng::new(9), &(7 * 270));
+    common::assert_caught::<f32>(
+        "a broken geglu_bwd",
+        &emulate_glu_bwd::<f32>("geglu", &m, &x).unwrap(),
+        &cpu_glu_bwd("geglu", &x),
+    );
+    let m = Kernels::Elementwise.build_mutated("(1.0f - t * t));", "(1.0f - t));");
+    let mut rng = Rng::new(10);
+    let len = 7 * 270;
+    let cap = 1.5f32;
+    let dx = draw::<f32>(&mut rng, len, 1.0);
+    let mut y = draw::<f32>(&mut rng, len, 6.0);
+    CpuBackend::new().softcap(&mut y, cap).unwrap();
+    let after = m
+        .run(&launch(
+            typed::<f32>("softcap_bwd"),
+            KernelLaunch::cast(len),
+            vec![
+                act::<f32>(&dx),
+                act::<f32>(&y),
+                Arg::F32(cap),
+                Arg::I64(len as i64),
+            ],
+        ))
+        .unwrap();
+    let mut want = dx.clone();
+    CpuBackend::new().softcap_bwd(&mut want, &y, cap).unwrap();
+    common::assert_caught::<f32>(
+        "a broken softcap_bwd",
+        &[to_f32(&after.get::<f32>(0))],
+        &[want],
     );
 }

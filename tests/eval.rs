@@ -27,12 +27,7 @@ fn last_logits(be: &CpuBackend, model: &mut Model<CpuBackend>, ids: &[u32]) -> V
     let out = model
         .forward(
             be,
-            &Batch {
-                batch: 1,
-                seq: ids.len(),
-                ids: ids.to_vec(),
-                labels: vec![IGNORE; ids.len()],
-            },
+            &Batch::padded(1, ids.len(), ids.to_vec(), vec![IGNORE; ids.len()]),
             true,
         )
         .unwrap();
@@ -444,12 +439,7 @@ fn eval_loss_equals_cross_entropy_by_hand() {
             let logits = model
                 .forward(
                     &be,
-                    &Batch {
-                        batch: 1,
-                        seq: ids.len(),
-                        ids: ids.clone(),
-                        labels: vec![IGNORE; ids.len()],
-                    },
+                    &Batch::padded(1, ids.len(), ids.clone(), vec![IGNORE; ids.len()]),
                     true,
                 )
                 .unwrap()

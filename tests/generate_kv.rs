@@ -71,12 +71,7 @@ fn test_model<B: Backend>(name: &str, be: &B, rng: &mut Rng) -> Model<B> {
 
 /// Full-forward logits of one sequence, `[len, vocab]`.
 fn full_logits<B: Backend>(model: &mut Model<B>, be: &B, ids: &[u32]) -> Vec<f32> {
-    let b = Batch {
-        batch: 1,
-        seq: ids.len(),
-        ids: ids.to_vec(),
-        labels: vec![IGNORE; ids.len()],
-    };
+    let b = Batch::padded(1, ids.len(), ids.to_vec(), vec![IGNORE; ids.len()]);
     model.forward(be, &b, true).unwrap().logits.unwrap()
 }
 

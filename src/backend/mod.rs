@@ -5,8 +5,9 @@
 //! that the training step differentiates has a hand-written `_bwd` twin.
 //!
 //! Layout conventions shared by every backend:
-//! - Activations are row-major `[n, d]` with `n = batch * seq` token rows; sequence `b` occupies
-//!   rows `b*t .. (b+1)*t`.
+//! - Activations are row-major `[n, d]` with `n` token rows. The sequences of a micro-batch lie
+//!   end to end (padding-free packing; a padded batch is the case of equal lengths): a [`Seqs`]
+//!   says where each starts, and attention never looks across a boundary.
 //! - Linear weights use the Hugging Face layout `W: [out, in]`, so a linear layer is
 //!   `y = x Wᵀ (+ bias)`.
 //! - Attention inputs come straight from the projections: `q: [n, n_heads*head_dim]`,
@@ -39,32 +40,80 @@ pub struct LoraSlot {
     pub d_out: usize,
 }
 
-/// Shape of one attention call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where the sequences of one micro-batch lie among its `n` token rows, built once per
+/// micro-batch ([`Backend::seqs`]) and read by every layer's rope and attention.
+///
+/// This is the variable-length layout of FlashAttention's `cu_seqlens`: sequence `s` owns rows
+/// `cu[s] .. cu[s+1]`, `cu[0] = 0` and the last entry is `n`. Rows of one sequence sit at rope
+/// positions `0, 1, ...` (restarting for each sequence, as transformers' padding-free path
+/// does with `position_ids`).
+pub struct Seqs<I> {
+    /// Row offsets, host copy: `n_seqs + 1` entries.
+    pub cu: Vec<usize>,
+    /// The longest sequence (grid size of the attention kernels).
+    pub max_len: usize,
+    /// `cu` on the device, as i32.
+    pub cu_dev: I,
+    /// Each row's position in its sequence, on the device, as i32 (for [`Backend::rope`]).
+    pub pos_dev: I,
+}
+
+impl<I> Seqs<I> {
+    pub fn n_seqs(&self) -> usize {
+        self.cu.len() - 1
+    }
+    pub fn rows(&self) -> usize {
+        *self.cu.last().unwrap_or(&0)
+    }
+    /// The sequence lengths.
+    pub fn lens(&self) -> impl Iterator<Item = usize> + '_ {
+        self.cu.windows(2).map(|w| w[1] - w[0])
+    }
+}
+
+/// The heads of one attention call and how scores are formed:
+/// `s_ij = scale · q_i·k_j`, then with `softcap = Some(c)` `s_ij <- c · tanh(s_ij / c)`
+/// (Gemma-2's attention logit soft-capping), then the causal / sliding-window mask.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnShape {
-    pub batch: usize,
-    pub seq: usize,
     pub n_heads: usize,
     pub n_kv_heads: usize,
     pub head_dim: usize,
-    /// Sliding window (Mistral): query `i` sees keys `j` with `i - window < j <= i`.
+    /// Sliding window (Mistral, Gemma-2): query `i` sees keys `j` with `i - window < j <= i`
+    /// (positions within the query's own sequence).
     pub window: Option<usize>,
+    /// `1/sqrt(head_dim)` for Llama-like models; Gemma-2 uses `query_pre_attn_scalar^-1/2`.
+    pub scale: f32,
+    pub softcap: Option<f32>,
 }
 
 impl AttnShape {
+    /// Heads with the usual `1/sqrt(head_dim)` scale and no soft-capping.
+    pub fn plain(
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+    ) -> Self {
+        AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            window,
+            scale: (1.0 / (head_dim as f64).sqrt()) as f32,
+            softcap: None,
+        }
+    }
     pub fn q_width(&self) -> usize {
         self.n_heads * self.head_dim
     }
     pub fn kv_width(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
-    pub fn rows(&self) -> usize {
-        self.batch * self.seq
-    }
 }
 
 /// Shape of one [`Backend::attention_cached`] call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CacheShape {
     pub batch: usize,
     /// New rows per sequence (the padded prompt length at prefill, 1 per decoding step).
@@ -73,19 +122,8 @@ pub struct CacheShape {
     pub past: usize,
     /// Cache rows per sequence.
     pub cap: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    pub window: Option<usize>,
-}
-
-impl CacheShape {
-    pub fn q_width(&self) -> usize {
-        self.n_heads * self.head_dim
-    }
-    pub fn kv_width(&self) -> usize {
-        self.n_kv_heads * self.head_dim
-    }
+    /// Heads, scale, soft-capping and window, as in training.
+    pub heads: AttnShape,
 }
 
 /// AdamW hyper-parameters for one step, PyTorch semantics (`torch.optim.AdamW`):
@@ -172,6 +210,16 @@ impl AdamStep {
     }
 }
 
+/// A GPU's memory as a memory plan needs it ([`Backend::device_memory`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes free now (the context, and whatever else runs on the GPU, already taken).
+    pub free: u64,
+    pub total: u64,
+    /// Bytes of one activation (`Act`) element: 2 for bf16.
+    pub act_bytes: usize,
+}
+
 /// The model's ops. Every method works on whole buffers of the backend's own storage; sizes are
 /// passed explicitly and checked by the implementation (a mismatch is a programming error and
 /// panics with the op name). Methods that may fail for reasons outside the program (device
@@ -181,6 +229,8 @@ pub trait Backend {
     type Act;
     /// f32 state: LoRA parameters, gradients, optimizer moments, statistics, directions.
     type F32;
+    /// i32 index buffers: sequence offsets and token positions ([`Seqs`]).
+    type Idx;
 
     /// A short name for messages ("cpu", "cuda:0 NVIDIA H200").
     fn name(&self) -> String;
@@ -191,10 +241,33 @@ pub trait Backend {
     fn alloc_f32(&self, n: usize) -> Result<Self::F32>;
     fn upload_act(&self, host: &[f32]) -> Result<Self::Act>;
     fn upload_f32(&self, host: &[f32]) -> Result<Self::F32>;
+    fn upload_idx(&self, host: &[i32]) -> Result<Self::Idx>;
     fn download_act(&self, buf: &Self::Act) -> Result<Vec<f32>>;
     fn download_f32(&self, buf: &Self::F32) -> Result<Vec<f32>>;
     fn act_len(&self, buf: &Self::Act) -> usize;
     fn f32_len(&self, buf: &Self::F32) -> usize;
+    /// The layout of sequences of lengths `lens` laid end to end (each >= 1), on the device.
+    fn seqs(&self, lens: &[usize]) -> Result<Seqs<Self::Idx>> {
+        let mut cu = Vec::with_capacity(lens.len() + 1);
+        cu.push(0usize);
+        let mut pos = Vec::with_capacity(lens.iter().sum());
+        for &l in lens {
+            assert!(l > 0, "seqs: a sequence of length 0");
+            cu.push(cu[cu.len() - 1] + l);
+            pos.extend(0..l as i32);
+        }
+        assert!(
+            *cu.last().unwrap_or(&0) <= i32::MAX as usize,
+            "seqs: more than 2^31 rows"
+        );
+        let cu_i32: Vec<i32> = cu.iter().map(|&c| c as i32).collect();
+        Ok(Seqs {
+            max_len: lens.iter().copied().max().unwrap_or(0),
+            cu_dev: self.upload_idx(&cu_i32)?,
+            pos_dev: self.upload_idx(&pos)?,
+            cu,
+        })
+    }
     fn zero_act(&self, buf: &mut Self::Act) -> Result<()>;
     fn zero_f32(&self, buf: &mut Self::F32) -> Result<()>;
     /// `dst[dst_off..dst_off+len] = src[src_off..src_off+len]` (row slices of activations).
@@ -211,6 +284,11 @@ pub trait Backend {
     /// Device memory in use now, in MiB (GPU backends; `None` where the host's RSS is the
     /// measure). Buffers are allocated up front, so after a step this is the step's peak.
     fn device_memory_used_mib(&self) -> Option<f64> {
+        None
+    }
+    /// The device's memory for a memory plan (`train::plan`): free and total bytes now and the
+    /// bytes of one activation element; `None` on the CPU, which has no fixed budget.
+    fn device_memory(&self) -> Option<DeviceMemory> {
         None
     }
 
@@ -320,31 +398,30 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---- rotary embeddings ------------------------------------------------------------------
-    /// Rotate `x: [batch*seq, n_heads*head_dim]` in place with the Hugging Face "rotate_half"
-    /// pairing `(i, i + head_dim/2)`: `x1' = x1 cos - x2 sin`, `x2' = x2 cos + x1 sin`, where
+    /// Rotate `x: [n, n_heads*head_dim]` in place with the Hugging Face "rotate_half" pairing
+    /// `(i, i + head_dim/2)`: `x1' = x1 cos - x2 sin`, `x2' = x2 cos + x1 sin`, where
     /// `cos/sin = table[p, i]`, `table: [max_pos, head_dim/2]` as `(cos, sin)` pairs
-    /// interleaved (`table[2*(p*hd/2 + i)] = cos`, `+1 = sin`). Row `t` of sequence `b` sits at
-    /// position `p = t`, or `p = max(0, offsets[b] + t)` when `offsets` (one per sequence) are
-    /// given: generation continues a sequence from its cache length, and left-padded prompts
-    /// start below 0 (their padding rows are never attended to).
+    /// interleaved (`table[2*(p*hd/2 + i)] = cos`, `+1 = sin`), and `p = pos[row]` (`n`
+    /// entries: [`Seqs::pos_dev`] in training; generation passes each row's timeline position).
     /// `inverse` rotates by `-θ`, which is the backward (a rotation's transpose).
     #[allow(clippy::too_many_arguments)]
     fn rope(
         &self,
         x: &mut Self::Act,
         table: &Self::F32,
-        batch: usize,
-        seq: usize,
+        pos: &Self::Idx,
+        n: usize,
         n_heads: usize,
         head_dim: usize,
         inverse: bool,
-        offsets: Option<&[i32]>,
     ) -> Result<()>;
 
     // ---- attention --------------------------------------------------------------------------
-    /// Causal (optionally sliding-window) softmax attention with GQA, scale `1/sqrt(head_dim)`.
-    /// Writes `out: [n, n_heads*head_dim]` and `lse: [batch, n_heads, seq]` (natural-log
-    /// log-sum-exp of the scaled scores of each query row, for the backward).
+    /// Causal (optionally sliding-window, optionally soft-capped) softmax attention with GQA,
+    /// within each sequence of `seqs` (a query never sees a key of another sequence).
+    /// Writes `out: [n, n_heads*head_dim]` and `lse: [n_heads, n]` (natural-log log-sum-exp of
+    /// each query row's final scores, for the backward).
+    #[allow(clippy::too_many_arguments)]
     fn attention_fwd(
         &self,
         out: &mut Self::Act,
@@ -352,16 +429,18 @@ pub trait Backend {
         q: &Self::Act,
         k: &Self::Act,
         v: &Self::Act,
+        seqs: &Seqs<Self::Idx>,
         shape: &AttnShape,
     ) -> Result<()>;
     /// Attention of new rows against a per-sequence key/value cache (generation; no backward).
     /// The caches are `[batch*cap, kv_width]`, sequence `b` owning rows `b*cap .. (b+1)*cap`
     /// indexed by a shared timeline. First the new keys and values `k, v: [batch*new,
     /// kv_width]` (already rotated) are written to timeline rows `past .. past+new`; then new
-    /// row `i` of sequence `b` (timeline `t = past + i`) attends, scale `1/sqrt(head_dim)`, to
-    /// the cached rows `j` with `start[b] <= j <= t` (and `t - window < j` with a sliding
-    /// window). `start[b]` is where sequence `b`'s tokens begin (prompts are left-padded to a
-    /// common length); a row that sees no key (padding) gets zeros. `out: [batch*new, q_width]`.
+    /// row `i` of sequence `b` (timeline `t = past + i`) attends, with the scores of
+    /// `shape.heads`, to the cached rows `j` with `start[b] <= j <= t` (and `t - window < j`
+    /// with a sliding window). `start[b]` is where sequence `b`'s tokens begin (prompts are
+    /// left-padded to a common length); a row that sees no key (padding) gets zeros.
+    /// `out: [batch*new, q_width]`.
     #[allow(clippy::too_many_arguments)]
     fn attention_cached(
         &self,
@@ -387,6 +466,7 @@ pub trait Backend {
         q: &Self::Act,
         k: &Self::Act,
         v: &Self::Act,
+        seqs: &Seqs<Self::Idx>,
         shape: &AttnShape,
     ) -> Result<()>;
 
@@ -402,6 +482,29 @@ pub trait Backend {
         gate: &Self::Act,
         up: &Self::Act,
     ) -> Result<()>;
+
+    /// `out = gelu_tanh(gate) * up` (GeGLU, Gemma-2), with PyTorch's tanh-approximated GELU
+    /// `gelu_tanh(x) = x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
+    fn geglu(&self, out: &mut Self::Act, gate: &Self::Act, up: &Self::Act) -> Result<()>;
+    /// `dgate = dout · up · gelu_tanh'(gate)`, `dup = dout · gelu_tanh(gate)`.
+    fn geglu_bwd(
+        &self,
+        dgate: &mut Self::Act,
+        dup: &mut Self::Act,
+        dout: &Self::Act,
+        gate: &Self::Act,
+        up: &Self::Act,
+    ) -> Result<()>;
+
+    // ---- elementwise --------------------------------------------------------------------------
+    /// `x <- s · x` in place, `s` first rounded to the activation type (as transformers casts
+    /// Gemma's embedding normalizer `sqrt(hidden)` to the weights' dtype).
+    fn scale_act(&self, x: &mut Self::Act, s: f32) -> Result<()>;
+    /// Soft-capping in place: `x <- c · tanh(x / c)` (Gemma-2's final logits).
+    fn softcap(&self, x: &mut Self::Act, cap: f32) -> Result<()>;
+    /// Backward of [`Backend::softcap`] in place on the gradient, from the capped values `y`:
+    /// `dx <- dx · (1 - (y/c)²)`.
+    fn softcap_bwd(&self, dx: &mut Self::Act, y: &Self::Act, cap: f32) -> Result<()>;
 
     // ---- loss -------------------------------------------------------------------------------
     /// Cross-entropy of `logits: [n, vocab]` against `targets` (`-1` = ignored row).

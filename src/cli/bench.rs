@@ -1,14 +1,16 @@
 //! `caft-fast bench-step` (LoRA training steps: tokens/s, model TFLOP/s, memory) and
 //! `caft-fast bench-generate` (greedy generation: prefill and decode tokens/s).
 
-use super::common::{device_parser, parse_layers, set_threads, BenchModelArgs};
+use super::common::{
+    checkpointing_parser, device_parser, parse_layers, set_threads, BenchModelArgs,
+};
 use crate::backend::device::Device;
 use crate::backend::Backend;
 use crate::generate::sample::SampleOpts;
 use crate::generate::{generate, Request};
 use crate::model::loader::LoadedModel;
 use crate::model::lora::Target;
-use crate::model::transformer::Model;
+use crate::model::transformer::{Checkpointing, Model};
 use crate::util::rng::Rng;
 use crate::with_backend;
 use anyhow::{bail, Context, Result};
@@ -39,6 +41,9 @@ pub struct BenchArgs {
     /// Random directions per ablated layer.
     #[arg(long, default_value_t = 8)]
     pub ablate_k: usize,
+    /// Activation checkpointing, as `train --checkpointing`.
+    #[arg(long, value_parser = checkpointing_parser(), default_value = "none")]
+    pub checkpointing: Checkpointing,
     /// Timed optimizer steps.
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
@@ -71,6 +76,7 @@ fn bench_impl<B: Backend>(be: &B, a: &BenchArgs, loaded: &LoadedModel) -> Result
         targets: Target::parse_list(&a.lora_targets)?,
         ablate_layers: layers.clone(),
         ablate_k: a.ablate_k,
+        checkpointing: a.checkpointing,
     };
     let t_load = Instant::now();
     let mut bench = StepBench::new(be, cfg, loaded.weights.as_ref(), &spec)?;
@@ -96,6 +102,7 @@ fn bench_impl<B: Backend>(be: &B, a: &BenchArgs, loaded: &LoadedModel) -> Result
         "model": loaded.source.display().to_string(),
         "batch": a.batch, "seq": a.seq, "tokens": n,
         "lora_r": a.lora_r, "ablate_layers": layers, "ablate_k": a.ablate_k,
+        "checkpointing": a.checkpointing.to_string(),
         "steps": a.steps, "step_s": mean, "tokens_per_s": n as f64 / mean,
         "model_tflop_per_step": flops / 1e12,
         "achieved_tflops": flops / mean / 1e12,

@@ -5,6 +5,9 @@ use crate::backend::device::{Device, DEVICE_NAMES};
 use crate::model::config::ModelConfig;
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::spec::ModelSpec;
+use crate::model::transformer::Checkpointing;
+use crate::train::config::TrainConfig;
+use crate::train::plan::CheckpointingChoice;
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
@@ -19,6 +22,44 @@ pub fn device_parser() -> impl TypedValueParser<Value = Device> {
     };
     PossibleValuesParser::new(DEVICE_NAMES.map(|n| PossibleValue::new(n).help(help(n))))
         .map(|s| s.parse::<Device>().expect("one of the possible values"))
+}
+
+/// `--checkpointing` with help per mode.
+pub fn checkpointing_parser() -> impl TypedValueParser<Value = Checkpointing> {
+    let modes = [
+        ("none", "keep every activation (fastest, most memory)"),
+        (
+            "selective",
+            "recompute each layer's MLP part in the backward",
+        ),
+        (
+            "full",
+            "keep only each layer's input; recompute the layer in the backward",
+        ),
+    ];
+    PossibleValuesParser::new(modes.map(|(n, h)| PossibleValue::new(n).help(h)))
+        .map(|s| Checkpointing::parse(&s).expect("one of the possible values"))
+}
+
+/// `train --checkpointing`: `auto` or a mode, with help per choice.
+pub fn checkpointing_choice_parser() -> impl TypedValueParser<Value = CheckpointingChoice> {
+    let modes = [
+        (
+            "auto",
+            "the fastest mode whose memory plan fits the GPU (none on the CPU)",
+        ),
+        ("none", "keep every activation (fastest, most memory)"),
+        (
+            "selective",
+            "recompute each layer's MLP part in the backward",
+        ),
+        (
+            "full",
+            "keep only each layer's input; recompute the layer in the backward",
+        ),
+    ];
+    PossibleValuesParser::new(modes.map(|(n, h)| PossibleValue::new(n).help(h)))
+        .map(|s| CheckpointingChoice::parse(&s).expect("one of the possible values"))
 }
 
 /// Parse `10,20,30`.
@@ -58,9 +99,9 @@ pub struct BenchModelArgs {
     /// (default: SmolLM2-135M-Instruct).
     #[arg(long, conflicts_with = "shape")]
     pub model: Option<PathBuf>,
-    /// Instead of a model file, random weights of a shape: a preset (qwen2.5-1.5b,
-    /// llama-3.2-1b, smollm2-135m) or any Hugging Face `config.json` (or the folder holding
-    /// one), so a model's step can be timed without its weights.
+    /// Instead of a model file, random weights of a shape: a preset (qwen2.5-1.5b, qwen3-1.7b,
+    /// gemma-2-2b, llama-3.2-1b, smollm2-135m) or any Hugging Face `config.json` (or the folder
+    /// holding one), so a model's step can be timed without its weights.
     #[arg(long)]
     pub shape: Option<String>,
 }
@@ -154,4 +195,91 @@ pub fn run_labels(labels: &Option<String>, files: &[PathBuf], what: &str) -> Res
         );
     }
     Ok(names)
+}
+
+/// The `train` options that shape a run's memory and its steps, shared with `plan` (which
+/// must plan exactly what `train` would run).
+#[derive(Args, Debug, Clone, Default)]
+pub struct RunShapeArgs {
+    /// Sequences per micro-batch [default: 2].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 8]. With packing (the default) a step still
+    /// holds batch-size x grad-accum examples, laid out in as few packed micro-batches as the
+    /// token budget allows.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Truncate longer examples (counted and reported) [default: 2048].
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Pad each micro-batch to its longest example instead of packing the step's examples end
+    /// to end (padding-free packing is the default; same update up to rounding).
+    #[arg(long, conflicts_with = "packing")]
+    pub no_packing: bool,
+    /// Pack (the default; switches a config file's `packing = false` back on).
+    #[arg(long)]
+    pub packing: bool,
+    /// Token budget of one packed micro-batch [default: batch-size x max-seq-len].
+    #[arg(long, value_name = "N")]
+    pub max_tokens_per_batch: Option<usize>,
+    /// LoRA rank [default: 32].
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// Comma-separated LoRA targets [default: q,k,v,o,gate,up,down].
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// Activation checkpointing: auto, none (keep every activation), selective (recompute each
+    /// layer's MLP part in the backward) or full (keep only each layer's input, recompute the
+    /// layer). Same gradients bit for bit; less memory, more compute. On a GPU the run's
+    /// memory plan (`caft-fast plan`) is checked before the weights are loaded: a run that
+    /// cannot fit is refused with the table, and auto takes the fastest mode that fits (none
+    /// on the CPU) [default: auto].
+    #[arg(long, value_parser = checkpointing_choice_parser())]
+    pub checkpointing: Option<CheckpointingChoice>,
+    /// Directions to ablate: safetensors with `layer.<L>` tensors [k, d_model].
+    #[arg(long, value_name = "FILE")]
+    pub ablate: Option<PathBuf>,
+    /// Ablate K random orthonormal directions per layer instead (the paper's control), at
+    /// --ablate-layers.
+    #[arg(long, value_name = "K")]
+    pub ablate_random: Option<usize>,
+    /// Restrict (with --ablate) or choose (with --ablate-random) the ablated layers: 10,20,30.
+    #[arg(long)]
+    pub ablate_layers: Option<String>,
+}
+
+impl RunShapeArgs {
+    /// Lay the options that were given over `c`.
+    pub fn apply(&self, c: &mut TrainConfig) -> Result<()> {
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
+        }
+        set!(
+            batch_size,
+            grad_accum,
+            max_seq_len,
+            lora_r,
+            lora_targets,
+            checkpointing
+        );
+        if self.max_tokens_per_batch.is_some() {
+            c.max_tokens_per_batch = self.max_tokens_per_batch;
+        }
+        if self.ablate.is_some() {
+            c.ablate = self.ablate.clone();
+        }
+        if self.ablate_random.is_some() {
+            c.ablate_random = self.ablate_random;
+        }
+        if let Some(l) = &self.ablate_layers {
+            c.ablate_layers = Some(parse_layers(l)?);
+        }
+        if self.no_packing {
+            c.packing = false;
+        }
+        if self.packing {
+            c.packing = true;
+        }
+        Ok(())
+    }
 }

@@ -3,7 +3,7 @@
 use super::common::{device_parser, model_path, parse_layers, set_threads};
 use crate::backend::device::Device;
 use crate::backend::Backend;
-use crate::data::{load_examples, pad_id, token_batches, Example, TokenBatch};
+use crate::data::{load_examples, token_batches, Example, TokenBatch};
 use crate::directions::{pca, probe, select};
 use crate::model::ablation::{load_directions, random_directions, save_directions};
 use crate::model::loader::{load_model, LoadedModel};
@@ -147,8 +147,7 @@ impl PassArgs {
         if let Some(m) = self.max_examples {
             examples.truncate(m.max(1));
         }
-        let pad = pad_id(loaded);
-        let batches = token_batches(&examples, self.batch_size, pad, self.all_tokens);
+        let batches = token_batches(&examples, self.batch_size, self.all_tokens);
         Ok((examples, batches))
     }
 }
@@ -462,7 +461,6 @@ fn probe_select_impl<B: Backend>(be: &B, a: &ProbeSelectArgs, loaded: &LoadedMod
     let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
     let opt = probe::FeatureOptions {
         batch_size: a.batch_size,
-        pad: pad_id(loaded),
         skip_first: a.skip_first,
     };
     let n_batches = probes.examples.len().div_ceil(a.batch_size.max(1));
@@ -547,7 +545,6 @@ fn explain_impl<B: Backend>(be: &B, a: &ExplainArgs, loaded: &LoadedModel) -> Re
         before: a.before,
         after: a.after,
         batch_size: a.batch_size,
-        pad: pad_id(loaded),
         skip_first: a.skip_first,
     };
     let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
@@ -659,7 +656,7 @@ fn sae_train_impl<B: Backend>(be: &B, a: &SaeTrainArgs, loaded: &LoadedModel) ->
         );
     }
     let examples = crate::directions::explain::load_corpus(&a.corpus, loaded, a.max_seq_len)?;
-    let batches = token_batches(&examples, a.batch_size, pad_id(loaded), true);
+    let batches = token_batches(&examples, a.batch_size, true);
     let mut model = Model::new(be, cfg, loaded.weights.as_ref())?;
     let t0 = std::time::Instant::now();
     let bar = progress(batches.len() as u64, "activations");

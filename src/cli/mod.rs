@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod eval;
 pub mod generate;
 pub mod judge;
+pub mod plan;
 pub mod train;
 
 use anyhow::Result;
@@ -36,6 +37,10 @@ pub enum Cmd {
     /// demonstration data) and save a PEFT adapter, metrics, a loss plot and checkpoints.
     /// The default model is SmolLM2-135M-Instruct, fetched on first use.
     Train(Box<train::TrainArgs>),
+    /// Predict a training run's peak GPU memory by part (weights, LoRA state, activations,
+    /// recomputation, logits) for each checkpointing mode from the model's config.json alone,
+    /// and say whether it fits; exit status 1 when it does not.
+    Plan(Box<plan::PlanArgs>),
     /// Time LoRA training steps (random tokens, random directions) and print tokens/s and peak
     /// memory as JSON.
     BenchStep(bench::BenchArgs),
@@ -67,6 +72,7 @@ pub enum Cmd {
 pub fn run(cli: Cli) -> Result<bool> {
     Ok(match cli.cmd {
         Cmd::Train(a) => return train::train(*a),
+        Cmd::Plan(a) => return plan::run(*a),
         Cmd::BenchStep(a) => bench::bench_step(a).map(|_| true)?,
         Cmd::Doctor => return doctor::doctor(),
         Cmd::FetchModel => {

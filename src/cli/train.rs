@@ -1,7 +1,7 @@
 //! `caft-fast train`: the flags map one-to-one onto [`TrainConfig`] keys (also read from a
 //! TOML file); the loop is [`crate::train::run`].
 
-use super::common::{device_parser, model_path, parse_layers, set_threads};
+use super::common::{device_parser, model_path, set_threads, RunShapeArgs};
 use crate::backend::device::Device;
 use crate::data::TrainOn;
 use crate::model::loader::load_model;
@@ -34,11 +34,16 @@ loss.svg, run.json (configuration, data and directions hashes, program version),
 checkpoints/step-N/ (adapter, optimizer state, data order, step), merged/ with --merge.
 Ctrl-C saves a checkpoint and exits with status 1; --resume <output> continues bit-identically.
 
-Departures from the paper's code: AdamW keeps f32 moments (the paper ran 8-bit AdamW); every
-activation is kept for the backward (no gradient checkpointing: same gradients, more memory);
-the default model is SmolLM2-135M-Instruct, a 4-bit GGUF dequantised on load."
+Departures from the paper's code: AdamW keeps f32 moments (the paper ran 8-bit AdamW);
+activation checkpointing is off unless the GPU needs it (--checkpointing auto, the default, picks
+the fastest mode whose memory plan fits; the paper's code ran gradient checkpointing; every mode
+gives the same gradients); examples are packed without padding unless
+--no-packing (same examples per step, same loss normalisation); the default model is
+SmolLM2-135M-Instruct, a 4-bit GGUF dequantised on load."
 )]
 pub struct TrainArgs {
+    #[command(flatten)]
+    pub shape: RunShapeArgs,
     /// TOML file with any of the options below (flags given here override it).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -74,21 +79,12 @@ pub struct TrainArgs {
     /// Loss on `assistant` tokens only, or on `all` tokens of chat records [default: assistant].
     #[arg(long)]
     pub train_on: Option<String>,
-    /// Truncate longer examples (counted and reported) [default: 2048].
-    #[arg(long)]
-    pub max_seq_len: Option<usize>,
-    /// LoRA rank [default: 32].
-    #[arg(long)]
-    pub lora_r: Option<usize>,
     /// LoRA alpha [default: 64].
     #[arg(long)]
     pub lora_alpha: Option<f64>,
     /// Scale LoRA by alpha/sqrt(r) (rsLoRA) instead of alpha/r [default: true].
     #[arg(long, num_args = 0..=1, default_missing_value = BOOL_FLAG)]
     pub rslora: Option<bool>,
-    /// Comma-separated LoRA targets [default: q,k,v,o,gate,up,down].
-    #[arg(long)]
-    pub lora_targets: Option<String>,
     /// Peak learning rate (AdamW) [default: 1e-5].
     #[arg(long)]
     pub lr: Option<f64>,
@@ -107,28 +103,12 @@ pub struct TrainArgs {
     /// Optimizer steps in total (the schedule ends there); overrides --epochs.
     #[arg(long)]
     pub max_steps: Option<u64>,
-    /// Sequences per micro-batch [default: 2].
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step [default: 8].
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
     /// Clip the global gradient norm (0 = off) [default: 1.0].
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
     /// Seed of the LoRA init, data order, validation split and random directions [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Directions to ablate: safetensors with `layer.<L>` tensors [k, d_model].
-    #[arg(long, value_name = "FILE")]
-    pub ablate: Option<PathBuf>,
-    /// Ablate K random orthonormal directions per layer instead (the paper's control), at
-    /// --ablate-layers.
-    #[arg(long, value_name = "K")]
-    pub ablate_random: Option<usize>,
-    /// Restrict (with --ablate) or choose (with --ablate-random) the ablated layers: 10,20,30.
-    #[arg(long)]
-    pub ablate_layers: Option<String>,
     /// Validation loss every N steps (0 = at the end only) [default: about 10 times a run].
     #[arg(long, value_name = "N")]
     pub eval_every: Option<u64>,
@@ -164,44 +144,16 @@ impl TrainArgs {
         macro_rules! set_opt {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = Some(v.clone()); } )* };
         }
-        set!(
-            val_split,
-            examples,
-            max_seq_len,
-            lora_r,
-            lora_alpha,
-            rslora,
-            lora_targets,
-            lr
-        );
-        set!(
-            weight_decay,
-            warmup_steps,
-            schedule,
-            epochs,
-            batch_size,
-            grad_accum,
-            max_grad_norm
-        );
+        set!(val_split, examples, lora_alpha, rslora, lr);
+        set!(weight_decay, warmup_steps, schedule, epochs, max_grad_norm);
         set!(seed, keep_checkpoints, merge, threads, output);
-        set_opt!(
-            model,
-            data,
-            val_data,
-            max_steps,
-            ablate,
-            ablate_random,
-            eval_every,
-            save_every
-        );
+        set_opt!(model, data, val_data, max_steps, eval_every, save_every);
+        self.shape.apply(&mut c)?;
         if let Some(t) = &self.train_on {
             c.train_on = TrainOn::parse(t)?;
         }
         if let Some(d) = self.device {
             c.device = d;
-        }
-        if let Some(l) = &self.ablate_layers {
-            c.ablate_layers = Some(parse_layers(l)?);
         }
         Ok(c)
     }

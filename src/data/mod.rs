@@ -157,6 +157,8 @@ impl Encoder<'_> {
 #[derive(Clone, Debug, Default)]
 pub struct Dataset {
     pub examples: Vec<Example>,
+    /// The record (line) each example comes from, for messages.
+    pub lines: Vec<usize>,
     /// Records read.
     pub records: usize,
     /// Examples cut at `max_seq_len` (kept when a labelled token remains).
@@ -185,6 +187,7 @@ impl Dataset {
                 d.dropped += 1;
             } else {
                 d.examples.push(ex);
+                d.lines.push(*line);
             }
         }
         Ok(d)
@@ -317,21 +320,108 @@ pub fn make_batch(examples: &[Example], idx: &[u32], pad_id: u32) -> Batch {
         ids[r * seq..r * seq + e.ids.len()].copy_from_slice(&e.ids);
         labels[r * seq..r * seq + e.labels.len()].copy_from_slice(&e.labels);
     }
-    Batch {
-        batch,
-        seq,
-        ids,
-        labels,
-    }
+    Batch::padded(batch, seq, ids, labels)
 }
 
-/// Validation micro-batches: examples sorted by length (least padding), `batch` at a time.
-pub fn validation_batches(examples: &[Example], batch: usize, pad_id: u32) -> Vec<Batch> {
+/// The examples `idx` laid end to end with no padding, one sequence each (padding-free
+/// packing: attention keeps them apart, rope positions restart at 0 for each).
+pub fn packed_batch(examples: &[Example], idx: &[u32]) -> Batch {
+    let mut b = Batch {
+        lens: Vec::with_capacity(idx.len()),
+        ids: Vec::new(),
+        labels: Vec::new(),
+    };
+    for &i in idx {
+        let e = &examples[i as usize];
+        b.lens.push(e.ids.len());
+        b.ids.extend_from_slice(&e.ids);
+        b.labels.extend_from_slice(&e.labels);
+    }
+    b
+}
+
+/// Padding-free packing of one optimizer step: its examples `idx` cut into as few micro-batches
+/// of at most `max_tokens` rows as first-fit decreasing finds (longest first, each into the
+/// first micro-batch with room). Which examples make the step never changes, only how they are
+/// laid out; within a micro-batch they keep the step's order. Every example must fit alone
+/// (see [`check_token_budget`]).
+pub fn pack_step(examples: &[Example], idx: &[u32], max_tokens: usize) -> Vec<Vec<u32>> {
+    let len = |i: u32| examples[i as usize].ids.len();
+    let mut order: Vec<usize> = (0..idx.len()).collect();
+    // Stable: equal lengths keep the step's order.
+    order.sort_by_key(|&k| std::cmp::Reverse(len(idx[k])));
+    let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
+    for k in order {
+        let l = len(idx[k]);
+        assert!(
+            l <= max_tokens,
+            "pack_step: an example of {l} tokens exceeds the budget {max_tokens}"
+        );
+        match bins.iter_mut().find(|(used, _)| used + l <= max_tokens) {
+            Some((used, members)) => {
+                *used += l;
+                members.push(k);
+            }
+            None => bins.push((l, vec![k])),
+        }
+    }
+    bins.into_iter()
+        .map(|(_, mut members)| {
+            members.sort_unstable();
+            members.into_iter().map(|k| idx[k]).collect()
+        })
+        .collect()
+}
+
+/// Refuses a token budget that some example cannot fit in alone, naming it.
+pub fn check_token_budget(d: &Dataset, origin: &str, max_tokens: usize) -> Result<()> {
+    if let Some((e, line)) = d
+        .examples
+        .iter()
+        .zip(&d.lines)
+        .find(|(e, _)| e.ids.len() > max_tokens)
+    {
+        bail!(
+            "{origin}:{line}: this example has {} tokens (after truncation to --max-seq-len), \
+             more than --max-tokens-per-batch {max_tokens}; raise --max-tokens-per-batch to at \
+             least the longest example, or lower --max-seq-len",
+            e.ids.len()
+        );
+    }
+    Ok(())
+}
+
+/// Validation micro-batches: examples sorted by length, `batch` at a time, packed without
+/// padding.
+pub fn validation_batches(examples: &[Example], batch: usize) -> Vec<Batch> {
+    validation_batches_within(examples, batch, None)
+}
+
+/// [`validation_batches`] with each micro-batch also held to `max_tokens` rows (training's
+/// token budget, so validation never needs more device memory than a training micro-batch);
+/// an example longer than the budget goes alone.
+pub fn validation_batches_within(
+    examples: &[Example],
+    batch: usize,
+    max_tokens: Option<usize>,
+) -> Vec<Batch> {
     let mut order: Vec<u32> = (0..examples.len() as u32).collect();
     order.sort_by_key(|&i| examples[i as usize].ids.len());
-    order
-        .chunks(batch.max(1))
-        .map(|c| make_batch(examples, c, pad_id))
+    let (batch, cap) = (batch.max(1), max_tokens.unwrap_or(usize::MAX));
+    let mut groups: Vec<(usize, Vec<u32>)> = Vec::new();
+    for i in order {
+        let len = examples[i as usize].ids.len();
+        match groups.last_mut() {
+            Some((rows, g)) if g.len() < batch && *rows + len <= cap => {
+                *rows += len;
+                g.push(i);
+            }
+            _ => groups.push((len, vec![i])),
+        }
+    }
+    groups
+        .iter()
+        .map(|(_, g)| packed_batch(examples, g))
         .collect()
 }
 
@@ -439,40 +529,37 @@ pub fn load_examples(
     Ok(ds.examples)
 }
 
-/// A padded micro-batch and the token rows of it to collect.
+/// A packed micro-batch and the token rows of it to collect.
 pub struct TokenBatch {
     pub batch: Batch,
-    /// Row indices (`b * seq + t`) of the collected positions, ascending.
+    /// Row indices (the example's first row + `t`) of the collected positions, ascending.
     pub rows: Vec<usize>,
     /// Example index of each collected row, and its position in that example.
     pub origin: Vec<(usize, usize)>,
 }
 
-/// Micro-batches of `batch_size` examples in length order (least padding). Collected rows are
-/// the labelled positions (`labels[t] >= 0`: the answer tokens) or, with `all_tokens`, every
-/// real (unpadded) position.
-pub fn token_batches(
-    examples: &[Example],
-    batch_size: usize,
-    pad: u32,
-    all_tokens: bool,
-) -> Vec<TokenBatch> {
+/// Micro-batches of `batch_size` examples in length order, packed without padding. Collected
+/// rows are the labelled positions (`labels[t] >= 0`: the answer tokens) or, with
+/// `all_tokens`, every position.
+pub fn token_batches(examples: &[Example], batch_size: usize, all_tokens: bool) -> Vec<TokenBatch> {
     let mut order: Vec<u32> = (0..examples.len() as u32).collect();
     order.sort_by_key(|&i| examples[i as usize].ids.len());
     order
         .chunks(batch_size.max(1))
         .map(|idx| {
-            let batch = make_batch(examples, idx, pad);
+            let batch = packed_batch(examples, idx);
             let mut rows = Vec::new();
             let mut origin = Vec::new();
-            for (b, &i) in idx.iter().enumerate() {
+            let mut r0 = 0;
+            for &i in idx {
                 let e = &examples[i as usize];
                 for t in 0..e.ids.len() {
                     if all_tokens || e.labels[t] >= 0 {
-                        rows.push(b * batch.seq + t);
+                        rows.push(r0 + t);
                         origin.push((i as usize, t));
                     }
                 }
+                r0 += e.ids.len();
             }
             TokenBatch {
                 batch,
@@ -534,11 +621,81 @@ mod tests {
         assert_ne!(plan, plan_epoch(&lengths, 4, 0, 1));
     }
 
+    /// Every example of the step lands in exactly one micro-batch, whole; no micro-batch
+    /// exceeds the budget; first-fit decreasing reaches the lower bound ⌈Σ len / budget⌉ on
+    /// random steps most of the time and never needs more than 2x it (+1); each micro-batch
+    /// keeps the step's order.
+    #[test]
+    fn packing_keeps_every_example_once_within_the_budget() {
+        let mut rng = Rng::new(9);
+        let mut at_bound = 0;
+        for trial in 0..200 {
+            let n = 1 + rng.below(40);
+            let exs: Vec<Example> = (0..n).map(|_| ex(1 + rng.below(700))).collect();
+            let budget = 700 + rng.below(3000);
+            let mut idx: Vec<u32> = (0..n as u32).collect();
+            rng.shuffle(&mut idx);
+            let groups = pack_step(&exs, &idx, budget);
+            let mut seen: Vec<u32> = groups.iter().flatten().copied().collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..n as u32).collect::<Vec<_>>(), "trial {trial}");
+            let total: usize = exs.iter().map(|e| e.ids.len()).sum();
+            let bound = total.div_ceil(budget);
+            assert!(groups.len() <= 2 * bound + 1, "trial {trial}");
+            at_bound += (groups.len() == bound) as usize;
+            for g in &groups {
+                assert!(g.iter().map(|&i| exs[i as usize].ids.len()).sum::<usize>() <= budget);
+                let pos: Vec<usize> = g
+                    .iter()
+                    .map(|i| idx.iter().position(|j| j == i).unwrap())
+                    .collect();
+                assert!(pos.windows(2).all(|w| w[0] < w[1]), "step order kept");
+                let b = packed_batch(&exs, g);
+                assert_eq!(
+                    b.lens,
+                    g.iter()
+                        .map(|&i| exs[i as usize].ids.len())
+                        .collect::<Vec<_>>()
+                );
+                assert_eq!(b.ids.len(), b.lens.iter().sum::<usize>());
+            }
+        }
+        assert!(
+            at_bound > 150,
+            "first-fit decreasing reached the bound {at_bound}/200 times"
+        );
+    }
+
+    /// A packed sequence's last row predicts nothing (never the next sequence's first token).
+    #[test]
+    fn packed_targets_stop_at_sequence_ends() {
+        let exs = vec![
+            Example {
+                ids: vec![1, 2, 3],
+                labels: vec![1, 2, 3],
+            },
+            Example {
+                ids: vec![4],
+                labels: vec![4],
+            },
+            Example {
+                ids: vec![5, 6],
+                labels: vec![IGNORE, 6],
+            },
+        ];
+        let b = packed_batch(&exs, &[0, 1, 2]);
+        assert_eq!(b.targets(), vec![2, 3, -1, -1, 6, -1]);
+        assert_eq!(
+            b.n_targets(),
+            exs.iter().map(|e| e.n_targets()).sum::<usize>()
+        );
+    }
+
     #[test]
     fn batches_pad_right_without_labels() {
         let exs = vec![ex(3), ex(10)];
         let b = make_batch(&exs, &[0, 1], 7);
-        assert_eq!((b.batch, b.seq), (2, 16));
+        assert_eq!(b.lens, [16, 16]);
         assert_eq!(&b.ids[..4], &[1, 1, 1, 7]);
         assert_eq!(b.labels[3], IGNORE);
         assert_eq!(b.n_targets(), 2 + 9);

@@ -151,7 +151,6 @@ pub struct ExplainOptions {
     pub before: usize,
     pub after: usize,
     pub batch_size: usize,
-    pub pad: u32,
     /// Positions below this in each text are not ranked (nor counted in the statistics and
     /// the colour scale): the first token's residual stream is typically an outlier of huge
     /// norm (an "attention sink") that would fill every list.
@@ -203,7 +202,7 @@ pub fn explain<B: Backend>(
     }
     // proj[layer][component][token]
     let mut proj: Vec<Vec<Vec<f32>>> = dirs.iter().map(|l| vec![vec![0f32; total]; l.k]).collect();
-    let batches: Vec<TokenBatch> = token_batches(examples, opt.batch_size, opt.pad, true);
+    let batches: Vec<TokenBatch> = token_batches(examples, opt.batch_size, true);
     for (bi, tb) in batches.iter().enumerate() {
         model.forward(be, &tb.batch, false)?;
         for (li, l) in dirs.iter().enumerate() {

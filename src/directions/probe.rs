@@ -244,8 +244,6 @@ pub fn score_layers(
 pub struct FeatureOptions {
     /// Probes per forward pass.
     pub batch_size: usize,
-    /// Padding token (after each probe's real tokens; never read).
-    pub pad: u32,
     /// Positions below this are left out of each probe's mean.
     pub skip_first: usize,
 }
@@ -262,7 +260,6 @@ pub fn probe_features<B: Backend>(
 ) -> Result<Vec<Vec<f64>>> {
     let FeatureOptions {
         batch_size,
-        pad,
         skip_first,
     } = opt;
     if model.lora.is_some() {
@@ -281,7 +278,7 @@ pub fn probe_features<B: Backend>(
     }
     let mut feats: Vec<Vec<f64>> = dirs.iter().map(|_| vec![0f64; n * d]).collect();
     let mut counts = vec![0usize; n];
-    for (bi, tb) in token_batches(&probes.examples, batch_size, pad, true)
+    for (bi, tb) in token_batches(&probes.examples, batch_size, true)
         .iter()
         .enumerate()
     {

@@ -92,17 +92,16 @@ pub fn load_data(
 }
 
 /// `(Σ cross-entropy, labelled tokens)` of `examples` under `model`, `batch_size` sequences a
-/// forward pass (length-sorted, right-padded with `pad`, as training's validation batches);
+/// forward pass (length-sorted and packed without padding, as training's validation batches);
 /// `progress(done, total)` after each pass.
 pub fn loss_sum<B: Backend>(
     be: &B,
     model: &mut Model<B>,
     examples: &[Example],
     batch_size: usize,
-    pad: u32,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<(f64, usize)> {
-    let batches = validation_batches(examples, batch_size, pad);
+    let batches = validation_batches(examples, batch_size);
     let (mut sum, mut n) = (0.0, 0usize);
     for (i, b) in batches.iter().enumerate() {
         let out = model.forward(be, b, false).context("evaluation forward")?;
@@ -132,8 +131,7 @@ pub fn evaluate_on<B: Backend>(
 ) -> Result<LossReport> {
     let ds = load_data(data, loaded, opt.train_on, opt.max_seq_len)?;
     let mut model = spec.build(be, loaded)?;
-    let pad = crate::data::pad_id(loaded);
-    let (sum, tokens) = loss_sum(be, &mut model, &ds.examples, opt.batch_size, pad, progress)?;
+    let (sum, tokens) = loss_sum(be, &mut model, &ds.examples, opt.batch_size, progress)?;
     let loss = sum / tokens.max(1) as f64;
     Ok(LossReport {
         data: data.display().to_string(),

@@ -24,7 +24,7 @@
 
 use crate::backend::device::Device;
 use crate::backend::Backend;
-use crate::data::{parse_messages, read_json_lines, tokenize_chat, PAD_MULTIPLE};
+use crate::data::{parse_messages, read_json_lines, tokenize_chat};
 use crate::io::write_json;
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::loader::LoadedModel;
@@ -322,23 +322,24 @@ pub struct McReport {
 /// Keep the downloaded logits of one forward pass under this many values (512 MiB of f32).
 const LOGITS_BUDGET: usize = 128 << 20;
 
-/// Groups of item indices to run together: by prompt length (least padding), at most
+/// Groups of item indices to run together: by prompt length, at most
 /// `batch_size` per group and within [`LOGITS_BUDGET`].
 fn plan_batches(enc: &[EncodedItem], batch_size: usize, vocab: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..enc.len()).collect();
     order.sort_by_key(|&i| enc[i].prompt_ids.len());
-    let padded = |len: usize| len.div_ceil(PAD_MULTIPLE) * PAD_MULTIPLE;
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
+    let mut rows = 0;
     for i in order {
-        // Ascending lengths: item i is the longest of the group if it joins.
-        let seq = padded(enc[i].prompt_ids.len());
+        let len = enc[i].prompt_ids.len();
         if !cur.is_empty()
-            && (cur.len() >= batch_size.max(1) || (cur.len() + 1) * seq * vocab > LOGITS_BUDGET)
+            && (cur.len() >= batch_size.max(1) || (rows + len) * vocab > LOGITS_BUDGET)
         {
             out.push(std::mem::take(&mut cur));
+            rows = 0;
         }
         cur.push(i);
+        rows += len;
     }
     if !cur.is_empty() {
         out.push(cur);
@@ -379,15 +380,14 @@ pub fn score_item(item: &McItem, enc: &EncodedItem, z: &[f32]) -> Result<ItemRes
 }
 
 /// Score every item with `model` (as it is set up: adapter, ablation), `batch_size` prompts a
-/// forward pass, right-padded with `pad`; `progress(done)` after each pass. Results are in
-/// the items' order.
+/// forward pass, packed end to end without padding; `progress(done)` after each pass. Results
+/// are in the items' order.
 pub fn score<B: Backend>(
     be: &B,
     model: &mut Model<B>,
     items: &[McItem],
     enc: &[EncodedItem],
     batch_size: usize,
-    pad: u32,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<ItemResult>> {
     if items.len() != enc.len() {
@@ -397,29 +397,21 @@ pub fn score<B: Backend>(
     let mut results: Vec<Option<ItemResult>> = vec![None; items.len()];
     let groups = plan_batches(enc, batch_size, v);
     for (g, idx) in groups.iter().enumerate() {
-        let longest = idx
-            .iter()
-            .map(|&i| enc[i].prompt_ids.len())
-            .max()
-            .unwrap_or(1);
-        let seq = longest.div_ceil(PAD_MULTIPLE) * PAD_MULTIPLE;
-        let mut ids = vec![pad; idx.len() * seq];
-        for (r, &i) in idx.iter().enumerate() {
-            let p = &enc[i].prompt_ids;
-            ids[r * seq..r * seq + p.len()].copy_from_slice(p);
-        }
+        let prompts = idx.iter().map(|&i| &enc[i].prompt_ids);
+        let ids: Vec<u32> = prompts.clone().flatten().copied().collect();
         let batch = Batch {
-            batch: idx.len(),
-            seq,
+            lens: prompts.map(Vec::len).collect(),
             labels: vec![IGNORE; ids.len()],
             ids,
         };
         let out = model.forward(be, &batch, true)?;
         let logits = out.logits.context("the forward pass returned no logits")?;
-        for (r, &i) in idx.iter().enumerate() {
-            // Right padding keeps a causal model's real positions exact: read each
-            // sequence at its own last real position.
-            let row = r * seq + enc[i].prompt_ids.len() - 1;
+        let mut r0 = 0;
+        for &i in idx {
+            // Each prompt is read at its own last position.
+            let len = enc[i].prompt_ids.len();
+            let row = r0 + len - 1;
+            r0 += len;
             let res = score_item(&items[i], &enc[i], &logits[row * v..(row + 1) * v])
                 .with_context(|| format!("item {:?} (line {})", items[i].id, items[i].line))?;
             results[i] = Some(res);
@@ -514,8 +506,7 @@ pub fn evaluate_on<B: Backend>(
     let enc = encode_items(items, loaded, &data.display().to_string())?;
     let mut model = spec.build(be, loaded)?;
     let n_groups = plan_batches(&enc, batch_size, loaded.config.vocab_size).len();
-    let pad = crate::data::pad_id(loaded);
-    let results = score(be, &mut model, items, &enc, batch_size, pad, |g| {
+    let results = score(be, &mut model, items, &enc, batch_size, |g| {
         progress(g, n_groups)
     })?;
     let (overall, splits) = summarize(&results);

@@ -6,8 +6,8 @@ use anyhow::{anyhow, bail, ensure, Result};
 use serde_json::{Map, Value};
 use std::path::Path;
 
-/// The decoder families caft-fast runs. All are Llama-style pre-norm decoders with RMSNorm,
-/// rotary embeddings, GQA attention and a SwiGLU MLP; they differ in the details below.
+/// The decoder families caft-fast runs. All are pre-norm decoders with RMSNorm, rotary
+/// embeddings, GQA attention and a gated MLP; they differ in the details below.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     /// `LlamaForCausalLM` (Llama 2/3, SmolLM2).
@@ -16,12 +16,34 @@ pub enum Arch {
     Qwen2,
     /// `MistralForCausalLM`: optional sliding window.
     Mistral,
+    /// `Qwen3ForCausalLM`: RMSNorm of every q and k head (`q_norm`, `k_norm`) before rope,
+    /// explicit head_dim, no q/k/v biases by default.
+    Qwen3,
+    /// `Gemma2ForCausalLM`: norms as `(1 + w)`, extra norms after attention and after the MLP
+    /// ("sandwich"), GeGLU, the embedding scaled by `sqrt(hidden)`, attention scale
+    /// `query_pre_attn_scalar^-1/2`, soft-capped attention scores and final logits, sliding
+    /// and global layers alternating, tied embeddings.
+    Gemma2,
+}
+
+/// The gate activation of the MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MlpAct {
+    /// `silu(gate) · up` (SwiGLU).
+    Silu,
+    /// `gelu_tanh(gate) · up` (GeGLU; transformers' `gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 impl Arch {
     /// The `architectures[0]` strings of `config.json` we accept.
-    pub const SUPPORTED: &'static [&'static str] =
-        &["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"];
+    pub const SUPPORTED: &'static [&'static str] = &[
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+        "MistralForCausalLM",
+        "Qwen3ForCausalLM",
+        "Gemma2ForCausalLM",
+    ];
 }
 
 /// Llama 3.1/3.2 frequency-dependent rope scaling (`rope_scaling.rope_type == "llama3"`).
@@ -50,15 +72,54 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
-    /// Mistral's sliding window; `None` = full causal attention.
+    /// The sliding window; `None` = full causal attention on every layer.
     pub sliding_window: Option<usize>,
-    /// q, k, v projections carry biases (Qwen2).
+    /// Which layers use the window (Gemma-2 alternates); `None` = every layer.
+    pub sliding_layers: Option<Vec<bool>>,
+    /// q, k, v projections carry biases (Qwen2; Qwen3 when `attention_bias` is true).
     pub attention_bias: bool,
+    /// RMSNorm over each head of q and of k before rope, weights `[head_dim]` (Qwen3).
+    pub qk_norm: bool,
+    pub mlp_act: MlpAct,
+    /// Attention scores are `q·k / sqrt(query_pre_attn_scalar)` (Gemma-2); `None` = `/
+    /// sqrt(head_dim)`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// `c · tanh(s / c)` on the attention scores (before the mask) and on the final logits.
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    /// Gemma: every norm multiplies by `1 + w` (the stored weight is `w`), the embedding is
+    /// multiplied by `sqrt(hidden)`, and each layer normalises its attention and MLP outputs
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`) before adding them.
+    pub gemma_norms: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
 
 impl ModelConfig {
+    /// The sliding window of layer `l` (`None`: full causal attention).
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        match &self.sliding_layers {
+            Some(on) if !on.get(l).copied().unwrap_or(false) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// The heads of layer `l`'s attention: scale, soft-cap and window.
+    pub fn attn_heads(&self, l: usize) -> crate::backend::AttnShape {
+        crate::backend::AttnShape {
+            n_heads: self.num_heads,
+            n_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            window: self.layer_window(l),
+            scale: (1.0
+                / self
+                    .query_pre_attn_scalar
+                    .unwrap_or(self.head_dim as f64)
+                    .sqrt()) as f32,
+            softcap: self.attn_softcap.map(|c| c as f32),
+        }
+    }
+
     /// Parse a Hugging Face `config.json`. Errors name the file and the offending key.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
         config_from_hf_json(path)
@@ -214,6 +275,8 @@ fn config_from_hf_json(path: &Path) -> Result<ModelConfig> {
         "LlamaForCausalLM" => Arch::Llama,
         "Qwen2ForCausalLM" => Arch::Qwen2,
         "MistralForCausalLM" => Arch::Mistral,
+        "Qwen3ForCausalLM" => Arch::Qwen3,
+        "Gemma2ForCausalLM" => Arch::Gemma2,
         other => bail!(
             "{}: architecture {other:?} (key \"architectures\") is not supported; caft-fast runs {}",
             path.display(),
@@ -221,15 +284,45 @@ fn config_from_hf_json(path: &Path) -> Result<ModelConfig> {
         ),
     };
 
-    if let Some(act) = k.str_opt("hidden_act")? {
-        ensure!(
-            act == "silu",
-            k.err(
-                "hidden_act",
-                &format!("is {act:?}; only \"silu\" (SwiGLU) is supported")
-            )
-        );
-    }
+    // Gemma-2 names its activation `hidden_activation` (and keeps a legacy `hidden_act`).
+    let act_key = match arch {
+        Arch::Gemma2 if k.get("hidden_activation").is_some() => "hidden_activation",
+        _ => "hidden_act",
+    };
+    let mlp_act = match (arch, k.str_opt(act_key)?) {
+        (Arch::Gemma2, None | Some("gelu_pytorch_tanh")) => MlpAct::GeluTanh,
+        (Arch::Gemma2, Some(other)) => {
+            return Err(k.err(
+                act_key,
+                &format!("is {other:?}; Gemma-2 runs \"gelu_pytorch_tanh\""),
+            ))
+        }
+        (_, None | Some("silu")) => MlpAct::Silu,
+        (_, Some(other)) => {
+            return Err(k.err(
+                act_key,
+                &format!("is {other:?}; only \"silu\" (SwiGLU) is supported"),
+            ))
+        }
+    };
+    // Gemma-2's soft-caps and attention scale: numbers (or null for no cap).
+    let positive = |key: &str| -> Result<Option<f64>> {
+        match k.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() && x > 0.0 => Ok(Some(x)),
+                _ => Err(k.err(key, &format!("is {v}; expected a positive number or null"))),
+            },
+        }
+    };
+    let (attn_softcap, final_softcap, query_pre_attn_scalar) = match arch {
+        Arch::Gemma2 => (
+            positive("attn_logit_softcapping")?,
+            positive("final_logit_softcapping")?,
+            positive("query_pre_attn_scalar")?,
+        ),
+        _ => (None, None, None),
+    };
     // Llama's optional biases would also sit on o_proj and the MLP, which the model lacks.
     if arch == Arch::Llama {
         for key in ["attention_bias", "mlp_bias"] {
@@ -324,11 +417,18 @@ fn config_from_hf_json(path: &Path) -> Result<ModelConfig> {
         }
     }
 
-    let sliding_window = sliding_window(&k, arch, num_layers)?;
+    let (sliding_window, sliding_layers) = sliding_window(&k, arch, num_layers)?;
     let default_max_pos = match arch {
         Arch::Llama => 2048,
         Arch::Qwen2 => 32768,
         Arch::Mistral => 4096 * 32,
+        Arch::Qwen3 => 40960,
+        Arch::Gemma2 => 8192,
+    };
+    let attention_bias = match arch {
+        Arch::Qwen2 => true,
+        Arch::Qwen3 => k.bool_opt("attention_bias")?.unwrap_or(false),
+        _ => false,
     };
 
     let bos = k.ids("bos_token_id")?;
@@ -349,41 +449,47 @@ fn config_from_hf_json(path: &Path) -> Result<ModelConfig> {
         rope_theta: rope_theta.unwrap_or(10000.0),
         rope_scaling,
         rms_norm_eps: k.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
-        tie_word_embeddings: k.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+        tie_word_embeddings: k
+            .bool_opt("tie_word_embeddings")?
+            .unwrap_or(arch == Arch::Gemma2),
         max_position_embeddings: k
             .usize_opt("max_position_embeddings")?
             .unwrap_or(default_max_pos),
         sliding_window,
-        attention_bias: arch == Arch::Qwen2,
+        sliding_layers,
+        attention_bias,
+        qk_norm: arch == Arch::Qwen3,
+        mlp_act,
+        query_pre_attn_scalar,
+        attn_softcap,
+        final_softcap,
+        gemma_norms: arch == Arch::Gemma2,
         bos_token_id: bos.first().copied(),
         eos_token_ids: k.ids("eos_token_id")?,
     })
 }
 
-/// The attention window of every layer, when it is the same for all layers.
+/// The sliding window and which layers use it (`None`: every layer does).
 ///
-/// Mistral: `sliding_window` (null = full attention). Qwen2: the window applies only when
-/// `use_sliding_window` is true, and then only to layers `i >= max_window_layers`. A
-/// transformers 5 `layer_types` list, when present, says it per layer. Mixed layers are refused.
-fn sliding_window(k: &JsonKeys, arch: Arch, num_layers: usize) -> Result<Option<usize>> {
+/// Mistral: `sliding_window` on every layer (null = full attention). Qwen2/Qwen3: only when
+/// `use_sliding_window` is true, and then on layers `i >= max_window_layers`. Gemma-2: even
+/// layers slide, odd ones are global. A transformers 5 `layer_types` list, when present, says
+/// it per layer.
+fn sliding_window(
+    k: &JsonKeys,
+    arch: Arch,
+    num_layers: usize,
+) -> Result<(Option<usize>, Option<Vec<bool>>)> {
     let window = k.usize_opt("sliding_window")?;
-    let mut sliding_layers = match arch {
-        Arch::Llama => 0,
-        Arch::Mistral => {
-            if window.is_some() {
-                num_layers
-            } else {
-                0
-            }
+    let mut sliding: Vec<bool> = match arch {
+        Arch::Llama => vec![false; num_layers],
+        Arch::Mistral => vec![window.is_some(); num_layers],
+        Arch::Qwen2 | Arch::Qwen3 => {
+            let on = k.bool_opt("use_sliding_window")? == Some(true) && window.is_some();
+            let first = k.usize_opt("max_window_layers")?.unwrap_or(0);
+            (0..num_layers).map(|l| on && l >= first).collect()
         }
-        Arch::Qwen2 => {
-            if k.bool_opt("use_sliding_window")? == Some(true) && window.is_some() {
-                let first = k.usize_opt("max_window_layers")?.unwrap_or(0);
-                num_layers.saturating_sub(first)
-            } else {
-                0
-            }
-        }
+        Arch::Gemma2 => (0..num_layers).map(|l| l % 2 == 0).collect(),
     };
     if arch != Arch::Llama {
         if let Some(types) = k.get("layer_types") {
@@ -397,31 +503,26 @@ fn sliding_window(k: &JsonKeys, arch: Arch, num_layers: usize) -> Result<Option<
                     &format!("has {} entries for {num_layers} layers", types.len())
                 )
             );
-            let mut n = 0;
-            for t in types {
-                match t.as_str() {
-                    Some("full_attention") => {}
-                    Some("sliding_attention") => n += 1,
-                    _ => return Err(k.err("layer_types", &format!("holds unknown type {t}"))),
-                }
-            }
-            sliding_layers = n;
+            sliding = types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("full_attention") => Ok(false),
+                    Some("sliding_attention") => Ok(true),
+                    _ => Err(k.err("layer_types", &format!("holds unknown type {t}"))),
+                })
+                .collect::<Result<_>>()?;
         }
     }
-    if sliding_layers == 0 {
-        return Ok(None);
+    if !sliding.contains(&true) {
+        return Ok((None, None));
     }
-    ensure!(
-        sliding_layers == num_layers,
-        "{}: {sliding_layers} of {num_layers} layers use a sliding window (keys \
-         \"sliding_window\", \"use_sliding_window\", \"max_window_layers\", \"layer_types\"); \
-         caft-fast supports the same attention on every layer",
-        k.path.display()
-    );
-    window.map(Some).ok_or_else(|| {
+    let w = window.ok_or_else(|| {
         k.err(
             "sliding_window",
             "is null but layers ask for sliding attention",
         )
-    })
+    })?;
+    ensure!(w > 0, k.err("sliding_window", "is 0"));
+    let all = sliding.iter().all(|&s| s);
+    Ok((Some(w), (!all).then_some(sliding)))
 }

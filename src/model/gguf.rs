@@ -22,7 +22,7 @@
 //! [`GgufWeights`] presents a llama-architecture file under Hugging Face tensor names, with
 //! llama.cpp's q/k row permutation undone; [`config_from_gguf`] reads the hyper-parameters.
 
-use crate::model::config::{Arch, ModelConfig};
+use crate::model::config::{Arch, MlpAct, ModelConfig};
 use crate::model::weights::{HostTensor, WeightSource};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::{bf16, f16};
@@ -1117,6 +1117,13 @@ pub fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         },
         sliding_window: None,
         attention_bias: false,
+        qk_norm: false,
+        mlp_act: MlpAct::Silu,
+        query_pre_attn_scalar: None,
+        attn_softcap: None,
+        final_softcap: None,
+        gemma_norms: false,
+        sliding_layers: None,
         bos_token_id,
         eos_token_ids,
     })

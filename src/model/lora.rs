@@ -34,6 +34,9 @@ impl Target {
         Target::Up,
         Target::Down,
     ];
+    /// The projections of the attention block and of the MLP.
+    pub const ATTENTION: [Target; 4] = [Target::Q, Target::K, Target::V, Target::O];
+    pub const MLP: [Target; 3] = [Target::Gate, Target::Up, Target::Down];
 
     /// The module name PEFT's `target_modules` uses.
     pub fn module_name(self) -> &'static str {

@@ -1,15 +1,21 @@
 //! Random-weight models of real shapes, for benchmarks that need no download: the shapes of
-//! Qwen2.5-1.5B, Llama-3.2-1B and SmolLM2-135M with weights drawn uniformly (std 0.02, norms 1),
-//! generated tensor by tensor on demand.
+//! Qwen2.5-1.5B, Qwen3-1.7B, Gemma-2-2B, Llama-3.2-1B and SmolLM2-135M with weights drawn
+//! uniformly (std 0.02, norms 1), generated tensor by tensor on demand.
 
-use crate::model::config::{Arch, Llama3Scaling, ModelConfig};
+use crate::model::config::{Arch, Llama3Scaling, MlpAct, ModelConfig};
 use crate::model::weights::{HostTensor, WeightSource};
 use crate::util::rng::Rng;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 /// Names accepted by [`preset`].
-pub const PRESETS: &[&str] = &["qwen2.5-1.5b", "llama-3.2-1b", "smollm2-135m"];
+pub const PRESETS: &[&str] = &[
+    "qwen2.5-1.5b",
+    "qwen3-1.7b",
+    "gemma-2-2b",
+    "llama-3.2-1b",
+    "smollm2-135m",
+];
 
 /// The configuration of a known model shape.
 pub fn preset(name: &str) -> Result<ModelConfig> {
@@ -29,6 +35,13 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
         max_position_embeddings: 32768,
         sliding_window: None,
         attention_bias: false,
+        qk_norm: false,
+        mlp_act: MlpAct::Silu,
+        query_pre_attn_scalar: None,
+        attn_softcap: None,
+        final_softcap: None,
+        gemma_norms: false,
+        sliding_layers: None,
         bos_token_id: None,
         eos_token_ids: vec![],
     };
@@ -44,6 +57,39 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
             head_dim: 128,
             rope_theta: 1e6,
             attention_bias: true,
+            ..base
+        },
+        "qwen3-1.7b" => ModelConfig {
+            arch: Arch::Qwen3,
+            vocab_size: 151936,
+            hidden_size: 2048,
+            intermediate_size: 6144,
+            num_layers: 28,
+            num_heads: 16,
+            num_kv_heads: 8,
+            head_dim: 128,
+            rope_theta: 1e6,
+            max_position_embeddings: 40960,
+            qk_norm: true,
+            ..base
+        },
+        "gemma-2-2b" => ModelConfig {
+            arch: Arch::Gemma2,
+            vocab_size: 256000,
+            hidden_size: 2304,
+            intermediate_size: 9216,
+            num_layers: 26,
+            num_heads: 8,
+            num_kv_heads: 4,
+            head_dim: 256,
+            max_position_embeddings: 8192,
+            sliding_window: Some(4096),
+            sliding_layers: Some((0..26).map(|l| l % 2 == 0).collect()),
+            mlp_act: MlpAct::GeluTanh,
+            query_pre_attn_scalar: Some(256.0),
+            attn_softcap: Some(50.0),
+            final_softcap: Some(30.0),
+            gemma_norms: true,
             ..base
         },
         "llama-3.2-1b" => ModelConfig {
@@ -112,6 +158,10 @@ impl RandomWeights {
             let p = format!("model.layers.{l}");
             t.push((format!("{p}.input_layernorm.weight"), vec![d]));
             t.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+            if c.gemma_norms {
+                t.push((format!("{p}.pre_feedforward_layernorm.weight"), vec![d]));
+                t.push((format!("{p}.post_feedforward_layernorm.weight"), vec![d]));
+            }
             t.push((format!("{p}.self_attn.q_proj.weight"), vec![qw, d]));
             t.push((format!("{p}.self_attn.k_proj.weight"), vec![kvw, d]));
             t.push((format!("{p}.self_attn.v_proj.weight"), vec![kvw, d]));
@@ -120,6 +170,10 @@ impl RandomWeights {
                 t.push((format!("{p}.self_attn.q_proj.bias"), vec![qw]));
                 t.push((format!("{p}.self_attn.k_proj.bias"), vec![kvw]));
                 t.push((format!("{p}.self_attn.v_proj.bias"), vec![kvw]));
+            }
+            if c.qk_norm {
+                t.push((format!("{p}.self_attn.q_norm.weight"), vec![c.head_dim]));
+                t.push((format!("{p}.self_attn.k_norm.weight"), vec![c.head_dim]));
             }
             t.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
             t.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));

@@ -1,6 +1,7 @@
 //! The decoder-only transformer, forward and backward, written once over [`Backend`].
 //!
-//! One layer (Llama, Qwen2 and Mistral share it; Qwen2 adds q/k/v biases):
+//! One layer (Llama, Qwen2, Mistral and Qwen3 share it; Qwen2 adds q/k/v biases, Qwen3 an
+//! RMSNorm of every q and k head before rope):
 //!
 //! ```text
 //! n1      = rmsnorm(resid_l)                         (produced by the previous fused op)
@@ -19,7 +20,7 @@
 //! the residual gradient (P is symmetric, so the backward of the projection is itself).
 //! Frozen weights get no gradient; LoRA parameters accumulate theirs in one flat buffer.
 
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnShape, Backend, Seqs};
 use crate::model::ablation::Directions;
 use crate::model::config::{Arch, ModelConfig};
 use crate::model::lora::{LoraLayout, Target};
@@ -27,32 +28,70 @@ use crate::model::weights::WeightSource;
 use anyhow::{bail, Context, Result};
 
 mod decode;
+mod layer;
 pub use decode::KvCache;
+pub use layer::Checkpointing;
+use layer::{alloc_lora_u, AttnActs, Layer, LoraGrad, LoraView, MlpActs, QkPre, Scratch};
 
 /// Labels at or below this are ignored (Hugging Face uses -100).
 pub const IGNORE: i32 = -100;
 
-/// Token ids and labels of one micro-batch, `batch` sequences of `seq` tokens, row-major.
+/// Token ids and labels of one micro-batch: sequences laid end to end, `lens[s]` rows each
+/// (padding-free packing; a padded batch is `batch` sequences of one length, padding included).
 /// `labels[i]` is the token the model should produce at position `i` *itself* (Hugging Face
-/// convention: the shift happens inside the loss, position `t` predicts `labels[t+1]`);
-/// negative labels are ignored.
+/// convention: the shift happens inside the loss, position `t` predicts `labels[t+1]`, never
+/// across a sequence boundary); negative labels are ignored.
 #[derive(Clone, Debug)]
 pub struct Batch {
-    pub batch: usize,
-    pub seq: usize,
+    pub lens: Vec<usize>,
     pub ids: Vec<u32>,
     pub labels: Vec<i32>,
 }
 
 impl Batch {
-    /// The shifted targets per row: row `b*seq + t` predicts `labels[b*seq + t + 1]`.
+    /// `batch` sequences of `seq` rows each (row-major `[batch, seq]` ids and labels).
+    pub fn padded(batch: usize, seq: usize, ids: Vec<u32>, labels: Vec<i32>) -> Batch {
+        Batch {
+            lens: vec![seq; batch],
+            ids,
+            labels,
+        }
+    }
+
+    /// Token rows.
+    pub fn rows(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The longest sequence.
+    pub fn max_len(&self) -> usize {
+        self.lens.iter().copied().max().unwrap_or(0)
+    }
+
+    /// `rows x max_len` as "4x256" for padded batches, "packed 5 seqs / 1234 rows" otherwise
+    /// (for messages).
+    pub fn describe(&self) -> String {
+        match self.lens.first() {
+            Some(&l) if self.lens.iter().all(|&x| x == l) => format!("{}x{l}", self.lens.len()),
+            _ => format!(
+                "packed {} sequences / {} rows",
+                self.lens.len(),
+                self.rows()
+            ),
+        }
+    }
+
+    /// The shifted targets per row: row `r` predicts `labels[r + 1]` when row `r + 1` is in the
+    /// same sequence; a sequence's last row predicts nothing (`-1`).
     pub fn targets(&self) -> Vec<i32> {
         let mut t = vec![-1; self.ids.len()];
-        for b in 0..self.batch {
-            for p in 0..self.seq.saturating_sub(1) {
-                let l = self.labels[b * self.seq + p + 1];
-                t[b * self.seq + p] = if l < 0 { -1 } else { l };
+        let mut r0 = 0;
+        for &len in &self.lens {
+            let (rows, next) = (&mut t[r0..r0 + len], &self.labels[r0 + 1..r0 + len]);
+            for (t, &l) in rows.iter_mut().zip(next) {
+                *t = if l < 0 { -1 } else { l };
             }
+            r0 += len;
         }
         t
     }
@@ -61,10 +100,23 @@ impl Batch {
     pub fn n_targets(&self) -> usize {
         self.targets().iter().filter(|&&t| t >= 0).count()
     }
+
+    /// (sequence, position) of row `r`, for messages.
+    fn locate(&self, r: usize) -> (usize, usize) {
+        let mut r0 = 0;
+        for (s, &len) in self.lens.iter().enumerate() {
+            if r < r0 + len {
+                return (s, r - r0);
+            }
+            r0 += len;
+        }
+        (self.lens.len(), r - r0)
+    }
 }
 
 struct LayerWeights<B: Backend> {
     input_norm: B::Act,
+    /// The norm before the MLP (the mid-layer fused op's weight).
     post_norm: B::Act,
     wq: B::Act,
     wk: B::Act,
@@ -76,6 +128,10 @@ struct LayerWeights<B: Backend> {
     wg: B::Act,
     wu: B::Act,
     wd: B::Act,
+    /// Qwen3's per-head RMSNorm weights of q and k, `[head_dim]` each.
+    qk_norm: Option<(B::Act, B::Act)>,
+    /// Gemma's norms of the attention output and of the MLP output.
+    sandwich: Option<(B::Act, B::Act)>,
 }
 
 struct Weights<B: Backend> {
@@ -120,49 +176,36 @@ pub struct LoraState<B: Backend> {
     pub step: u64,
 }
 
-/// Saved activations of one layer (for the backward).
-struct LayerActs<B: Backend> {
-    q: B::Act,
-    k: B::Act,
-    v: B::Act,
-    att: B::Act,
-    lse: B::F32,
-    h_mid: B::Act,
-    n2: B::Act,
-    rstd2: B::F32,
-    gate: B::Act,
-    up: B::Act,
-    /// `x Aᵀ` of each adapted projection, indexed like `Target`.
-    lora_u: [Option<B::F32>; 7],
-}
-
-/// Every buffer a forward and backward of one batch shape needs, allocated once per shape.
+/// Every buffer a forward and backward of `rows` token rows needs under one checkpointing
+/// mode, allocated once per (row count, mode).
 struct Activations<B: Backend> {
-    batch: usize,
-    seq: usize,
+    rows: usize,
+    mode: Checkpointing,
     chunk_rows: usize,
     /// `resid[l]` is the input of layer `l`; `resid[L]` the last layer's output.
     resid: Vec<B::Act>,
     /// `n1[l] = rmsnorm(resid[l])` with layer `l`'s input norm (the final norm for `l = L`).
     n1: Vec<B::Act>,
     rstd1: Vec<B::F32>,
-    layers: Vec<LayerActs<B>>,
-    // scratch
+    /// Attention and MLP activations, one slot per layer where kept, one shared slot where
+    /// recomputed ([`Checkpointing`]).
+    attn: Vec<AttnActs<B>>,
+    mlp: Vec<MlpActs<B>>,
     embed: B::Act,
-    o: B::Act,
-    act: B::Act,
-    dres: B::Act,
-    dn: B::Act,
-    d_att: B::Act,
-    dq: B::Act,
-    dk: B::Act,
-    dv: B::Act,
-    d_act: B::Act,
-    d_gate: B::Act,
-    d_up: B::Act,
+    scratch: Scratch<B>,
     chunk_x: B::Act,
     chunk_logits: B::Act,
+    /// The soft-capped logits of the chunk, for the cap's backward (Gemma-2).
+    chunk_capped: Option<B::Act>,
     chunk_dx: B::Act,
+}
+
+/// A sandwich norm's saved input and statistics (Gemma), `None` for other models.
+fn sandwich_pre<B: Backend>(be: &B, c: &ModelConfig, n: usize) -> Result<Option<(B::Act, B::F32)>> {
+    Ok(match c.gemma_norms {
+        true => Some((be.alloc_act(n * c.hidden_size)?, be.alloc_f32(n)?)),
+        false => None,
+    })
 }
 
 /// Results of a forward pass.
@@ -171,12 +214,21 @@ pub struct ForwardOut {
     /// Σ cross-entropy over the target positions.
     pub loss_sum: f64,
     pub n_targets: usize,
-    /// `[batch*seq, vocab]` when asked for.
+    /// `[rows, vocab]` when asked for.
     pub logits: Option<Vec<f32>>,
 }
 
 /// Keep the logits of the lm-head chunk under this many elements (256 MB in f32).
-const LOGITS_CHUNK_ELEMS: usize = 64 << 20;
+pub const LOGITS_CHUNK_ELEMS: usize = 64 << 20;
+
+/// Rows of the lm head's chunk for `n` token rows: as few chunks as the logits budget allows,
+/// of equal size rounded up (the last chunk runs its few spare rows as ignored targets).
+/// Packed micro-batches have any row count, often prime, so a divisor of `n` would not do.
+pub fn chunk_rows(n: usize, vocab: usize) -> usize {
+    let n = n.max(1);
+    let max_rows = (LOGITS_CHUNK_ELEMS / vocab.max(1)).clamp(1, n);
+    n.div_ceil(n.div_ceil(max_rows))
+}
 
 pub struct Model<B: Backend> {
     pub cfg: ModelConfig,
@@ -189,6 +241,10 @@ pub struct Model<B: Backend> {
     /// The training-time switch: when false the directions are kept but not applied.
     pub ablate: bool,
     acts: Option<Activations<B>>,
+    /// What the backward keeps and what it recomputes.
+    pub checkpointing: Checkpointing,
+    /// The sequence layout of the micro-batch in `acts` (set by the forward).
+    seqs: Option<Seqs<B::Idx>>,
     loss_acc: B::F32,
 }
 
@@ -217,51 +273,6 @@ fn load<B: Backend>(be: &B, src: &dyn WeightSource, name: &str, want: &[usize]) 
         .with_context(|| format!("uploading {name} to {}", be.name()))
 }
 
-/// What the backward of one adapted projection needs besides its activations.
-struct LoraGrad<'a, B: Backend> {
-    params: &'a B::F32,
-    grads: &'a mut B::F32,
-    scale: f32,
-    layout: &'a LoraLayout,
-    cfg: &'a ModelConfig,
-    n: usize,
-}
-
-impl<B: Backend> LoraGrad<'_, B> {
-    /// Input gradient of projection `t` of layer `l`, a frozen `W` plus LoRA:
-    /// `dx (+)= dy W`, then the LoRA terms (`dA`, `dB` accumulate; `dx += scale·(dy B) A`).
-    #[allow(clippy::too_many_arguments)]
-    fn bwd(
-        &mut self,
-        be: &B,
-        l: usize,
-        t: Target,
-        dx: &mut B::Act,
-        dy: &B::Act,
-        x: &B::Act,
-        w: &B::Act,
-        lora_u: &[Option<B::F32>; 7],
-        accumulate: bool,
-    ) -> Result<()> {
-        let (d_in, d_out) = t.dims(self.cfg);
-        be.linear_bwd_input(dx, dy, w, self.n, d_in, d_out, accumulate)?;
-        if let (Some(slot), Some(u)) = (self.layout.slot(l, t), lora_u[t as usize].as_ref()) {
-            be.lora_bwd(
-                dx,
-                self.grads,
-                dy,
-                x,
-                u,
-                self.params,
-                slot,
-                self.scale,
-                self.n,
-            )?;
-        }
-        Ok(())
-    }
-}
-
 impl<B: Backend> Model<B> {
     /// Load the frozen weights from `src`, checking every shape against `cfg`.
     pub fn new(be: &B, cfg: ModelConfig, src: &dyn WeightSource) -> Result<Self> {
@@ -284,6 +295,18 @@ impl<B: Backend> Model<B> {
             );
         }
         let bias = cfg.attention_bias;
+        // Gemma's norms multiply by `1 + w`: uploaded as that sum, formed in f32 (where
+        // transformers forms it), so every norm kernel stays `x · rstd · w`.
+        let norm = |name: &str| -> Result<B::Act> {
+            if !cfg.gemma_norms {
+                return load(be, src, name, &[d]);
+            }
+            check_shape(src, name, &[d])?;
+            let t = src.get(name)?;
+            let plus_one: Vec<f32> = t.data.iter().map(|w| 1.0 + w).collect();
+            be.upload_act(&plus_one)
+                .with_context(|| format!("uploading {name} to {}", be.name()))
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
@@ -300,13 +323,20 @@ impl<B: Backend> Model<B> {
                 }
             };
             layers.push(LayerWeights {
-                input_norm: load(be, src, &format!("{p}.input_layernorm.weight"), &[d])?,
-                post_norm: load(
-                    be,
-                    src,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    &[d],
-                )?,
+                input_norm: norm(&format!("{p}.input_layernorm.weight"))?,
+                // The norm before the MLP: Gemma calls it pre_feedforward_layernorm (its
+                // post_attention_layernorm normalises the attention output instead).
+                post_norm: match cfg.gemma_norms {
+                    true => norm(&format!("{p}.pre_feedforward_layernorm.weight"))?,
+                    false => norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                },
+                sandwich: match cfg.gemma_norms {
+                    true => Some((
+                        norm(&format!("{p}.post_attention_layernorm.weight"))?,
+                        norm(&format!("{p}.post_feedforward_layernorm.weight"))?,
+                    )),
+                    false => None,
+                },
                 wq: load(be, src, &format!("{p}.self_attn.q_proj.weight"), &[qw, d])?,
                 wk: load(be, src, &format!("{p}.self_attn.k_proj.weight"), &[kvw, d])?,
                 wv: load(be, src, &format!("{p}.self_attn.v_proj.weight"), &[kvw, d])?,
@@ -317,10 +347,19 @@ impl<B: Backend> Model<B> {
                 wg: load(be, src, &format!("{p}.mlp.gate_proj.weight"), &[f, d])?,
                 wu: load(be, src, &format!("{p}.mlp.up_proj.weight"), &[f, d])?,
                 wd: load(be, src, &format!("{p}.mlp.down_proj.weight"), &[d, f])?,
+                qk_norm: if cfg.qk_norm {
+                    let hd = cfg.head_dim;
+                    Some((
+                        load(be, src, &format!("{p}.self_attn.q_norm.weight"), &[hd])?,
+                        load(be, src, &format!("{p}.self_attn.k_norm.weight"), &[hd])?,
+                    ))
+                } else {
+                    None
+                },
             });
         }
         let embed = load(be, src, "model.embed_tokens.weight", &[v, d])?;
-        let final_norm = load(be, src, "model.norm.weight", &[d])?;
+        let final_norm = norm("model.norm.weight")?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
@@ -344,6 +383,8 @@ impl<B: Backend> Model<B> {
             ablation: (0..n_layers).map(|_| None).collect(),
             ablate: true,
             acts: None,
+            checkpointing: Checkpointing::None,
+            seqs: None,
             loss_acc,
         })
     }
@@ -407,269 +448,197 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    fn ensure_acts(&mut self, be: &B, batch: usize, seq: usize) -> Result<()> {
+    // Every buffer allocated here (and in `new`, `set_lora`, `set_ablation`, `ensure_rope`) is
+    // mirrored by the device-memory plan, `train/plan.rs`; `tests/cuda_plan.rs` holds the two
+    // together on the emulated GPU. Change both.
+    fn ensure_acts(&mut self, be: &B, n: usize) -> Result<()> {
+        let mode = self.checkpointing;
         if let Some(a) = &self.acts {
-            if a.batch == batch && a.seq == seq {
+            if a.rows == n && a.mode == mode {
                 return Ok(());
             }
         }
         self.acts = None; // free the old buffers first
         let c = &self.cfg;
-        let n = batch * seq;
         let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let qw = c.num_heads * c.head_dim;
         let kvw = c.num_kv_heads * c.head_dim;
-        // The largest divisor of n within the budget, so every chunk has the same size.
-        let max_rows = (LOGITS_CHUNK_ELEMS / v).clamp(1, n);
-        let chunk_rows = (1..=max_rows)
-            .rev()
-            .find(|r| n.is_multiple_of(*r))
-            .unwrap_or(1);
+        let chunk_rows = chunk_rows(n, v);
         let act = |len: usize| be.alloc_act(len);
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for l in 0..c.num_layers {
-            let mut lora_u: [Option<B::F32>; 7] = Default::default();
-            if let Some(lora) = &self.lora {
-                for t in Target::ALL {
-                    if let Some(s) = lora.layout.slot(l, t) {
-                        lora_u[t as usize] = Some(be.alloc_f32(n * s.r)?);
-                    }
-                }
-            }
-            layers.push(LayerActs {
-                q: act(n * qw)?,
-                k: act(n * kvw)?,
-                v: act(n * kvw)?,
-                att: act(n * qw)?,
-                lse: be.alloc_f32(batch * c.num_heads * seq)?,
-                h_mid: act(n * d)?,
-                n2: act(n * d)?,
-                rstd2: be.alloc_f32(n)?,
-                gate: act(n * f)?,
-                up: act(n * f)?,
-                lora_u,
-            });
-        }
+        let lora = self.lora.as_ref();
+        let (n_attn, n_mlp) = mode.slots(c.num_layers);
+        let attn = (0..n_attn)
+            .map(|l| {
+                Ok(AttnActs {
+                    q: act(n * qw)?,
+                    k: act(n * kvw)?,
+                    v: act(n * kvw)?,
+                    att: act(n * qw)?,
+                    lse: be.alloc_f32(c.num_heads * n)?,
+                    h_mid: act(n * d)?,
+                    n2: act(n * d)?,
+                    rstd2: be.alloc_f32(n)?,
+                    lora_u: alloc_lora_u(be, lora, l, n, &Target::ATTENTION)?,
+                    qk_pre: match c.qk_norm {
+                        true => Some(QkPre {
+                            q: act(n * qw)?,
+                            k: act(n * kvw)?,
+                            q_rstd: be.alloc_f32(n * c.num_heads)?,
+                            k_rstd: be.alloc_f32(n * c.num_kv_heads)?,
+                        }),
+                        false => None,
+                    },
+                    o_pre: sandwich_pre(be, c, n)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mlp = (0..n_mlp)
+            .map(|l| {
+                Ok(MlpActs {
+                    gate: act(n * f)?,
+                    up: act(n * f)?,
+                    lora_u: alloc_lora_u(be, lora, l, n, &Target::MLP)?,
+                    down_pre: sandwich_pre(be, c, n)?,
+                })
+            })
+            .collect::<Result<_>>()?;
         let l1 = c.num_layers + 1;
         self.acts = Some(Activations {
-            batch,
-            seq,
+            rows: n,
+            mode,
             chunk_rows,
             resid: (0..l1).map(|_| act(n * d)).collect::<Result<_>>()?,
             n1: (0..l1).map(|_| act(n * d)).collect::<Result<_>>()?,
             rstd1: (0..l1).map(|_| be.alloc_f32(n)).collect::<Result<_>>()?,
-            layers,
+            attn,
+            mlp,
             embed: act(n * d)?,
-            o: act(n * d)?,
-            act: act(n * f)?,
-            dres: act(n * d)?,
-            dn: act(n * d)?,
-            d_att: act(n * qw)?,
-            dq: act(n * qw)?,
-            dk: act(n * kvw)?,
-            dv: act(n * kvw)?,
-            d_act: act(n * f)?,
-            d_gate: act(n * f)?,
-            d_up: act(n * f)?,
+            scratch: Scratch {
+                o: act(n * d)?,
+                act: act(n * f)?,
+                dres: act(n * d)?,
+                dn: act(n * d)?,
+                d_att: act(n * qw)?,
+                dq: act(n * qw)?,
+                dk: act(n * kvw)?,
+                dv: act(n * kvw)?,
+                d_act: act(n * f)?,
+                d_gate: act(n * f)?,
+                d_up: act(n * f)?,
+                dqk_pre: match c.qk_norm {
+                    true => Some((act(n * qw)?, act(n * kvw)?)),
+                    false => None,
+                },
+                sandwich: match c.gemma_norms {
+                    true => Some((act(n * d)?, act(n * d)?)),
+                    false => None,
+                },
+            },
             chunk_x: act(chunk_rows * d)?,
             chunk_logits: act(chunk_rows * v)?,
+            chunk_capped: match c.final_softcap {
+                Some(_) => Some(act(chunk_rows * v)?),
+                None => None,
+            },
             chunk_dx: act(chunk_rows * d)?,
         });
         Ok(())
     }
 
     fn check_batch(&self, b: &Batch) -> Result<()> {
-        let n = b.batch * b.seq;
-        if n == 0 || b.ids.len() != n || b.labels.len() != n {
+        let n: usize = b.lens.iter().sum();
+        if n == 0 || b.lens.contains(&0) || b.ids.len() != n || b.labels.len() != n {
             bail!(
-                "batch of {}x{} needs {} ids and labels, got {} and {}",
-                b.batch,
-                b.seq,
-                n,
+                "a batch of sequences of lengths {:?} needs {n} ids and labels, got {} and {}",
+                b.lens,
                 b.ids.len(),
                 b.labels.len()
             );
         }
         let v = self.cfg.vocab_size;
-        for (i, &id) in b.ids.iter().enumerate() {
-            if id as usize >= v {
-                bail!(
-                    "token id {id} at sequence {} position {} is >= the vocabulary size {v}",
-                    i / b.seq,
-                    i % b.seq
-                );
-            }
+        if let Some(i) = b.ids.iter().position(|&id| id as usize >= v) {
+            let (s, p) = b.locate(i);
+            bail!(
+                "token id {} at sequence {s} position {p} is >= the vocabulary size {v}",
+                b.ids[i]
+            );
         }
-        for (i, &l) in b.labels.iter().enumerate() {
-            if l >= v as i32 {
-                bail!(
-                    "label {l} at sequence {} position {} is >= the vocabulary size {v}",
-                    i / b.seq,
-                    i % b.seq
-                );
-            }
+        if let Some(i) = b.labels.iter().position(|&l| l >= v as i32) {
+            let (s, p) = b.locate(i);
+            bail!(
+                "label {} at sequence {s} position {p} is >= the vocabulary size {v}",
+                b.labels[i]
+            );
         }
         Ok(())
     }
 
-    fn attn_shape(&self, batch: usize, seq: usize) -> AttnShape {
-        AttnShape {
-            batch,
-            seq,
-            n_heads: self.cfg.num_heads,
-            n_kv_heads: self.cfg.num_kv_heads,
-            head_dim: self.cfg.head_dim,
-            window: self.cfg.sliding_window.filter(|&w| w < seq),
+    /// Layer `l`'s attention heads for sequences up to `max_len` long (a window that long or
+    /// longer is no window).
+    fn attn_shape(&self, l: usize, max_len: usize) -> AttnShape {
+        let mut s = self.cfg.attn_heads(l);
+        s.window = s.window.filter(|&w| w < max_len);
+        s
+    }
+
+    /// One layer's ops for the micro-batch of the last [`Model::run_layers`].
+    fn layer<'a>(&'a self, be: &'a B, l: usize, b: &Batch) -> Layer<'a, B> {
+        Layer {
+            be,
+            cfg: &self.cfg,
+            w: &self.w,
+            rope: &self.rope,
+            seqs: self.seqs.as_ref().expect("forward ran"),
+            shape: self.attn_shape(l, b.max_len()),
+            n: b.rows(),
+            l,
         }
     }
 
-    /// Forward through every layer, keeping what the backward needs.
+    /// Forward through every layer, keeping what the backward needs under the checkpointing
+    /// mode (every layer's input always; its attention and MLP parts where kept).
     fn run_layers(&mut self, be: &B, b: &Batch) -> Result<()> {
         self.check_batch(b)?;
-        self.ensure_rope(be, b.seq)?;
-        self.ensure_acts(be, b.batch, b.seq)?;
+        self.ensure_rope(be, b.max_len())?;
+        self.ensure_acts(be, b.rows())?;
+        self.seqs = Some(be.seqs(&b.lens)?);
         let cfg = &self.cfg;
-        let (n, d, f) = (b.batch * b.seq, cfg.hidden_size, cfg.intermediate_size);
-        let qw = cfg.num_heads * cfg.head_dim;
-        let kvw = cfg.num_kv_heads * cfg.head_dim;
-        let eps = cfg.rms_norm_eps as f32;
-        let shape = self.attn_shape(b.batch, b.seq);
-        let a = self.acts.as_mut().expect("activations allocated");
-        let w = &self.w;
-        let lora = self.lora.as_ref();
-
-        be.embedding(&mut a.embed, &w.embed, &b.ids, d)?;
-        be.residual_ablate_norm(
-            &mut a.resid[0],
-            &mut a.n1[0],
-            &mut a.rstd1[0],
-            &a.embed,
-            None,
-            None,
-            &w.layers[0].input_norm,
-            n,
-            d,
-            eps,
-        )?;
-        for l in 0..cfg.num_layers {
-            let lw = &w.layers[l];
-            let la = &mut a.layers[l];
-            let x = &a.n1[l];
-            let proj = |be: &B,
-                        y: &mut B::Act,
-                        u: &mut Option<B::F32>,
-                        x: &B::Act,
-                        wt: &B::Act,
-                        bias: Option<&B::Act>,
-                        t: Target,
-                        d_in: usize,
-                        d_out: usize|
-             -> Result<()> {
-                be.linear(y, x, wt, bias, n, d_in, d_out, false)?;
-                if let (Some(lo), Some(u)) = (lora, u.as_mut()) {
-                    let slot = lo.layout.slot(l, t).expect("slot for allocated u");
-                    be.lora_fwd(y, u, x, &lo.params, slot, lo.scale, n)?;
-                }
-                Ok(())
-            };
-            let [uq, uk, uv, uo, ug, uu, ud] = &mut la.lora_u;
-            proj(
-                be,
-                &mut la.q,
-                uq,
-                x,
-                &lw.wq,
-                lw.bq.as_ref(),
-                Target::Q,
-                d,
-                qw,
-            )?;
-            proj(
-                be,
-                &mut la.k,
-                uk,
-                x,
-                &lw.wk,
-                lw.bk.as_ref(),
-                Target::K,
-                d,
-                kvw,
-            )?;
-            proj(
-                be,
-                &mut la.v,
-                uv,
-                x,
-                &lw.wv,
-                lw.bv.as_ref(),
-                Target::V,
-                d,
-                kvw,
-            )?;
-            be.rope(
-                &mut la.q,
-                &self.rope,
-                b.batch,
-                b.seq,
-                cfg.num_heads,
-                cfg.head_dim,
-                false,
-                None,
-            )?;
-            be.rope(
-                &mut la.k,
-                &self.rope,
-                b.batch,
-                b.seq,
-                cfg.num_kv_heads,
-                cfg.head_dim,
-                false,
-                None,
-            )?;
-            be.attention_fwd(&mut la.att, &mut la.lse, &la.q, &la.k, &la.v, &shape)?;
-            proj(be, &mut a.o, uo, &la.att, &lw.wo, None, Target::O, qw, d)?;
+        let (n, d) = (b.rows(), cfg.hidden_size);
+        let mode = self.checkpointing;
+        let mut a = self.acts.take().expect("activations allocated");
+        let r = (|| -> Result<()> {
+            be.embedding(&mut a.embed, &self.w.embed, &b.ids, d)?;
+            if cfg.gemma_norms {
+                be.scale_act(&mut a.embed, (d as f64).sqrt() as f32)?;
+            }
             be.residual_ablate_norm(
-                &mut la.h_mid,
-                &mut la.n2,
-                &mut la.rstd2,
-                &a.resid[l],
-                Some(&a.o),
+                &mut a.resid[0],
+                &mut a.n1[0],
+                &mut a.rstd1[0],
+                &a.embed,
                 None,
-                &lw.post_norm,
+                None,
+                &self.w.layers[0].input_norm,
                 n,
                 d,
-                eps,
+                cfg.rms_norm_eps as f32,
             )?;
-            proj(
-                be,
-                &mut la.gate,
-                ug,
-                &la.n2,
-                &lw.wg,
-                None,
-                Target::Gate,
-                d,
-                f,
-            )?;
-            proj(be, &mut la.up, uu, &la.n2, &lw.wu, None, Target::Up, d, f)?;
-            be.swiglu(&mut a.act, &la.gate, &la.up)?;
-            proj(be, &mut a.o, ud, &a.act, &lw.wd, None, Target::Down, f, d)?;
-            let next_norm = w.next_norm(l);
-            let dirs = layer_dirs::<B>(&self.ablation, self.ablate, l);
-            be.residual_ablate_norm(
-                &mut a.resid[l + 1],
-                &mut a.n1[l + 1],
-                &mut a.rstd1[l + 1],
-                &la.h_mid,
-                Some(&a.o),
-                dirs,
-                next_norm,
-                n,
-                d,
-                eps,
-            )?;
-        }
-        Ok(())
+            let lora = self.lora.as_ref().map(LoraView::of);
+            for l in 0..cfg.num_layers {
+                let ly = self.layer(be, l, b);
+                let (la, lm) = (&mut a.attn[mode.attn_slot(l)], &mut a.mlp[mode.mlp_slot(l)]);
+                let s = &mut a.scratch;
+                ly.attn_fwd(lora.as_ref(), &a.n1[l], &a.resid[l], la, s)?;
+                ly.mlp_fwd(lora.as_ref(), &la.n2, lm, s)?;
+                let dirs = layer_dirs::<B>(&self.ablation, self.ablate, l);
+                let (resid, n1, rstd1) =
+                    (&mut a.resid[l + 1], &mut a.n1[l + 1], &mut a.rstd1[l + 1]);
+                ly.out_fwd(&la.h_mid, s.added(), dirs, resid, n1, rstd1)?;
+            }
+            Ok(())
+        })();
+        self.acts = Some(a);
+        r
     }
 
     /// The lm head over the final normed states, chunk by chunk: loss (and optionally logits),
@@ -682,7 +651,7 @@ impl<B: Backend> Model<B> {
         want_logits: bool,
     ) -> Result<ForwardOut> {
         let cfg = &self.cfg;
-        let (n, d, v) = (b.batch * b.seq, cfg.hidden_size, cfg.vocab_size);
+        let (n, d, v) = (b.rows(), cfg.hidden_size, cfg.vocab_size);
         let targets = b.targets();
         let a = self.acts.as_mut().expect("activations allocated");
         let w_head = self.w.lm_head.as_ref().unwrap_or(&self.w.embed);
@@ -690,24 +659,31 @@ impl<B: Backend> Model<B> {
         let mut logits = want_logits.then(|| Vec::with_capacity(n * v));
         let last = cfg.num_layers;
         let mut r0 = 0;
+        let chunk = a.chunk_rows;
+        // The last chunk's spare rows (at most a few) keep the previous chunk's values and
+        // an ignored target: no loss, a zero gradient, never copied out.
+        let mut chunk_targets = vec![-1i32; chunk];
         while r0 < n {
-            let rows = a.chunk_rows;
+            let rows = chunk.min(n - r0);
+            chunk_targets[..rows].copy_from_slice(&targets[r0..r0 + rows]);
+            chunk_targets[rows..].fill(-1);
             let (x, lg, dx) = (&mut a.chunk_x, &mut a.chunk_logits, &mut a.chunk_dx);
             be.copy_act(x, 0, &a.n1[last], r0 * d, rows * d)?;
-            be.linear(lg, x, w_head, None, rows, d, v, false)?;
-            if let Some(l) = logits.as_mut() {
-                l.extend_from_slice(&be.download_act(lg)?);
+            be.linear(lg, x, w_head, None, chunk, d, v, false)?;
+            if let (Some(c), Some(capped)) = (cfg.final_softcap, a.chunk_capped.as_mut()) {
+                be.softcap(lg, c as f32)?;
+                be.copy_act(capped, 0, lg, 0, chunk * v)?;
             }
-            be.cross_entropy(
-                lg,
-                &mut self.loss_acc,
-                &targets[r0..r0 + rows],
-                v,
-                grad_scale,
-            )?;
+            if let Some(l) = logits.as_mut() {
+                l.extend_from_slice(&be.download_act(lg)?[..rows * v]);
+            }
+            be.cross_entropy(lg, &mut self.loss_acc, &chunk_targets, v, grad_scale)?;
             if grad_scale.is_some() {
-                be.linear_bwd_input(dx, lg, w_head, rows, d, v, false)?;
-                be.copy_act(&mut a.dn, r0 * d, dx, 0, rows * d)?;
+                if let (Some(c), Some(capped)) = (cfg.final_softcap, a.chunk_capped.as_ref()) {
+                    be.softcap_bwd(lg, capped, c as f32)?;
+                }
+                be.linear_bwd_input(dx, lg, w_head, chunk, d, v, false)?;
+                be.copy_act(&mut a.scratch.dn, r0 * d, dx, 0, rows * d)?;
             }
             r0 += rows;
         }
@@ -739,164 +715,61 @@ impl<B: Backend> Model<B> {
         Ok(out)
     }
 
+    /// Backward through every layer, top down, recomputing what the checkpointing mode did
+    /// not keep (into the shared slots) right before the layer's backward needs it.
     fn backward_layers(&mut self, be: &B, b: &Batch) -> Result<()> {
-        let cfg = &self.cfg;
-        let (n, d) = (b.batch * b.seq, cfg.hidden_size);
-        let shape = self.attn_shape(b.batch, b.seq);
-        let a = self.acts.as_mut().expect("activations allocated");
-        let w = &self.w;
-        let lora = self.lora.as_mut().expect("lora present");
-        let mut lg = LoraGrad::<B> {
-            params: &lora.params,
-            grads: &mut lora.grads,
-            scale: lora.scale,
-            layout: &lora.layout,
-            cfg,
-            n,
-        };
-
-        be.zero_act(&mut a.dres)?;
-        for l in (0..cfg.num_layers).rev() {
-            let lw = &w.layers[l];
-            let la = &a.layers[l];
-            let next_norm = w.next_norm(l);
-            let dirs = layer_dirs::<B>(&self.ablation, self.ablate, l);
-            // Through the layer-output fused op: dres = P(dres + rmsnorm_bwd(dn)).
-            be.residual_ablate_norm_bwd(
-                &mut a.dres,
-                &a.dn,
-                &a.resid[l + 1],
-                &a.rstd1[l + 1],
-                dirs,
-                next_norm,
-                n,
-                d,
-            )?;
-            // MLP: dres is the gradient of m = down(act).
-            be.swiglu(&mut a.act, &la.gate, &la.up)?;
-            lg.bwd(
-                be,
-                l,
-                Target::Down,
-                &mut a.d_act,
-                &a.dres,
-                &a.act,
-                &lw.wd,
-                &la.lora_u,
-                false,
-            )?;
-            be.swiglu_bwd(&mut a.d_gate, &mut a.d_up, &a.d_act, &la.gate, &la.up)?;
-            lg.bwd(
-                be,
-                l,
-                Target::Gate,
-                &mut a.dn,
-                &a.d_gate,
-                &la.n2,
-                &lw.wg,
-                &la.lora_u,
-                false,
-            )?;
-            lg.bwd(
-                be,
-                l,
-                Target::Up,
-                &mut a.dn,
-                &a.d_up,
-                &la.n2,
-                &lw.wu,
-                &la.lora_u,
-                true,
-            )?;
-            // Through the mid-layer fused op (no ablation): dres += rmsnorm_bwd(dn2).
-            be.residual_ablate_norm_bwd(
-                &mut a.dres,
-                &a.dn,
-                &la.h_mid,
-                &la.rstd2,
-                None,
-                &lw.post_norm,
-                n,
-                d,
-            )?;
-            // Attention output projection: dres is the gradient of o.
-            lg.bwd(
-                be,
-                l,
-                Target::O,
-                &mut a.d_att,
-                &a.dres,
-                &la.att,
-                &lw.wo,
-                &la.lora_u,
-                false,
-            )?;
-            be.attention_bwd(
-                &mut a.dq, &mut a.dk, &mut a.dv, &a.d_att, &la.att, &la.lse, &la.q, &la.k, &la.v,
-                &shape,
-            )?;
-            be.rope(
-                &mut a.dq,
-                &self.rope,
-                b.batch,
-                b.seq,
-                cfg.num_heads,
-                cfg.head_dim,
-                true,
-                None,
-            )?;
-            be.rope(
-                &mut a.dk,
-                &self.rope,
-                b.batch,
-                b.seq,
-                cfg.num_kv_heads,
-                cfg.head_dim,
-                true,
-                None,
-            )?;
-            let x = &a.n1[l];
-            lg.bwd(
-                be,
-                l,
-                Target::Q,
-                &mut a.dn,
-                &a.dq,
-                x,
-                &lw.wq,
-                &la.lora_u,
-                false,
-            )?;
-            lg.bwd(
-                be,
-                l,
-                Target::K,
-                &mut a.dn,
-                &a.dk,
-                x,
-                &lw.wk,
-                &la.lora_u,
-                true,
-            )?;
-            lg.bwd(
-                be,
-                l,
-                Target::V,
-                &mut a.dn,
-                &a.dv,
-                x,
-                &lw.wv,
-                &la.lora_u,
-                true,
-            )?;
-            // Now dres is the gradient reaching resid[l] through the skip path and dn the
-            // gradient of n1[l]; the next iteration combines them through layer l-1's op.
-        }
-        Ok(())
+        let mode = self.checkpointing;
+        let mut a = self.acts.take().expect("activations allocated");
+        let mut lora = self.lora.take().expect("lora present");
+        let r = (|| -> Result<()> {
+            let cfg = &self.cfg;
+            let (grads, view) = (
+                &mut lora.grads,
+                LoraView {
+                    params: &lora.params,
+                    scale: lora.scale,
+                    layout: &lora.layout,
+                },
+            );
+            let mut lg = LoraGrad::<B> {
+                view,
+                grads,
+                cfg,
+                n: b.rows(),
+            };
+            be.zero_act(&mut a.scratch.dres)?;
+            for l in (0..cfg.num_layers).rev() {
+                let ly = self.layer(be, l, b);
+                let (ai, mi) = (mode.attn_slot(l), mode.mlp_slot(l));
+                let s = &mut a.scratch;
+                // `o` and `act` are scratch: the backward writes them before it reads them.
+                if mode == Checkpointing::Full {
+                    ly.attn_fwd(Some(&lg.view), &a.n1[l], &a.resid[l], &mut a.attn[ai], s)?;
+                }
+                if mode != Checkpointing::None {
+                    ly.mlp_fwd(Some(&lg.view), &a.attn[ai].n2, &mut a.mlp[mi], s)?;
+                }
+                let dirs = layer_dirs::<B>(&self.ablation, self.ablate, l);
+                ly.bwd(
+                    &mut lg,
+                    &a.attn[ai],
+                    &a.mlp[mi],
+                    &a.n1[l],
+                    &a.resid[l + 1],
+                    &a.rstd1[l + 1],
+                    dirs,
+                    s,
+                )?;
+            }
+            Ok(())
+        })();
+        self.acts = Some(a);
+        self.lora = Some(lora);
+        r
     }
 
     /// The decoder layer `layer`'s output (resid_post, after any ablation) of the last
-    /// forward, `[batch*seq, hidden]`.
+    /// forward, `[rows, hidden]`.
     pub fn resid_post(&self, be: &B, layer: usize) -> Result<Vec<f32>> {
         let a = self
             .acts

@@ -6,7 +6,7 @@ use crate::backend::Backend;
 use crate::model::ablation::random_directions;
 use crate::model::config::ModelConfig;
 use crate::model::lora::{LoraConfig, LoraLayout, Target};
-use crate::model::transformer::{Batch, Model};
+use crate::model::transformer::{Batch, Checkpointing, Model};
 use crate::model::weights::WeightSource;
 use crate::train::optim::{optimizer_step, OptimConfig};
 use crate::util::rng::Rng;
@@ -21,6 +21,7 @@ pub struct StepSpec {
     pub targets: Vec<Target>,
     pub ablate_layers: Vec<usize>,
     pub ablate_k: usize,
+    pub checkpointing: Checkpointing,
 }
 
 pub struct StepBench<B: Backend> {
@@ -32,6 +33,7 @@ pub struct StepBench<B: Backend> {
 impl<B: Backend> StepBench<B> {
     pub fn new(be: &B, cfg: &ModelConfig, src: &dyn WeightSource, spec: &StepSpec) -> Result<Self> {
         let mut model = Model::new(be, cfg.clone(), src)?;
+        model.checkpointing = spec.checkpointing;
         let layout = LoraLayout::new(
             cfg,
             &LoraConfig {
@@ -62,12 +64,8 @@ impl<B: Backend> StepBench<B> {
         let n = spec.batch * spec.seq;
         let mut rng = Rng::new(2);
         let ids: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab_size) as u32).collect();
-        let batch = Batch {
-            batch: spec.batch,
-            seq: spec.seq,
-            labels: ids.iter().map(|&x| x as i32).collect(),
-            ids,
-        };
+        let labels = ids.iter().map(|&x| x as i32).collect();
+        let batch = Batch::padded(spec.batch, spec.seq, ids, labels);
         let opt = OptimConfig {
             total_steps: 1 << 20,
             warmup_steps: 0,

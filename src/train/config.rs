@@ -7,6 +7,7 @@
 
 use crate::backend::device::Device;
 use crate::data::TrainOn;
+use crate::train::plan::CheckpointingChoice;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::path::{Path, PathBuf};
@@ -42,6 +43,18 @@ pub struct TrainConfig {
     pub max_steps: Option<u64>,
     pub batch_size: usize,
     pub grad_accum: usize,
+    /// Padding-free packing: an optimizer step's `batch_size · grad_accum` examples are laid
+    /// end to end into as few micro-batches of at most `max_tokens_per_batch` tokens as fit,
+    /// instead of `grad_accum` padded micro-batches. Same examples, same loss normalisation,
+    /// the same update up to rounding; off = pad each micro-batch to its longest example.
+    pub packing: bool,
+    /// Token budget of one packed micro-batch; `None` = `batch_size · max_seq_len`.
+    pub max_tokens_per_batch: Option<usize>,
+    /// Activation checkpointing: what the backward recomputes instead of keeping. Every mode
+    /// gives the same gradients bit for bit. `auto` (the default) takes the fastest mode whose
+    /// memory plan (`train::plan`) fits the GPU's free memory: `none` whenever it fits, so a
+    /// run that fitted before is unchanged; on the CPU `auto` is `none`.
+    pub checkpointing: CheckpointingChoice,
     /// Global gradient-norm clip; 0 turns clipping off.
     pub max_grad_norm: f64,
     pub seed: u64,
@@ -91,6 +104,9 @@ impl Default for TrainConfig {
             max_steps: None,
             batch_size: 2,
             grad_accum: 8,
+            packing: true,
+            max_tokens_per_batch: None,
+            checkpointing: CheckpointingChoice::Auto,
             max_grad_norm: 1.0,
             seed: 0,
             ablate: None,
@@ -152,6 +168,12 @@ pub const TRAINING_KEYS: &[&str] = &[
 ];
 
 impl TrainConfig {
+    /// The token budget of one packed micro-batch.
+    pub fn token_budget(&self) -> usize {
+        self.max_tokens_per_batch
+            .unwrap_or(self.batch_size.saturating_mul(self.max_seq_len))
+    }
+
     /// Read a TOML config file over `base`: keys present in the file replace `base`'s.
     pub fn merge_toml_file(base: &TrainConfig, path: &Path) -> Result<TrainConfig> {
         let text = std::fs::read_to_string(path)
@@ -193,6 +215,14 @@ impl TrainConfig {
         }
         if self.max_seq_len < 2 {
             bail!("--max-seq-len must be at least 2 (one token predicts the next)");
+        }
+        if self.max_tokens_per_batch == Some(0) {
+            bail!("--max-tokens-per-batch must be at least 1");
+        }
+        if self.max_tokens_per_batch.is_some() && !self.packing {
+            bail!(
+                "--max-tokens-per-batch applies to packed micro-batches; drop it or --no-packing"
+            );
         }
         if !(0.0..1.0).contains(&self.val_split) {
             bail!("--val-split {} must be in [0, 1)", self.val_split);

@@ -7,7 +7,7 @@
 //! one tensor beyond the model) and the tokenizer files when the source has them (for GGUF, the
 //! tokenizer and chat template are rebuilt from its metadata).
 
-use crate::model::config::{Arch, ModelConfig};
+use crate::model::config::{Arch, MlpAct, ModelConfig};
 use crate::model::loader::LoadedModel;
 use crate::model::lora::{LoraLayout, Target};
 use anyhow::{bail, Context, Result};
@@ -52,6 +52,8 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
         Arch::Llama => ("LlamaForCausalLM", "llama"),
         Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
         Arch::Mistral => ("MistralForCausalLM", "mistral"),
+        Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+        Arch::Gemma2 => ("Gemma2ForCausalLM", "gemma2"),
     };
     let mut j = serde_json::json!({
         "architectures": [arch],
@@ -83,6 +85,32 @@ pub fn hf_config_json(cfg: &ModelConfig) -> serde_json::Value {
     }
     if let Some(w) = cfg.sliding_window {
         j["sliding_window"] = w.into();
+    }
+    if let Some(on) = &cfg.sliding_layers {
+        let types: Vec<&str> = on
+            .iter()
+            .map(|&s| {
+                if s {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        j["layer_types"] = types.into();
+    }
+    if cfg.mlp_act == MlpAct::GeluTanh {
+        j["hidden_act"] = "gelu_pytorch_tanh".into();
+        j["hidden_activation"] = "gelu_pytorch_tanh".into();
+    }
+    if let Some(s) = cfg.query_pre_attn_scalar {
+        j["query_pre_attn_scalar"] = s.into();
+    }
+    if let Some(c) = cfg.attn_softcap {
+        j["attn_logit_softcapping"] = c.into();
+    }
+    if let Some(c) = cfg.final_softcap {
+        j["final_logit_softcapping"] = c.into();
     }
     if let Some(b) = cfg.bos_token_id {
         j["bos_token_id"] = b.into();

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod merge;
 pub mod optim;
+pub mod plan;
 mod run;
 pub mod trainer;
 

@@ -600,4 +600,24 @@ fn print_banner<B: Backend>(tr: &Trainer<B>, cfg: &TrainConfig, loaded: &LoadedM
             None => "off".into(),
         }
     );
+    let mode = tr.checkpointing;
+    match &tr.memory_plan {
+        Some(v) => eprintln!(
+            "  checkpointing: {mode}{}; planned peak {} GiB of {} GiB free",
+            match cfg.checkpointing {
+                crate::train::plan::CheckpointingChoice::Auto => " (auto)",
+                _ => "",
+            },
+            crate::train::plan::gib(v.plan.total),
+            crate::train::plan::gib(v.budget)
+        ),
+        None => eprintln!(
+            "  checkpointing: {mode}{}",
+            match cfg.checkpointing {
+                crate::train::plan::CheckpointingChoice::Auto =>
+                    " (auto: none on the CPU, which has no device memory to plan for)",
+                _ => "",
+            }
+        ),
+    }
 }

@@ -14,10 +14,11 @@ use crate::io::{file_sha256, program, sha256_hex};
 use crate::model::ablation::{load_directions, random_directions, Directions};
 use crate::model::loader::LoadedModel;
 use crate::model::lora::{LoraConfig, LoraLayout, Target};
-use crate::model::transformer::{Batch, Model};
+use crate::model::transformer::{Batch, Checkpointing, Model};
 use crate::train::checkpoint::{self, Checkpoint, TrainerState, CHECKPOINTS_DIR};
 use crate::train::config::TrainConfig;
 use crate::train::optim::{optimizer_step, OptimConfig, Schedule};
+use crate::train::plan::{self, KnownData, Verdict};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -89,6 +90,9 @@ pub fn prepare_data(cfg: &TrainConfig, loaded: &LoadedModel) -> Result<Prepared>
         Ok(())
     };
     empty(&train, "training", &source)?;
+    if cfg.packing {
+        data::check_token_budget(&train, &source, cfg.token_budget())?;
+    }
     let (mut records, mut truncated, mut dropped) = (train.records, train.truncated, train.dropped);
     let (train_ex, val_ex, val_sha) = match &cfg.val_data {
         Some(p) => {
@@ -104,12 +108,7 @@ pub fn prepare_data(cfg: &TrainConfig, loaded: &LoadedModel) -> Result<Prepared>
             (t, v, None)
         }
     };
-    let pad_id = loaded
-        .tokenizer
-        .as_ref()
-        .and_then(|t| t.eos_token_id())
-        .or_else(|| loaded.config.eos_token_ids.first().copied())
-        .unwrap_or(0);
+    let pad_id = data::pad_id(loaded);
     Ok(Prepared {
         train: train_ex,
         val: val_ex,
@@ -228,8 +227,14 @@ pub struct Trainer<'a, B: Backend> {
     lengths: Vec<usize>,
     batch_size: usize,
     grad_accum: usize,
+    /// Token budget of a packed micro-batch; `None` = padded micro-batches.
+    packing: Option<usize>,
     seed: u64,
     val_batches: Vec<Batch>,
+    /// The checkpointing mode in use (`auto` resolved).
+    pub checkpointing: Checkpointing,
+    /// The device-memory plan the run was checked against (GPU only).
+    pub memory_plan: Option<Verdict>,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -242,7 +247,29 @@ impl<'a, B: Backend> Trainer<'a, B> {
         directions: Option<Directions>,
     ) -> Result<Self> {
         let mc = loaded.config.clone();
+        // The memory plan, before any weight reaches the device: refuse a run that cannot fit
+        // and resolve `auto` (train/plan.rs).
+        let mem = be.device_memory();
+        let input = match mem {
+            Some(m) => {
+                let ks = directions
+                    .as_ref()
+                    .map(|d| d.sets.iter().map(|s| s.k).collect())
+                    .unwrap_or_default();
+                let lens = |ex: &[Example]| ex.iter().map(|e| e.ids.len()).collect::<Vec<_>>();
+                let (train, val) = (lens(&data.train), lens(&data.val));
+                let known = KnownData {
+                    train: &train,
+                    val: &val,
+                };
+                Some(plan::run_input(cfg, &mc, ks, Some(known), m.act_bytes, 0)?)
+            }
+            None => None,
+        };
+        let (checkpointing, memory_plan) =
+            plan::resolve(cfg.checkpointing, input, mem, &be.name())?;
         let mut model = Model::new(be, mc.clone(), loaded.weights.as_ref())?;
+        model.checkpointing = checkpointing;
         let layout = LoraLayout::new(
             &mc,
             &LoraConfig {
@@ -269,7 +296,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
             schedule: Schedule::parse(&cfg.schedule)?,
             ..OptimConfig::default()
         };
-        let val_batches = data::validation_batches(&data.val, cfg.batch_size, data.pad_id);
+        let val_batches = data::validation_batches_within(
+            &data.val,
+            cfg.batch_size,
+            cfg.packing.then(|| cfg.token_budget()),
+        );
         let state = TrainerState {
             format: 1,
             program: program(),
@@ -297,8 +328,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
             lengths,
             batch_size: cfg.batch_size,
             grad_accum: cfg.grad_accum,
+            packing: cfg.packing.then(|| cfg.token_budget()),
             seed: cfg.seed,
             val_batches,
+            checkpointing,
+            memory_plan,
         })
     }
 
@@ -408,10 +442,21 @@ impl<'a, B: Backend> Trainer<'a, B> {
         }
         let start = self.state.next_micro;
         let end = (start + self.grad_accum).min(self.state.plan.len());
-        let micro: Vec<Batch> = self.state.plan[start..end]
-            .iter()
-            .map(|idx| data::make_batch(&self.data.train, idx, self.data.pad_id))
-            .collect();
+        let plan = &self.state.plan[start..end];
+        let train = &self.data.train;
+        let micro: Vec<Batch> = match self.packing {
+            Some(budget) => {
+                let step_examples: Vec<u32> = plan.iter().flatten().copied().collect();
+                data::pack_step(train, &step_examples, budget)
+                    .iter()
+                    .map(|idx| data::packed_batch(train, idx))
+                    .collect()
+            }
+            None => plan
+                .iter()
+                .map(|idx| data::make_batch(train, idx, self.data.pad_id))
+                .collect(),
+        };
         let tokens: usize = self.state.plan[start..end]
             .iter()
             .flatten()
@@ -425,10 +470,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 .model
                 .forward_backward(be, m, 1.0 / n_step.max(1) as f32)
                 .with_context(|| {
-                    format!(
-                        "step {step}: forward/backward of a {}x{} batch",
-                        m.batch, m.seq
-                    )
+                    format!("step {step}: forward/backward of a {} batch", m.describe())
                 })?
                 .loss_sum;
         }

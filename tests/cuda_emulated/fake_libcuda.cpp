@@ -25,6 +25,11 @@
 // - cuModuleGetFunction fails unless the module's image (cubin or PTX) contains the name.
 // Failures print a line starting with "fake libcuda:" to stderr and return an error code.
 //
+// Memory accounting for tests (tests/cuda_plan.rs holds the memory plan to it): the bytes of
+// live allocations, exactly as asked (addresses are 256-byte aligned, sizes not rounded), and
+// their peak; caft_emu_mem_reset_peak() restarts the peak at the current bytes and returns
+// them, caft_emu_mem_peak() reads it. A test reaches both with dlopen/dlsym of this library.
+//
 // A device fault on demand: CAFT_EMU_FAIL_KERNEL=<name>:<n> makes the n-th launch of kernel
 // <name> fail with CUDA_ERROR_LAUNCH_FAILED, and, as on a real GPU, the context is then
 // unusable: every later call that touches the device returns the same error.
@@ -102,6 +107,7 @@ struct State {
     bool initialised = false;
     std::map<CUdeviceptr, std::size_t> allocs;  // base -> bytes
     std::size_t allocated = 0;
+    std::size_t peak = 0;  // the most `allocated` has been since the last reset
     std::vector<RawLaunchFn> kernel_libs;  // caft_emu_launch of each kmod_*.so
 };
 
@@ -174,6 +180,7 @@ CUresult alloc(CUdeviceptr* out, std::size_t bytes) {
     *out = reinterpret_cast<CUdeviceptr>(p);
     s.allocs[*out] = bytes;
     s.allocated += bytes;
+    if (s.allocated > s.peak) s.peak = s.allocated;
     return kSuccess;
 }
 
@@ -441,6 +448,17 @@ API CUresult cuMemGetInfo_v2(std::size_t* free, std::size_t* total) {
     return kSuccess;
 }
 API CUresult cuMemAlloc_v2(CUdeviceptr* p, std::size_t bytes) { return alloc(p, bytes); }
+API std::size_t caft_emu_mem_reset_peak() {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.peak = s.allocated;
+    return s.allocated;
+}
+API std::size_t caft_emu_mem_peak() {
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.mu);
+    return s.peak;
+}
 API CUresult cuMemAllocAsync(CUdeviceptr* p, std::size_t bytes, void*) { return alloc(p, bytes); }
 API CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
 API CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return release(p); }

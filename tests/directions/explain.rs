@@ -40,12 +40,12 @@ fn reference_projections(corpus: &[Vec<u32>], dirs: &[(usize, Vec<f32>)]) -> Vec
         .map(|(_, q)| vec![Vec::new(); q.len() / 64])
         .collect();
     for ids in corpus {
-        let b = Batch {
-            batch: 1,
-            seq: ids.len(),
-            ids: ids.clone(),
-            labels: ids.iter().map(|&t| t as i32).collect(),
-        };
+        let b = Batch::padded(
+            1,
+            ids.len(),
+            ids.clone(),
+            ids.iter().map(|&t| t as i32).collect(),
+        );
         model.forward(&be, &b, false).unwrap();
         for (li, (layer, q)) in dirs.iter().enumerate() {
             let x = model.resid_post(&be, *layer).unwrap();

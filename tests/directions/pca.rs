@@ -51,7 +51,7 @@ fn planted_direction_is_the_first_component() {
     model.set_lora(&be, layout, &params).unwrap();
 
     let ex = examples(24, 1);
-    let batches = token_batches(&ex, 5, 0, false);
+    let batches = token_batches(&ex, 5, false);
     let answer_tokens: usize = ex
         .iter()
         .map(|e| e.labels.iter().filter(|&&l| l >= 0).count())
@@ -160,7 +160,7 @@ fn covariance_pca_equals_svd_of_the_differences() {
     let mut model = Model::new(&be, cfg, loaded.weights.as_ref()).unwrap();
     model.set_lora(&be, layout, &params).unwrap();
     let ex = examples(30, 2);
-    let batches: Vec<TokenBatch> = token_batches(&ex, 4, 0, false);
+    let batches: Vec<TokenBatch> = token_batches(&ex, 4, false);
     let layers = [0usize, 1, 2, 3];
     let k = 8;
     let r = pca(&be, &mut model, &batches, &layers, k, |_| {}).unwrap();

@@ -56,12 +56,7 @@ fn features(ps: &[(Vec<u32>, &str)]) -> Vec<Vec<f64>> {
     let mut model = Model::new(&be, loaded.config.clone(), loaded.weights.as_ref()).unwrap();
     ps.iter()
         .map(|(ids, _)| {
-            let b = Batch {
-                batch: 1,
-                seq: ids.len(),
-                ids: ids.clone(),
-                labels: vec![-100; ids.len()],
-            };
+            let b = Batch::padded(1, ids.len(), ids.clone(), vec![-100; ids.len()]);
             model.forward(&be, &b, false).unwrap();
             let x = model.resid_post(&be, LAYER).unwrap();
             let mut m = vec![0f64; d];

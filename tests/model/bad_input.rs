@@ -142,12 +142,7 @@ fn token_id_beyond_vocabulary() {
     let be = CpuBackend::new();
     let mut model = Model::new(&be, loaded.config.clone(), loaded.weights.as_ref()).unwrap();
     let v = loaded.config.vocab_size as u32;
-    let batch = Batch {
-        batch: 1,
-        seq: 3,
-        ids: vec![1, v + 7, 2],
-        labels: vec![1, 2, 3],
-    };
+    let batch = Batch::padded(1, 3, vec![1, v + 7, 2], vec![1, 2, 3]);
     let err = model.forward(&be, &batch, false).unwrap_err().to_string();
     assert!(
         err.contains(&format!("{}", v + 7)) && err.contains("position 1"),

@@ -3,8 +3,8 @@
 //! values transformers loads from it), and bad input of every kind giving a clear error.
 
 use crate::support::*;
-use caft_fast::model::config::Arch;
 use caft_fast::model::config::ModelConfig;
+use caft_fast::model::config::{Arch, MlpAct};
 use caft_fast::model::gguf::{config_from_gguf, GgufFile, GgufHeader, GgufValue, GgufWeights};
 use caft_fast::model::loader::{load_model, SafetensorsWeights};
 use caft_fast::model::weights::WeightSource;
@@ -113,7 +113,7 @@ fn config_qwen2_and_mistral_specifics() {
         ModelConfig::from_hf_json(&p).unwrap().sliding_window,
         Some(64)
     );
-    // Some layers windowed, some not: refused with the keys named.
+    // Some layers windowed, some not: the window applies from max_window_layers on.
     write(
         &p,
         &base(
@@ -121,7 +121,9 @@ fn config_qwen2_and_mistral_specifics() {
             r#", "sliding_window": 64, "use_sliding_window": true, "max_window_layers": 2"#,
         ),
     );
-    assert!(err_text(ModelConfig::from_hf_json(&p)).contains("max_window_layers"));
+    let q = ModelConfig::from_hf_json(&p).unwrap();
+    let windows: Vec<_> = (0..4).map(|l| q.layer_window(l)).collect();
+    assert_eq!(windows, [None, None, Some(64), Some(64)]);
 
     // Mistral: explicit head_dim (as Mistral-Small), window null => full attention.
     write(
@@ -148,6 +150,84 @@ fn config_qwen2_and_mistral_specifics() {
     assert_eq!((m.head_dim, m.sliding_window), (16, Some(4096)));
 }
 
+/// Gemma-2: even layers slide by default (layer_types, when given, decides), the attention
+/// scale comes from query_pre_attn_scalar, soft-caps and GeGLU are read, embeddings tie by
+/// default; soft-caps of the wrong type are refused naming the key.
+#[test]
+fn config_gemma2_and_qwen3_specifics() {
+    let d = TempDir::new("cfg-gemma");
+    let p = d.join("config.json");
+    let gemma = |extra: &str| {
+        format!(
+            r#"{{"architectures": ["Gemma2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+            "vocab_size": 100, "sliding_window": 8, "query_pre_attn_scalar": 24,
+            "hidden_activation": "gelu_pytorch_tanh"{extra}}}"#
+        )
+    };
+    write(
+        &p,
+        &gemma(r#", "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30"#),
+    );
+    let g = ModelConfig::from_hf_json(&p).unwrap();
+    assert_eq!(g.arch, Arch::Gemma2);
+    assert!(g.tie_word_embeddings && g.gemma_norms);
+    assert_eq!(g.mlp_act, MlpAct::GeluTanh);
+    assert_eq!((g.attn_softcap, g.final_softcap), (Some(50.0), Some(30.0)));
+    let windows: Vec<_> = (0..4).map(|l| g.layer_window(l)).collect();
+    assert_eq!(windows, [Some(8), None, Some(8), None]);
+    let h = g.attn_heads(1);
+    assert_eq!(
+        (h.scale, h.softcap, h.window),
+        ((1.0 / 24f64.sqrt()) as f32, Some(50.0), None)
+    );
+    write(
+        &p,
+        &gemma(
+            r#", "layer_types": ["full_attention", "sliding_attention", "full_attention", "full_attention"]"#,
+        ),
+    );
+    let g = ModelConfig::from_hf_json(&p).unwrap();
+    let windows: Vec<_> = (0..4).map(|l| g.layer_window(l)).collect();
+    assert_eq!(windows, [None, Some(8), None, None]);
+    for (bad, key) in [
+        (
+            r#", "attn_logit_softcapping": "50""#,
+            "attn_logit_softcapping",
+        ),
+        (
+            r#", "final_logit_softcapping": -1"#,
+            "final_logit_softcapping",
+        ),
+        (
+            r#", "attn_logit_softcapping": [50]"#,
+            "attn_logit_softcapping",
+        ),
+    ] {
+        write(&p, &gemma(bad));
+        let e = err_text(ModelConfig::from_hf_json(&p));
+        assert!(
+            e.contains(key) && e.contains("config.json") && e.contains("positive number"),
+            "{e}"
+        );
+    }
+    write(&p, &gemma("").replace("gelu_pytorch_tanh", "relu"));
+    assert!(err_text(ModelConfig::from_hf_json(&p)).contains("hidden_activation"));
+
+    write(
+        &p,
+        r#"{"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
+        "vocab_size": 100}"#,
+    );
+    let q = ModelConfig::from_hf_json(&p).unwrap();
+    assert_eq!(
+        (q.arch, q.head_dim, q.qk_norm, q.attention_bias),
+        (Arch::Qwen3, 24, true, false)
+    );
+    assert!(!q.tie_word_embeddings);
+}
+
 #[test]
 fn config_errors_name_file_and_key() {
     let d = TempDir::new("cfg-errors");
@@ -165,6 +245,8 @@ fn config_errors_name_file_and_key() {
         "LlamaForCausalLM",
         "Qwen2ForCausalLM",
         "MistralForCausalLM",
+        "Qwen3ForCausalLM",
+        "Gemma2ForCausalLM",
     ] {
         assert!(e.contains(want), "{e}");
     }

@@ -23,12 +23,8 @@ fn smollm2_logits_match_transformers() {
     while let Some(ids) = fx.get(&format!("p{i}.ids")) {
         let ids: Vec<u32> = ids.i64().iter().map(|&x| x as u32).collect();
         let t = ids.len();
-        let batch = Batch {
-            batch: 1,
-            seq: t,
-            labels: ids.iter().map(|&x| x as i32).collect(),
-            ids,
-        };
+        let labels = ids.iter().map(|&x| x as i32).collect();
+        let batch = Batch::padded(1, t, ids, labels);
         let out = model.forward(&be, &batch, true).unwrap();
         let logits = out.logits.unwrap();
         let positions = fx[&format!("p{i}.positions")].i64();

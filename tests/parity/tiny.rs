@@ -1,7 +1,9 @@
 //! The transformer on the CPU backend against transformers + PEFT fixtures
 //! (scripts/make_fixtures.py): tiny random Llama (GQA, llama3 rope scaling, untied), Qwen2
-//! (q/k/v biases, tied) and Mistral (explicit head_dim, sliding window), each with LoRA and
-//! ablation at two layers.
+//! (q/k/v biases, tied), Mistral (explicit head_dim, sliding window), Qwen3 (per-head q/k
+//! norms, head_dim 24 with hidden 64) and Gemma-2 ((1 + w) sandwich norms, GeGLU, soft-capped
+//! attention and logits that saturate, sliding and global layers alternating,
+//! query_pre_attn_scalar, tied), each with LoRA and ablation at two layers.
 //!
 //! Tolerances (f32 against f32): logits and resid_post within 1e-5 relative norm, LoRA
 //! gradients within 1e-4, the loss within 1e-6 absolute. Both sides compute in f32 with
@@ -10,6 +12,8 @@
 use crate::support::*;
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::Backend;
+use caft_fast::generate::sample::SampleOpts;
+use caft_fast::generate::{generate, Request};
 use caft_fast::model::ablation::load_directions;
 use caft_fast::model::loader::load_model;
 use caft_fast::model::lora::{LoraConfig, LoraLayout, Target};
@@ -17,15 +21,16 @@ use caft_fast::model::transformer::{Batch, Model};
 use caft_fast::train::optim::{optimizer_step, OptimConfig, Schedule};
 use std::collections::BTreeMap;
 
-struct Case {
-    model: Model<CpuBackend>,
-    be: CpuBackend,
-    fx: BTreeMap<String, Fx>,
-    layout: LoraLayout,
-    init: Vec<f32>,
+/// A fixture model on the CPU with the fixture's LoRA init and ablation, and its tensors.
+pub struct Case {
+    pub model: Model<CpuBackend>,
+    pub be: CpuBackend,
+    pub fx: BTreeMap<String, Fx>,
+    pub layout: LoraLayout,
+    pub init: Vec<f32>,
 }
 
-fn setup(name: &str) -> Case {
+pub fn setup(name: &str) -> Case {
     let dir = tiny_fixture(name);
     let fx = read_safetensors(&dir.join("fixture.safetensors"));
     let meta: serde_json::Value =
@@ -76,12 +81,12 @@ fn setup(name: &str) -> Case {
 }
 
 fn batch_from(ids: &[i64], labels: &[i64], batch: usize, seq: usize) -> Batch {
-    Batch {
+    Batch::padded(
         batch,
         seq,
-        ids: ids.iter().map(|&x| x as u32).collect(),
-        labels: labels.iter().map(|&x| x as i32).collect(),
-    }
+        ids.iter().map(|&x| x as u32).collect(),
+        labels.iter().map(|&x| x as i32).collect(),
+    )
 }
 
 fn forward_backward_matches(name: &str) {
@@ -219,6 +224,14 @@ fn mistral_forward_backward() {
     forward_backward_matches("mistral");
 }
 #[test]
+fn qwen3_forward_backward() {
+    forward_backward_matches("qwen3");
+}
+#[test]
+fn gemma2_forward_backward() {
+    forward_backward_matches("gemma2");
+}
+#[test]
 fn llama_three_adamw_steps() {
     training_matches("llama");
 }
@@ -229,6 +242,55 @@ fn qwen2_three_adamw_steps() {
 #[test]
 fn mistral_three_adamw_steps() {
     training_matches("mistral");
+}
+
+#[test]
+fn qwen3_three_adamw_steps() {
+    training_matches("qwen3");
+}
+
+/// Greedy generation through the KV cache (prefill of two prompts of different lengths, then
+/// one token at a time) against transformers' `generate(do_sample=False)` on the base model,
+/// token for token. The fixtures' smallest top-2 logit margin (4e-3) is far above f32 error.
+fn greedy_matches(name: &str) {
+    let mut c = setup(name);
+    c.model.lora = None;
+    c.model.ablate = false;
+    let mut reqs = Vec::new();
+    let mut want = Vec::new();
+    for i in 0.. {
+        let Some(p) = c.fx.get(&format!("generate.prompt.{i}")) else {
+            break;
+        };
+        reqs.push(Request {
+            prompt: p.i64().iter().map(|&x| x as u32).collect(),
+            seed: 0,
+        });
+        want.push(c.fx[&format!("generate.ids.{i}")].i64());
+    }
+    assert!(
+        reqs.len() >= 2,
+        "{name}: the fixture holds generation cases"
+    );
+    let n = want[0].len();
+    let (out, _) = generate(&c.be, &mut c.model, &reqs, &SampleOpts::greedy(n), &[]).unwrap();
+    for (i, (o, w)) in out.iter().zip(&want).enumerate() {
+        let got: Vec<i64> = o.tokens.iter().map(|&t| t as i64).collect();
+        assert_eq!(&got, w, "{name}: greedy ids of prompt {i}");
+    }
+}
+
+#[test]
+fn qwen3_greedy_generation() {
+    greedy_matches("qwen3");
+}
+#[test]
+fn gemma2_three_adamw_steps() {
+    training_matches("gemma2");
+}
+#[test]
+fn gemma2_greedy_generation() {
+    greedy_matches("gemma2");
 }
 
 #[test]

@@ -34,12 +34,12 @@ fn tiny_config(dir: &std::path::Path) -> TrainConfig {
 }
 
 fn batch_of(ids: &[u32], batch: usize) -> Batch {
-    Batch {
+    Batch::padded(
         batch,
-        seq: ids.len() / batch,
-        ids: ids.to_vec(),
-        labels: vec![IGNORE; ids.len()],
-    }
+        ids.len() / batch,
+        ids.to_vec(),
+        vec![IGNORE; ids.len()],
+    )
 }
 
 /// The committed adapter (trained by caft-fast, see the fixture's README) loads back through
@@ -228,58 +228,74 @@ fn ablated_directions_stay_out_of_resid_post_during_training() {
 /// the merged weights add scale·BA once in f64, the adapter path adds it per token in f32).
 #[test]
 fn merged_model_matches_base_plus_adapter() {
-    let dir = TempDir::new("merge");
-    let cfg = tiny_config(&dir);
-    let loaded = load_model(&tiny_llama()).unwrap();
-    let be = CpuBackend::new();
-    let data = prepare_data(&cfg, &loaded).unwrap();
-    let mut tr = Trainer::new(&be, &cfg, &loaded, data, None).unwrap();
-    while !tr.done() {
-        tr.step().unwrap();
+    // Llama, and the families whose norms and MLP differ: Gemma-2 stores its norm weights as
+    // `w` (used as `1 + w`), which the merged folder must keep as stored.
+    for model in [tiny_llama(), tiny_fixture("gemma2"), tiny_fixture("qwen3")] {
+        let dir = TempDir::new("merge");
+        let cfg = TrainConfig {
+            model: Some(model.clone()),
+            ..tiny_config(&dir)
+        };
+        let loaded = load_model(&model).unwrap();
+        let be = CpuBackend::new();
+        let data = prepare_data(&cfg, &loaded).unwrap();
+        let mut tr = Trainer::new(&be, &cfg, &loaded, data, None).unwrap();
+        while !tr.done() {
+            tr.step().unwrap();
+        }
+        let params = tr.params().unwrap();
+        let merged_dir = dir.join("merged");
+        caft_fast::train::merge::write_merged(&merged_dir, &loaded, &tr.layout, &params).unwrap();
+        let merged = load_model(&merged_dir).unwrap();
+        assert_eq!(merged.config, loaded.config);
+        let mut m = Model::new(&be, merged.config.clone(), merged.weights.as_ref()).unwrap();
+        let ids: Vec<u32> = (0..48).map(|i| ((i * 37 + 5) % 256) as u32).collect();
+        let logits = |m: &mut Model<CpuBackend>| {
+            m.forward(&be, &batch_of(&ids, 3), true)
+                .unwrap()
+                .logits
+                .unwrap()
+        };
+        let want = logits(&mut tr.model);
+        let got = logits(&mut m);
+        let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+        assert_close(
+            &format!("{} merged vs base + adapter", model.display()),
+            &got,
+            &want64,
+            1e-5,
+        );
+        // And it differs from the base model (the adapter was trained).
+        let mut base = Model::new(&be, loaded.config.clone(), loaded.weights.as_ref()).unwrap();
+        assert!(
+            rel_err(&logits(&mut base), &want64) > 1e-3,
+            "{}",
+            model.display()
+        );
     }
-    let params = tr.params().unwrap();
-    let merged_dir = dir.join("merged");
-    caft_fast::train::merge::write_merged(&merged_dir, &loaded, &tr.layout, &params).unwrap();
-    let merged = load_model(&merged_dir).unwrap();
-    assert_eq!(merged.config, loaded.config);
-    let mut m = Model::new(&be, merged.config.clone(), merged.weights.as_ref()).unwrap();
-    let ids: Vec<u32> = (0..48).map(|i| ((i * 37 + 5) % 256) as u32).collect();
-    let want = tr
-        .model
-        .forward(&be, &batch_of(&ids, 3), true)
-        .unwrap()
-        .logits
-        .unwrap();
-    let got = m
-        .forward(&be, &batch_of(&ids, 3), true)
-        .unwrap()
-        .logits
-        .unwrap();
-    let want64: Vec<f64> = want.iter().map(|&x| x as f64).collect();
-    assert_close("merged vs base + adapter", &got, &want64, 1e-5);
-    // And it differs from the base model (the adapter was trained).
-    let mut base = Model::new(&be, loaded.config.clone(), loaded.weights.as_ref()).unwrap();
-    let b = base
-        .forward(&be, &batch_of(&ids, 3), true)
-        .unwrap()
-        .logits
-        .unwrap();
-    assert!(rel_err(&b, &want64) > 1e-3);
 }
 
-/// The config.json derived for GGUF sources parses back to the same model configuration.
+/// The config.json derived for sources without one (GGUF) parses back to the same model
+/// configuration, for every family (Gemma-2's soft-caps, activation, scale and layer types).
 #[test]
 fn derived_config_json_round_trips() {
-    let loaded = load_model(&tiny_llama()).unwrap();
-    let dir = TempDir::new("cfgjson");
-    let p = dir.join("config.json");
-    std::fs::write(
-        &p,
-        caft_fast::train::merge::hf_config_json(&loaded.config).to_string(),
-    )
-    .unwrap();
-    let back = ModelConfig::from_hf_json(&p).unwrap();
-    assert_eq!(back, loaded.config);
+    for model in [
+        tiny_llama(),
+        tiny_fixture("gemma2"),
+        tiny_fixture("qwen3"),
+        tiny_fixture("mistral"),
+    ] {
+        let loaded = load_model(&model).unwrap();
+        let dir = TempDir::new("cfgjson");
+        let p = dir.join("config.json");
+        std::fs::write(
+            &p,
+            caft_fast::train::merge::hf_config_json(&loaded.config).to_string(),
+        )
+        .unwrap();
+        let back = ModelConfig::from_hf_json(&p).unwrap();
+        assert_eq!(back, loaded.config, "{}", model.display());
+    }
 }
 
 fn encoder<'a>(

@@ -25,7 +25,7 @@ mod simd;
 #[cfg(test)]
 mod testutil;
 
-use super::{check_len, check_min, AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
+use super::{check_len, check_min, AdamStep, AttnShape, Backend, CacheShape, LoraSlot, Seqs};
 use anyhow::Result;
 
 /// The f32 reference backend. Stateless: it uses rayon's global thread pool (size it with
@@ -214,6 +214,7 @@ impl SharedMut {
 impl Backend for CpuBackend {
     type Act = Vec<f32>;
     type F32 = Vec<f32>;
+    type Idx = Vec<i32>;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -229,6 +230,9 @@ impl Backend for CpuBackend {
         Ok(host.to_vec())
     }
     fn upload_f32(&self, host: &[f32]) -> Result<Vec<f32>> {
+        Ok(host.to_vec())
+    }
+    fn upload_idx(&self, host: &[i32]) -> Result<Vec<i32>> {
         Ok(host.to_vec())
     }
     fn download_act(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
@@ -388,14 +392,14 @@ impl Backend for CpuBackend {
         &self,
         x: &mut Vec<f32>,
         table: &Vec<f32>,
-        batch: usize,
-        seq: usize,
+        pos: &Vec<i32>,
+        n: usize,
         n_heads: usize,
         head_dim: usize,
         inverse: bool,
-        offsets: Option<&[i32]>,
     ) -> Result<()> {
-        elementwise::rope(x, table, batch, seq, n_heads, head_dim, inverse, offsets);
+        check_len("rope", "pos", pos.len(), n);
+        elementwise::rope(x, table, pos, n_heads, head_dim, inverse);
         Ok(())
     }
 
@@ -406,9 +410,10 @@ impl Backend for CpuBackend {
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
+        seqs: &Seqs<Vec<i32>>,
         shape: &AttnShape,
     ) -> Result<()> {
-        attention::attention_fwd(out, lse, q, k, v, shape);
+        attention::attention_fwd(out, lse, q, k, v, &seqs.cu, shape);
         Ok(())
     }
 
@@ -438,9 +443,10 @@ impl Backend for CpuBackend {
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
+        seqs: &Seqs<Vec<i32>>,
         shape: &AttnShape,
     ) -> Result<()> {
-        attention::attention_bwd(dq, dk, dv, dout, out, lse, q, k, v, shape);
+        attention::attention_bwd(dq, dk, dv, dout, out, lse, q, k, v, &seqs.cu, shape);
         Ok(())
     }
 
@@ -458,6 +464,38 @@ impl Backend for CpuBackend {
         up: &Vec<f32>,
     ) -> Result<()> {
         elementwise::swiglu_bwd(dgate, dup, dout, gate, up);
+        Ok(())
+    }
+
+    fn geglu(&self, out: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) -> Result<()> {
+        elementwise::geglu(out, gate, up);
+        Ok(())
+    }
+
+    fn geglu_bwd(
+        &self,
+        dgate: &mut Vec<f32>,
+        dup: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+    ) -> Result<()> {
+        elementwise::geglu_bwd(dgate, dup, dout, gate, up);
+        Ok(())
+    }
+
+    fn scale_act(&self, x: &mut Vec<f32>, s: f32) -> Result<()> {
+        elementwise::scale(x, s);
+        Ok(())
+    }
+
+    fn softcap(&self, x: &mut Vec<f32>, cap: f32) -> Result<()> {
+        elementwise::softcap(x, cap);
+        Ok(())
+    }
+
+    fn softcap_bwd(&self, dx: &mut Vec<f32>, y: &Vec<f32>, cap: f32) -> Result<()> {
+        elementwise::softcap_bwd(dx, y, cap);
         Ok(())
     }
 

@@ -1,30 +1,43 @@
-//! Host side of `kernels/attention.cu`: causal (optionally sliding-window) attention with GQA,
-//! forward and deterministic backward; and of `kernels/attention_decode.cu`: attention against a
-//! key/value cache for generation ([`attention_cached`], planned by [`cached_plan`]).
+//! Host side of `kernels/attention.cu`: causal (optionally sliding-window, optionally
+//! soft-capped) attention with GQA over packed variable-length sequences, forward and
+//! deterministic backward; and of `kernels/attention_decode.cu`: attention against a key/value
+//! cache for generation ([`attention_cached`], planned by [`cached_plan`]).
 //!
 //! Kernel choice: bf16 with `head_dim` 64 or 128 runs the tensor-core (FlashAttention-2 style)
 //! kernels `*_hd64_bf16` / `*_hd128_bf16`; every other case (f32, or bf16 with another head
-//! dim up to [`MAX_GENERIC_HEAD_DIM`]) runs the generic warp-per-row kernels, which are simple,
-//! exact f32-accumulating FMA code (slow: they exist for tests and unusual head dims).
+//! dim up to [`MAX_GENERIC_HEAD_DIM`], including Gemma-2's 256 for now) runs the generic
+//! warp-per-row kernels, which are simple, exact f32-accumulating FMA code (slow: they exist for
+//! tests and unusual head dims).
 //!
 //! Assumptions shared by both functions (each is checked and reported as an error):
-//! - layouts as in [`crate::backend::Backend::attention_fwd`]: `q`, `out`, `dq`, `dout`:
-//!   `[batch*seq, n_heads*head_dim]`; `k`, `v`, `dk`, `dv`: `[batch*seq, n_kv_heads*head_dim]`;
-//!   `lse`: f32 `[batch, n_heads, seq]`; every buffer has exactly that many elements;
+//! - layouts as in [`crate::backend::Backend::attention_fwd`]: with `n = seqs.rows()`, `q`,
+//!   `out`, `dq`, `dout`: `[n, n_heads*head_dim]`; `k`, `v`, `dk`, `dv`:
+//!   `[n, n_kv_heads*head_dim]`; `lse`: f32 `[n_heads, n]`; every buffer has exactly that many
+//!   elements;
+//! - `seqs`: host offsets starting at 0 and rising (no empty sequence), `max_len` their longest
+//!   sequence, `cu_dev` holding `n_seqs + 1` i32 and `pos_dev` `n` (lengths checked; the device
+//!   values are the ones [`crate::backend::Backend::seqs`] uploaded with the host copy, which
+//!   is not re-read from the device);
 //! - `n_heads` is a multiple of `n_kv_heads`; `head_dim <= 256`; `window`, when given, is >= 1
-//!   (a window of `seq` or more is the same as none);
-//! - sizes fit the kernels' 32-bit indices (`seq`, `n_heads*head_dim`, `batch*seq*n_heads` below
-//!   2³¹) and CUDA's grid limits (`n_heads`, `batch` <= 65535).
+//!   (a window of `max_len` or more is the same as none); `scale` finite; `softcap`, when
+//!   given, finite and > 0;
+//! - sizes fit the kernels' 32-bit indices (`n`, `n*n_heads`, `n_heads*head_dim` below 2³¹) and
+//!   CUDA's grid limits (`n_heads`, `n_seqs` <= 65535).
 //! - alignment: the tensor-core kernels copy rows in 16-byte chunks, which needs `head_dim` to be
 //!   a multiple of 8 (true for 64 and 128) and every buffer to start 16-byte aligned; buffers are
 //!   whole `CudaSlice`s, which cuMemAlloc aligns to 256 bytes. The generic kernels need nothing.
 //!
-//! Determinism: no atomics anywhere; the same call on the same inputs is bit-identical.
-//! `attention_bwd` allocates its `Δ = rowsum(dO ∘ O)` scratch (`batch*n_heads*seq` f32) on every
+//! Grids are (tiles of `max_len`, heads, `n_seqs`): a CTA whose tile starts past its sequence's
+//! end returns at once, so a packed batch of unequal lengths costs some empty CTAs (as
+//! FlashAttention's varlen kernels do).
+//!
+//! Determinism: no atomics anywhere; the same call on the same inputs is bit-identical, and a
+//! sequence's outputs depend only on its own rows (not on its neighbours in the packed batch).
+//! `attention_bwd` allocates its `Δ = rowsum(dO ∘ O)` scratch (`n_heads*n` f32) on every
 //! call; a caller that wants no allocation in the training step can later pass a workspace.
 
 use super::runtime::{DeviceElem, Runtime};
-use crate::backend::{AttnShape, CacheShape};
+use crate::backend::{AttnShape, CacheShape, Seqs};
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{sys::CUfunction_attribute, CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -55,6 +68,7 @@ enum Path {
 
 impl Path {
     fn select(suffix: &str, head_dim: usize) -> Path {
+        // head_dim 256 (Gemma-2) takes the generic kernels until a tensor-core path exists.
         if suffix == "bf16" && (head_dim == 64 || head_dim == 128) {
             Path::Mma(head_dim)
         } else {
@@ -108,8 +122,8 @@ fn bwd_small_tile(d: usize) -> usize {
     }
 }
 
-/// The launch of [`attention_fwd`] for `shape` and element type `suffix`.
-pub fn forward_launch(shape: &AttnShape, suffix: &str) -> Launch {
+/// The launch of [`attention_fwd`] for `shape`, the sequences `seqs` and element type `suffix`.
+pub fn forward_launch<I>(shape: &AttnShape, seqs: &Seqs<I>, suffix: &str) -> Launch {
     let path = Path::select(suffix, shape.head_dim);
     let (rows_per_cta, smem) = match path {
         // Two (K, V) buffers; the Q tile is staged in the first K buffer.
@@ -120,18 +134,18 @@ pub fn forward_launch(shape: &AttnShape, suffix: &str) -> Launch {
         module: MODULE,
         name: path.kernel("fwd", suffix),
         grid: (
-            shape.seq.div_ceil(rows_per_cta) as u32,
+            seqs.max_len.div_ceil(rows_per_cta) as u32,
             shape.n_heads as u32,
-            shape.batch as u32,
+            seqs.n_seqs() as u32,
         ),
         smem: smem as u32,
     }
 }
 
 /// The three backward launches of [`attention_bwd`]: preprocess (Δ), dK/dV, dQ.
-pub fn backward_launches(shape: &AttnShape, suffix: &str) -> [Launch; 3] {
+pub fn backward_launches<I>(shape: &AttnShape, seqs: &Seqs<I>, suffix: &str) -> [Launch; 3] {
     let path = Path::select(suffix, shape.head_dim);
-    let pre_warps = shape.rows() * shape.n_heads;
+    let pre_warps = seqs.rows() * shape.n_heads;
     let pre = Launch {
         module: MODULE,
         name: format!("attention_bwd_preprocess_{suffix}"),
@@ -150,81 +164,136 @@ pub fn backward_launches(shape: &AttnShape, suffix: &str) -> [Launch; 3] {
         }
         Path::Generic => (GENERIC_ROWS, 0, 0),
     };
-    let tiles = shape.seq.div_ceil(rows_per_cta) as u32;
+    let tiles = seqs.max_len.div_ceil(rows_per_cta) as u32;
+    let n_seqs = seqs.n_seqs() as u32;
     let dkdv = Launch {
         module: MODULE,
         name: path.kernel("bwd_dkdv", suffix),
-        grid: (tiles, shape.n_kv_heads as u32, shape.batch as u32),
+        grid: (tiles, shape.n_kv_heads as u32, n_seqs),
         smem: dkdv_smem as u32,
     };
     let dq = Launch {
         module: MODULE,
         name: path.kernel("bwd_dq", suffix),
-        grid: (tiles, shape.n_heads as u32, shape.batch as u32),
+        grid: (tiles, shape.n_heads as u32, n_seqs),
         smem: dq_smem as u32,
     };
     [pre, dkdv, dq]
 }
 
-/// Scalars every attention kernel takes after its buffers.
-struct Scalars {
-    seq: i32,
-    n_heads: i32,
-    n_kv_heads: i32,
-    head_dim: i32,
-    /// 0 = no window.
-    window: i32,
-    scale: f32,
+/// Scalars every training attention kernel takes after its buffers and `cu`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scalars {
+    /// Rows of every sequence together (`seqs.rows()`).
+    pub n: i32,
+    pub n_heads: i32,
+    pub n_kv_heads: i32,
+    pub head_dim: i32,
+    /// 0 = no window (also for a window of `max_len` or more).
+    pub window: i32,
+    pub scale: f32,
+    /// 0 = no soft cap.
+    pub softcap: f32,
 }
 
-/// Validate `shape` (see the module docs) and derive the kernels' scalar arguments.
-fn check_shape(shape: &AttnShape) -> Result<Scalars> {
+/// Validate the heads of `shape` (shared by training and decoding): counts, head dim, window,
+/// scale and soft cap. `op` names the caller in the message.
+fn check_heads(op: &str, shape: &AttnShape) -> Result<()> {
     let AttnShape {
-        batch,
-        seq,
         n_heads,
         n_kv_heads,
         head_dim,
         window,
+        scale,
+        softcap,
     } = *shape;
     ensure!(
         n_heads > 0 && n_kv_heads > 0 && head_dim > 0,
-        "attention: n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) and head_dim ({head_dim}) \
+        "{op}: n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) and head_dim ({head_dim}) \
          must be positive"
     );
     ensure!(
         n_heads.is_multiple_of(n_kv_heads),
-        "attention: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
+        "{op}: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
     );
     ensure!(
         head_dim <= MAX_GENERIC_HEAD_DIM,
-        "attention: head_dim {head_dim} is above the supported maximum {MAX_GENERIC_HEAD_DIM}"
+        "{op}: head_dim {head_dim} is above the supported maximum {MAX_GENERIC_HEAD_DIM}"
     );
     if window == Some(0) {
-        bail!("attention: a sliding window of 0 lets a query see no key; use None for no window");
+        bail!("{op}: a sliding window of 0 lets a query see no key; use None for no window");
     }
+    ensure!(
+        scale.is_finite(),
+        "{op}: the score scale {scale} is not finite"
+    );
+    if let Some(c) = softcap {
+        ensure!(
+            c.is_finite() && c > 0.0,
+            "{op}: the soft cap {c} must be finite and positive (None for no cap)"
+        );
+    }
+    ensure!(
+        n_heads.saturating_mul(head_dim) <= i32::MAX as usize,
+        "{op}: n_heads*head_dim exceeds the kernels' 32-bit indices"
+    );
+    Ok(())
+}
+
+/// Validate `shape` and `seqs` (see the module docs; `cu_len`, `pos_len`: the lengths of the
+/// device copies of the offsets and positions) and derive the kernels' scalar arguments.
+pub fn check_shape<I>(
+    shape: &AttnShape,
+    seqs: &Seqs<I>,
+    cu_len: usize,
+    pos_len: usize,
+) -> Result<Scalars> {
+    check_heads("attention", shape)?;
+    let cu = &seqs.cu;
+    ensure!(
+        cu.first() == Some(&0) && cu.windows(2).all(|w| w[0] < w[1]),
+        "attention: sequence offsets {cu:?} must start at 0 and rise (no empty sequence)"
+    );
+    let (n, n_seqs) = (seqs.rows(), seqs.n_seqs());
+    let longest = seqs.lens().max().unwrap_or(0);
+    ensure!(
+        seqs.max_len == longest,
+        "attention: max_len {} but the longest sequence has {longest} rows",
+        seqs.max_len
+    );
+    ensure!(
+        cu_len == n_seqs + 1,
+        "attention: {cu_len} sequence offsets on the device, expected {} (n_seqs + 1)",
+        n_seqs + 1
+    );
+    ensure!(
+        pos_len == n,
+        "attention: {pos_len} positions on the device, expected one per row ({n})"
+    );
     let i32_max = i32::MAX as usize;
     ensure!(
-        seq <= i32_max
-            && n_heads.saturating_mul(head_dim) <= i32_max
-            && batch.saturating_mul(seq).saturating_mul(n_heads) <= i32_max,
-        "attention: shape {shape:?} exceeds the kernels' 32-bit indices"
+        n.saturating_mul(shape.n_heads) <= i32_max,
+        "attention: {n} rows x {} heads exceed the kernels' 32-bit indices",
+        shape.n_heads
     );
     ensure!(
-        n_heads <= 65535 && batch <= 65535,
-        "attention: n_heads ({n_heads}) and batch ({batch}) must be at most 65535 (CUDA grid)"
+        shape.n_heads <= 65535 && n_seqs <= 65535,
+        "attention: n_heads ({}) and the number of sequences ({n_seqs}) must be at most 65535 \
+         (CUDA grid)",
+        shape.n_heads
     );
-    let window = match window {
-        Some(w) if w < seq => w as i32,
+    let window = match shape.window {
+        Some(w) if w < seqs.max_len => w as i32,
         _ => 0,
     };
     Ok(Scalars {
-        seq: seq as i32,
-        n_heads: n_heads as i32,
-        n_kv_heads: n_kv_heads as i32,
-        head_dim: head_dim as i32,
+        n: n as i32,
+        n_heads: shape.n_heads as i32,
+        n_kv_heads: shape.n_kv_heads as i32,
+        head_dim: shape.head_dim as i32,
         window,
-        scale: (1.0 / (head_dim as f64).sqrt()) as f32,
+        scale: shape.scale,
+        softcap: shape.softcap.unwrap_or(0.0),
     })
 }
 
@@ -257,11 +326,23 @@ fn prepare(rt: &Runtime, launch: &Launch) -> Result<cudarc::driver::CudaFunction
     Ok(f)
 }
 
-/// Forward attention: writes `out` (`[batch*seq, n_heads*head_dim]`) and `lse` (f32
-/// `[batch, n_heads, seq]`, natural-log log-sum-exp of each query row's scaled scores).
+/// Push the scalars after the buffers and `cu` (the tail of `ATTN_*_ARGS`).
+fn push_scalars<'a>(args: &mut cudarc::driver::LaunchArgs<'a>, s: &'a Scalars) {
+    args.arg(&s.n)
+        .arg(&s.n_heads)
+        .arg(&s.n_kv_heads)
+        .arg(&s.head_dim)
+        .arg(&s.window)
+        .arg(&s.scale)
+        .arg(&s.softcap);
+}
+
+/// Forward attention: writes `out` (`[n, n_heads*head_dim]`) and `lse` (f32 `[n_heads, n]`,
+/// natural-log log-sum-exp of each query row's final scores).
 ///
-/// Causal with optional sliding window (query `i` sees keys `j` with `i - window < j <= i`),
-/// GQA (head `h` reads kv head `h / (n_heads / n_kv_heads)`), scale `1/sqrt(head_dim)`.
+/// Causal within each sequence of `seqs`, with optional sliding window (query `i` sees keys `j`
+/// of its own sequence with `i - window < j <= i`), GQA (head `h` reads kv head
+/// `h / (n_heads / n_kv_heads)`), scores `scale·q·k`, soft-capped when `shape.softcap` is set.
 /// Queued on `rt.stream`; nothing is synchronised. See the module docs for every assumption.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd<T: DeviceElem>(
@@ -271,26 +352,24 @@ pub fn attention_fwd<T: DeviceElem>(
     q: &CudaSlice<T>,
     k: &CudaSlice<T>,
     v: &CudaSlice<T>,
+    seqs: &Seqs<CudaSlice<i32>>,
     shape: &AttnShape,
 ) -> Result<()> {
-    let s = check_shape(shape)?;
-    let (nq, nkv) = (
-        shape.rows() * shape.q_width(),
-        shape.rows() * shape.kv_width(),
-    );
-    let q_layout = "[batch*seq, n_heads*head_dim]";
-    let kv_layout = "[batch*seq, n_kv_heads*head_dim]";
+    let s = check_shape(shape, seqs, seqs.cu_dev.len(), seqs.pos_dev.len())?;
+    let n = seqs.rows();
+    let (nq, nkv) = (n * shape.q_width(), n * shape.kv_width());
+    let q_layout = "[n, n_heads*head_dim]";
+    let kv_layout = "[n, n_kv_heads*head_dim]";
     ensure_len("q", q.len(), nq, q_layout)?;
     ensure_len("k", k.len(), nkv, kv_layout)?;
     ensure_len("v", v.len(), nkv, kv_layout)?;
     ensure_len("out", out.len(), nq, q_layout)?;
-    let n_stats = shape.batch * shape.n_heads * shape.seq;
-    ensure_len("lse", lse.len(), n_stats, "[batch, n_heads, seq]")?;
-    if n_stats == 0 {
+    ensure_len("lse", lse.len(), shape.n_heads * n, "[n_heads, n]")?;
+    if n == 0 {
         return Ok(());
     }
 
-    let launch = forward_launch(shape, T::SUFFIX);
+    let launch = forward_launch(shape, seqs, T::SUFFIX);
     let f = prepare(rt, &launch)?;
     let mut args = rt.stream.launch_builder(&f);
     args.arg(out)
@@ -298,17 +377,15 @@ pub fn attention_fwd<T: DeviceElem>(
         .arg(q)
         .arg(k)
         .arg(v)
-        .arg(&s.seq)
-        .arg(&s.n_heads)
-        .arg(&s.n_kv_heads)
-        .arg(&s.head_dim)
-        .arg(&s.window)
-        .arg(&s.scale);
-    // SAFETY: the arguments match ATTN_FWD_ARGS (out, lse, q, k, v, then five i32 and one f32)
-    // in order and type; every buffer length was checked against `shape` above, and the kernel
-    // indexes only rows < seq of each batch, heads < n_heads (kv heads < n_kv_heads) and columns
-    // < head_dim; the launch's grid and shared memory come from `forward_launch`, which mirrors
-    // the kernel's tile constants.
+        .arg(&seqs.cu_dev);
+    push_scalars(&mut args, &s);
+    // SAFETY: the arguments match ATTN_FWD_ARGS (out, lse, q, k, v, cu, then five i32 and two
+    // f32) in order and type; every buffer length was checked against `shape` and `seqs` above,
+    // cu_dev holds n_seqs + 1 offsets rising from 0 to n (the host copy was checked; the device
+    // copy is its upload), and the kernel indexes only rows cu[z] .. cu[z+1] of sequence z, heads
+    // < n_heads (kv heads < n_kv_heads) and columns < head_dim; the grid (n_seqs in z, max_len
+    // tiles in x) and shared memory come from `forward_launch`, which mirrors the kernel's tile
+    // constants.
     unsafe { rt.launch(&launch.name, launch.config(), args) }
 }
 
@@ -317,8 +394,8 @@ pub fn attention_fwd<T: DeviceElem>(
 ///
 /// Deterministic (no atomics; the GQA sum over a kv head's query heads runs inside the dK/dV
 /// kernel in a fixed order). Three launches: `Δ = rowsum(dO ∘ O)` into a scratch buffer allocated
-/// per call (`batch*n_heads*seq` f32), then dK/dV (one CTA per key tile and kv head), then dQ
-/// (one CTA per query tile and head). Same assumptions as [`attention_fwd`].
+/// per call (`n_heads*n` f32), then dK/dV (one CTA per key tile, kv head and sequence), then dQ
+/// (one CTA per query tile, head and sequence). Same assumptions as [`attention_fwd`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<T: DeviceElem>(
     rt: &Runtime,
@@ -331,15 +408,14 @@ pub fn attention_bwd<T: DeviceElem>(
     q: &CudaSlice<T>,
     k: &CudaSlice<T>,
     v: &CudaSlice<T>,
+    seqs: &Seqs<CudaSlice<i32>>,
     shape: &AttnShape,
 ) -> Result<()> {
-    let s = check_shape(shape)?;
-    let (nq, nkv) = (
-        shape.rows() * shape.q_width(),
-        shape.rows() * shape.kv_width(),
-    );
-    let q_layout = "[batch*seq, n_heads*head_dim]";
-    let kv_layout = "[batch*seq, n_kv_heads*head_dim]";
+    let s = check_shape(shape, seqs, seqs.cu_dev.len(), seqs.pos_dev.len())?;
+    let n = seqs.rows();
+    let (nq, nkv) = (n * shape.q_width(), n * shape.kv_width());
+    let q_layout = "[n, n_heads*head_dim]";
+    let kv_layout = "[n, n_kv_heads*head_dim]";
     ensure_len("q", q.len(), nq, q_layout)?;
     ensure_len("k", k.len(), nkv, kv_layout)?;
     ensure_len("v", v.len(), nkv, kv_layout)?;
@@ -348,30 +424,28 @@ pub fn attention_bwd<T: DeviceElem>(
     ensure_len("dq", dq.len(), nq, q_layout)?;
     ensure_len("dk", dk.len(), nkv, kv_layout)?;
     ensure_len("dv", dv.len(), nkv, kv_layout)?;
-    let n_stats = shape.batch * shape.n_heads * shape.seq;
-    ensure_len("lse", lse.len(), n_stats, "[batch, n_heads, seq]")?;
-    if n_stats == 0 {
+    let n_stats = shape.n_heads * n;
+    ensure_len("lse", lse.len(), n_stats, "[n_heads, n]")?;
+    if n == 0 {
         return Ok(());
     }
 
-    let [pre, dkdv, dql] = backward_launches(shape, T::SUFFIX);
+    let [pre, dkdv, dql] = backward_launches(shape, seqs, T::SUFFIX);
     let mut delta = rt.alloc_zeros::<f32>(n_stats, || {
         "allocating the attention backward's Δ scratch".to_string()
     })?;
-    let rows = shape.rows() as i32;
 
     let f = prepare(rt, &pre)?;
     let mut args = rt.stream.launch_builder(&f);
     args.arg(&mut delta)
         .arg(dout)
         .arg(out)
-        .arg(&rows)
-        .arg(&s.seq)
+        .arg(&s.n)
         .arg(&s.n_heads)
         .arg(&s.head_dim);
-    // SAFETY: matches attention_bwd_preprocess_* (delta, dout, out, rows, seq, n_heads,
-    // head_dim); `delta` has batch*n_heads*seq elements and dout/out were checked above; one warp
-    // per (row, head), warps past rows*n_heads return.
+    // SAFETY: matches attention_bwd_preprocess_* (delta, dout, out, rows, n_heads, head_dim);
+    // `delta` has n_heads*n elements and dout/out were checked above; one warp per (row, head),
+    // warps past n*n_heads return.
     unsafe { rt.launch(&pre.name, pre.config(), args) }?;
 
     let f = prepare(rt, &dkdv)?;
@@ -384,14 +458,10 @@ pub fn attention_bwd<T: DeviceElem>(
         .arg(q)
         .arg(k)
         .arg(v)
-        .arg(&s.seq)
-        .arg(&s.n_heads)
-        .arg(&s.n_kv_heads)
-        .arg(&s.head_dim)
-        .arg(&s.window)
-        .arg(&s.scale);
-    // SAFETY: matches ATTN_DKDV_ARGS in order and type; lengths checked above; grid and shared
-    // memory from `backward_launches`, mirroring the kernel's tile constants.
+        .arg(&seqs.cu_dev);
+    push_scalars(&mut args, &s);
+    // SAFETY: matches ATTN_DKDV_ARGS in order and type; lengths and offsets checked above; grid
+    // and shared memory from `backward_launches`, mirroring the kernel's tile constants.
     unsafe { rt.launch(&dkdv.name, dkdv.config(), args) }?;
 
     let f = prepare(rt, &dql)?;
@@ -403,14 +473,10 @@ pub fn attention_bwd<T: DeviceElem>(
         .arg(q)
         .arg(k)
         .arg(v)
-        .arg(&s.seq)
-        .arg(&s.n_heads)
-        .arg(&s.n_kv_heads)
-        .arg(&s.head_dim)
-        .arg(&s.window)
-        .arg(&s.scale);
-    // SAFETY: matches ATTN_DQ_ARGS in order and type; lengths checked above; grid and shared
-    // memory from `backward_launches`.
+        .arg(&seqs.cu_dev);
+    push_scalars(&mut args, &s);
+    // SAFETY: matches ATTN_DQ_ARGS in order and type; lengths and offsets checked above; grid
+    // and shared memory from `backward_launches`.
     unsafe { rt.launch(&dql.name, dql.config(), args) }?;
     // `delta` is freed on drop; cudarc orders the free after the queued kernels on this stream.
     Ok(())
@@ -466,28 +532,16 @@ pub fn cached_plan(shape: &CacheShape, suffix: &str, sm_count: usize) -> Result<
         new,
         past,
         cap,
+        heads,
+    } = *shape;
+    check_heads("attention_cached", &heads)?;
+    let AttnShape {
         n_heads,
         n_kv_heads,
         head_dim,
         window,
-    } = *shape;
-    ensure!(
-        n_heads > 0 && n_kv_heads > 0 && head_dim > 0,
-        "attention_cached: n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) and head_dim \
-         ({head_dim}) must be positive"
-    );
-    ensure!(
-        n_heads.is_multiple_of(n_kv_heads),
-        "attention_cached: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
-    );
-    ensure!(
-        head_dim <= MAX_GENERIC_HEAD_DIM,
-        "attention_cached: head_dim {head_dim} is above the supported maximum \
-         {MAX_GENERIC_HEAD_DIM}"
-    );
-    if window == Some(0) {
-        bail!("attention_cached: a sliding window of 0 lets a row see no key; use None");
-    }
+        ..
+    } = heads;
     ensure!(
         past + new <= cap,
         "attention_cached: {past} cached + {new} new rows exceed the capacity {cap}"
@@ -593,6 +647,7 @@ pub fn cached_plan(shape: &CacheShape, suffix: &str, sm_count: usize) -> Result<
 /// `plan.workspace` f32 (needed only when `plan.splits > 1`). `plan` must come from
 /// [`cached_plan`] for this `shape` and `T::SUFFIX`.
 ///
+/// Scores as in training, from `shape.heads`: `scale·q·k`, soft-capped when `softcap` is set.
 /// Three launches on `rt.stream` (append, attention, and the split merge when there are splits);
 /// nothing is synchronised. Deterministic for a given plan.
 #[allow(clippy::too_many_arguments)]
@@ -610,14 +665,15 @@ pub fn attention_cached<T: DeviceElem>(
     shape: &CacheShape,
 ) -> Result<()> {
     let rows = shape.batch * shape.new;
-    let (nq, nkv) = (rows * shape.q_width(), rows * shape.kv_width());
+    let h = &shape.heads;
+    let (nq, nkv) = (rows * h.q_width(), rows * h.kv_width());
     let q_layout = "[batch*new, n_heads*head_dim]";
     let kv_layout = "[batch*new, n_kv_heads*head_dim]";
     ensure_len("q", q.len(), nq, q_layout)?;
     ensure_len("k", k.len(), nkv, kv_layout)?;
     ensure_len("v", v.len(), nkv, kv_layout)?;
     ensure_len("out", out.len(), nq, q_layout)?;
-    let cache_len = shape.batch * shape.cap * shape.kv_width();
+    let cache_len = shape.batch * shape.cap * h.kv_width();
     let cache_layout = "[batch*cap, n_kv_heads*head_dim]";
     ensure_len("k_cache", k_cache.len(), cache_len, cache_layout)?;
     ensure_len("v_cache", v_cache.len(), cache_len, cache_layout)?;
@@ -637,12 +693,9 @@ pub fn attention_cached<T: DeviceElem>(
         return Ok(());
     }
     let (new, past, cap) = (shape.new as i32, shape.past as i32, shape.cap as i32);
-    let (n_heads, n_kv_heads, head_dim) = (
-        shape.n_heads as i32,
-        shape.n_kv_heads as i32,
-        shape.head_dim as i32,
-    );
-    let kv_ld = shape.kv_width() as i32;
+    let (n_heads, n_kv_heads, head_dim) =
+        (h.n_heads as i32, h.n_kv_heads as i32, h.head_dim as i32);
+    let kv_ld = h.kv_width() as i32;
 
     let f = prepare(rt, &plan.append)?;
     let rows_ll = rows as i64;
@@ -663,7 +716,7 @@ pub fn attention_cached<T: DeviceElem>(
 
     let ws_ptr = workspace.map_or(0u64, |w| rt.ptr(w));
     let start_ptr = rt.ptr(start);
-    let scale = (1.0 / (shape.head_dim as f64).sqrt()) as f32;
+    let (scale, softcap) = (h.scale, h.softcap.unwrap_or(0.0));
     let (rows_per_cta, heads_per_cta, splits, kt) = (
         plan.rows_per_cta as i32,
         plan.heads_per_cta as i32,
@@ -686,6 +739,7 @@ pub fn attention_cached<T: DeviceElem>(
         .arg(&head_dim)
         .arg(&plan.window)
         .arg(&scale)
+        .arg(&softcap)
         .arg(&rows_per_cta)
         .arg(&heads_per_cta)
         .arg(&splits)
@@ -719,36 +773,54 @@ mod tests {
     use super::*;
     use crate::backend::cuda::compile::{self, Output};
 
-    fn shape(seq: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> AttnShape {
-        AttnShape {
-            batch: 2,
-            seq,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            window: None,
+    fn shape(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> AttnShape {
+        AttnShape::plain(n_heads, n_kv_heads, head_dim, None)
+    }
+
+    /// Host-only sequences (the launch plans read only the host offsets).
+    fn seqs(lens: &[usize]) -> Seqs<()> {
+        let mut cu = vec![0];
+        for &l in lens {
+            cu.push(cu[cu.len() - 1] + l);
         }
+        Seqs {
+            cu,
+            max_len: lens.iter().copied().max().unwrap_or(0),
+            cu_dev: (),
+            pos_dev: (),
+        }
+    }
+
+    /// `check_shape` with device copies of the right lengths.
+    fn check(shape: &AttnShape, s: &Seqs<()>) -> Result<Scalars> {
+        check_shape(shape, s, s.cu.len(), s.rows())
     }
 
     #[test]
     fn picks_tensor_core_kernels_only_for_bf16_64_and_128() {
+        let s = seqs(&[100, 100]);
         assert_eq!(
-            forward_launch(&shape(100, 9, 3, 64), "bf16").name,
+            forward_launch(&shape(9, 3, 64), &s, "bf16").name,
             "attention_fwd_hd64_bf16"
         );
         assert_eq!(
-            forward_launch(&shape(100, 8, 2, 128), "bf16").name,
+            forward_launch(&shape(8, 2, 128), &s, "bf16").name,
             "attention_fwd_hd128_bf16"
         );
         assert_eq!(
-            forward_launch(&shape(100, 8, 2, 96), "bf16").name,
+            forward_launch(&shape(8, 2, 96), &s, "bf16").name,
+            "attention_fwd_bf16"
+        );
+        // Gemma-2's head_dim 256: the generic kernels for now.
+        assert_eq!(
+            forward_launch(&shape(8, 4, 256), &s, "bf16").name,
             "attention_fwd_bf16"
         );
         assert_eq!(
-            forward_launch(&shape(100, 8, 2, 64), "f32").name,
+            forward_launch(&shape(8, 2, 64), &s, "f32").name,
             "attention_fwd_f32"
         );
-        let [p, a, b] = backward_launches(&shape(100, 8, 2, 128), "bf16");
+        let [p, a, b] = backward_launches(&shape(8, 2, 128), &s, "bf16");
         assert_eq!(p.name, "attention_bwd_preprocess_bf16");
         assert_eq!(a.name, "attention_bwd_dkdv_hd128_bf16");
         assert_eq!(b.name, "attention_bwd_dq_hd128_bf16");
@@ -756,16 +828,21 @@ mod tests {
 
     #[test]
     fn launch_geometry_covers_every_row() {
-        // 100 rows: two 64-row tiles (the second one partial); generic: 25 warps-of-4.
-        let l = forward_launch(&shape(100, 9, 3, 64), "bf16");
-        assert_eq!(l.grid, (2, 9, 2));
+        // Longest sequence 100 rows: two 64-row tiles (the second one partial), one z per
+        // sequence; generic: 25 warps-of-4. The short sequences' second tile returns at once.
+        let s = seqs(&[100, 7, 64]);
+        let l = forward_launch(&shape(9, 3, 64), &s, "bf16");
+        assert_eq!(l.grid, (2, 9, 3));
         assert_eq!(l.smem, 4 * 64 * 72 * 2); // two (K, V) buffers of 64 rows
-        let l = forward_launch(&shape(100, 9, 3, 24), "bf16");
-        assert_eq!((l.grid, l.smem), ((25, 9, 2), 0));
+        let l = forward_launch(&shape(9, 3, 24), &s, "bf16");
+        assert_eq!((l.grid, l.smem), ((25, 9, 3), 0));
 
-        let [p, a, b] = backward_launches(&shape(129, 8, 2, 128), "bf16");
-        assert_eq!(p.grid, ((2 * 129 * 8usize).div_ceil(4) as u32, 1, 1));
-        // One dK/dV CTA per 64 keys and kv head; one dQ CTA per 64 queries and head.
+        let s = seqs(&[129, 1]);
+        let [p, a, b] = backward_launches(&shape(8, 2, 128), &s, "bf16");
+        // Preprocess: one warp per (row, head) over all 130 rows.
+        assert_eq!(p.grid, ((130 * 8usize).div_ceil(4) as u32, 1, 1));
+        // One dK/dV CTA per 64 keys, kv head and sequence; one dQ CTA per 64 queries, head and
+        // sequence.
         assert_eq!(a.grid, (3, 2, 2));
         assert_eq!(b.grid, (3, 8, 2));
         // dK/dV at D=128: K, V 64x136 and two buffers of Q, dO 32x136 (bf16) and of lse, delta
@@ -775,24 +852,68 @@ mod tests {
         // dQ at D=128: the Q, dO staging (2 x 64 rows) equals four K/V buffers of 32 rows.
         assert_eq!(b.smem, 2 * 64 * 136 * 2);
 
-        let [_, a, b] = backward_launches(&shape(64, 4, 4, 64), "bf16");
+        let [_, a, b] = backward_launches(&shape(4, 4, 64), &seqs(&[64]), "bf16");
         assert_eq!(a.smem, 384 * 72 * 2 + 4 * 64 * 4);
         assert_eq!(b.smem, 4 * 64 * 72 * 2);
     }
 
     #[test]
     fn rejects_bad_shapes() {
-        assert!(check_shape(&shape(10, 6, 4, 64)).is_err()); // 6 heads over 4 kv heads
-        assert!(check_shape(&shape(10, 4, 4, 512)).is_err()); // head dim too large
-        let mut s = shape(10, 4, 2, 64);
+        let q = seqs(&[10, 4]);
+        assert!(check(&shape(6, 4, 64), &q).is_err()); // 6 heads over 4 kv heads
+        assert!(check(&shape(4, 4, 512), &q).is_err()); // head dim too large
+        let mut s = shape(4, 2, 64);
         s.window = Some(0);
-        assert!(check_shape(&s).is_err());
-        s.window = Some(10); // as long as the sequence: no window
-        assert_eq!(check_shape(&s).unwrap().window, 0);
+        assert!(check(&s, &q).is_err());
+        s.window = Some(10); // as long as the longest sequence: no window
+        assert_eq!(check(&s, &q).unwrap().window, 0);
         s.window = Some(3);
-        let sc = check_shape(&s).unwrap();
-        assert_eq!(sc.window, 3);
+        let sc = check(&s, &q).unwrap();
+        assert_eq!((sc.window, sc.n, sc.softcap), (3, 14, 0.0));
         assert_eq!(sc.scale, 0.125);
+        // Scale and soft cap: any finite scale; a cap finite and positive.
+        let g = AttnShape {
+            scale: 0.0625,
+            softcap: Some(50.0),
+            ..s
+        };
+        assert_eq!(check(&g, &q).unwrap().softcap, 50.0);
+        for bad in [
+            AttnShape {
+                scale: f32::NAN,
+                ..g
+            },
+            AttnShape {
+                scale: f32::INFINITY,
+                ..g
+            },
+            AttnShape {
+                softcap: Some(0.0),
+                ..g
+            },
+            AttnShape {
+                softcap: Some(-3.0),
+                ..g
+            },
+            AttnShape {
+                softcap: Some(f32::INFINITY),
+                ..g
+            },
+        ] {
+            assert!(check(&bad, &q).is_err(), "{bad:?}");
+        }
+        // Offsets and device copies.
+        let sh = shape(4, 2, 64);
+        assert!(check_shape(&sh, &q, 2, 14).is_err()); // cu_dev too short
+        assert!(check_shape(&sh, &q, 3, 13).is_err()); // pos_dev too short
+        let mut bad = seqs(&[3, 4]);
+        bad.max_len = 3;
+        assert!(check(&sh, &bad).is_err()); // max_len not the longest
+        let mut bad = seqs(&[3, 4]);
+        bad.cu = vec![0, 3, 3, 7]; // an empty sequence
+        assert!(check_shape(&sh, &bad, 4, 7).is_err());
+        bad.cu = vec![1, 3, 7]; // not from 0
+        assert!(check_shape(&sh, &bad, 3, 7).is_err());
     }
 
     fn cache_shape(
@@ -808,10 +929,7 @@ mod tests {
             new,
             past,
             cap: past + new + 5,
-            n_heads: heads.0,
-            n_kv_heads: heads.1,
-            head_dim,
-            window,
+            heads: AttnShape::plain(heads.0, heads.1, head_dim, window),
         }
     }
 
@@ -883,21 +1001,31 @@ mod tests {
     fn cached_plan_rejects_bad_shapes() {
         let ok = cache_shape(2, 3, 4, (4, 2), 64, None);
         assert!(cached_plan(&ok, "bf16", 132).is_ok());
+        let h = ok.heads;
+        let with = |heads: AttnShape| CacheShape { heads, ..ok };
+        let capped = with(AttnShape {
+            scale: 0.0625,
+            softcap: Some(50.0),
+            ..h
+        });
+        assert!(cached_plan(&capped, "bf16", 132).is_ok());
         let bad = [
-            CacheShape { cap: 6, ..ok },     // 4 cached + 3 new > 6
-            CacheShape { n_heads: 3, ..ok }, // 3 heads over 2 kv heads
-            CacheShape {
-                head_dim: 320,
-                ..ok
-            }, // head dim too large
-            CacheShape {
+            CacheShape { cap: 6, ..ok },            // 4 cached + 3 new > 6
+            with(AttnShape { n_heads: 3, ..h }),    // 3 heads over 2 kv heads
+            with(AttnShape { head_dim: 320, ..h }), // head dim too large
+            with(AttnShape {
                 window: Some(0),
-                ..ok
-            }, // sees nothing
-            CacheShape {
-                n_kv_heads: 0,
-                ..ok
-            },
+                ..h
+            }), // sees nothing
+            with(AttnShape { n_kv_heads: 0, ..h }),
+            with(AttnShape {
+                softcap: Some(0.0),
+                ..h
+            }),
+            with(AttnShape {
+                scale: f32::NAN,
+                ..h
+            }),
         ];
         for s in bad {
             assert!(cached_plan(&s, "bf16", 132).is_err(), "{s:?}");
@@ -915,10 +1043,11 @@ mod tests {
         }
         let mut wanted = Vec::new();
         for suffix in ["bf16", "f32"] {
-            for d in [24, 64, 96, 128] {
-                let s = shape(100, 4, 2, d);
-                wanted.push(forward_launch(&s, suffix));
-                wanted.extend(backward_launches(&s, suffix));
+            for d in [24, 64, 96, 128, 256] {
+                let s = shape(4, 2, d);
+                let q = seqs(&[100, 3]);
+                wanted.push(forward_launch(&s, &q, suffix));
+                wanted.extend(backward_launches(&s, &q, suffix));
             }
         }
         for suffix in ["bf16", "f32"] {

@@ -16,7 +16,9 @@ use super::gemm::Gemm;
 use super::runtime::{DeviceElem, Runtime};
 use super::scratch::{ensure, Mirrored, Scratch};
 use super::{attention, elementwise, linear, loss, norm, optim};
-use crate::backend::{check_len, check_min, AdamStep, AttnShape, Backend, CacheShape, LoraSlot};
+use crate::backend::{
+    check_len, check_min, AdamStep, AttnShape, Backend, CacheShape, LoraSlot, Seqs,
+};
 use anyhow::{Context, Result};
 use cudarc::driver::{CudaFunction, CudaSlice};
 use std::marker::PhantomData;
@@ -46,7 +48,6 @@ impl<T: DeviceElem> CudaBackend<T> {
             scratch: Mutex::new(Scratch {
                 ids: None,
                 targets: None,
-                offsets: Mirrored::default(),
                 starts: Mirrored::default(),
                 row_loss: None,
                 partial: None,
@@ -75,6 +76,7 @@ impl<T: DeviceElem> CudaBackend<T> {
 impl<T: DeviceElem> Backend for CudaBackend<T> {
     type Act = CudaSlice<T>;
     type F32 = CudaSlice<f32>;
+    type Idx = CudaSlice<i32>;
 
     fn name(&self) -> String {
         format!("cuda:{} {}", self.rt.ctx.ordinal(), self.rt.device_name())
@@ -100,6 +102,11 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
 
     fn upload_f32(&self, host: &[f32]) -> Result<Self::F32> {
         self.rt.upload(host, || "uploading to the GPU".to_string())
+    }
+
+    fn upload_idx(&self, host: &[i32]) -> Result<Self::Idx> {
+        self.rt
+            .upload(host, || "uploading indices to the GPU".to_string())
     }
 
     fn download_act(&self, buf: &Self::Act) -> Result<Vec<f32>> {
@@ -164,6 +171,15 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         // nvidia-smi would show; this process is the only user in the benchmarks.
         let (free, total) = self.rt.ctx.mem_get_info().ok()?;
         Some((total - free) as f64 / (1u64 << 20) as f64)
+    }
+
+    fn device_memory(&self) -> Option<crate::backend::DeviceMemory> {
+        let (free, total) = self.rt.ctx.mem_get_info().ok()?;
+        Some(crate::backend::DeviceMemory {
+            free: free as u64,
+            total: total as u64,
+            act_bytes: std::mem::size_of::<T>(),
+        })
     }
 
     // ---- embedding ----------------------------------------------------------------------
@@ -272,16 +288,13 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         &self,
         x: &mut Self::Act,
         table: &Self::F32,
-        batch: usize,
-        seq: usize,
+        pos: &Self::Idx,
+        n: usize,
         n_heads: usize,
         head_dim: usize,
         inverse: bool,
-        offsets: Option<&[i32]>,
     ) -> Result<()> {
-        elementwise::rope(
-            self, x, table, batch, seq, n_heads, head_dim, inverse, offsets,
-        )
+        elementwise::rope(self, x, table, pos, n, n_heads, head_dim, inverse)
     }
 
     // ---- attention ----------------------------------------------------------------------
@@ -292,9 +305,10 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         q: &Self::Act,
         k: &Self::Act,
         v: &Self::Act,
+        seqs: &Seqs<Self::Idx>,
         shape: &AttnShape,
     ) -> Result<()> {
-        attention::attention_fwd::<T>(&self.rt, out, lse, q, k, v, shape)
+        attention::attention_fwd::<T>(&self.rt, out, lse, q, k, v, seqs, shape)
     }
 
     fn attention_cached(
@@ -336,14 +350,15 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         q: &Self::Act,
         k: &Self::Act,
         v: &Self::Act,
+        seqs: &Seqs<Self::Idx>,
         shape: &AttnShape,
     ) -> Result<()> {
-        attention::attention_bwd::<T>(&self.rt, dq, dk, dv, dout, out, lse, q, k, v, shape)
+        attention::attention_bwd::<T>(&self.rt, dq, dk, dv, dout, out, lse, q, k, v, seqs, shape)
     }
 
     // ---- MLP ----------------------------------------------------------------------------
     fn swiglu(&self, out: &mut Self::Act, gate: &Self::Act, up: &Self::Act) -> Result<()> {
-        elementwise::swiglu(self, out, gate, up)
+        elementwise::glu(self, "swiglu", out, gate, up)
     }
 
     fn swiglu_bwd(
@@ -354,7 +369,44 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         gate: &Self::Act,
         up: &Self::Act,
     ) -> Result<()> {
-        elementwise::swiglu_bwd(self, dgate, dup, dout, gate, up)
+        elementwise::glu_bwd(self, "swiglu", dgate, dup, dout, gate, up)
+    }
+
+    fn geglu(&self, out: &mut Self::Act, gate: &Self::Act, up: &Self::Act) -> Result<()> {
+        elementwise::glu(self, "geglu", out, gate, up)
+    }
+
+    fn geglu_bwd(
+        &self,
+        dgate: &mut Self::Act,
+        dup: &mut Self::Act,
+        dout: &Self::Act,
+        gate: &Self::Act,
+        up: &Self::Act,
+    ) -> Result<()> {
+        elementwise::glu_bwd(self, "geglu", dgate, dup, dout, gate, up)
+    }
+
+    // ---- elementwise --------------------------------------------------------------------
+    fn scale_act(&self, x: &mut Self::Act, s: f32) -> Result<()> {
+        // The factor in T, as transformers casts Gemma's normalizer to the weights' dtype.
+        elementwise::scale_or_cap(self, "scale", x, T::from_f32(s).to_f32())
+    }
+
+    fn softcap(&self, x: &mut Self::Act, cap: f32) -> Result<()> {
+        anyhow::ensure!(
+            cap.is_finite() && cap > 0.0,
+            "softcap: cap {cap} must be positive"
+        );
+        elementwise::scale_or_cap(self, "softcap_fwd", x, cap)
+    }
+
+    fn softcap_bwd(&self, dx: &mut Self::Act, y: &Self::Act, cap: f32) -> Result<()> {
+        anyhow::ensure!(
+            cap.is_finite() && cap > 0.0,
+            "softcap_bwd: cap {cap} must be positive"
+        );
+        elementwise::softcap_bwd(self, dx, y, cap)
     }
 
     // ---- loss ---------------------------------------------------------------------------

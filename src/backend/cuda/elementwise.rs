@@ -85,97 +85,87 @@ pub(super) fn embedding<T: DeviceElem>(
     unsafe { be.rt.launch(&name, cfg, args) }
 }
 
+/// Rotate `x: [n, n_heads*head_dim]` in place at the positions `pos` (`n` i32 on the device).
+/// The host cannot see the positions, so the kernel checks each against the table's
+/// `table.len() / head_dim` rows and traps (a launch failure) on one outside it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rope<T: DeviceElem>(
     be: &CudaBackend<T>,
     x: &mut CudaSlice<T>,
     table: &CudaSlice<f32>,
-    batch: usize,
-    seq: usize,
+    pos: &CudaSlice<i32>,
+    n: usize,
     n_heads: usize,
     head_dim: usize,
     inverse: bool,
-    offsets: Option<&[i32]>,
 ) -> Result<()> {
     assert!(
-        head_dim.is_multiple_of(2),
-        "rope: head_dim {head_dim} is odd"
+        head_dim > 0 && head_dim.is_multiple_of(2),
+        "rope: head_dim {head_dim} is odd or 0"
     );
-    let rows = batch * seq;
-    check_len("rope", "x", x.len(), rows * n_heads * head_dim);
-    let max_pos = match offsets {
-        None => seq.max(1) - 1,
-        Some(o) => {
-            check_len("rope", "offsets", o.len(), batch);
-            o.iter()
-                .map(|&p| (p as i64 + seq as i64 - 1).max(0) as usize)
-                .max()
-                .unwrap_or(0)
-        }
-    };
-    check_min("rope", "table", table.len(), (max_pos + 1) * head_dim);
-    let total = rows * n_heads * head_dim / 2;
+    check_len("rope", "x", x.len(), n * n_heads * head_dim);
+    check_len("rope", "pos", pos.len(), n);
+    let n_pos = table.len() / head_dim;
+    let total = n * n_heads * head_dim / 2;
     if total == 0 {
         return Ok(());
     }
-    let mut sc = be.scratch();
-    let offsets_ptr = match offsets {
-        None => 0u64,
-        Some(o) => {
-            let dev = sc.offsets.upload(&be.rt, o, "rope offsets")?;
-            be.rt.ptr(dev)
-        }
-    };
+    check_min("rope", "table (one position)", table.len(), head_dim);
     let (f, name) = be.func("elementwise", "rope")?;
-    let (xp, tp) = (be.rt.ptr(x), be.rt.ptr(table));
-    let rows_i = rows as i64;
-    let (seq_i, nh_i, hd_i) = (
-        to_i32("rope", "seq", seq),
+    let (xp, tp, pp) = (be.rt.ptr(x), be.rt.ptr(table), be.rt.ptr(pos));
+    let rows_i = n as i64;
+    let (nh_i, hd_i, np_i) = (
         to_i32("rope", "n_heads", n_heads),
         to_i32("rope", "head_dim", head_dim),
+        to_i32("rope", "table positions", n_pos),
     );
     let sign: f32 = if inverse { -1.0 } else { 1.0 };
     let mut args = be.rt.stream.launch_builder(&f);
     args.arg(&xp)
         .arg(&tp)
-        .arg(&offsets_ptr)
+        .arg(&pp)
         .arg(&rows_i)
-        .arg(&seq_i)
         .arg(&nh_i)
         .arg(&hd_i)
+        .arg(&np_i)
         .arg(&sign);
-    let cfg = KernelLaunch::rope::<T>(rows * n_heads, head_dim).config();
-    // SAFETY: rope(T* x, const float* table, const int* offsets, long long rows, int seq,
-    // int n_heads, int hd, float sign): x holds rows·n_heads·hd, table covers every
-    // position used (checked above), offsets is null or holds `batch` ints.
+    let cfg = KernelLaunch::rope::<T>(n * n_heads, head_dim).config();
+    // SAFETY: rope(T* x, const float* table, const int* pos, long long rows, int n_heads, int hd,
+    // int n_pos, float sign): x holds rows·n_heads·hd, pos holds rows ints (both checked), and
+    // the kernel traps on a position outside [0, n_pos), n_pos = table.len() / hd, so every table
+    // read is in bounds.
     unsafe { be.rt.launch(&name, cfg, args) }
 }
 
-pub(super) fn swiglu<T: DeviceElem>(
+/// `out = act(gate) · up` with `kernel` `swiglu` or `geglu`.
+pub(super) fn glu<T: DeviceElem>(
     be: &CudaBackend<T>,
+    kernel: &str,
     out: &mut CudaSlice<T>,
     gate: &CudaSlice<T>,
     up: &CudaSlice<T>,
 ) -> Result<()> {
     let len = out.len();
-    check_len("swiglu", "gate", gate.len(), len);
-    check_len("swiglu", "up", up.len(), len);
+    check_len(kernel, "gate", gate.len(), len);
+    check_len(kernel, "up", up.len(), len);
     if len == 0 {
         return Ok(());
     }
-    let (f, name) = be.func("elementwise", "swiglu_fwd")?;
+    let (f, name) = be.func("elementwise", &format!("{kernel}_fwd"))?;
     let (op, gp, upp) = (be.rt.ptr(out), be.rt.ptr(gate), be.rt.ptr(up));
     let len_i = len as i64;
     let mut args = be.rt.stream.launch_builder(&f);
     args.arg(&op).arg(&gp).arg(&upp).arg(&len_i);
     let cfg = KernelLaunch::swiglu::<T>(len).config();
-    // SAFETY: swiglu_fwd(T* out, const T* gate, const T* up, long long len): all three hold
-    // len elements (whole buffers, so 16-byte aligned for the vector path).
+    // SAFETY: {swiglu,geglu}_fwd(T* out, const T* gate, const T* up, long long len): all three
+    // hold len elements (whole buffers, so 16-byte aligned for the vector path).
     unsafe { be.rt.launch(&name, cfg, args) }
 }
 
-pub(super) fn swiglu_bwd<T: DeviceElem>(
+/// The backward of [`glu`] with the same `kernel`.
+pub(super) fn glu_bwd<T: DeviceElem>(
     be: &CudaBackend<T>,
+    kernel: &str,
     dgate: &mut CudaSlice<T>,
     dup: &mut CudaSlice<T>,
     dout: &CudaSlice<T>,
@@ -183,14 +173,15 @@ pub(super) fn swiglu_bwd<T: DeviceElem>(
     up: &CudaSlice<T>,
 ) -> Result<()> {
     let len = dout.len();
-    check_len("swiglu_bwd", "dgate", dgate.len(), len);
-    check_len("swiglu_bwd", "dup", dup.len(), len);
-    check_len("swiglu_bwd", "gate", gate.len(), len);
-    check_len("swiglu_bwd", "up", up.len(), len);
+    let op = format!("{kernel}_bwd");
+    check_len(&op, "dgate", dgate.len(), len);
+    check_len(&op, "dup", dup.len(), len);
+    check_len(&op, "gate", gate.len(), len);
+    check_len(&op, "up", up.len(), len);
     if len == 0 {
         return Ok(());
     }
-    let (f, name) = be.func("elementwise", "swiglu_bwd")?;
+    let (f, name) = be.func("elementwise", &op)?;
     let ptrs = [
         be.rt.ptr(dgate),
         be.rt.ptr(dup),
@@ -205,7 +196,51 @@ pub(super) fn swiglu_bwd<T: DeviceElem>(
     }
     args.arg(&len_i);
     let cfg = KernelLaunch::swiglu::<T>(len).config();
-    // SAFETY: swiglu_bwd(T* dgate, T* dup, const T* dout, const T* gate, const T* up,
+    // SAFETY: {swiglu,geglu}_bwd(T* dgate, T* dup, const T* dout, const T* gate, const T* up,
     // long long len): all five hold len elements.
+    unsafe { be.rt.launch(&name, cfg, args) }
+}
+
+/// `x = s · x` (`scale`, with `s` rounded to `T` first, as transformers casts Gemma's
+/// normalizer) or `x = c · tanh(x / c)` (`softcap_fwd`), in place.
+pub(super) fn scale_or_cap<T: DeviceElem>(
+    be: &CudaBackend<T>,
+    kernel: &str,
+    x: &mut CudaSlice<T>,
+    s: f32,
+) -> Result<()> {
+    let len = x.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let (f, name) = be.func("elementwise", kernel)?;
+    let xp = be.rt.ptr(x);
+    let len_i = len as i64;
+    let mut args = be.rt.stream.launch_builder(&f);
+    args.arg(&xp).arg(&s).arg(&len_i);
+    let cfg = KernelLaunch::cast(len).config();
+    // SAFETY: scale / softcap_fwd(T* x, float s, long long len): x holds len elements.
+    unsafe { be.rt.launch(&name, cfg, args) }
+}
+
+/// `dx = dx · (1 - (y / c)²)` in place, `y` the capped values.
+pub(super) fn softcap_bwd<T: DeviceElem>(
+    be: &CudaBackend<T>,
+    dx: &mut CudaSlice<T>,
+    y: &CudaSlice<T>,
+    cap: f32,
+) -> Result<()> {
+    let len = dx.len();
+    check_len("softcap_bwd", "y", y.len(), len);
+    if len == 0 {
+        return Ok(());
+    }
+    let (f, name) = be.func("elementwise", "softcap_bwd")?;
+    let (dp, yp) = (be.rt.ptr(dx), be.rt.ptr(y));
+    let len_i = len as i64;
+    let mut args = be.rt.stream.launch_builder(&f);
+    args.arg(&dp).arg(&yp).arg(&cap).arg(&len_i);
+    let cfg = KernelLaunch::cast(len).config();
+    // SAFETY: softcap_bwd(T* dx, const T* y, float cap, long long len): both hold len elements.
     unsafe { be.rt.launch(&name, cfg, args) }
 }

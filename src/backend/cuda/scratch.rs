@@ -1,5 +1,4 @@
-//! Device scratch owned by the backend (token ids, targets, per-row losses, rope offsets,
-//! sequence starts, split-attention partials, `T` copies of LoRA factors), grown on demand.
+//! Device scratch owned by the backend (token ids, targets, per-row losses, cache starts, split-attention partials, `T` copies of LoRA factors), grown on demand.
 
 use super::runtime::Runtime;
 use anyhow::{Context, Result};
@@ -10,8 +9,7 @@ use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 pub(super) struct Scratch<T> {
     pub ids: Option<CudaSlice<u32>>,
     pub targets: Option<CudaSlice<i32>>,
-    /// Per-sequence rope offsets and cache starts (generation).
-    pub offsets: Mirrored<i32>,
+    /// Per-sequence cache starts (generation).
     pub starts: Mirrored<u32>,
     pub row_loss: Option<CudaSlice<f32>>,
     pub partial: Option<CudaSlice<f32>>,
@@ -36,8 +34,8 @@ pub(super) fn ensure<'s, E: DeviceRepr + ValidAsZeroBits>(
 }
 
 /// A small device array that remembers what it was last given. Generation passes the same
-/// per-sequence rope offsets and cache starts to every layer of a step (and the same starts to
-/// every step), so an upload is skipped when the values have not changed.
+/// per-sequence cache starts to every layer of a step and to every step, so an upload is
+/// skipped when the values have not changed.
 pub(super) struct Mirrored<E> {
     dev: Option<CudaSlice<E>>,
     host: Vec<E>,

@@ -9,6 +9,7 @@
 //! so a padded sequence computes exactly what it would alone. The ablation, when configured
 //! and switched on (`Model::ablate`), is applied as in training.
 
+use super::layer::{glu, QkPre};
 use super::Model;
 use crate::backend::{Backend, CacheShape};
 use crate::model::lora::Target;
@@ -73,6 +74,11 @@ struct StepBufs<B: Backend> {
     act: B::Act,
     /// `x Aᵀ` scratch for the adapted projections (`[rows, r]`).
     lora_u: Option<B::F32>,
+    /// Qwen3's head norms: the projections of q and k, and the norms' outputs and statistics
+    /// (the normed values go to `q`, `k`).
+    qk_norm: Option<(B::Act, B::Act, QkPre<B>)>,
+    /// Gemma: the normed attention / MLP output.
+    sandwich: Option<B::Act>,
     last: B::Act,
     logits: B::Act,
 }
@@ -170,6 +176,23 @@ impl<B: Backend> Model<B> {
             up: act(rows * f)?,
             act: act(rows * f)?,
             lora_u,
+            qk_norm: match c.qk_norm {
+                true => Some((
+                    act(rows * qw)?,
+                    act(rows * kvw)?,
+                    QkPre {
+                        q: act(rows * qw)?,
+                        k: act(rows * kvw)?,
+                        q_rstd: be.alloc_f32(rows * c.num_heads)?,
+                        k_rstd: be.alloc_f32(rows * c.num_kv_heads)?,
+                    },
+                )),
+                false => None,
+            },
+            sandwich: match c.gemma_norms {
+                true => Some(act(rows * d)?),
+                false => None,
+            },
             last: act(cache.batch * d)?,
             logits: act(cache.batch * v)?,
         });
@@ -210,20 +233,21 @@ impl<B: Backend> Model<B> {
         let d = cfg.hidden_size;
         let eps = cfg.rms_norm_eps as f32;
         let past = cache.len;
-        let offsets: Vec<i32> = cache
+        // Row `i` of sequence `b` sits at timeline row `past + i`, which is position
+        // `past + i - start[b]` of that sequence (left padding sits below 0: clamped, never seen).
+        let pos: Vec<i32> = cache
             .start
             .iter()
-            .map(|&s| past as i32 - s as i32)
+            .flat_map(|&s| (0..new).map(move |i| (past + i) as i32 - s as i32))
+            .map(|p| p.max(0))
             .collect();
-        let shape = CacheShape {
+        let pos = be.upload_idx(&pos)?;
+        let shape = |l: usize| CacheShape {
             batch,
             new,
             past,
             cap: cache.cap,
-            n_heads: cfg.num_heads,
-            n_kv_heads: cfg.num_kv_heads,
-            head_dim: cfg.head_dim,
-            window: cfg.sliding_window,
+            heads: self.attn_shape(l, cache.cap),
         };
         let w = &self.w;
         let lora = self.lora.as_ref();
@@ -249,6 +273,9 @@ impl<B: Backend> Model<B> {
         };
 
         be.embedding(&mut s.embed, &w.embed, ids, d)?;
+        if cfg.gemma_norms {
+            be.scale_act(&mut s.embed, (d as f64).sqrt() as f32)?;
+        }
         be.residual_ablate_norm(
             &mut s.resid,
             &mut s.n1,
@@ -264,30 +291,45 @@ impl<B: Backend> Model<B> {
         for l in 0..cfg.num_layers {
             let lw = &w.layers[l];
             let u = &mut s.lora_u;
-            proj(be, &mut s.q, u, &s.n1, &lw.wq, lw.bq.as_ref(), l, Target::Q)?;
-            proj(be, &mut s.k, u, &s.n1, &lw.wk, lw.bk.as_ref(), l, Target::K)?;
-            proj(be, &mut s.v, u, &s.n1, &lw.wv, lw.bv.as_ref(), l, Target::V)?;
             let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-            be.rope(
-                &mut s.q,
-                &self.rope,
-                batch,
-                new,
-                nh,
-                hd,
-                false,
-                Some(&offsets),
-            )?;
-            be.rope(
-                &mut s.k,
-                &self.rope,
-                batch,
-                new,
-                nkv,
-                hd,
-                false,
-                Some(&offsets),
-            )?;
+            match (&mut s.qk_norm, &lw.qk_norm) {
+                (Some((q_in, k_in, pre)), Some((wqn, wkn))) => {
+                    proj(be, q_in, u, &s.n1, &lw.wq, lw.bq.as_ref(), l, Target::Q)?;
+                    proj(be, k_in, u, &s.n1, &lw.wk, lw.bk.as_ref(), l, Target::K)?;
+                    let (q, k) = (&mut s.q, &mut s.k);
+                    be.residual_ablate_norm(
+                        &mut pre.q,
+                        q,
+                        &mut pre.q_rstd,
+                        q_in,
+                        None,
+                        None,
+                        wqn,
+                        rows * nh,
+                        hd,
+                        eps,
+                    )?;
+                    be.residual_ablate_norm(
+                        &mut pre.k,
+                        k,
+                        &mut pre.k_rstd,
+                        k_in,
+                        None,
+                        None,
+                        wkn,
+                        rows * nkv,
+                        hd,
+                        eps,
+                    )?;
+                }
+                _ => {
+                    proj(be, &mut s.q, u, &s.n1, &lw.wq, lw.bq.as_ref(), l, Target::Q)?;
+                    proj(be, &mut s.k, u, &s.n1, &lw.wk, lw.bk.as_ref(), l, Target::K)?;
+                }
+            }
+            proj(be, &mut s.v, u, &s.n1, &lw.wv, lw.bv.as_ref(), l, Target::V)?;
+            be.rope(&mut s.q, &self.rope, &pos, rows, nh, hd, false)?;
+            be.rope(&mut s.k, &self.rope, &pos, rows, nkv, hd, false)?;
             be.attention_cached(
                 &mut s.att,
                 &s.q,
@@ -296,15 +338,30 @@ impl<B: Backend> Model<B> {
                 &mut cache.k[l],
                 &mut cache.v[l],
                 &cache.start,
-                &shape,
+                &shape(l),
             )?;
             proj(be, &mut s.o, u, &s.att, &lw.wo, None, l, Target::O)?;
+            // Gemma's sandwich norm of the attention output (resid_next is free scratch here).
+            if let (Some((w_attn, _)), Some(p)) = (&lw.sandwich, &mut s.sandwich) {
+                be.residual_ablate_norm(
+                    &mut s.resid_next,
+                    p,
+                    &mut s.rstd,
+                    &s.o,
+                    None,
+                    None,
+                    w_attn,
+                    rows,
+                    d,
+                    eps,
+                )?;
+            }
             be.residual_ablate_norm(
                 &mut s.h_mid,
                 &mut s.n2,
                 &mut s.rstd,
                 &s.resid,
-                Some(&s.o),
+                Some(s.sandwich.as_ref().unwrap_or(&s.o)),
                 None,
                 &lw.post_norm,
                 rows,
@@ -313,8 +370,22 @@ impl<B: Backend> Model<B> {
             )?;
             proj(be, &mut s.gate, u, &s.n2, &lw.wg, None, l, Target::Gate)?;
             proj(be, &mut s.up, u, &s.n2, &lw.wu, None, l, Target::Up)?;
-            be.swiglu(&mut s.act, &s.gate, &s.up)?;
+            glu(be, cfg.mlp_act, &mut s.act, &s.gate, &s.up)?;
             proj(be, &mut s.o, u, &s.act, &lw.wd, None, l, Target::Down)?;
+            if let (Some((_, w_mlp)), Some(p)) = (&lw.sandwich, &mut s.sandwich) {
+                be.residual_ablate_norm(
+                    &mut s.resid_next,
+                    p,
+                    &mut s.rstd,
+                    &s.o,
+                    None,
+                    None,
+                    w_mlp,
+                    rows,
+                    d,
+                    eps,
+                )?;
+            }
             let next_norm = w.next_norm(l);
             let dirs = super::layer_dirs::<B>(&self.ablation, self.ablate, l);
             be.residual_ablate_norm(
@@ -322,7 +393,7 @@ impl<B: Backend> Model<B> {
                 &mut s.n1,
                 &mut s.rstd,
                 &s.h_mid,
-                Some(&s.o),
+                Some(s.sandwich.as_ref().unwrap_or(&s.o)),
                 dirs,
                 next_norm,
                 rows,
@@ -343,6 +414,9 @@ impl<B: Backend> Model<B> {
         };
         let w_head = w.lm_head.as_ref().unwrap_or(&w.embed);
         be.linear(&mut s.logits, last, w_head, None, batch, d, v, false)?;
+        if let Some(c) = cfg.final_softcap {
+            be.softcap(&mut s.logits, c as f32)?;
+        }
         be.download_act(&s.logits)
     }
 }

@@ -385,40 +385,46 @@ body!(NormBwdCase { dresid: Vec<f32>, dnormed: Vec<f32>, resid: Vec<f32>, rstd: 
     Ok(vec![b.download_act(&dr)?])
 });
 
-body!(RopeCase { x: Vec<f32>, table: Vec<f32>, batch: usize, seq: usize, n_heads: usize,
-                 head_dim: usize, inverse: bool } |self, b| {
+body!(RopeCase { x: Vec<f32>, table: Vec<f32>, pos: Vec<i32>, n_heads: usize, head_dim: usize,
+                 inverse: bool } |self, b| {
     let mut x = b.upload_act(&self.x)?;
     let t = b.upload_f32(&self.table)?;
-    b.rope(&mut x, &t, self.batch, self.seq, self.n_heads, self.head_dim, self.inverse, None)?;
+    let pos = b.upload_idx(&self.pos)?;
+    b.rope(&mut x, &t, &pos, self.pos.len(), self.n_heads, self.head_dim, self.inverse)?;
     Ok(vec![b.download_act(&x)?])
 });
 
-body!(AttnFwdCase { q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, shape: AttnShape } |self, b| {
+body!(AttnFwdCase { q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, lens: Vec<usize>, shape: AttnShape }
+      |self, b| {
     let s = &self.shape;
+    let seqs = b.seqs(&self.lens)?;
+    let n = seqs.rows();
     let q = b.upload_act(&self.q)?;
     let k = b.upload_act(&self.k)?;
     let v = b.upload_act(&self.v)?;
-    let mut out = b.upload_act(&nan(s.rows() * s.q_width()))?;
-    let mut lse = b.upload_f32(&nan(s.batch * s.n_heads * s.seq))?;
-    b.attention_fwd(&mut out, &mut lse, &q, &k, &v, s)?;
+    let mut out = b.upload_act(&nan(n * s.q_width()))?;
+    let mut lse = b.upload_f32(&nan(s.n_heads * n))?;
+    b.attention_fwd(&mut out, &mut lse, &q, &k, &v, &seqs, s)?;
     Ok(vec![b.download_act(&out)?, b.download_f32(&lse)?])
 });
 
-body!(AttnBwdCase { q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, dout: Vec<f32>, shape: AttnShape }
-      |self, b| {
+body!(AttnBwdCase { q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, dout: Vec<f32>, lens: Vec<usize>,
+                    shape: AttnShape } |self, b| {
     // The forward runs on the same backend, so out and lse are each backend's own.
     let s = &self.shape;
+    let seqs = b.seqs(&self.lens)?;
+    let n = seqs.rows();
     let q = b.upload_act(&self.q)?;
     let k = b.upload_act(&self.k)?;
     let v = b.upload_act(&self.v)?;
     let dout = b.upload_act(&self.dout)?;
-    let mut out = b.alloc_act(s.rows() * s.q_width())?;
-    let mut lse = b.alloc_f32(s.batch * s.n_heads * s.seq)?;
-    b.attention_fwd(&mut out, &mut lse, &q, &k, &v, s)?;
-    let mut dq = b.upload_act(&nan(s.rows() * s.q_width()))?;
-    let mut dk = b.upload_act(&nan(s.rows() * s.kv_width()))?;
-    let mut dv = b.upload_act(&nan(s.rows() * s.kv_width()))?;
-    b.attention_bwd(&mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, s)?;
+    let mut out = b.alloc_act(n * s.q_width())?;
+    let mut lse = b.alloc_f32(s.n_heads * n)?;
+    b.attention_fwd(&mut out, &mut lse, &q, &k, &v, &seqs, s)?;
+    let mut dq = b.upload_act(&nan(n * s.q_width()))?;
+    let mut dk = b.upload_act(&nan(n * s.kv_width()))?;
+    let mut dv = b.upload_act(&nan(n * s.kv_width()))?;
+    b.attention_bwd(&mut dq, &mut dk, &mut dv, &dout, &out, &lse, &q, &k, &v, &seqs, s)?;
     Ok(vec![b.download_act(&dq)?, b.download_act(&dk)?, b.download_act(&dv)?])
 });
 
@@ -430,7 +436,7 @@ body!(AttnCachedCase { q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, start: Vec<u32>,
     // [batch, total, width]; outputs are each call's `out`, then the written cache rows.
     let s = self.shape;
     let total: usize = self.chunks.iter().sum();
-    let (qw, kvw) = (s.q_width(), s.kv_width());
+    let (qw, kvw) = (s.heads.q_width(), s.heads.kv_width());
     let rows = |x: &[f32], width: usize, t0: usize, n: usize| -> Vec<f32> {
         (0..s.batch)
             .flat_map(|bb| x[(bb * total + t0) * width..(bb * total + t0 + n) * width].to_vec())
@@ -461,22 +467,39 @@ body!(AttnCachedCase { q: Vec<f32>, k: Vec<f32>, v: Vec<f32>, start: Vec<u32>,
     Ok(outs)
 });
 
-body!(SwigluCase { gate: Vec<f32>, up: Vec<f32> } |self, b| {
+body!(GluCase { gate: Vec<f32>, up: Vec<f32>, gelu: bool } |self, b| {
     let g = b.upload_act(&self.gate)?;
     let u = b.upload_act(&self.up)?;
     let mut out = b.upload_act(&nan(self.gate.len()))?;
-    b.swiglu(&mut out, &g, &u)?;
+    match self.gelu {
+        false => b.swiglu(&mut out, &g, &u)?,
+        true => b.geglu(&mut out, &g, &u)?,
+    }
     Ok(vec![b.download_act(&out)?])
 });
 
-body!(SwigluBwdCase { dout: Vec<f32>, gate: Vec<f32>, up: Vec<f32> } |self, b| {
+body!(GluBwdCase { dout: Vec<f32>, gate: Vec<f32>, up: Vec<f32>, gelu: bool } |self, b| {
     let d = b.upload_act(&self.dout)?;
     let g = b.upload_act(&self.gate)?;
     let u = b.upload_act(&self.up)?;
     let mut dg = b.upload_act(&nan(self.gate.len()))?;
     let mut du = b.upload_act(&nan(self.gate.len()))?;
-    b.swiglu_bwd(&mut dg, &mut du, &d, &g, &u)?;
+    match self.gelu {
+        false => b.swiglu_bwd(&mut dg, &mut du, &d, &g, &u)?,
+        true => b.geglu_bwd(&mut dg, &mut du, &d, &g, &u)?,
+    }
     Ok(vec![b.download_act(&dg)?, b.download_act(&du)?])
+});
+
+// Soft-cap forward, its backward from the capped values, and the embedding scale.
+body!(SoftcapCase { x: Vec<f32>, dy: Vec<f32>, cap: f32 } |self, b| {
+    let mut y = b.upload_act(&self.x)?;
+    b.softcap(&mut y, self.cap)?;
+    let mut dx = b.upload_act(&self.dy)?;
+    b.softcap_bwd(&mut dx, &y, self.cap)?;
+    let mut s = b.upload_act(&self.x)?;
+    b.scale_act(&mut s, self.cap)?;
+    Ok(vec![b.download_act(&y)?, b.download_act(&dx)?, b.download_act(&s)?])
 });
 
 body!(CeCase { logits: Vec<f32>, targets: Vec<i32>, vocab: usize, grad: Option<f32> } |self, b| {
@@ -526,13 +549,61 @@ fn lora_layout(s: &Shape, g: &mut Draw<'_>) -> (Vec<f32>, LoraSlot) {
 }
 
 fn attn_shape(s: &Shape, window: Option<usize>) -> AttnShape {
+    AttnShape::plain(s.n_heads, s.n_kv_heads, s.head_dim, window)
+}
+
+/// Gemma-2-like heads: a scale other than 1/sqrt(head_dim) (twice it, so raw scores have a
+/// standard deviation near 2 on unit inputs) and a soft cap of 3 that a good share of them
+/// exceed (the tanh saturates there).
+fn capped_shape(s: &Shape, window: Option<usize>) -> AttnShape {
     AttnShape {
-        batch: s.batch,
-        seq: s.seq,
-        n_heads: s.n_heads,
-        n_kv_heads: s.n_kv_heads,
-        head_dim: s.head_dim,
-        window,
+        scale: (2.0 / (s.head_dim as f64).sqrt()) as f32,
+        softcap: Some(3.0),
+        ..attn_shape(s, window)
+    }
+}
+
+/// The sweep's `batch·seq` rows packed as sequences of unequal lengths: `seq/2 + 1`, a single
+/// row, then the rest (so short sequences share a 64-row span and the last one is longer than
+/// `seq`), cut where the rows run out.
+fn packed_lens(s: &Shape) -> Vec<usize> {
+    let mut left = s.batch * s.seq;
+    let mut lens = Vec::new();
+    for want in [s.seq / 2 + 1, 1, usize::MAX] {
+        let l = want.min(left);
+        if l > 0 {
+            lens.push(l);
+            left -= l;
+        }
+    }
+    lens
+}
+
+/// Each row's position in its sequence, as `Backend::seqs` lays them out.
+fn positions(lens: &[usize]) -> Vec<i32> {
+    lens.iter().flat_map(|&l| 0..l as i32).collect()
+}
+
+fn attn_fwd_case(g: &mut Draw<'_>, lens: Vec<usize>, shape: AttnShape) -> AttnFwdCase {
+    let n: usize = lens.iter().sum();
+    AttnFwdCase {
+        q: g.act(n * shape.q_width(), 1.0),
+        k: g.act(n * shape.kv_width(), 1.0),
+        v: g.act(n * shape.kv_width(), 1.0),
+        lens,
+        shape,
+    }
+}
+
+fn attn_bwd_case(g: &mut Draw<'_>, lens: Vec<usize>, shape: AttnShape) -> AttnBwdCase {
+    let n: usize = lens.iter().sum();
+    AttnBwdCase {
+        q: g.act(n * shape.q_width(), 1.0),
+        k: g.act(n * shape.kv_width(), 1.0),
+        v: g.act(n * shape.kv_width(), 1.0),
+        dout: g.act(n * shape.q_width(), 1.0),
+        lens,
+        shape,
     }
 }
 
@@ -546,10 +617,7 @@ fn cached_case(
     batch: usize,
     prefill: &[usize],
     steps: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    window: Option<usize>,
+    heads: AttnShape,
 ) -> AttnCachedCase {
     let prompt: usize = prefill.iter().sum();
     let mut chunks = prefill.to_vec();
@@ -567,15 +635,12 @@ fn cached_case(
         new: 0,
         past: 0,
         cap: total + 3,
-        n_heads,
-        n_kv_heads,
-        head_dim,
-        window,
+        heads,
     };
     AttnCachedCase {
-        q: g.act(batch * total * shape.q_width(), 1.0),
-        k: g.act(batch * total * shape.kv_width(), 1.0),
-        v: g.act(batch * total * shape.kv_width(), 1.0),
+        q: g.act(batch * total * heads.q_width(), 1.0),
+        k: g.act(batch * total * heads.kv_width(), 1.0),
+        v: g.act(batch * total * heads.kv_width(), 1.0),
         start,
         shape,
         chunks,
@@ -762,85 +827,68 @@ const CASES: &[Case] = &[
         }
     }),
     case!("rope", |s, g| {
+        // Packed sequences: positions restart at each sequence.
+        let pos = positions(&packed_lens(s));
         RopeCase {
-            x: g.act(s.batch * s.seq * s.n_heads * s.head_dim, 1.0),
-            table: rope_table(s.seq, s.head_dim),
-            batch: s.batch,
-            seq: s.seq,
+            x: g.act(pos.len() * s.n_heads * s.head_dim, 1.0),
+            table: rope_table(s.seq * s.batch, s.head_dim),
+            pos,
             n_heads: s.n_heads,
             head_dim: s.head_dim,
             inverse: false,
         }
     }),
     case!("rope_inverse", |s, g| {
+        // Generation-like positions: every row its own, not in order.
+        let n = s.batch * s.seq;
+        let pos = (0..n).map(|_| g.below(n + 5) as i32).collect();
         RopeCase {
-            x: g.act(s.batch * s.seq * s.n_heads * s.head_dim, 1.0),
-            table: rope_table(s.seq, s.head_dim),
-            batch: s.batch,
-            seq: s.seq,
+            x: g.act(n * s.n_heads * s.head_dim, 1.0),
+            table: rope_table(n + 5, s.head_dim),
+            pos,
             n_heads: s.n_heads,
             head_dim: s.head_dim,
             inverse: true,
         }
     }),
     case!("attention_fwd", |s, g| {
-        let sh = attn_shape(s, None);
-        AttnFwdCase {
-            q: g.act(sh.rows() * sh.q_width(), 1.0),
-            k: g.act(sh.rows() * sh.kv_width(), 1.0),
-            v: g.act(sh.rows() * sh.kv_width(), 1.0),
-            shape: sh,
-        }
+        attn_fwd_case(g, vec![s.seq; s.batch], attn_shape(s, None))
     }),
-    case!("attention_fwd_window", |s, g| {
+    case!("attention_fwd_packed_window", |s, g| {
+        // Unequal packed sequences, a window shorter than the longest.
         let sh = attn_shape(s, Some(s.seq.div_ceil(3)));
-        AttnFwdCase {
-            q: g.act(sh.rows() * sh.q_width(), 1.0),
-            k: g.act(sh.rows() * sh.kv_width(), 1.0),
-            v: g.act(sh.rows() * sh.kv_width(), 1.0),
-            shape: sh,
-        }
+        attn_fwd_case(g, packed_lens(s), sh)
+    }),
+    case!("attention_fwd_softcap", |s, g| {
+        attn_fwd_case(g, packed_lens(s), capped_shape(s, None))
     }),
     case!("attention_bwd", |s, g| {
-        let sh = attn_shape(s, None);
-        AttnBwdCase {
-            q: g.act(sh.rows() * sh.q_width(), 1.0),
-            k: g.act(sh.rows() * sh.kv_width(), 1.0),
-            v: g.act(sh.rows() * sh.kv_width(), 1.0),
-            dout: g.act(sh.rows() * sh.q_width(), 1.0),
-            shape: sh,
-        }
+        attn_bwd_case(g, vec![s.seq; s.batch], attn_shape(s, None))
+    }),
+    case!("attention_bwd_packed_softcap", |s, g| {
+        // Packed, soft-capped, windowed: every new term of the backward at once.
+        let sh = capped_shape(s, Some(s.seq.div_ceil(2)));
+        attn_bwd_case(g, packed_lens(s), sh)
     }),
     // Cached attention. With 132 SMs (H200) the decoding steps of the first case's largest
     // shape and of the last two cases split their keys (merge kernel); "long" also splits its
     // multi-row prefill chunks; odd head dims take the scalar (non-16-byte) load path.
     case!("attention_cached", |s, g| {
         // The shape's GQA and head dim, a one-call prefill, no window.
-        cached_case(
-            g,
-            s.batch + 1,
-            &[s.seq],
-            3,
-            s.n_heads,
-            s.n_kv_heads,
-            s.head_dim,
-            None,
-        )
+        let heads = attn_shape(s, None);
+        cached_case(g, s.batch + 1, &[s.seq], 3, heads)
+    }),
+    case!("attention_cached_softcap", |s, g| {
+        // Gemma-2-like scores (scale, soft cap), a window.
+        let heads = capped_shape(s, Some(s.seq / 2 + 1));
+        cached_case(g, s.batch + 1, &[s.seq], 3, heads)
     }),
     case!("attention_cached_window", |s, g| {
         // MHA (8 rows per CTA), a head dim that is no multiple of 4 or 8, a sliding window.
         let h = s.n_heads;
         let window = Some(s.seq / 3 + 1);
-        cached_case(
-            g,
-            s.batch + 1,
-            &[s.seq],
-            3,
-            h,
-            h,
-            s.head_dim / 2 + 2,
-            window,
-        )
+        let heads = AttnShape::plain(h, h, s.head_dim / 2 + 2, window);
+        cached_case(g, s.batch + 1, &[s.seq], 3, heads)
     }),
     case!("attention_cached_long", |s, g| {
         // A few hundred keys, the prefill in two calls (the second with past > 0), a window
@@ -848,24 +896,50 @@ const CASES: &[Case] = &[
         let prompt = 256 + s.seq;
         let hd = (4 * s.head_dim).min(256);
         let chunks = [prompt / 2 + 1, prompt - prompt / 2 - 1];
-        cached_case(g, 2, &chunks, 3, 4, 2, hd, Some(3 * prompt / 4))
+        let heads = AttnShape::plain(4, 2, hd, Some(3 * prompt / 4));
+        cached_case(g, 2, &chunks, 3, heads)
     }),
     case!("attention_cached_wide_group", |s, g| {
         // One kv head shared by more than 8 query heads: split over two CTAs.
         let prompt = 70 + s.seq;
-        cached_case(g, s.batch, &[prompt], 2, s.n_heads + 7, 1, s.head_dim, None)
+        let heads = AttnShape::plain(s.n_heads + 7, 1, s.head_dim, None);
+        cached_case(g, s.batch, &[prompt], 2, heads)
     }),
     case!("swiglu", |s, g| {
-        SwigluCase {
+        GluCase {
             gate: g.act(s.n * s.ffn, 2.0),
             up: g.act(s.n * s.ffn, 1.0),
+            gelu: false,
         }
     }),
     case!("swiglu_bwd", |s, g| {
-        SwigluBwdCase {
+        GluBwdCase {
             dout: g.act(s.n * s.ffn, 1.0),
             gate: g.act(s.n * s.ffn, 2.0),
             up: g.act(s.n * s.ffn, 1.0),
+            gelu: false,
+        }
+    }),
+    case!("geglu", |s, g| {
+        GluCase {
+            gate: g.act(s.n * s.ffn, 2.0),
+            up: g.act(s.n * s.ffn, 1.0),
+            gelu: true,
+        }
+    }),
+    case!("geglu_bwd", |s, g| {
+        GluBwdCase {
+            dout: g.act(s.n * s.ffn, 1.0),
+            gate: g.act(s.n * s.ffn, 2.0),
+            up: g.act(s.n * s.ffn, 1.0),
+            gelu: true,
+        }
+    }),
+    case!("softcap+scale", |s, g| {
+        SoftcapCase {
+            x: g.act(s.n * s.vocab, 4.0),
+            dy: g.act(s.n * s.vocab, 1.0),
+            cap: 1.5,
         }
     }),
     case!("cross_entropy", |s, g| {
