@@ -569,7 +569,7 @@ fn print_banner<B: Backend>(tr: &Trainer<B>, cfg: &TrainConfig, loaded: &LoadedM
     eprintln!(
         "training {} on {} (loaded in {load_s:.1} s)\n  data: {} — {} train / {} validation examples, \
          {n_tok} tokens ({n_lab} trained), {} truncated at {} tokens, {} dropped\n  \
-         {total} steps ({} per epoch) of {} x {} sequences; lr {:.1e} {} (warmup {}); \
+         {total} steps ({} per epoch) of {} x {} sequences, {}; lr {:.1e} {} (warmup {}); \
          LoRA r={} alpha={} {}on {}\n  ablation: {}",
         loaded.source.display(),
         tr.be.name(),
@@ -582,6 +582,10 @@ fn print_banner<B: Backend>(tr: &Trainer<B>, cfg: &TrainConfig, loaded: &LoadedM
         tr.steps_per_epoch(),
         cfg.batch_size,
         cfg.grad_accum,
+        match cfg.packing {
+            true => format!("packed (at most {} tokens a micro-batch)", cfg.token_budget()),
+            false => "padded micro-batches".to_string(),
+        },
         cfg.lr,
         cfg.schedule,
         cfg.warmup_steps,
