@@ -24,41 +24,31 @@ pub fn device_parser() -> impl TypedValueParser<Value = Device> {
         .map(|s| s.parse::<Device>().expect("one of the possible values"))
 }
 
-/// `--checkpointing` with help per mode.
+/// The checkpointing modes and what each keeps, for `--help`.
+const CHECKPOINTING_MODES: [(&str, &str); 3] = [
+    ("none", "keep every activation (fastest, most memory)"),
+    (
+        "selective",
+        "recompute each layer's MLP part in the backward",
+    ),
+    (
+        "full",
+        "keep only each layer's input; recompute the layer in the backward",
+    ),
+];
+
+/// `bench-step --checkpointing`: a mode, with help per mode.
 pub fn checkpointing_parser() -> impl TypedValueParser<Value = Checkpointing> {
-    let modes = [
-        ("none", "keep every activation (fastest, most memory)"),
-        (
-            "selective",
-            "recompute each layer's MLP part in the backward",
-        ),
-        (
-            "full",
-            "keep only each layer's input; recompute the layer in the backward",
-        ),
-    ];
-    PossibleValuesParser::new(modes.map(|(n, h)| PossibleValue::new(n).help(h)))
+    PossibleValuesParser::new(CHECKPOINTING_MODES.map(|(n, h)| PossibleValue::new(n).help(h)))
         .map(|s| Checkpointing::parse(&s).expect("one of the possible values"))
 }
 
-/// `train --checkpointing`: `auto` or a mode, with help per choice.
+/// `train`/`plan --checkpointing`: `auto` or a mode, with help per choice.
 pub fn checkpointing_choice_parser() -> impl TypedValueParser<Value = CheckpointingChoice> {
-    let modes = [
-        (
-            "auto",
-            "the fastest mode whose memory plan fits the GPU (none on the CPU)",
-        ),
-        ("none", "keep every activation (fastest, most memory)"),
-        (
-            "selective",
-            "recompute each layer's MLP part in the backward",
-        ),
-        (
-            "full",
-            "keep only each layer's input; recompute the layer in the backward",
-        ),
-    ];
-    PossibleValuesParser::new(modes.map(|(n, h)| PossibleValue::new(n).help(h)))
+    let auto = PossibleValue::new("auto")
+        .help("the fastest mode whose memory plan fits the GPU (none on the CPU)");
+    let modes = CHECKPOINTING_MODES.map(|(n, h)| PossibleValue::new(n).help(h));
+    PossibleValuesParser::new(std::iter::once(auto).chain(modes))
         .map(|s| CheckpointingChoice::parse(&s).expect("one of the possible values"))
 }
 
