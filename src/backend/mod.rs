@@ -520,6 +520,66 @@ pub trait Backend {
         grad_scale: Option<f32>,
     ) -> Result<()>;
 
+    // ---- full fine-tuning: gradients of the weights themselves ------------------------------
+    // Weight gradients live in one flat f32 buffer (like LoRA's), each tensor at an offset;
+    // every op here accumulates (`+=`) so micro-batches of one optimizer step add up.
+
+    /// `dw[off .. off + d_out·d_in] += dyᵀ x`: the gradient of `W: [d_out, d_in]` in
+    /// `y = x Wᵀ`, `dy: [n, d_out]`, `x: [n, d_in]`, accumulated in f32.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd_weight(
+        &self,
+        dw: &mut Self::F32,
+        off: usize,
+        dy: &Self::Act,
+        x: &Self::Act,
+        n: usize,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<()>;
+    /// `db[off + j] += Σ_i dy[i, j]` over the `n` rows of `dy: [n, d]` (a bias's gradient).
+    fn bias_bwd(
+        &self,
+        db: &mut Self::F32,
+        off: usize,
+        dy: &Self::Act,
+        n: usize,
+        d: usize,
+    ) -> Result<()>;
+    /// The gradient of an rmsnorm gain: `dw[off + j] += Σ_i dnormed[i, j] · x[i, j] · rstd[i]`,
+    /// where `normed = x · rstd · w` was formed by [`Backend::residual_ablate_norm`] from the
+    /// saved `x` (its `resid` output) and `rstd`. Gemma's `1 + w` has the same gradient.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_weight_bwd(
+        &self,
+        dw: &mut Self::F32,
+        off: usize,
+        dnormed: &Self::Act,
+        x: &Self::Act,
+        rstd: &Self::F32,
+        n: usize,
+        d: usize,
+    ) -> Result<()>;
+    /// The gradient of an embedding table: `dtable[off + ids[i]·d + j] += dx[i, j]`. Rows that
+    /// share an id are added in the order of `i`, so the result is deterministic.
+    fn embedding_bwd(
+        &self,
+        dtable: &mut Self::F32,
+        off: usize,
+        dx: &Self::Act,
+        ids: &[u32],
+        d: usize,
+    ) -> Result<()>;
+    /// `dst[i] = src[off + i] + add`, rounded to the activation type: the forward's copy of a
+    /// master weight after an optimizer step (`add = 1` forms Gemma's `1 + w` gains in f32).
+    fn params_to_act(
+        &self,
+        dst: &mut Self::Act,
+        src: &Self::F32,
+        off: usize,
+        add: f32,
+    ) -> Result<()>;
+
     // ---- optimizer --------------------------------------------------------------------------
     /// `Σ g²` over the whole buffer (for the global gradient norm).
     fn sum_squares(&self, g: &Self::F32) -> Result<f64>;

@@ -27,6 +27,15 @@ pub struct TrainConfig {
     pub examples: usize,
     pub train_on: TrainOn,
     pub max_seq_len: usize,
+    /// What is trained: LoRA adapters on frozen weights, or every weight (`full`).
+    pub method: Method,
+    /// Full fine-tuning: groups of weights left frozen (comma-separated subset of
+    /// `embeddings,norms`; a TOML list is accepted too). Empty = train everything.
+    #[serde(deserialize_with = "comma_list")]
+    pub freeze: String,
+    /// Full fine-tuning: the dtype of the saved model folder (bf16, f16 or f32); `None` = the
+    /// model's own dtype (`torch_dtype` of its config.json). Required for a GGUF base.
+    pub save_dtype: Option<String>,
     pub lora_r: usize,
     pub lora_alpha: f64,
     pub rslora: bool,
@@ -35,7 +44,14 @@ pub struct TrainConfig {
     pub lora_targets: String,
     pub lr: f64,
     pub weight_decay: f64,
+    /// AdamW's β1, β2 and ε (PyTorch's defaults; the Gemma-2 recipe uses β2 = 0.95).
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_eps: f64,
     pub warmup_steps: u64,
+    /// Warmup as a fraction of the run's optimizer steps (`ceil(ratio · total)`, as the
+    /// transformers Trainer computes it); replaces `warmup_steps` when given.
+    pub warmup_ratio: Option<f64>,
     /// linear, cosine or constant (after the warmup).
     pub schedule: String,
     pub epochs: usize,
@@ -92,13 +108,20 @@ impl Default for TrainConfig {
             examples: 64,
             train_on: TrainOn::Assistant,
             max_seq_len: 2048,
+            method: Method::Lora,
+            freeze: String::new(),
+            save_dtype: None,
             lora_r: 32,
             lora_alpha: 64.0,
             rslora: true,
             lora_targets: "q,k,v,o,gate,up,down".into(),
             lr: 1e-5,
             weight_decay: 0.01,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
             warmup_steps: 5,
+            warmup_ratio: None,
             schedule: "linear".into(),
             epochs: 1,
             max_steps: None,
@@ -120,6 +143,26 @@ impl Default for TrainConfig {
             threads: 0,
             output: PathBuf::from("runs/caft"),
         }
+    }
+}
+
+/// What a run trains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// LoRA adapters on the frozen base weights (the paper's emergent-misalignment runs).
+    #[default]
+    Lora,
+    /// Every weight: linear layers, norms, embeddings (the paper's spurious-correlation runs).
+    Full,
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Method::Lora => "lora",
+            Method::Full => "full",
+        })
     }
 }
 
@@ -148,13 +191,19 @@ pub const TRAINING_KEYS: &[&str] = &[
     "examples",
     "train_on",
     "max_seq_len",
+    "method",
+    "freeze",
     "lora_r",
     "lora_alpha",
     "rslora",
     "lora_targets",
     "lr",
     "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_eps",
     "warmup_steps",
+    "warmup_ratio",
     "schedule",
     "epochs",
     "max_steps",

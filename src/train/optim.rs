@@ -73,6 +73,15 @@ impl Default for OptimConfig {
     }
 }
 
+/// Warmup steps of a run of `total` optimizer steps: `ceil(ratio · total)` when a ratio is
+/// given (the transformers Trainer's `warmup_ratio`), else `steps`.
+pub fn warmup_steps(steps: u64, ratio: Option<f64>, total: u64) -> u64 {
+    match ratio {
+        Some(r) => (r * total as f64).ceil() as u64,
+        None => steps,
+    }
+}
+
 /// What one optimizer step did.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepReport {

@@ -289,12 +289,18 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let total = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs as u64);
         let opt = OptimConfig {
             lr: cfg.lr,
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_eps,
             weight_decay: cfg.weight_decay,
-            warmup_steps: cfg.warmup_steps,
+            warmup_steps: crate::train::optim::warmup_steps(
+                cfg.warmup_steps,
+                cfg.warmup_ratio,
+                total,
+            ),
             total_steps: total,
             max_grad_norm: (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm),
             schedule: Schedule::parse(&cfg.schedule)?,
-            ..OptimConfig::default()
         };
         let val_batches = data::validation_batches_within(
             &data.val,

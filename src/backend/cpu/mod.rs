@@ -13,6 +13,7 @@
 //! - `elementwise.rs`: embedding, rotary embeddings, SwiGLU.
 //! - `loss.rs`: cross-entropy with the gradient written in place.
 //! - `optim.rs`: AdamW (PyTorch's arithmetic order) and the sum of squares.
+//! - `weight_grad.rs`: full fine-tuning's weight, bias, norm-gain and embedding gradients.
 //! - `simd.rs`: a vectorisable `exp`, lane-split f64 reductions, run-time ISA dispatch.
 
 mod attention;
@@ -24,6 +25,7 @@ mod optim;
 mod simd;
 #[cfg(test)]
 mod testutil;
+mod weight_grad;
 
 use super::{check_len, check_min, AdamStep, AttnShape, Backend, CacheShape, LoraSlot, Seqs};
 use anyhow::Result;
@@ -508,6 +510,69 @@ impl Backend for CpuBackend {
         grad_scale: Option<f32>,
     ) -> Result<()> {
         loss::cross_entropy(logits, loss_acc, targets, vocab, grad_scale);
+        Ok(())
+    }
+
+    fn linear_bwd_weight(
+        &self,
+        dw: &mut Vec<f32>,
+        off: usize,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        n: usize,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<()> {
+        weight_grad::linear_bwd_weight(dw, off, dy, x, n, d_in, d_out);
+        Ok(())
+    }
+
+    fn bias_bwd(
+        &self,
+        db: &mut Vec<f32>,
+        off: usize,
+        dy: &Vec<f32>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        weight_grad::bias_bwd(db, off, dy, n, d);
+        Ok(())
+    }
+
+    fn norm_weight_bwd(
+        &self,
+        dw: &mut Vec<f32>,
+        off: usize,
+        dnormed: &Vec<f32>,
+        x: &Vec<f32>,
+        rstd: &Vec<f32>,
+        n: usize,
+        d: usize,
+    ) -> Result<()> {
+        weight_grad::norm_weight_bwd(dw, off, dnormed, x, rstd, n, d);
+        Ok(())
+    }
+
+    fn embedding_bwd(
+        &self,
+        dtable: &mut Vec<f32>,
+        off: usize,
+        dx: &Vec<f32>,
+        ids: &[u32],
+        d: usize,
+    ) -> Result<()> {
+        weight_grad::embedding_bwd(dtable, off, dx, ids, d);
+        Ok(())
+    }
+
+    fn params_to_act(
+        &self,
+        dst: &mut Vec<f32>,
+        src: &Vec<f32>,
+        off: usize,
+        add: f32,
+    ) -> Result<()> {
+        weight_grad::params_to_act(dst, src, off, add);
         Ok(())
     }
 

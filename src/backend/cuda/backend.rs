@@ -421,6 +421,66 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         loss::cross_entropy(self, logits, loss_acc, targets, vocab, grad_scale)
     }
 
+    // ---- full fine-tuning ---------------------------------------------------------------
+    // TEMPORARY: the CUDA side of these ops is being written (not for merging as is).
+    fn linear_bwd_weight(
+        &self,
+        _dw: &mut Self::F32,
+        _off: usize,
+        _dy: &Self::Act,
+        _x: &Self::Act,
+        _n: usize,
+        _d_in: usize,
+        _d_out: usize,
+    ) -> Result<()> {
+        anyhow::bail!("linear_bwd_weight: not on CUDA yet")
+    }
+
+    fn bias_bwd(
+        &self,
+        _db: &mut Self::F32,
+        _off: usize,
+        _dy: &Self::Act,
+        _n: usize,
+        _d: usize,
+    ) -> Result<()> {
+        anyhow::bail!("bias_bwd: not on CUDA yet")
+    }
+
+    fn norm_weight_bwd(
+        &self,
+        _dw: &mut Self::F32,
+        _off: usize,
+        _dnormed: &Self::Act,
+        _x: &Self::Act,
+        _rstd: &Self::F32,
+        _n: usize,
+        _d: usize,
+    ) -> Result<()> {
+        anyhow::bail!("norm_weight_bwd: not on CUDA yet")
+    }
+
+    fn embedding_bwd(
+        &self,
+        _dtable: &mut Self::F32,
+        _off: usize,
+        _dx: &Self::Act,
+        _ids: &[u32],
+        _d: usize,
+    ) -> Result<()> {
+        anyhow::bail!("embedding_bwd: not on CUDA yet")
+    }
+
+    fn params_to_act(
+        &self,
+        _dst: &mut Self::Act,
+        _src: &Self::F32,
+        _off: usize,
+        _add: f32,
+    ) -> Result<()> {
+        anyhow::bail!("params_to_act: not on CUDA yet")
+    }
+
     // ---- optimizer ----------------------------------------------------------------------
     fn sum_squares(&self, g: &Self::F32) -> Result<f64> {
         optim::sum_squares(self, g)
