@@ -147,7 +147,7 @@ fn run_loaded<B: Backend>(
         let n = b.n_targets();
         let o = model.forward_backward(be, &b, 1.0 / n as f32).unwrap();
         step_losses.push(o.loss_sum / n as f64);
-        optimizer_step(be, model.lora.as_mut().unwrap(), &opt).unwrap();
+        optimizer_step(be, &mut model, &opt).unwrap();
     }
     let after_steps = be
         .download_f32(&model.lora.as_ref().unwrap().params)

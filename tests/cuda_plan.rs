@@ -176,7 +176,7 @@ fn measure(c: &Counters, case: &Case, mode: Checkpointing) -> (u64, u64) {
                     .forward_backward(&be, m, 1.0 / n.max(1) as f32)
                     .unwrap();
             }
-            optimizer_step(&be, model.lora.as_mut().unwrap(), &opt).unwrap();
+            optimizer_step(&be, &mut model, &opt).unwrap();
         }
         model
             .forward(&be, &batch(cfg.vocab_size, &case.val, 99), false)

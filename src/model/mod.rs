@@ -4,6 +4,7 @@
 pub mod ablation;
 pub mod chat;
 pub mod config;
+pub mod full;
 pub mod gguf;
 pub mod hub;
 pub mod loader;

@@ -18,11 +18,15 @@
 //! PyTorch forward hook on `model.model.layers[l]` returning `h - (h @ Q) @ Q.T` changes.
 //! The backward walks the same steps in reverse; `residual_ablate_norm_bwd` applies `P_l` to
 //! the residual gradient (P is symmetric, so the backward of the projection is itself).
-//! Frozen weights get no gradient; LoRA parameters accumulate theirs in one flat buffer.
+//! Frozen weights get no gradient; LoRA parameters accumulate theirs in one flat buffer. With
+//! full fine-tuning (`model::full`) every trained weight accumulates its gradient in f32 into
+//! its group's flat buffer, and the forward's copies are refreshed from the f32 master weights
+//! after each optimizer step.
 
 use crate::backend::{AttnShape, Backend, Seqs};
 use crate::model::ablation::Directions;
 use crate::model::config::{Arch, ModelConfig};
+use crate::model::full::{Freeze, FullLayout, Param};
 use crate::model::lora::{LoraLayout, Target};
 use crate::model::weights::WeightSource;
 use anyhow::{bail, Context, Result};
@@ -31,7 +35,9 @@ mod decode;
 mod layer;
 pub use decode::KvCache;
 pub use layer::Checkpointing;
-use layer::{alloc_lora_u, AttnActs, Layer, LoraGrad, LoraView, MlpActs, QkPre, Scratch};
+use layer::{
+    alloc_lora_u, AttnActs, FullGrads, Layer, LayerGrads, LoraView, MlpActs, QkPre, Scratch,
+};
 
 /// Labels at or below this are ignored (Hugging Face uses -100).
 pub const IGNORE: i32 = -100;
@@ -143,6 +149,42 @@ struct Weights<B: Backend> {
 }
 
 impl<B: Backend> Weights<B> {
+    /// The forward's copy of weight `p`.
+    fn get_mut(&mut self, p: Param) -> Option<&mut B::Act> {
+        Some(match p {
+            Param::Embed => &mut self.embed,
+            Param::LmHead => self.lm_head.as_mut()?,
+            Param::FinalNorm => &mut self.final_norm,
+            Param::InputNorm(l) => &mut self.layers.get_mut(l)?.input_norm,
+            Param::PostNorm(l) => &mut self.layers.get_mut(l)?.post_norm,
+            Param::SandAttn(l) => &mut self.layers.get_mut(l)?.sandwich.as_mut()?.0,
+            Param::SandMlp(l) => &mut self.layers.get_mut(l)?.sandwich.as_mut()?.1,
+            Param::QNorm(l) => &mut self.layers.get_mut(l)?.qk_norm.as_mut()?.0,
+            Param::KNorm(l) => &mut self.layers.get_mut(l)?.qk_norm.as_mut()?.1,
+            Param::Proj(l, t) => {
+                let lw = self.layers.get_mut(l)?;
+                match t {
+                    Target::Q => &mut lw.wq,
+                    Target::K => &mut lw.wk,
+                    Target::V => &mut lw.wv,
+                    Target::O => &mut lw.wo,
+                    Target::Gate => &mut lw.wg,
+                    Target::Up => &mut lw.wu,
+                    Target::Down => &mut lw.wd,
+                }
+            }
+            Param::Bias(l, t) => {
+                let lw = self.layers.get_mut(l)?;
+                match t {
+                    Target::Q => lw.bq.as_mut()?,
+                    Target::K => lw.bk.as_mut()?,
+                    Target::V => lw.bv.as_mut()?,
+                    _ => return None,
+                }
+            }
+        })
+    }
+
     /// The norm applied to layer `l`'s output: the next layer's input norm, or the final norm.
     fn next_norm(&self, l: usize) -> &B::Act {
         self.layers
@@ -174,6 +216,34 @@ pub struct LoraState<B: Backend> {
     pub v: B::F32,
     /// Optimizer steps taken.
     pub step: u64,
+}
+
+/// One group of full fine-tuning's trained weights (`model::full`): f32 master values, their
+/// gradients and AdamW moments, flat.
+pub struct ParamGroup<B: Backend> {
+    pub params: B::F32,
+    pub grads: B::F32,
+    pub m: B::F32,
+    pub v: B::F32,
+}
+
+/// Full fine-tuning's state: the layout and the decay / no-decay groups.
+pub struct FullState<B: Backend> {
+    pub layout: FullLayout,
+    pub groups: [ParamGroup<B>; 2],
+    /// Optimizer steps taken.
+    pub step: u64,
+}
+
+/// One flat buffer of trained parameters with its gradient and AdamW moments, as the
+/// optimizer sees it: LoRA has one, full fine-tuning one per group.
+pub struct Trainable<'a, B: Backend> {
+    pub params: &'a mut B::F32,
+    pub grads: &'a mut B::F32,
+    pub m: &'a mut B::F32,
+    pub v: &'a mut B::F32,
+    /// Whether weight decay applies.
+    pub decay: bool,
 }
 
 /// Every buffer a forward and backward of `rows` token rows needs under one checkpointing
@@ -236,6 +306,8 @@ pub struct Model<B: Backend> {
     rope: B::F32,
     rope_positions: usize,
     pub lora: Option<LoraState<B>>,
+    /// Full fine-tuning (exclusive with `lora`).
+    pub full: Option<FullState<B>>,
     /// Orthonormal directions `[k, d]` per layer where ablation is configured.
     ablation: Vec<Option<(B::F32, usize)>>,
     /// The training-time switch: when false the directions are kept but not applied.
@@ -380,6 +452,7 @@ impl<B: Backend> Model<B> {
             rope,
             rope_positions,
             lora: None,
+            full: None,
             ablation: (0..n_layers).map(|_| None).collect(),
             ablate: true,
             acts: None,
@@ -410,6 +483,103 @@ impl<B: Backend> Model<B> {
         });
         self.acts = None;
         Ok(())
+    }
+
+    /// Train every weight (less the `freeze` groups): the f32 master weights are read from
+    /// `src` (the source of [`Model::new`]; Gemma's norm gains as stored, `w`, not `1 + w`).
+    /// Host memory peaks at one group's master copy.
+    pub fn set_full(&mut self, be: &B, src: &dyn WeightSource, freeze: Freeze) -> Result<()> {
+        if self.lora.is_some() {
+            bail!("full fine-tuning and LoRA adapters cannot be combined");
+        }
+        let layout = FullLayout::new(&self.cfg, freeze);
+        let group = |g: usize| -> Result<ParamGroup<B>> {
+            let mut host = vec![0f32; layout.group_len[g]];
+            for s in layout.slots.iter().filter(|s| s.group == g) {
+                check_shape(src, &s.name, &s.shape)?;
+                let t = src.get(&s.name)?;
+                host[s.off..s.off + s.len].copy_from_slice(&t.data);
+            }
+            let n = host.len();
+            Ok(ParamGroup {
+                params: be.upload_f32(&host)?,
+                grads: be.alloc_f32(n)?,
+                m: be.alloc_f32(n)?,
+                v: be.alloc_f32(n)?,
+            })
+        };
+        let groups = [group(0)?, group(1)?];
+        self.full = Some(FullState {
+            layout,
+            groups,
+            step: 0,
+        });
+        // The forward's copies from the masters, so both start from the same rounding.
+        self.refresh_weights(be)
+    }
+
+    /// Copy every trained master weight into the forward's copy (after an optimizer step).
+    pub fn refresh_weights(&mut self, be: &B) -> Result<()> {
+        let Some(full) = self.full.as_ref() else {
+            return Ok(());
+        };
+        for s in &full.layout.slots {
+            let dst = self.w.get_mut(s.param).with_context(|| {
+                format!("{}: the model has no such weight", s.name)
+            })?;
+            be.params_to_act(dst, &full.groups[s.group].params, s.off, s.gain_offset)?;
+        }
+        Ok(())
+    }
+
+    /// What the optimizer updates (LoRA's buffer or full fine-tuning's groups) and its step
+    /// counter; an error when nothing is trained.
+    pub fn trainable(&mut self) -> Result<(Vec<Trainable<'_, B>>, &mut u64)> {
+        if let Some(l) = self.lora.as_mut() {
+            let part = Trainable {
+                params: &mut l.params,
+                grads: &mut l.grads,
+                m: &mut l.m,
+                v: &mut l.v,
+                decay: true,
+            };
+            return Ok((vec![part], &mut l.step));
+        }
+        let f = self
+            .full
+            .as_mut()
+            .context("nothing is trained: call set_lora or set_full first")?;
+        let [g0, g1] = &mut f.groups;
+        let parts = [(g0, true), (g1, false)]
+            .into_iter()
+            .map(|(g, decay)| Trainable {
+                params: &mut g.params,
+                grads: &mut g.grads,
+                m: &mut g.m,
+                v: &mut g.v,
+                decay,
+            })
+            .collect();
+        Ok((parts, &mut f.step))
+    }
+
+    /// Zero every gradient of what is trained.
+    pub fn zero_grads(&mut self, be: &B) -> Result<()> {
+        let (parts, _) = self.trainable()?;
+        for p in parts {
+            be.zero_f32(p.grads)?;
+        }
+        Ok(())
+    }
+
+    /// `Σ g²` over every gradient of what is trained.
+    pub fn grad_sum_squares(&mut self, be: &B) -> Result<f64> {
+        let (parts, _) = self.trainable()?;
+        let mut s = 0.0;
+        for p in &parts {
+            s += be.sum_squares(p.grads)?;
+        }
+        Ok(s)
     }
 
     /// Configure the directions to ablate (replacing any earlier ones). Their width and layers
@@ -683,6 +853,18 @@ impl<B: Backend> Model<B> {
                     be.softcap_bwd(lg, capped, c as f32)?;
                 }
                 be.linear_bwd_input(dx, lg, w_head, chunk, d, v, false)?;
+                // Full fine-tuning: the head's weight gradient (the embeddings' when tied).
+                // The spare rows of the last chunk have a zero logit gradient.
+                let head = match self.w.lm_head {
+                    Some(_) => Param::LmHead,
+                    None => Param::Embed,
+                };
+                if let Some(f) = self.full.as_mut() {
+                    if let Some(s) = f.layout.slot(head) {
+                        let dw = &mut f.groups[s.group].grads;
+                        be.linear_bwd_weight(dw, s.off, lg, x, chunk, d, v)?;
+                    }
+                }
                 be.copy_act(&mut a.scratch.dn, r0 * d, dx, 0, rows * d)?;
             }
             r0 += rows;
@@ -706,8 +888,8 @@ impl<B: Backend> Model<B> {
     /// accumulation equals one large batch); LoRA gradients are *added* to `lora.grads`.
     /// Returns the unscaled `Σ CE` of this micro-batch.
     pub fn forward_backward(&mut self, be: &B, b: &Batch, loss_scale: f32) -> Result<ForwardOut> {
-        if self.lora.is_none() {
-            bail!("forward_backward needs LoRA adapters: call set_lora first");
+        if self.lora.is_none() && self.full.is_none() {
+            bail!("forward_backward trains nothing: call set_lora or set_full first");
         }
         self.run_layers(be, b)?;
         let out = self.head(be, b, Some(loss_scale), false)?;
@@ -720,22 +902,29 @@ impl<B: Backend> Model<B> {
     fn backward_layers(&mut self, be: &B, b: &Batch) -> Result<()> {
         let mode = self.checkpointing;
         let mut a = self.acts.take().expect("activations allocated");
-        let mut lora = self.lora.take().expect("lora present");
+        let mut lora = self.lora.take();
+        let mut full = self.full.take();
         let r = (|| -> Result<()> {
             let cfg = &self.cfg;
-            let (grads, view) = (
-                &mut lora.grads,
-                LoraView {
-                    params: &lora.params,
-                    scale: lora.scale,
-                    layout: &lora.layout,
-                },
-            );
-            let mut lg = LoraGrad::<B> {
-                view,
-                grads,
+            let (n, d) = (b.rows(), cfg.hidden_size);
+            let mut lg = LayerGrads::<B> {
+                lora: lora.as_mut().map(|s| {
+                    let view = LoraView {
+                        params: &s.params,
+                        scale: s.scale,
+                        layout: &s.layout,
+                    };
+                    (view, &mut s.grads)
+                }),
+                full: full.as_mut().map(|f| {
+                    let [g0, g1] = &mut f.groups;
+                    FullGrads {
+                        layout: &f.layout,
+                        grads: [&mut g0.grads, &mut g1.grads],
+                    }
+                }),
                 cfg,
-                n: b.rows(),
+                n,
             };
             be.zero_act(&mut a.scratch.dres)?;
             for l in (0..cfg.num_layers).rev() {
@@ -744,10 +933,11 @@ impl<B: Backend> Model<B> {
                 let s = &mut a.scratch;
                 // `o` and `act` are scratch: the backward writes them before it reads them.
                 if mode == Checkpointing::Full {
-                    ly.attn_fwd(Some(&lg.view), &a.n1[l], &a.resid[l], &mut a.attn[ai], s)?;
+                    let lv = lg.lora_view();
+                    ly.attn_fwd(lv, &a.n1[l], &a.resid[l], &mut a.attn[ai], s)?;
                 }
                 if mode != Checkpointing::None {
-                    ly.mlp_fwd(Some(&lg.view), &a.attn[ai].n2, &mut a.mlp[mi], s)?;
+                    ly.mlp_fwd(lg.lora_view(), &a.attn[ai].n2, &mut a.mlp[mi], s)?;
                 }
                 let dirs = layer_dirs::<B>(&self.ablation, self.ablate, l);
                 ly.bwd(
@@ -761,10 +951,32 @@ impl<B: Backend> Model<B> {
                     s,
                 )?;
             }
+            // Below the first layer (full fine-tuning): its input norm's gain, and the
+            // embeddings through `resid_0 = embed(ids) (· sqrt(d) for Gemma)`.
+            let s = &mut a.scratch;
+            let norm0 = &self.w.layers[0].input_norm;
+            lg.norm(be, Param::InputNorm(0), &s.dn, &a.resid[0], &a.rstd1[0], n, d)?;
+            if let Some((dt, off)) = lg.full.as_mut().and_then(|f| f.slot(Param::Embed)) {
+                be.residual_ablate_norm_bwd(
+                    &mut s.dres,
+                    &s.dn,
+                    &a.resid[0],
+                    &a.rstd1[0],
+                    None,
+                    norm0,
+                    n,
+                    d,
+                )?;
+                if cfg.gemma_norms {
+                    be.scale_act(&mut s.dres, (d as f64).sqrt() as f32)?;
+                }
+                be.embedding_bwd(dt, off, &s.dres, &b.ids, d)?;
+            }
             Ok(())
         })();
         self.acts = Some(a);
-        self.lora = Some(lora);
+        self.lora = lora;
+        self.full = full;
         r
     }
 

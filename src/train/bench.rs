@@ -78,7 +78,7 @@ impl<B: Backend> StepBench<B> {
     pub fn step(&mut self, be: &B) -> Result<f64> {
         let scale = 1.0 / self.batch.n_targets() as f32;
         let out = self.model.forward_backward(be, &self.batch, scale)?;
-        optimizer_step(be, self.model.lora.as_mut().expect("lora set"), &self.opt)?;
+        optimizer_step(be, &mut self.model, &self.opt)?;
         be.synchronize()?;
         Ok(out.loss_sum / out.n_targets as f64)
     }

@@ -2,7 +2,7 @@
 //! `transformers.get_{linear,cosine}_schedule_with_warmup`.
 
 use crate::backend::{AdamStep, Backend};
-use crate::model::transformer::LoraState;
+use crate::model::transformer::Model;
 use anyhow::{bail, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,15 +90,17 @@ pub struct StepReport {
     pub lr: f64,
 }
 
-/// Clip, step and zero the gradients of `lora` (gradients accumulated by
-/// `Model::forward_backward`). Clipping follows `torch.nn.utils.clip_grad_norm_`:
-/// `g <- g · min(1, max_norm / (‖g‖ + 1e-6))`.
+/// Clip, step and zero the gradients of what `model` trains (gradients accumulated by
+/// `Model::forward_backward`), then refresh the forward's copies of fully fine-tuned weights.
+/// Clipping follows `torch.nn.utils.clip_grad_norm_` over every trained parameter:
+/// `g <- g · min(1, max_norm / (‖g‖ + 1e-6))`. Weight decay applies to the parts that decay
+/// (LoRA: all; full fine-tuning: not biases and norm gains, as the transformers Trainer).
 pub fn optimizer_step<B: Backend>(
     be: &B,
-    lora: &mut LoraState<B>,
+    model: &mut Model<B>,
     cfg: &OptimConfig,
 ) -> Result<StepReport> {
-    let grad_norm = be.sum_squares(&lora.grads)?.sqrt();
+    let grad_norm = model.grad_sum_squares(be)?.sqrt();
     if !grad_norm.is_finite() {
         bail!("the gradient norm is {grad_norm}: the loss diverged (NaN or Inf)");
     }
@@ -106,22 +108,23 @@ pub fn optimizer_step<B: Backend>(
         Some(max) if max > 0.0 => (max / (grad_norm + 1e-6)).min(1.0),
         _ => 1.0,
     };
-    let lr = cfg.lr
-        * cfg
-            .schedule
-            .multiplier(lora.step, cfg.warmup_steps, cfg.total_steps);
-    lora.step += 1;
-    let hp = AdamStep {
-        lr: lr as f32,
-        beta1: cfg.beta1 as f32,
-        beta2: cfg.beta2 as f32,
-        eps: cfg.eps as f32,
-        weight_decay: cfg.weight_decay as f32,
-        step: lora.step,
-        grad_scale: grad_scale as f32,
-    };
-    be.adamw(&mut lora.params, &lora.grads, &mut lora.m, &mut lora.v, &hp)?;
-    be.zero_f32(&mut lora.grads)?;
+    let (parts, step) = model.trainable()?;
+    let lr = cfg.lr * cfg.schedule.multiplier(*step, cfg.warmup_steps, cfg.total_steps);
+    *step += 1;
+    for p in parts {
+        let hp = AdamStep {
+            lr: lr as f32,
+            beta1: cfg.beta1 as f32,
+            beta2: cfg.beta2 as f32,
+            eps: cfg.eps as f32,
+            weight_decay: if p.decay { cfg.weight_decay as f32 } else { 0.0 },
+            step: *step,
+            grad_scale: grad_scale as f32,
+        };
+        be.adamw(p.params, p.grads, p.m, p.v, &hp)?;
+        be.zero_f32(p.grads)?;
+    }
+    model.refresh_weights(be)?;
     Ok(StepReport { grad_norm, lr })
 }
 

@@ -481,21 +481,21 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 .loss_sum;
         }
         let loss = loss_sum / n_step.max(1) as f64;
-        let lora = self.model.lora.as_mut().context("LoRA is not set")?;
+        let model = &mut self.model;
         let diverged = |what: String| -> anyhow::Error { Diverged { step, what }.into() };
         if !loss.is_finite() {
-            be.zero_f32(&mut lora.grads)?;
+            model.zero_grads(be)?;
             return Err(diverged(format!("the loss is {loss}")));
         }
-        let g2 = be
-            .sum_squares(&lora.grads)
+        let g2 = model
+            .grad_sum_squares(be)
             .with_context(|| format!("step {step}: gradient norm"))?;
         if !g2.is_finite() {
-            be.zero_f32(&mut lora.grads)?;
+            model.zero_grads(be)?;
             return Err(diverged(format!("the gradient norm is {}", g2.sqrt())));
         }
         let mut update = || -> Result<_> {
-            let rep = optimizer_step(be, lora, &self.opt)?;
+            let rep = optimizer_step(be, model, &self.opt)?;
             be.synchronize()?;
             Ok(rep)
         };

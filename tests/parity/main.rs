@@ -6,6 +6,7 @@
 mod support;
 
 mod checkpointing;
+mod full;
 mod packing;
 mod smollm2;
 mod tiny;

@@ -182,7 +182,7 @@ fn training_matches(name: &str) {
             (loss - want).abs() <= 1e-6,
             "{name} step {s} loss {loss} vs {want}"
         );
-        let rep = optimizer_step(&c.be, c.model.lora.as_mut().unwrap(), &opt).unwrap();
+        let rep = optimizer_step(&c.be, &mut c.model, &opt).unwrap();
         let gn = c.fx["train.grad_norms"].data[s];
         assert!(
             (rep.grad_norm - gn).abs() <= 1e-4 * gn,

@@ -15,6 +15,7 @@
 use super::{LoraState, Weights};
 use crate::backend::{AttnShape, Backend, Seqs};
 use crate::model::config::{MlpAct, ModelConfig};
+use crate::model::full::{FullLayout, Param};
 use crate::model::lora::{LoraLayout, Target};
 use anyhow::Result;
 
@@ -361,6 +362,8 @@ impl<B: Backend> Layer<'_, B> {
     /// scratch; without sandwich norms `dy` itself.
     fn sandwich_bwd<'s>(
         &self,
+        lg: &mut LayerGrads<B>,
+        p: Param,
         dy: &'s B::Act,
         pre: Option<&(B::Act, B::F32)>,
         w: Option<&B::Act>,
@@ -368,6 +371,7 @@ impl<B: Backend> Layer<'_, B> {
     ) -> Result<&'s B::Act> {
         match (pre, w, dx) {
             (Some((x, rstd)), Some(w), Some(dx)) => {
+                lg.norm(self.be, p, dy, x, rstd, self.n, self.cfg.hidden_size)?;
                 self.be.zero_act(dx)?;
                 self.be.residual_ablate_norm_bwd(
                     dx,
@@ -418,7 +422,7 @@ impl<B: Backend> Layer<'_, B> {
     #[allow(clippy::too_many_arguments)]
     pub fn bwd(
         &self,
-        lg: &mut LoraGrad<B>,
+        lg: &mut LayerGrads<B>,
         la: &AttnActs<B>,
         lm: &MlpActs<B>,
         n1: &B::Act,
@@ -432,6 +436,11 @@ impl<B: Backend> Layer<'_, B> {
         let lw = &self.w.layers[l];
         // Through the layer-output fused op: dres = P(dres + rmsnorm_bwd(dn)).
         let next_norm = self.w.next_norm(l);
+        let next_param = match l + 1 < cfg.num_layers {
+            true => Param::InputNorm(l + 1),
+            false => Param::FinalNorm,
+        };
+        lg.norm(be, next_param, &s.dn, resid_out, rstd_out, n, d)?;
         be.residual_ablate_norm_bwd(
             &mut s.dres,
             &s.dn,
@@ -446,6 +455,8 @@ impl<B: Backend> Layer<'_, B> {
         self.glu(&mut s.act, &lm.gate, &lm.up)?;
         let sw = lw.sandwich.as_ref();
         let d_down = self.sandwich_bwd(
+            lg,
+            Param::SandMlp(l),
             &s.dres,
             lm.down_pre.as_ref(),
             sw.map(|w| &w.1),
@@ -486,6 +497,7 @@ impl<B: Backend> Layer<'_, B> {
             true,
         )?;
         // Through the mid-layer fused op (no ablation): dres += rmsnorm_bwd(dn2).
+        lg.norm(be, Param::PostNorm(l), &s.dn, &la.h_mid, &la.rstd2, n, d)?;
         be.residual_ablate_norm_bwd(
             &mut s.dres,
             &s.dn,
@@ -498,6 +510,8 @@ impl<B: Backend> Layer<'_, B> {
         )?;
         // Attention output projection: dres is the gradient of what attention added.
         let d_o = self.sandwich_bwd(
+            lg,
+            Param::SandAttn(l),
             &s.dres,
             la.o_pre.as_ref(),
             sw.map(|w| &w.0),
@@ -534,6 +548,8 @@ impl<B: Backend> Layer<'_, B> {
         let (dq, dk) = match (&la.qk_pre, &lw.qk_norm, &mut s.dqk_pre) {
             (Some(pre), Some((wqn, wkn)), Some((dq_pre, dk_pre))) => {
                 // Through Qwen3's head norms (no skip path: the gradient starts at zero).
+                lg.norm(be, Param::QNorm(l), &s.dq, &pre.q, &pre.q_rstd, n * nh, hd)?;
+                lg.norm(be, Param::KNorm(l), &s.dk, &pre.k, &pre.k_rstd, n * nkv, hd)?;
                 be.zero_act(dq_pre)?;
                 be.zero_act(dk_pre)?;
                 be.residual_ablate_norm_bwd(
@@ -612,17 +628,38 @@ pub(super) fn glu<B: Backend>(
     }
 }
 
-/// What the backward of one adapted projection needs besides its activations.
-pub(super) struct LoraGrad<'a, B: Backend> {
-    pub view: LoraView<'a, B>,
-    pub grads: &'a mut B::F32,
+/// Where the backward puts the gradients of trained parameters: LoRA's flat buffer, or full
+/// fine-tuning's per-group buffers (either, or neither for a frozen model).
+pub(super) struct LayerGrads<'a, B: Backend> {
+    pub lora: Option<(LoraView<'a, B>, &'a mut B::F32)>,
+    pub full: Option<FullGrads<'a, B>>,
     pub cfg: &'a ModelConfig,
     pub n: usize,
 }
 
-impl<B: Backend> LoraGrad<'_, B> {
-    /// Input gradient of projection `t` of layer `l`, a frozen `W` plus LoRA:
-    /// `dx (+)= dy W`, then the LoRA terms (`dA`, `dB` accumulate; `dx += scale·(dy B) A`).
+/// Full fine-tuning's gradient buffers, one per group (`model::full`).
+pub(super) struct FullGrads<'a, B: Backend> {
+    pub layout: &'a FullLayout,
+    pub grads: [&'a mut B::F32; 2],
+}
+
+impl<B: Backend> FullGrads<'_, B> {
+    /// The gradient buffer and offset of `p`, when it is trained.
+    pub fn slot(&mut self, p: Param) -> Option<(&mut B::F32, usize)> {
+        let s = self.layout.slot(p)?;
+        Some((&mut *self.grads[s.group], s.off))
+    }
+}
+
+impl<'a, B: Backend> LayerGrads<'a, B> {
+    /// The adapters, for a recomputed forward.
+    pub fn lora_view(&self) -> Option<&LoraView<'a, B>> {
+        self.lora.as_ref().map(|(v, _)| v)
+    }
+
+    /// Backward of projection `t` of layer `l`, `y = x Wᵀ (+ b) (+ LoRA)`: the input gradient
+    /// `dx (+)= dy W` (plus LoRA's `scale·(dy B) A`), and the gradients of what is trained:
+    /// LoRA's `dA`, `dB`; with full fine-tuning `dW += dyᵀ x` and `db += Σ dy`.
     #[allow(clippy::too_many_arguments)]
     fn bwd(
         &mut self,
@@ -637,10 +674,39 @@ impl<B: Backend> LoraGrad<'_, B> {
         accumulate: bool,
     ) -> Result<()> {
         let (d_in, d_out) = t.dims(self.cfg);
-        be.linear_bwd_input(dx, dy, w, self.n, d_in, d_out, accumulate)?;
-        let v = &self.view;
-        if let (Some(slot), Some(u)) = (v.layout.slot(l, t), lora_u[t as usize].as_ref()) {
-            be.lora_bwd(dx, self.grads, dy, x, u, v.params, slot, v.scale, self.n)?;
+        let n = self.n;
+        be.linear_bwd_input(dx, dy, w, n, d_in, d_out, accumulate)?;
+        if let Some((v, grads)) = self.lora.as_mut() {
+            if let (Some(slot), Some(u)) = (v.layout.slot(l, t), lora_u[t as usize].as_ref()) {
+                be.lora_bwd(dx, grads, dy, x, u, v.params, slot, v.scale, n)?;
+            }
+        }
+        if let Some(f) = self.full.as_mut() {
+            if let Some((dw, off)) = f.slot(Param::Proj(l, t)) {
+                be.linear_bwd_weight(dw, off, dy, x, n, d_in, d_out)?;
+            }
+            if let Some((db, off)) = f.slot(Param::Bias(l, t)) {
+                be.bias_bwd(db, off, dy, n, d_out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradient of norm gain `p` (when trained) from that of the norm's output `dnormed`
+    /// and its saved input `x` and `rstd` (`rows` rows of width `d`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn norm(
+        &mut self,
+        be: &B,
+        p: Param,
+        dnormed: &B::Act,
+        x: &B::Act,
+        rstd: &B::F32,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
+        if let Some((dw, off)) = self.full.as_mut().and_then(|f| f.slot(p)) {
+            be.norm_weight_bwd(dw, off, dnormed, x, rstd, rows, d)?;
         }
         Ok(())
     }
