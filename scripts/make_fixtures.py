@@ -12,6 +12,9 @@ Writes (paths relative to the repository root):
         directions.safetensors              raw (non-orthonormal) directions, `layer.<L>` [k, hidden]
         fixture.safetensors, fixture.json   LoRA init, forward/backward outputs, 3 AdamW steps
                                             (qwen3, gemma2 also: greedy generation ids)
+        full.safetensors, full.json         full fine-tuning (every weight, no LoRA) of the same model,
+                                            ablation and data: forward/backward grads, 3 AdamW steps;
+                                            computed from the files above without rewriting them
     tests/fixtures/tiny/llama_packed/
         fixture.safetensors, fixture.json   the llama fixture's model, LoRA and ablation on 5 sequences
                                             packed padding-free in one row, and the same run padded
@@ -21,7 +24,7 @@ Writes (paths relative to the repository root):
         greedy.json                         greedy model.generate on 4 chat prompts (ids, text, margins)
 
 Usage:
-    python3 scripts/make_fixtures.py [--only tiny|qwen3|gemma2|packed|smollm2|greedy] [--gguf PATH]
+    python3 scripts/make_fixtures.py [--only tiny|qwen3|gemma2|packed|full|smollm2|greedy] [--gguf PATH]
 See docs/fixtures.md for what every tensor holds.
 """
 
@@ -575,6 +578,286 @@ def build_tiny(name, spec, out_dir):
                 sw=sw_effect, saturation=saturation, generation=generation)
 
 
+# --------------------------------------------------------------------------------------------
+# Full fine-tuning (every weight trained) on the tiny models
+# --------------------------------------------------------------------------------------------
+
+FULL_LR = 1e-3
+FULL_BETAS = (0.9, 0.95)
+FULL_EPS = 1e-8
+FULL_WD = 0.1
+# Full-model gradient norms are 3.3-4.9 on these models, so clip 1.0 scales the gradient on every step of
+# every model, by coefficients (0.21-0.30) that differ between steps: unlike one common scale, which Adam
+# would nearly cancel, this changes full_step3 by 2e-4..4e-4 (full.json: training.effects).
+FULL_CLIP = 1.0
+FULL_WARMUP = 0
+
+# transformers.Trainer.get_decay_parameter_names (transformers/trainer.py, 5.23): no weight decay for a
+# parameter inside an nn.LayerNorm module (ALL_LAYERNORM_LAYERS) or whose lower-cased dotted name matches
+# one of these patterns (re.search); weight decay for every other parameter. build_full calls the
+# Trainer function itself and checks it against this copy, which verify_full uses.
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def no_decay_by_name(name):
+    return any(re.search(p, name.lower()) for p in NO_DECAY_PATTERNS)
+
+
+def full_groups(model, wd, decay_names):
+    """AdamW parameter groups as transformers' Trainer.create_optimizer builds them: [decay, no decay]."""
+    named = list(model.named_parameters())  # a tied lm_head is the embedding parameter, listed once
+    return [{"params": [p for n, p in named if n in decay_names], "weight_decay": wd},
+            {"params": [p for n, p in named if n not in decay_names], "weight_decay": 0.0}]
+
+
+def full_train(model, layers, qs, train_ids, train_labels, clip, wd, decay_names):
+    """STEPS optimizer steps of full fine-tuning, ACCUM micro-batches each, ablation hooks on.
+    Returns losses, pre-clip global grad norms, lrs, per-step max |grad| per group (pre-clip) and the
+    parameters after the last step."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    groups = full_groups(model, wd, decay_names)
+    opt = torch.optim.AdamW(groups, lr=FULL_LR, betas=FULL_BETAS, eps=FULL_EPS)
+    sched = transformers.get_linear_schedule_with_warmup(opt, num_warmup_steps=FULL_WARMUP,
+                                                         num_training_steps=STEPS)
+    params = [p for g in groups for p in g["params"]]
+    assert len(params) == len(list(model.parameters()))
+    handles = add_ablation_hooks(layers, qs)
+    losses, norms, lrs, gmax = [], [], [], []
+    for s in range(STEPS):
+        n_tok = int((train_labels[s][:, :, 1:] != -100).sum())
+        total = 0.0
+        for a in range(ACCUM):
+            lg = model(input_ids=train_ids[s, a]).logits
+            l_sum = causal_lm_loss(lg, train_labels[s, a], reduction="sum")
+            (l_sum / n_tok).backward()
+            total += float(l_sum.detach())
+        losses.append(total / n_tok)
+        gmax.append({k: max((float(p.grad.abs().max()) for p in g["params"]), default=0.0)
+                     for k, g in zip(("decay", "no_decay"), groups)})
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
+        assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"]
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    for h in handles:
+        h.remove()
+    return losses, norms, lrs, gmax, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def build_full(name):
+    """Full fine-tuning fixture of tiny/<name>, computed from its committed model.safetensors,
+    directions.safetensors and the input/training ids of fixture.safetensors (none of them rewritten)."""
+    from safetensors.torch import load_file
+    import copy
+    spec = TINY[name]
+    d = os.path.join(FIX, "tiny", name)
+    W = load_file(os.path.join(d, "model.safetensors"))
+    F = load_file(os.path.join(d, "fixture.safetensors"))
+    D = load_file(os.path.join(d, "directions.safetensors"))
+    model = getattr(transformers, spec["cls"]).from_pretrained(
+        d, dtype=torch.float32, attn_implementation="eager")
+    config = model.config
+    named = dict(model.named_parameters())
+    assert set(named) == set(W), sorted(set(named) ^ set(W))
+    for n, p in named.items():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), W[n]), n
+    tied = bool(config.tie_word_embeddings)
+    assert tied == ("lm_head.weight" not in named)
+    if tied:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    qs = {int(k.split(".")[1]): orthonormal(v) for k, v in D.items()}
+    assert {L: q.shape[1] for L, q in qs.items()} == spec["ablate"], (qs.keys(), spec["ablate"])
+    layers = model.model.layers
+    input_ids, labels = F["input_ids"], F["labels"]
+    train_ids, train_labels = F["train.input_ids"], F["train.labels"]
+    assert tuple(train_ids.shape) == (STEPS, ACCUM, BATCH, SEQ)
+
+    # The committed files still give the committed LoRA fixture with the installed versions: the same
+    # model, LoRA init and hooks reproduce its logits and loss (so nothing else needs rebuilding).
+    lora_model = peft.get_peft_model(copy.deepcopy(model), lora_config(spec))
+    with torch.no_grad():
+        for n, p in lora_params(lora_model).items():
+            p.copy_(F[f"lora.{n}"])
+    handles = add_ablation_hooks(lora_model.base_model.model.model.layers, qs)
+    lora_model.train()
+    with torch.no_grad():
+        lg = lora_model(input_ids=input_ids).logits
+    for h in handles:
+        h.remove()
+    lora_check = {"max_abs_logits_vs_fixture": float((lg - F["logits"]).abs().max()),
+                  "abs_loss_vs_fixture": abs(float(causal_lm_loss(lg, labels)) - float(F["loss"][0]))}
+    assert lora_check["max_abs_logits_vs_fixture"] < 1e-5 and lora_check["abs_loss_vs_fixture"] < 1e-6, lora_check
+    del lora_model
+
+    decay_tr = transformers.Trainer.get_decay_parameter_names(None, model)  # `self` is not used
+    decay_names = [n for n in named if n in decay_tr]
+    no_decay = [n for n in named if n not in decay_tr]
+    assert no_decay == [n for n in named if no_decay_by_name(n)], no_decay
+    assert all(("norm" in n or n.endswith(".bias")) for n in no_decay), no_decay
+
+    tensors = {}
+    # ---- one forward + backward of the whole model, ablation on ----
+    model.train()
+    model.zero_grad(set_to_none=True)
+    handles = add_ablation_hooks(layers, qs)
+    logits = model(input_ids=input_ids).logits
+    loss = causal_lm_loss(logits, labels)
+    loss.backward()
+    for h in handles:
+        h.remove()
+    tensors["full_loss"] = loss.detach().reshape(1)
+    tensors["full_logits"] = logits.detach()
+    for n, p in named.items():
+        assert p.grad is not None and bool(p.grad.ne(0).any()), n
+        tensors[f"full_grad.{n}"] = p.grad.detach().clone()
+    max_abs_grad = {"decay": max(float(named[n].grad.abs().max()) for n in decay_names),
+                    "no_decay": max(float(named[n].grad.abs().max()) for n in no_decay)}
+    model.zero_grad(set_to_none=True)
+
+    # ---- 3 optimizer steps, grad accumulation 2, ablation on ----
+    init = {n: p.detach().clone() for n, p in named.items()}
+
+    def run(clip, wd, decay):
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(init[n])
+        return full_train(model, layers, qs, train_ids, train_labels, clip, wd, set(decay))
+
+    losses, norms, lrs, gmax, final = run(FULL_CLIP, FULL_WD, decay_names)
+    # What each setting changes in the result (so a test of full_step3 can tell them apart): the largest
+    # element difference, and per tensor ||other - step3|| / ||step3 - p_0|| (the difference relative to
+    # that tensor's update), its smallest value over the tensors the setting acts on.
+    update = {n: float((final[n] - init[n]).norm()) for n in named}
+    effects = {}
+    for what, other, names in (
+            ("without_clipping", run(float("inf"), FULL_WD, decay_names)[4], list(named)),
+            ("with_weight_decay_0", run(FULL_CLIP, 0.0, decay_names)[4], decay_names),
+            ("on_no_decay_params_if_every_param_decayed", run(FULL_CLIP, FULL_WD, list(named))[4], no_decay)):
+        effects[f"max_abs_step3_diff_{what}"] = max(float((final[n] - other[n]).abs().max()) for n in names)
+        effects[f"min_tensor_rel_update_diff_{what}"] = min(float((final[n] - other[n]).norm()) / update[n]
+                                                            for n in names)
+    tensors["full_train.losses"] = torch.tensor(losses, dtype=torch.float32)
+    tensors["full_train.grad_norms"] = torch.tensor(norms, dtype=torch.float32)
+    tensors["full_train.lrs"] = torch.tensor(lrs, dtype=torch.float32)
+    for n in named:
+        tensors[f"full_step3.{n}"] = final[n]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(d, "full.safetensors"))
+
+    rel = {n: float((final[n] - init[n]).norm() / init[n].norm()) for n in named}
+    top, low = max(rel, key=rel.get), min(rel, key=rel.get)
+    coefs = [min(1.0, FULL_CLIP / (g + 1e-6)) for g in norms]
+    ex = next(n for n in named if n.endswith("self_attn.q_proj.weight"))
+    meta = {
+        "architecture": spec["cls"],
+        "what": "full fine-tuning (every weight trained, no LoRA/PEFT) of this folder's model with the "
+                "ablation of fixture.json",
+        "made_with": {k: v for k, v in check_versions().items()},
+        "dtype": "float32 everywhere (weights, activations, gradients, AdamW moments); CPU; "
+                 "attn_implementation=eager",
+        "inputs": "model = from_pretrained(this folder, dtype=float32, attn_implementation=eager) from "
+                  "config.json/model.safetensors; directions.safetensors; input_ids, labels, train.input_ids "
+                  "and train.labels of fixture.safetensors. Those files are not rewritten",
+        "names": f"parameter names as in model.safetensors / model.named_parameters(), e.g. {ex}, "
+                 "model.embed_tokens.weight" + (", lm_head.weight" if not tied else ""),
+        "parameters": len(named), "parameter_elements": sum(p.numel() for p in named.values()),
+        "tied_embeddings": (("yes: lm_head.weight is model.embed_tokens.weight, one parameter (gradient = "
+                             "embedding-lookup part + output-projection part), decayed and stepped once; no "
+                             "lm_head.* tensors are stored") if tied else "no: lm_head.weight is its own parameter"),
+        "ablation": {"layers": sorted(spec["ablate"]), "k": {str(L): k for L, k in spec["ablate"].items()},
+                     "basis": "Q = torch.linalg.qr(rows.double().T).Q cast to float32, Q [hidden, k] "
+                              "(rows = directions.safetensors layer.<L> [k, hidden])",
+                     "op": "h <- h - (h @ Q) @ Q^T on the output of decoder layer L, every token, forward "
+                           "hook on model.model.layers[L]; on in the forward/backward and in every training "
+                           "micro-batch. No parameter is frozen"},
+        "loss": LOSS_FORMULA,
+        "lora_fixture_check": dict(lora_check, how="the committed model + LoRA init (lora.*) + hooks via PEFT "
+                                               "reproduce fixture.safetensors logits/loss: rebuilding not needed"),
+        "forward_backward": {
+            "inputs": "input_ids [2,16] and labels [2,16] of fixture.safetensors",
+            "outputs": "full_logits [2,16,V] (base model, ablation on, no LoRA); full_loss [1] = mean CE as "
+                       "above; full_grad.<name> = d full_loss / d parameter, every parameter",
+            "full_loss": float(loss.detach()),
+            "max_abs_grad": max_abs_grad,
+        },
+        "training": {
+            "steps": STEPS, "grad_accum": ACCUM, "micro_batch": [BATCH, SEQ],
+            "start": "model.safetensors (the weights before the forward/backward above)",
+            "data": "train.input_ids [3,2,2,16] (step, micro-batch, row, pos) and train.labels of "
+                    "fixture.safetensors, the same as the LoRA training",
+            "loss_per_step": "N_step = # label tokens (after the shift) over both micro-batches of the step; "
+                             "each micro-batch backward of sum_CE / N_step (gradients accumulate); "
+                             "full_train.losses[s] = total sum_CE / N_step",
+            "optimizer": {
+                "type": "torch.optim.AdamW (default implementation on CPU, amsgrad=False)",
+                "lr": FULL_LR, "betas": list(FULL_BETAS), "eps": FULL_EPS, "weight_decay": FULL_WD,
+                "param_groups": [
+                    {"weight_decay": FULL_WD, "params": "every parameter not listed under no_decay",
+                     "count": len(decay_names)},
+                    {"weight_decay": 0.0, "params": "no_decay", "count": len(no_decay)}],
+                "no_decay": no_decay,
+                "no_decay_patterns": NO_DECAY_PATTERNS,
+                "group_rule": "transformers.Trainer.get_decay_parameter_names (transformers/trainer.py) as "
+                              "Trainer.create_optimizer uses it: a parameter gets no weight decay when it sits in "
+                              "an nn.LayerNorm module or its lower-cased name matches (re.search) any of "
+                              "no_decay_patterns; here that is every bias and every *norm weight "
+                              "(RMSNorm gains, Qwen3 q_norm/k_norm, model.norm). Group 0 = decay, group 1 = no decay",
+                "adamw": "p *= 1 - lr*wd_group; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; "
+                         "p -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps), t = 1,2,3; g = clipped gradient",
+            },
+            "clip": f"torch.nn.utils.clip_grad_norm_(every parameter, {FULL_CLIP}): g *= min(1, {FULL_CLIP}/"
+                    "(norm + 1e-6)), norm = global L2 norm over all parameter gradients (tied embedding once); "
+                    "full_train.grad_norms = that pre-clip norm",
+            "clip_value": FULL_CLIP,
+            "clip_coefs": coefs,
+            "clip_active_steps": [s for s, c in enumerate(coefs) if c < 1.0],
+            "schedule": f"transformers.get_linear_schedule_with_warmup(num_warmup_steps={FULL_WARMUP}, "
+                        f"num_training_steps={STEPS}); lr_s = {FULL_LR} * ({STEPS}-s)/{STEPS} for optimizer step "
+                        "s = 0,1,2 (every step has a non-zero lr), the same for both groups",
+            "lrs": lrs,
+            "losses": losses, "grad_norms": norms,
+            "max_abs_grad_pre_clip_per_step": gmax,
+            "effects": effects,
+            "result": "full_step3.<name> = every parameter after the 3rd optimizer step",
+            "relative_change": {
+                "definition": "||p_step3 - p_0|| / ||p_0|| per parameter tensor (L2)",
+                "largest": {"name": top, "value": rel[top]},
+                "smallest": {"name": low, "value": rel[low]},
+                "max_abs_change": max(float((final[n] - init[n]).abs().max()) for n in named),
+            },
+        },
+        "tensors": {
+            "full_loss": "[1] f32", "full_logits": f"[2,16,{config.vocab_size}] f32",
+            "full_grad.<name>": "f32, shape of the parameter",
+            "full_train.losses, full_train.grad_norms, full_train.lrs": "[3] f32",
+            "full_step3.<name>": "f32, shape of the parameter",
+        },
+    }
+    with open(os.path.join(d, "full.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    # How closely an independent f32 implementation (verify_full: plain torch, hand-written AdamW) agrees.
+    recompute, P = verify_full(name, return_params=True)
+    meta["independent_recompute"] = {
+        "max_abs_diff": recompute,
+        "max_tensor_rel_update_diff_full_step3": max(float((P[n] - final[n]).norm()) / update[n] for n in named),
+        "note": "verify_full (plain-torch forward, hand-written AdamW/clip/schedule) vs these tensors; full_grad "
+                "relative to each tensor's max |grad|. full_step3 agrees to ~1e-5..5e-5 only, not ~1e-6: Adam "
+                "normalises each element, so an element whose gradient in a step is at f32 rounding-noise level "
+                "(|g| ~ 1e-8, near eps) gets an update of up to lr * O(1) set by that noise. Compare full_step3 "
+                "per tensor as ||x - full_step3|| / ||full_step3 - p_0|| (rel_update; an independent f32 "
+                "recompute stays below max_tensor_rel_update_diff_full_step3, while the training.effects "
+                "min_tensor_rel_update_diff_* of a wrong clip, weight decay or group are far larger) and/or "
+                "elementwise with an absolute tolerance of about 1e-4 (a tenth of the first lr)",
+    }
+    with open(os.path.join(d, "full.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    return dict(loss=float(loss.detach()), losses=losses, norms=norms, lrs=lrs, coefs=coefs, rel=(top, rel[top]),
+                low=(low, rel[low]), effects=effects, lora_check=lora_check, max_abs_grad=max_abs_grad)
+
+
 def build_packed(out_dir):
     """Padding-free packing on the llama fixture: PACKED_LENS sequences laid end to end in one row as
     DataCollatorWithFlattening lays them out, forward/backward with the llama LoRA init and ablation;
@@ -906,6 +1189,65 @@ def verify_tiny(name):
     return out
 
 
+def verify_full(name, return_params=False):
+    """Recompute tiny/<name>/full.safetensors in plain torch: manual_forward with every base weight
+    trainable and no LoRA, the loss, and a hand-written AdamW with the two decay groups (the name rule
+    NO_DECAY_PATTERNS), global-norm clipping and the linear schedule. Returns the largest discrepancies."""
+    from safetensors.torch import load_file
+    d = os.path.join(FIX, "tiny", name)
+    W0 = load_file(os.path.join(d, "model.safetensors"))
+    F = load_file(os.path.join(d, "fixture.safetensors"))
+    G = load_file(os.path.join(d, "full.safetensors"))
+    D = load_file(os.path.join(d, "directions.safetensors"))
+    meta = json.load(open(os.path.join(d, "fixture.json")))
+    full_meta = json.load(open(os.path.join(d, "full.json")))
+    qs = {int(k.split(".")[1]): orthonormal(v) for k, v in D.items()}
+    assert sorted(k[len("full_grad."):] for k in G if k.startswith("full_grad.")) == sorted(W0)
+    assert [n for n in W0 if no_decay_by_name(n)] == [n for n in W0 if n in full_meta["training"]["optimizer"]["no_decay"]]
+    err = lambda a, b: float((a.detach() - b).abs().max())
+    W = {n: v.clone().requires_grad_(True) for n, v in W0.items()}
+    lg, _ = manual_forward(name, W, {}, F["input_ids"], qs, meta)
+    lb = F["labels"]
+    loss = ce_sum(lg, lb) / (lb[:, 1:] != -100).sum()
+    loss.backward()
+    out = {"full_logits": err(lg, G["full_logits"]), "full_loss": err(loss, G["full_loss"][0]),
+           "full_grad_rel": max(err(p.grad, G[f"full_grad.{n}"]) / float(G[f"full_grad.{n}"].abs().max())
+                                for n, p in W.items())}
+    P = {n: v.clone() for n, v in W0.items()}
+    m1 = {n: torch.zeros_like(p) for n, p in P.items()}
+    m2 = {n: torch.zeros_like(p) for n, p in P.items()}
+    losses, norms, lrs = [], [], []
+    for s in range(STEPS):
+        Wp = {n: p.clone().requires_grad_(True) for n, p in P.items()}
+        n_tok = int((F["train.labels"][s][:, :, 1:] != -100).sum())
+        tot = 0.0
+        for a in range(ACCUM):
+            lg, _ = manual_forward(name, Wp, {}, F["train.input_ids"][s, a], qs, meta)
+            l_sum = ce_sum(lg, F["train.labels"][s, a])
+            (l_sum / n_tok).backward()
+            tot += float(l_sum.detach())
+        losses.append(tot / n_tok)
+        gn = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in Wp.values()))
+        norms.append(gn)
+        coef = min(1.0, FULL_CLIP / (gn + 1e-6))
+        lr = FULL_LR * (STEPS - s) / STEPS
+        lrs.append(lr)
+        for n in P:
+            wd = 0.0 if no_decay_by_name(n) else FULL_WD
+            g = Wp[n].grad * coef
+            P[n] = P[n] * (1 - lr * wd)
+            m1[n] = FULL_BETAS[0] * m1[n] + (1 - FULL_BETAS[0]) * g
+            m2[n] = FULL_BETAS[1] * m2[n] + (1 - FULL_BETAS[1]) * g * g
+            mh = m1[n] / (1 - FULL_BETAS[0] ** (s + 1))
+            vh = m2[n] / (1 - FULL_BETAS[1] ** (s + 1))
+            P[n] = P[n] - lr * mh / (vh.sqrt() + FULL_EPS)
+    out["full_train.losses"] = max(abs(a - b) for a, b in zip(losses, G["full_train.losses"].tolist()))
+    out["full_train.grad_norms"] = max(abs(a - b) for a, b in zip(norms, G["full_train.grad_norms"].tolist()))
+    out["full_train.lrs"] = max(abs(a - b) for a, b in zip(lrs, G["full_train.lrs"].tolist()))
+    out["full_step3"] = max(err(P[n], G[f"full_step3.{n}"]) for n in P)
+    return (out, P) if return_params else out
+
+
 def verify_packed():
     """Recompute tiny/llama_packed in plain torch: the packed row with per-sequence positions and
     attention, and the padded batch with a key mask."""
@@ -1104,8 +1446,10 @@ def build_greedy(gguf_path, out_path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["tiny", "qwen3", "gemma2", "packed", "smollm2", "greedy"],
-                    help="tiny = all tiny models and llama_packed; qwen3, gemma2, packed = that set alone")
+    ap.add_argument("--only", choices=["tiny", "qwen3", "gemma2", "packed", "full", "smollm2", "greedy"],
+                    help="tiny = all tiny models (with their full.* fixtures) and llama_packed; qwen3, gemma2, "
+                         "packed = that set alone; full = only the full fine-tuning fixtures (full.*) of every "
+                         "tiny model, from their committed files")
     ap.add_argument("--gguf", default=DEFAULT_GGUF)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--verify", action="store_true",
@@ -1122,6 +1466,10 @@ def main():
             r = verify_tiny(name)
             worst = max(worst, max(r.values()))
             print(f"verify tiny/{name}: " + "  ".join(f"{k} {v:.2e}" for k, v in r.items()))
+            if os.path.exists(os.path.join(FIX, "tiny", name, "full.safetensors")):
+                r = verify_full(name)
+                worst = max(worst, max(r.values()))
+                print(f"verify tiny/{name} full: " + "  ".join(f"{k} {v:.2e}" for k, v in r.items()))
         r = verify_packed()
         worst = max(worst, max(r.values()))
         print("verify tiny/llama_packed: " + "  ".join(f"{k} {v:.2e}" for k, v in r.items()))
@@ -1145,6 +1493,15 @@ def main():
             for c in r["generation"]["cases"]:
                 print(f"tiny/{name}: greedy {c['prompt_ids']} -> {c['generated_ids']}  "
                       f"min margin {min(c['margins']):.4f}")
+    for name in TINY:
+        if args.only not in (None, "tiny", "full", name):
+            continue
+        r = build_full(name)
+        print(f"tiny/{name} full: loss {r['loss']:.5f}  max|grad| decay {r['max_abs_grad']['decay']:.4f} "
+              f"no-decay {r['max_abs_grad']['no_decay']:.4f}  train losses {[round(x, 5) for x in r['losses']]}  "
+              f"grad norms {[round(x, 4) for x in r['norms']]}  clip coefs {[round(x, 4) for x in r['coefs']]}  "
+              f"lrs {[round(x, 6) for x in r['lrs']]}  largest rel change {r['rel'][1]:.4f} ({r['rel'][0]})  "
+              f"smallest {r['low'][1]:.4f} ({r['low'][0]})  effects {r['effects']}")
     if args.only in (None, "tiny", "packed"):
         r = build_packed(os.path.join(FIX, "tiny", "llama_packed"))
         print(f"tiny/llama_packed: lengths {PACKED_LENS}  loss {r['loss']:.6f}  padded loss {r['padded_loss']:.6f}  "
