@@ -78,3 +78,32 @@ pub fn file_sha256(path: &Path) -> Result<String> {
 pub fn program() -> String {
     format!("caft-fast {}", env!("CARGO_PKG_VERSION"))
 }
+
+/// Bytes available to this user on the file system that holds `path` (or, when it does not
+/// exist yet, its nearest existing ancestor); `None` where the system does not say.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut p = if path.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        path
+    };
+    while !p.exists() {
+        p = match p.parent() {
+            Some(q) if !q.as_os_str().is_empty() => q,
+            _ if p != Path::new(".") => Path::new("."),
+            _ => return None, // not even the working directory exists
+        };
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` points to writable memory of the struct's
+    // size; statvfs fills it on success (return 0), and it is read only then.
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}

@@ -524,9 +524,10 @@ impl<B: Backend> Model<B> {
             return Ok(());
         };
         for s in &full.layout.slots {
-            let dst = self.w.get_mut(s.param).with_context(|| {
-                format!("{}: the model has no such weight", s.name)
-            })?;
+            let dst = self
+                .w
+                .get_mut(s.param)
+                .with_context(|| format!("{}: the model has no such weight", s.name))?;
             be.params_to_act(dst, &full.groups[s.group].params, s.off, s.gain_offset)?;
         }
         Ok(())
@@ -561,6 +562,56 @@ impl<B: Backend> Model<B> {
             })
             .collect();
         Ok((parts, &mut f.step))
+    }
+
+    /// The trained parameters and their AdamW moments as flat host vectors, as checkpoints
+    /// hold them: LoRA's buffer, or full fine-tuning's decay group then its no-decay group.
+    pub fn download_trained(&self, be: &B) -> Result<[Vec<f32>; 3]> {
+        let bufs: Vec<[&B::F32; 3]> = match (&self.lora, &self.full) {
+            (Some(l), _) => vec![[&l.params, &l.m, &l.v]],
+            (None, Some(f)) => f.groups.iter().map(|g| [&g.params, &g.m, &g.v]).collect(),
+            (None, None) => bail!("nothing is trained: call set_lora or set_full first"),
+        };
+        let mut out: [Vec<f32>; 3] = Default::default();
+        for b in bufs {
+            for (o, buf) in out.iter_mut().zip(b) {
+                o.extend(be.download_f32(buf)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Continue from [`Model::download_trained`]'s vectors after `step` optimizer steps
+    /// (gradients zeroed, the forward's copies refreshed).
+    pub fn upload_trained(
+        &mut self,
+        be: &B,
+        params: &[f32],
+        m: &[f32],
+        v: &[f32],
+        step: u64,
+    ) -> Result<()> {
+        let (parts, st) = self.trainable()?;
+        let total: usize = parts.iter().map(|p| be.f32_len(p.params)).sum();
+        if [params.len(), m.len(), v.len()] != [total; 3] {
+            bail!(
+                "the stored parameters and moments have {}, {} and {} values, the model trains {total}",
+                params.len(),
+                m.len(),
+                v.len()
+            );
+        }
+        let mut off = 0;
+        for p in parts {
+            let n = be.f32_len(p.params);
+            *p.params = be.upload_f32(&params[off..off + n])?;
+            *p.m = be.upload_f32(&m[off..off + n])?;
+            *p.v = be.upload_f32(&v[off..off + n])?;
+            be.zero_f32(p.grads)?;
+            off += n;
+        }
+        *st = step;
+        self.refresh_weights(be)
     }
 
     /// Zero every gradient of what is trained.
@@ -955,7 +1006,15 @@ impl<B: Backend> Model<B> {
             // embeddings through `resid_0 = embed(ids) (· sqrt(d) for Gemma)`.
             let s = &mut a.scratch;
             let norm0 = &self.w.layers[0].input_norm;
-            lg.norm(be, Param::InputNorm(0), &s.dn, &a.resid[0], &a.rstd1[0], n, d)?;
+            lg.norm(
+                be,
+                Param::InputNorm(0),
+                &s.dn,
+                &a.resid[0],
+                &a.rstd1[0],
+                n,
+                d,
+            )?;
             if let Some((dt, off)) = lg.full.as_mut().and_then(|f| f.slot(Param::Embed)) {
                 be.residual_ablate_norm_bwd(
                     &mut s.dres,

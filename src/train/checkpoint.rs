@@ -1,10 +1,11 @@
 //! Checkpoints: everything a run needs to continue bit-identically.
 //!
 //! `<output>/checkpoints/step-<NNNNNNNN>/` holds
-//! - `adapter_config.json`, `adapter_model.safetensors`: the LoRA parameters (a PEFT adapter,
-//!   usable as it is);
+//! - LoRA: `adapter_config.json`, `adapter_model.safetensors`: the LoRA parameters (a PEFT
+//!   adapter, usable as it is); full fine-tuning: `model.safetensors`, the f32 master weights
+//!   of every trained tensor by its Hugging Face name (Gemma's norm gains as `w`);
 //! - `optimizer.safetensors`: AdamW's first and second moments (`exp_avg`, `exp_avg_sq`, flat,
-//!   in the adapter's buffer order);
+//!   in the adapter's buffer order, or full fine-tuning's decay group then no-decay group);
 //! - `trainer_state.json`: the step, the epoch and its micro-batch order, the position in it,
 //!   the seed the order generator derives from, fingerprints of the model, data and directions,
 //!   and the full configuration.
@@ -15,6 +16,7 @@
 //! the data order needs only `(seed, epoch)` beyond the stored plan, so nothing else is random.
 
 use crate::io::{f32_safetensors, read_f32_safetensors, write_atomic};
+use crate::model::full::{FullLayout, DECAY};
 use crate::model::lora::LoraLayout;
 use crate::model::peft::{load_adapter, save_adapter};
 use crate::train::config::TrainConfig;
@@ -24,6 +26,82 @@ use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Full fine-tuning's master weights in a checkpoint.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// What a run trains, and so what its checkpoints hold. Parameters and moments are one flat
+/// buffer either way: LoRA's, or full fine-tuning's decay group followed by its no-decay group.
+#[derive(Clone, Copy)]
+pub enum Trained<'a> {
+    Lora(&'a LoraLayout),
+    Full(&'a FullLayout),
+}
+
+impl Trained<'_> {
+    /// Elements of the flat buffer.
+    pub fn len(&self) -> usize {
+        match self {
+            Trained::Lora(l) => l.len,
+            Trained::Full(l) => l.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where full fine-tuning's tensor lives in the flat buffer (decay group first).
+fn full_offset(layout: &FullLayout, group: usize, off: usize) -> usize {
+    if group == DECAY {
+        off
+    } else {
+        layout.group_len[DECAY] + off
+    }
+}
+
+fn save_full_weights(dir: &Path, layout: &FullLayout, params: &[f32]) -> Result<()> {
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = layout
+        .slots
+        .iter()
+        .map(|s| {
+            let o = full_offset(layout, s.group, s.off);
+            (
+                s.name.clone(),
+                s.shape.clone(),
+                params[o..o + s.len].to_vec(),
+            )
+        })
+        .collect();
+    write_atomic(&dir.join(WEIGHTS_FILE), &f32_safetensors(&tensors)?)
+}
+
+fn load_full_weights(dir: &Path, layout: &FullLayout) -> Result<Vec<f32>> {
+    let p = dir.join(WEIGHTS_FILE);
+    let mut t = read_f32_safetensors(&p).with_context(|| {
+        format!(
+            "{} holds no full fine-tuning weights (is it a LoRA checkpoint?)",
+            dir.display()
+        )
+    })?;
+    let mut params = vec![0f32; layout.len()];
+    for s in &layout.slots {
+        let (shape, data) = t
+            .remove(&s.name)
+            .with_context(|| format!("{}: tensor {} is missing", p.display(), s.name))?;
+        if shape != s.shape {
+            bail!(
+                "{}: tensor {} has shape {shape:?}, the model needs {:?}",
+                p.display(),
+                s.name,
+                s.shape
+            );
+        }
+        let o = full_offset(layout, s.group, s.off);
+        params[o..o + s.len].copy_from_slice(&data);
+    }
+    Ok(params)
+}
 /// The folder of checkpoints inside a run's output folder.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 const FORMAT: u32 = 1;
@@ -83,7 +161,7 @@ fn sync_dir(dir: &Path) {
 pub fn save(
     root: &Path,
     state: &TrainerState,
-    layout: &LoraLayout,
+    trained: Trained,
     params: &[f32],
     m: &[f32],
     v: &[f32],
@@ -100,11 +178,15 @@ pub fn save(
                 .with_context(|| format!("removing the stale {}", tmp.display()))?;
         }
         std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        save_adapter(&tmp, layout, params, base_model)?;
-        let n = layout.len;
-        if m.len() != n || v.len() != n {
+        match trained {
+            Trained::Lora(layout) => save_adapter(&tmp, layout, params, base_model)?,
+            Trained::Full(layout) => save_full_weights(&tmp, layout, params)?,
+        }
+        let n = trained.len();
+        if m.len() != n || v.len() != n || params.len() != n {
             bail!(
-                "optimizer moments have {} and {} values, the adapter {n}",
+                "optimizer moments have {} and {} values, the parameters {}, the layout {n}",
+                params.len(),
                 m.len(),
                 v.len()
             );
@@ -171,21 +253,24 @@ pub fn load_state(dir: &Path) -> Result<TrainerState> {
     Ok(s)
 }
 
-/// Load a whole checkpoint; `layout` must be the one its configuration implies.
-pub fn load(dir: &Path, layout: &LoraLayout) -> Result<Checkpoint> {
+/// Load a whole checkpoint; `trained` must be the layout its configuration implies.
+pub fn load(dir: &Path, trained: Trained) -> Result<Checkpoint> {
     let state = load_state(dir)?;
-    let params = load_adapter(dir, layout)?;
+    let params = match trained {
+        Trained::Lora(layout) => load_adapter(dir, layout)?,
+        Trained::Full(layout) => load_full_weights(dir, layout)?,
+    };
+    let n = trained.len();
     let p = dir.join(OPTIMIZER_FILE);
     let mut t = read_f32_safetensors(&p)?;
     let mut take = |name: &str| -> Result<Vec<f32>> {
         let (shape, data) = t
             .remove(name)
             .with_context(|| format!("{}: tensor {name} is missing", p.display()))?;
-        if shape != [layout.len] {
+        if shape != [n] {
             bail!(
-                "{}: tensor {name} has shape {shape:?}, the adapter needs [{}]",
+                "{}: tensor {name} has shape {shape:?}, the parameters need [{n}]",
                 p.display(),
-                layout.len
             );
         }
         Ok(data)

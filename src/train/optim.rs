@@ -109,7 +109,10 @@ pub fn optimizer_step<B: Backend>(
         _ => 1.0,
     };
     let (parts, step) = model.trainable()?;
-    let lr = cfg.lr * cfg.schedule.multiplier(*step, cfg.warmup_steps, cfg.total_steps);
+    let lr = cfg.lr
+        * cfg
+            .schedule
+            .multiplier(*step, cfg.warmup_steps, cfg.total_steps);
     *step += 1;
     for p in parts {
         let hp = AdamStep {
@@ -117,7 +120,11 @@ pub fn optimizer_step<B: Backend>(
             beta1: cfg.beta1 as f32,
             beta2: cfg.beta2 as f32,
             eps: cfg.eps as f32,
-            weight_decay: if p.decay { cfg.weight_decay as f32 } else { 0.0 },
+            weight_decay: if p.decay {
+                cfg.weight_decay as f32
+            } else {
+                0.0
+            },
             step: *step,
             grad_scale: grad_scale as f32,
         };

@@ -9,7 +9,8 @@ use crate::data::Example;
 use crate::io::{program, write_atomic};
 use crate::model::loader::LoadedModel;
 use crate::train::checkpoint::{self, CHECKPOINTS_DIR};
-use crate::train::config::TrainConfig;
+use crate::train::config::{Method, TrainConfig};
+use crate::train::merge::{model_bytes, source_dtype, SaveDtype, SHARD_BYTES};
 use crate::train::trainer::{
     ablation_directions, prepare_data, Diverged, StepStats, Trainer, ValLoss,
 };
@@ -257,6 +258,9 @@ impl<'a, B: Backend> Session<'a, B> {
         // Everything that can fail on bad input happens before the output folder is touched.
         let directions = ablation_directions(cfg, loaded)?;
         let data = prepare_data(cfg, loaded)?;
+        if cfg.method == Method::Full {
+            check_room_for_model(cfg, loaded)?;
+        }
         let t_load = Instant::now();
         let mut tr = Trainer::new(be, cfg, loaded, data, directions)?;
         let out = cfg.output.clone();
@@ -264,7 +268,7 @@ impl<'a, B: Backend> Session<'a, B> {
         let metrics = match &opts.resume {
             Some(ck_dir) => {
                 tr.check_resumable(&checkpoint::load_state(ck_dir)?, ck_dir)?;
-                let ck = checkpoint::load(ck_dir, &tr.layout)?;
+                let ck = checkpoint::load(ck_dir, tr.trained())?;
                 tr.restore(&ck)?;
                 metrics_up_to(&metrics_path, tr.state.step)?
             }
@@ -472,6 +476,30 @@ impl<'a, B: Backend> Session<'a, B> {
         )
     }
 
+    /// Full fine-tuning's output: a Hugging Face model folder with every trained tensor from
+    /// the f32 master weights (the frozen ones as loaded), in the source's dtype or
+    /// `--save-dtype`.
+    fn write_model(&self, dir: &Path) -> Result<()> {
+        let dtype = save_dtype(self.cfg, self.loaded)?;
+        let full = self
+            .tr
+            .model
+            .full
+            .as_ref()
+            .context("full fine-tuning is not set")?;
+        let [params, ..] = self.tr.model.download_trained(self.tr.be)?;
+        let decay_len = full.layout.group_len[crate::model::full::DECAY];
+        let edit = |name: &str, t: &mut crate::model::weights::HostTensor| -> Result<()> {
+            if let Some(s) = full.layout.by_name(name) {
+                let o = s.off + if s.group == 0 { 0 } else { decay_len };
+                t.data.copy_from_slice(&params[o..o + s.len]);
+            }
+            Ok(())
+        };
+        crate::train::merge::write_model(dir, self.loaded, dtype, SHARD_BYTES, &edit)
+            .with_context(|| format!("writing the trained model to {}", dir.display()))
+    }
+
     /// The end of the run (or of this session): the final checkpoint, the adapter (and the
     /// merged model) when complete, the record, and a summary on stdout.
     fn finish(&mut self, outcome: Outcome) -> Result<()> {
@@ -498,7 +526,12 @@ impl<'a, B: Backend> Session<'a, B> {
         let out = &self.out;
         let adapter_dir = out.join("adapter");
         let merged_dir = out.join("merged");
-        if outcome == Outcome::Completed {
+        let model_dir = out.join("model");
+        let full = self.cfg.method == Method::Full;
+        if outcome == Outcome::Completed && full {
+            self.write_model(&model_dir)?;
+            outputs["model"] = "model".into();
+        } else if outcome == Outcome::Completed {
             let params = self.tr.params()?;
             crate::model::peft::save_adapter(
                 &adapter_dir,
@@ -530,10 +563,11 @@ impl<'a, B: Backend> Session<'a, B> {
         match outcome {
             Outcome::Completed => {
                 println!(
-                    "done: {} steps in {:.1} s, {loss_note}\n  adapter: {}\n  metrics: {}\n  plot:    {}\n  run:     {}{}",
+                    "done: {} steps in {:.1} s, {loss_note}\n  {}: {}\n  metrics: {}\n  plot:    {}\n  run:     {}{}",
                     state.step,
                     state.elapsed_s,
-                    adapter_dir.display(),
+                    if full { "model  " } else { "adapter" },
+                    if full { &model_dir } else { &adapter_dir }.display(),
                     self.metrics_path.display(),
                     out.join("loss.svg").display(),
                     out.join("run.json").display(),
@@ -558,6 +592,42 @@ impl<'a, B: Backend> Session<'a, B> {
     }
 }
 
+/// Full fine-tuning writes a whole model and checkpoints of f32 weights and two moments: check
+/// before training that the output's file system has room for the model folder and two
+/// checkpoints (the newest is written before an older one is pruned).
+fn check_room_for_model(cfg: &TrainConfig, loaded: &LoadedModel) -> Result<()> {
+    let dtype = save_dtype(cfg, loaded)?;
+    let trained = model_bytes(loaded, SaveDtype::F32);
+    let need = model_bytes(loaded, dtype) + 2 * 3 * trained;
+    let Some(free) = crate::io::free_bytes(&cfg.output) else {
+        return Ok(()); // a file system that does not say: the writes will tell
+    };
+    if free < need {
+        bail!(
+            "{} has {:.2} GiB free, but a full fine-tuning run of {} needs about {:.2} GiB there              (the model folder in {} and two checkpoints of f32 weights and AdamW moments):              free space or choose another --output",
+            cfg.output.display(),
+            free as f64 / (1u64 << 30) as f64,
+            loaded.source.display(),
+            need as f64 / (1u64 << 30) as f64,
+            dtype.torch_name()
+        );
+    }
+    Ok(())
+}
+
+/// The dtype of full fine-tuning's model folder: `--save-dtype`, else the source's.
+pub fn save_dtype(cfg: &TrainConfig, loaded: &LoadedModel) -> Result<SaveDtype> {
+    match &cfg.save_dtype {
+        Some(d) => SaveDtype::parse(d),
+        None => source_dtype(loaded).with_context(|| {
+            format!(
+                "{} declares no dtype (torch_dtype) to save the trained model in: give --save-dtype",
+                loaded.source.display()
+            )
+        }),
+    }
+}
+
 /// What the run is, on stderr before the first step.
 fn print_banner<B: Backend>(tr: &Trainer<B>, cfg: &TrainConfig, loaded: &LoadedModel, load_s: f64) {
     let (n_tok, n_lab) = tr
@@ -570,7 +640,7 @@ fn print_banner<B: Backend>(tr: &Trainer<B>, cfg: &TrainConfig, loaded: &LoadedM
         "training {} on {} (loaded in {load_s:.1} s)\n  data: {} — {} train / {} validation examples, \
          {n_tok} tokens ({n_lab} trained), {} truncated at {} tokens, {} dropped\n  \
          {total} steps ({} per epoch) of {} x {} sequences, {}; lr {:.1e} {} (warmup {}); \
-         LoRA r={} alpha={} {}on {}\n  ablation: {}",
+         {}\n  ablation: {}",
         loaded.source.display(),
         tr.be.name(),
         tr.data.source,
@@ -588,11 +658,25 @@ fn print_banner<B: Backend>(tr: &Trainer<B>, cfg: &TrainConfig, loaded: &LoadedM
         },
         cfg.lr,
         cfg.schedule,
-        cfg.warmup_steps,
-        cfg.lora_r,
-        cfg.lora_alpha,
-        if cfg.rslora { "(rsLoRA) " } else { "" },
-        cfg.lora_targets,
+        tr.opt.warmup_steps,
+        match &tr.model.full {
+            Some(f) => format!(
+                "full fine-tuning of {} weights ({} tensors{}; f32 master weights and AdamW moments)",
+                f.layout.len(),
+                f.layout.slots.len(),
+                match cfg.freeze.is_empty() {
+                    true => String::new(),
+                    false => format!(", frozen: {}", cfg.freeze),
+                }
+            ),
+            None => format!(
+                "LoRA r={} alpha={} {}on {}",
+                cfg.lora_r,
+                cfg.lora_alpha,
+                if cfg.rslora { "(rsLoRA) " } else { "" },
+                cfg.lora_targets
+            ),
+        },
         match &tr.directions {
             Some(d) => format!(
                 "layers {:?}, k = {:?} ({}, sha256 {})",

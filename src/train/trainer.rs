@@ -12,11 +12,13 @@ use crate::backend::Backend;
 use crate::data::{self, Dataset, Encoder, Example, Record};
 use crate::io::{file_sha256, program, sha256_hex};
 use crate::model::ablation::{load_directions, random_directions, Directions};
+use crate::model::full::Freeze;
 use crate::model::loader::LoadedModel;
 use crate::model::lora::{LoraConfig, LoraLayout, Target};
 use crate::model::transformer::{Batch, Checkpointing, Model};
+use crate::train::checkpoint::Trained;
 use crate::train::checkpoint::{self, Checkpoint, TrainerState, CHECKPOINTS_DIR};
-use crate::train::config::TrainConfig;
+use crate::train::config::{Method, TrainConfig};
 use crate::train::optim::{optimizer_step, OptimConfig, Schedule};
 use crate::train::plan::{self, KnownData, Verdict};
 use anyhow::{bail, Context, Result};
@@ -279,7 +281,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 targets: Target::parse_list(&cfg.lora_targets)?,
             },
         )?;
-        model.set_lora(be, layout.clone(), &layout.init_params(cfg.seed))?;
+        match cfg.method {
+            Method::Lora => model.set_lora(be, layout.clone(), &layout.init_params(cfg.seed))?,
+            Method::Full => {
+                model.set_full(be, loaded.weights.as_ref(), Freeze::parse(&cfg.freeze)?)?
+            }
+        }
         if let Some(d) = &directions {
             model.set_ablation(be, d)?;
         }
@@ -359,13 +366,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
     pub fn restore(&mut self, ck: &Checkpoint) -> Result<()> {
         self.check_resumable(&ck.state, &ck.dir)?;
         let s = &ck.state;
-        let be = self.be;
-        let lora = self.model.lora.as_mut().context("LoRA is not set")?;
-        lora.params = be.upload_f32(&ck.params)?;
-        lora.m = be.upload_f32(&ck.m)?;
-        lora.v = be.upload_f32(&ck.v)?;
-        be.zero_f32(&mut lora.grads)?;
-        lora.step = s.step;
+        self.model
+            .upload_trained(self.be, &ck.params, &ck.m, &ck.v, s.step)?;
         // Keep this session's view of non-training settings (device, cadence), the stored
         // progress.
         let config = self.state.config.clone();
@@ -553,17 +555,24 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.be.download_f32(&lora.params)
     }
 
+    /// What the run trains (the layout its checkpoints follow).
+    pub fn trained(&self) -> Trained<'_> {
+        match &self.model.full {
+            Some(f) => Trained::Full(&f.layout),
+            None => Trained::Lora(&self.layout),
+        }
+    }
+
     /// Write a checkpoint of the current state under `run_dir/checkpoints/`.
     pub fn save_checkpoint(&self, run_dir: &Path, base_model: &str) -> Result<PathBuf> {
-        let lora = self.model.lora.as_ref().context("LoRA is not set")?;
-        let be = self.be;
+        let [params, m, v] = self.model.download_trained(self.be)?;
         checkpoint::save(
             &run_dir.join(CHECKPOINTS_DIR),
             &self.state,
-            &self.layout,
-            &be.download_f32(&lora.params)?,
-            &be.download_f32(&lora.m)?,
-            &be.download_f32(&lora.v)?,
+            self.trained(),
+            &params,
+            &m,
+            &v,
             base_model,
         )
     }

@@ -159,7 +159,9 @@ fn frozen_groups_get_no_slot_and_keep_their_weights() {
     assert!(l.slot(Param::Embed).is_none());
     assert!(l.slot(Param::FinalNorm).is_none());
     assert!(l.slot(Param::InputNorm(0)).is_none());
-    assert!(l.slot(Param::Proj(1, caft_fast::model::lora::Target::Down)).is_some());
+    assert!(l
+        .slot(Param::Proj(1, caft_fast::model::lora::Target::Down))
+        .is_some());
     // Nothing but linear weights left, all in the decay group.
     assert_eq!(l.group_len[NO_DECAY], 0);
 }
