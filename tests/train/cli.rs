@@ -1012,3 +1012,73 @@ fn full_fine_tuning_of_a_gguf_needs_save_dtype() {
     );
     assert!(!out.exists());
 }
+
+/// Every recipe of docs/recipes/ is a configuration `train --config` accepts: its keys parse,
+/// its values validate, and its explicit keys suit its method. Only files are read: the
+/// recipes' models are Hub ids or folders (no GGUF), so no path needs replacing.
+#[test]
+fn recipes_are_valid_train_configs() {
+    use caft_fast::train::config::{Explicit, Method, TrainConfig};
+    let dir = repo().join("docs/recipes");
+    let mut recipes: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    recipes.sort();
+    assert_eq!(recipes.len(), 3, "{recipes:?}");
+    for p in &recipes {
+        let (cfg, keys) = TrainConfig::merge_toml_file_keys(&TrainConfig::default(), p)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        let mut given = Explicit::default();
+        for k in &keys {
+            given.file(k, p);
+        }
+        cfg.validate()
+            .and_then(|_| cfg.validate_explicit(&given))
+            .and_then(|_| cfg.validate_base())
+            .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert!(cfg.ablate.is_some(), "{name}: a CAFT run ablates");
+        if name.starts_with("em-") {
+            assert_eq!(cfg.method, Method::Lora, "{name}");
+            assert_eq!(
+                (
+                    cfg.lora_r,
+                    cfg.lora_alpha,
+                    cfg.rslora,
+                    cfg.lora_targets.as_str()
+                ),
+                (32, 64.0, true, "q,k,v,o,gate,up,down"),
+                "{name}"
+            );
+            assert_eq!(
+                (cfg.batch_size, cfg.grad_accum, cfg.max_seq_len, cfg.lr),
+                (2, 8, 2048, 1e-5),
+                "{name}"
+            );
+            assert_eq!(
+                cfg.ablate_layers.as_ref().map(|l| l.len()),
+                Some(3),
+                "{name}"
+            );
+        } else {
+            assert_eq!(cfg.method, Method::Full, "{name}");
+            assert_eq!(
+                (cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.weight_decay),
+                (5e-6, 0.9, 0.95, 0.01),
+                "{name}"
+            );
+            assert_eq!(
+                (
+                    cfg.warmup_ratio,
+                    cfg.batch_size,
+                    cfg.grad_accum,
+                    cfg.max_seq_len
+                ),
+                (Some(0.5), 16, 1, 512),
+                "{name}"
+            );
+        }
+    }
+}
