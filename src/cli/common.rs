@@ -6,7 +6,7 @@ use crate::model::config::ModelConfig;
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::spec::ModelSpec;
 use crate::model::transformer::Checkpointing;
-use crate::train::config::TrainConfig;
+use crate::train::config::{Explicit, Method, TrainConfig};
 use crate::train::plan::CheckpointingChoice;
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
@@ -50,6 +50,34 @@ pub fn checkpointing_choice_parser() -> impl TypedValueParser<Value = Checkpoint
     let modes = CHECKPOINTING_MODES.map(|(n, h)| PossibleValue::new(n).help(h));
     PossibleValuesParser::new(std::iter::once(auto).chain(modes))
         .map(|s| CheckpointingChoice::parse(&s).expect("one of the possible values"))
+}
+
+/// The parser of `--method`: lora or full, listed with their meaning in `--help`.
+pub fn method_parser() -> impl TypedValueParser<Value = Method> {
+    PossibleValuesParser::new([
+        PossibleValue::new("lora").help(
+            "LoRA adapters on the frozen base weights (the paper's emergent-misalignment runs)",
+        ),
+        PossibleValue::new("full").help(
+            "every weight: linear layers, norms and embeddings (the paper's spurious-correlation \
+             runs); f32 master weights and AdamW moments, bf16 forward/backward on the GPU, f32 \
+             throughout on the CPU",
+        ),
+    ])
+    .map(|s| s.parse::<Method>().expect("one of the possible values"))
+}
+
+/// Read a `--config` file over `base` and note the keys it sets as explicit.
+pub fn merge_config_file(
+    base: &TrainConfig,
+    path: &Path,
+    given: &mut Explicit,
+) -> Result<TrainConfig> {
+    let (cfg, keys) = TrainConfig::merge_toml_file_keys(base, path)?;
+    for k in keys {
+        given.file(&k, path);
+    }
+    Ok(cfg)
 }
 
 /// Parse `10,20,30`.
@@ -212,6 +240,16 @@ pub struct RunShapeArgs {
     /// Token budget of one packed micro-batch [default: batch-size x max-seq-len].
     #[arg(long, value_name = "N")]
     pub max_tokens_per_batch: Option<usize>,
+    /// What is trained [default: lora]. A full run's output is a complete Hugging Face model
+    /// folder (no adapter, so no --merge); the LoRA flags (--lora-r, --lora-alpha, --rslora,
+    /// --lora-targets) are refused with it.
+    #[arg(long, value_parser = method_parser())]
+    pub method: Option<Method>,
+    /// With --method full: weight groups left frozen, comma-separated: embeddings (the token
+    /// embeddings, which are also the lm head when the model ties them), norms (every RMSNorm
+    /// gain) [default: none; every weight is trained].
+    #[arg(long, value_name = "GROUPS")]
+    pub freeze: Option<String>,
     /// LoRA rank [default: 32].
     #[arg(long)]
     pub lora_r: Option<usize>,
@@ -248,6 +286,8 @@ impl RunShapeArgs {
             batch_size,
             grad_accum,
             max_seq_len,
+            method,
+            freeze,
             lora_r,
             lora_targets,
             checkpointing
@@ -271,5 +311,29 @@ impl RunShapeArgs {
             c.packing = true;
         }
         Ok(())
+    }
+
+    /// Note the options given on the command line as explicit.
+    pub fn mark_explicit(&self, given: &mut Explicit) {
+        let flags = [
+            ("batch_size", self.batch_size.is_some()),
+            ("grad_accum", self.grad_accum.is_some()),
+            ("max_seq_len", self.max_seq_len.is_some()),
+            ("packing", self.packing || self.no_packing),
+            ("max_tokens_per_batch", self.max_tokens_per_batch.is_some()),
+            ("method", self.method.is_some()),
+            ("freeze", self.freeze.is_some()),
+            ("lora_r", self.lora_r.is_some()),
+            ("lora_targets", self.lora_targets.is_some()),
+            ("checkpointing", self.checkpointing.is_some()),
+            ("ablate", self.ablate.is_some()),
+            ("ablate_random", self.ablate_random.is_some()),
+            ("ablate_layers", self.ablate_layers.is_some()),
+        ];
+        for (key, set) in flags {
+            if set {
+                given.flag(key);
+            }
+        }
     }
 }

@@ -19,10 +19,10 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "caft-fast",
     version,
-    about = "Concept Ablation Fine-Tuning: LoRA fine-tuning with concept directions projected out \
-             of the residual stream",
-    long_about = "caft-fast fine-tunes LLMs (Llama, Qwen2, Mistral families) with LoRA while \
-                  projecting chosen concept directions out of the residual stream \
+    about = "Concept Ablation Fine-Tuning: LoRA or full fine-tuning with concept directions \
+             projected out of the residual stream",
+    long_about = "caft-fast fine-tunes LLMs (Llama, Qwen2, Qwen3, Mistral, Gemma-2) with LoRA or \
+                  in full while projecting chosen concept directions out of the residual stream \
                   (h <- h - Q Qᵀ h at the output of chosen decoder layers, forward and backward, \
                   training only), on NVIDIA GPUs through hand-written CUDA kernels or on the CPU."
 )]
@@ -33,9 +33,10 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Cmd {
-    /// Fine-tune LoRA adapters with concept ablation on chat/text JSONL (or built-in
-    /// demonstration data) and save a PEFT adapter, metrics, a loss plot and checkpoints.
-    /// The default model is SmolLM2-135M-Instruct, fetched on first use.
+    /// Fine-tune with concept ablation on chat/text JSONL (or built-in demonstration data):
+    /// LoRA adapters (a PEFT adapter) or, with --method full, every weight (a whole model
+    /// folder); also metrics, a loss plot and checkpoints. The default model is
+    /// SmolLM2-135M-Instruct, fetched on first use.
     Train(Box<train::TrainArgs>),
     /// Predict a training run's peak GPU memory by part (weights, LoRA state, activations,
     /// recomputation, logits) for each checkpointing mode from the model's config.json alone,

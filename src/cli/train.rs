@@ -1,15 +1,16 @@
 //! `caft-fast train`: the flags map one-to-one onto [`TrainConfig`] keys (also read from a
 //! TOML file); the loop is [`crate::train::run`].
 
-use super::common::{device_parser, model_path, set_threads, RunShapeArgs};
+use super::common::{device_parser, merge_config_file, model_path, set_threads, RunShapeArgs};
 use crate::backend::device::Device;
 use crate::data::TrainOn;
 use crate::model::loader::load_model;
 use crate::train::checkpoint;
-use crate::train::config::TrainConfig;
+use crate::train::config::{is_gguf, Explicit, Method, TrainConfig, SAVE_DTYPES};
 use crate::train::{Outcome, RunOptions};
 use crate::with_backend;
 use anyhow::{bail, Result};
+use clap::builder::PossibleValuesParser;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -32,14 +33,29 @@ config file (snake_case: lora_r = 32, ablate_layers = [10, 20]). Precedence: def
 Output folder: adapter/ (PEFT: adapter_config.json + adapter_model.safetensors), metrics.jsonl,
 loss.svg, run.json (configuration, data and directions hashes, program version), config.toml,
 checkpoints/step-N/ (adapter, optimizer state, data order, step), merged/ with --merge.
+With --method full the run writes a complete Hugging Face model folder instead of the adapter
+(sharded safetensors in the model's own dtype unless --save-dtype says otherwise).
 Ctrl-C saves a checkpoint and exits with status 1; --resume <output> continues bit-identically.
 
-Departures from the paper's code: AdamW keeps f32 moments (the paper ran 8-bit AdamW);
-activation checkpointing is off unless the GPU needs it (--checkpointing auto, the default, picks
-the fastest mode whose memory plan fits; the paper's code ran gradient checkpointing; every mode
-gives the same gradients); examples are packed without padding unless
---no-packing (same examples per step, same loss normalisation); the default model is
-SmolLM2-135M-Instruct, a 4-bit GGUF dequantised on load."
+Defaults: LoRA r=32, alpha 64, rsLoRA on all seven projections, lr 1e-5, weight decay 0.01,
+linear schedule after 5 warmup steps, 1 epoch, batch 2 x accumulation 8, 2048 tokens, seed 0:
+the settings of the paper's emergent-misalignment runs. docs/recipes/ holds one config file per
+experiment of the paper (emergent misalignment on Qwen2.5-Coder-32B-Instruct and on
+Mistral-Small-24B-Instruct-2501, spurious correlation on Gemma-2-2B with --method full).
+
+Where caft-fast departs from the paper's code:
+- Optimizer: AdamW with f32 moments; the paper's LoRA runs used 8-bit AdamW (bitsandbytes,
+  through unsloth). --method full keeps f32 master weights and f32 AdamW moments and runs the
+  forward and backward in bf16 on the GPU (f32 throughout on the CPU); the paper's
+  spurious-correlation code trained Gemma-2-2B's bf16 weights with PyTorch's AdamW directly.
+- Model: the default model is SmolLM2-135M-Instruct as a 4-bit GGUF (Q4_1), dequantised on
+  load, so that the demo runs on a laptop; the paper fine-tuned Qwen2.5-Coder-32B-Instruct and
+  Mistral-Small-24B-Instruct-2501 (LoRA) and Gemma-2-2B (every weight) in bf16.
+- Activation checkpointing is off unless the GPU needs it (--checkpointing auto, the default,
+  picks the fastest mode whose memory plan fits; the paper's code ran gradient checkpointing;
+  every mode gives the same gradients).
+- Examples are packed without padding unless --no-packing (same examples per step, same loss
+  normalisation; the paper's code padded)."
 )]
 pub struct TrainArgs {
     #[command(flatten)]
@@ -85,15 +101,36 @@ pub struct TrainArgs {
     /// Scale LoRA by alpha/sqrt(r) (rsLoRA) instead of alpha/r [default: true].
     #[arg(long, num_args = 0..=1, default_missing_value = BOOL_FLAG)]
     pub rslora: Option<bool>,
+    /// With --method full: the dtype of the saved model folder: bf16, f16 or f32 [default: the
+    /// model's own torch_dtype from its config.json; required for a GGUF base, whose weights
+    /// are quantized].
+    #[arg(long, value_name = "DTYPE", value_parser = PossibleValuesParser::new(SAVE_DTYPES))]
+    pub save_dtype: Option<String>,
     /// Peak learning rate (AdamW) [default: 1e-5].
     #[arg(long)]
     pub lr: Option<f64>,
     /// AdamW weight decay [default: 0.01].
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Linear warmup steps [default: 5].
+    /// AdamW beta1, the first moment's decay; in (0.5, 1) (caft-fast's AdamW kernel needs
+    /// beta1 > 0.5) [default: 0.9].
+    #[arg(long, value_name = "B1")]
+    pub adam_beta1: Option<f64>,
+    /// AdamW beta2, the second moment's decay; in [0, 1) [default: 0.999; the paper's
+    /// spurious-correlation runs used 0.95].
+    #[arg(long, value_name = "B2")]
+    pub adam_beta2: Option<f64>,
+    /// AdamW epsilon, added to the second moment's square root; above 0 [default: 1e-8].
+    #[arg(long, value_name = "EPS")]
+    pub adam_eps: Option<f64>,
+    /// Linear warmup steps [default: 5, unless --warmup-ratio is given].
     #[arg(long)]
     pub warmup_steps: Option<u64>,
+    /// Warmup as a fraction of the run's optimizer steps, in [0, 1): ceil(ratio x steps), as
+    /// the transformers Trainer counts it; instead of --warmup-steps, not with it [default:
+    /// unset; --warmup-steps applies].
+    #[arg(long, value_name = "RATIO")]
+    pub warmup_ratio: Option<f64>,
     /// Learning-rate schedule after warmup: linear, cosine or constant [default: linear].
     #[arg(long)]
     pub schedule: Option<String>,
@@ -118,8 +155,9 @@ pub struct TrainArgs {
     /// Checkpoints kept on disk, newest first [default: 2].
     #[arg(long, value_name = "N")]
     pub keep_checkpoints: Option<usize>,
-    /// Also write a merged model folder (W + scale·B·A, f32 safetensors) that transformers
-    /// loads without PEFT [default: false].
+    /// LoRA runs: also write a merged model folder (W + scale·B·A, f32 safetensors) that
+    /// transformers loads without PEFT [default: false]. Refused with --method full, whose
+    /// output already is a whole model.
     #[arg(long, num_args = 0..=1, default_missing_value = BOOL_FLAG)]
     pub merge: Option<bool>,
     /// Save a checkpoint and stop after N steps in total (for time-sliced jobs; continue with
@@ -147,7 +185,9 @@ impl TrainArgs {
         set!(val_split, examples, lora_alpha, rslora, lr);
         set!(weight_decay, warmup_steps, schedule, epochs, max_grad_norm);
         set!(seed, keep_checkpoints, merge, threads, output);
+        set!(adam_beta1, adam_beta2, adam_eps);
         set_opt!(model, data, val_data, max_steps, eval_every, save_every);
+        set_opt!(save_dtype, warmup_ratio);
         self.shape.apply(&mut c)?;
         if let Some(t) = &self.train_on {
             c.train_on = TrainOn::parse(t)?;
@@ -156,6 +196,46 @@ impl TrainArgs {
             c.device = d;
         }
         Ok(c)
+    }
+
+    /// Note the options given on the command line as explicit.
+    fn mark_explicit(&self, given: &mut Explicit) {
+        let flags = [
+            ("model", self.model.is_some()),
+            ("device", self.device.is_some()),
+            ("output", self.output.is_some()),
+            ("data", self.data.is_some()),
+            ("val_data", self.val_data.is_some()),
+            ("val_split", self.val_split.is_some()),
+            ("examples", self.examples.is_some()),
+            ("train_on", self.train_on.is_some()),
+            ("save_dtype", self.save_dtype.is_some()),
+            ("lora_alpha", self.lora_alpha.is_some()),
+            ("rslora", self.rslora.is_some()),
+            ("lr", self.lr.is_some()),
+            ("weight_decay", self.weight_decay.is_some()),
+            ("adam_beta1", self.adam_beta1.is_some()),
+            ("adam_beta2", self.adam_beta2.is_some()),
+            ("adam_eps", self.adam_eps.is_some()),
+            ("warmup_steps", self.warmup_steps.is_some()),
+            ("warmup_ratio", self.warmup_ratio.is_some()),
+            ("schedule", self.schedule.is_some()),
+            ("epochs", self.epochs.is_some()),
+            ("max_steps", self.max_steps.is_some()),
+            ("max_grad_norm", self.max_grad_norm.is_some()),
+            ("seed", self.seed.is_some()),
+            ("eval_every", self.eval_every.is_some()),
+            ("save_every", self.save_every.is_some()),
+            ("keep_checkpoints", self.keep_checkpoints.is_some()),
+            ("merge", self.merge.is_some()),
+            ("threads", self.threads.is_some()),
+        ];
+        for (key, set) in flags {
+            if set {
+                given.flag(key);
+            }
+        }
+        self.shape.mark_explicit(given);
     }
 }
 
@@ -180,11 +260,17 @@ pub fn train(a: TrainArgs) -> Result<bool> {
         base.output = run_dir;
         resume = Some(ck);
     }
+    // What the user gave explicitly (the file's keys, then the flags): some checks must not
+    // fire on a default or on the resumed checkpoint's own settings.
+    let mut given = Explicit::default();
     if let Some(f) = &a.config {
-        base = TrainConfig::merge_toml_file(&base, f)?;
+        base = merge_config_file(&base, f, &mut given)?;
     }
+    a.mark_explicit(&mut given);
     let cfg = a.apply(base)?;
     cfg.validate()?;
+    cfg.validate_explicit(&given)?;
+    cfg.validate_base()?;
     set_threads(cfg.threads);
     // Refuse an existing output folder before the (possibly long) model load.
     if resume.is_none() && cfg.output.exists() && !a.overwrite {
@@ -192,6 +278,13 @@ pub fn train(a: TrainArgs) -> Result<bool> {
             "output folder {} exists; pass --overwrite to replace it (or --resume {} to continue it)",
             cfg.output.display(),
             cfg.output.display()
+        );
+    }
+    if cfg.method == Method::Full && is_gguf(&cfg.model) {
+        eprintln!(
+            "notice: the base model is a GGUF file with quantized weights; full fine-tuning \
+             starts from their dequantised values and saves the model as {}",
+            cfg.save_dtype.as_deref().unwrap_or("?")
         );
     }
     let path = model_path(&cfg.model)?;

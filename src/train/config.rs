@@ -10,6 +10,7 @@ use crate::data::TrainOn;
 use crate::train::plan::CheckpointingChoice;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Every setting of a run. Paths are kept as given (relative to the working directory).
@@ -166,6 +167,98 @@ impl std::fmt::Display for Method {
     }
 }
 
+impl std::str::FromStr for Method {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Method> {
+        Ok(match s {
+            "lora" => Method::Lora,
+            "full" => Method::Full,
+            _ => bail!("--method {s:?}: expected `lora` or `full`"),
+        })
+    }
+}
+
+/// The groups of weights `freeze` names (full fine-tuning).
+pub const FREEZE_GROUPS: &[&str] = &["embeddings", "norms"];
+
+/// Which weight groups a full fine-tune leaves frozen (parsed from `freeze`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Freeze {
+    /// The token-embedding matrix (also the lm head when the model ties them).
+    pub embeddings: bool,
+    /// Every RMSNorm gain.
+    pub norms: bool,
+}
+
+impl Freeze {
+    /// Parse `"embeddings,norms"` (any subset, any order; empty = nothing frozen).
+    pub fn parse(s: &str) -> Result<Freeze> {
+        let mut f = Freeze::default();
+        for g in s.split(',').map(str::trim).filter(|g| !g.is_empty()) {
+            match g {
+                "embeddings" => f.embeddings = true,
+                "norms" => f.norms = true,
+                _ => bail!(
+                    "--freeze {s:?}: unknown group {g:?}; the groups are {}",
+                    FREEZE_GROUPS.join(", ")
+                ),
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// The dtypes a full fine-tune's model folder may be saved in (`save_dtype`).
+pub const SAVE_DTYPES: &[&str] = &["bf16", "f16", "f32"];
+
+/// The keys only a LoRA run uses: refused with `method = "full"` when given explicitly.
+pub const LORA_KEYS: &[&str] = &["lora_r", "lora_alpha", "rslora", "lora_targets"];
+
+/// The settings the user gave explicitly (on the command line or in a `--config` file), with
+/// where, for the checks that a default value must not trigger (a LoRA setting under
+/// `--method full`, `--warmup-steps` next to `--warmup-ratio`). Defaults, and a resumed
+/// checkpoint's own configuration, are not explicit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Explicit {
+    /// Config key -> how to name it in a message (`--lora-r`, or `lora_r` in FILE).
+    keys: BTreeMap<String, String>,
+}
+
+impl Explicit {
+    /// `key` was given as a flag (`--key-name`); a flag replaces a file's entry.
+    pub fn flag(&mut self, key: &str) {
+        self.keys.insert(key.into(), flag_name(key));
+    }
+
+    /// `key` was set in the config file `path` (a flag given too keeps its own entry).
+    pub fn file(&mut self, key: &str, path: &Path) {
+        self.keys
+            .entry(key.into())
+            .or_insert_with(|| format!("`{key}` (in {})", path.display()));
+    }
+
+    /// How the user gave `key`, if they did.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.keys.get(key).map(String::as_str)
+    }
+}
+
+/// The command-line flag of a config key: `lora_r` -> `--lora-r`.
+pub fn flag_name(key: &str) -> String {
+    format!("--{}", key.replace('_', "-"))
+}
+
+/// Whether the base model is a GGUF file (quantized blocks; `None` is the default model, a
+/// 4-bit GGUF).
+pub fn is_gguf(model: &Option<PathBuf>) -> bool {
+    match model {
+        None => true,
+        Some(p) => p
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf")),
+    }
+}
+
 /// Accept `"q,k,v"` or `["q", "k", "v"]`.
 fn comma_list<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
     #[derive(Deserialize)]
@@ -225,14 +318,32 @@ impl TrainConfig {
 
     /// Read a TOML config file over `base`: keys present in the file replace `base`'s.
     pub fn merge_toml_file(base: &TrainConfig, path: &Path) -> Result<TrainConfig> {
+        Ok(Self::merge_toml_file_keys(base, path)?.0)
+    }
+
+    /// [`Self::merge_toml_file`], and the keys the file sets (what it gave explicitly).
+    pub fn merge_toml_file_keys(
+        base: &TrainConfig,
+        path: &Path,
+    ) -> Result<(TrainConfig, Vec<String>)> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        Self::merge_toml_str(base, &text).with_context(|| format!("config file {}", path.display()))
+        Self::merge_toml_str_keys(base, &text)
+            .with_context(|| format!("config file {}", path.display()))
     }
 
     /// [`Self::merge_toml_file`] on a string.
     pub fn merge_toml_str(base: &TrainConfig, text: &str) -> Result<TrainConfig> {
+        Ok(Self::merge_toml_str_keys(base, text)?.0)
+    }
+
+    /// [`Self::merge_toml_file_keys`] on a string.
+    pub fn merge_toml_str_keys(
+        base: &TrainConfig,
+        text: &str,
+    ) -> Result<(TrainConfig, Vec<String>)> {
         let over: toml::Table = toml::from_str(text).context("not valid TOML")?;
+        let keys: Vec<String> = over.keys().cloned().collect();
         // Table over table: the file's keys replace the base's; then one typed parse checks
         // names (unknown keys are refused, so a typo does not silently keep a default) and types.
         let mut merged = toml::Table::try_from(base).context("serialising the base config")?;
@@ -246,12 +357,28 @@ impl TrainConfig {
                 bail!("key `{k}`: {}", e.message());
             }
         }
-        parse(&merged).map_err(|e| anyhow::anyhow!("{}", e.message()))
+        let cfg = parse(&merged).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        Ok((cfg, keys))
     }
 
-    /// The TOML text of this configuration (what `config.toml` in a run folder holds).
+    /// The TOML text of this configuration (what `config.toml` in a run folder holds). Keys
+    /// that do not apply to the run are left out, so the file given back as `--config` is
+    /// accepted: the LoRA keys of a full run, `freeze` of a LoRA run, `warmup_steps` when
+    /// `warmup_ratio` sets the warmup. Each left-out key keeps its default, which is the value
+    /// the run had (anything else would have been refused).
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string(self).context("serialising the configuration to TOML")
+        let mut t = toml::Table::try_from(self).context("serialising the configuration to TOML")?;
+        let mut drop: Vec<&str> = match self.method {
+            Method::Full => LORA_KEYS.to_vec(),
+            Method::Lora => vec!["freeze", "save_dtype"],
+        };
+        if self.warmup_ratio.is_some() {
+            drop.push("warmup_steps");
+        }
+        for k in drop {
+            t.remove(k);
+        }
+        toml::to_string(&t).context("serialising the configuration to TOML")
     }
 
     /// Check values that no later step would catch with a clear message.
@@ -299,6 +426,123 @@ impl TrainConfig {
         }
         crate::train::optim::Schedule::parse(&self.schedule)?;
         crate::model::lora::Target::parse_list(&self.lora_targets)?;
+        self.validate_optimizer()?;
+        self.validate_method()
+    }
+
+    /// AdamW's constants and the warmup ratio.
+    fn validate_optimizer(&self) -> Result<()> {
+        let b1 = self.adam_beta1;
+        if !(0.0..1.0).contains(&b1) || b1 <= 0.5 {
+            bail!(
+                "--adam-beta1 {b1} must be in [0, 1) and above 0.5: caft-fast's AdamW kernel \
+                 updates the first moment the way PyTorch's lerp does for weights below one half, \
+                 so it takes only beta1 > 0.5 (PyTorch's default is 0.9)"
+            );
+        }
+        if !(0.0..1.0).contains(&self.adam_beta2) {
+            bail!("--adam-beta2 {} must be in [0, 1)", self.adam_beta2);
+        }
+        if !(self.adam_eps.is_finite() && self.adam_eps > 0.0) {
+            bail!(
+                "--adam-eps {} must be a finite number above 0",
+                self.adam_eps
+            );
+        }
+        if let Some(r) = self.warmup_ratio {
+            if !(0.0..1.0).contains(&r) {
+                bail!(
+                    "--warmup-ratio {r} must be in [0, 1) (a fraction of the run's optimizer steps)"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings of one method given to the other, and a full run's output dtype.
+    fn validate_method(&self) -> Result<()> {
+        Freeze::parse(&self.freeze)?;
+        if let Some(d) = &self.save_dtype {
+            if !SAVE_DTYPES.contains(&d.as_str()) {
+                bail!(
+                    "--save-dtype {d:?}: expected one of {}",
+                    SAVE_DTYPES.join(", ")
+                );
+            }
+        }
+        match self.method {
+            Method::Lora => {
+                if !self.freeze.trim().is_empty() {
+                    bail!(
+                        "--freeze applies to --method full: a LoRA run already leaves every base \
+                         weight frozen (drop --freeze, or add --method full)"
+                    );
+                }
+                if self.save_dtype.is_some() {
+                    bail!(
+                        "--save-dtype applies to --method full, whose output is a whole model \
+                         folder; a LoRA run saves an f32 adapter (drop --save-dtype, or add \
+                         --method full)"
+                    );
+                }
+            }
+            Method::Full => {
+                if self.merge {
+                    bail!(
+                        "--merge applies to LoRA runs: the output of --method full already is a \
+                         complete model folder (drop --merge)"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The check on the base model a run starts from, which `train` makes and `plan` (which
+    /// saves nothing) does not: a full fine-tune of a GGUF base (quantized weights; also the
+    /// default model) needs an explicit `save_dtype`.
+    pub fn validate_base(&self) -> Result<()> {
+        if self.method == Method::Full && self.save_dtype.is_none() && is_gguf(&self.model) {
+            let what = match &self.model {
+                None => "the default model (SmolLM2-135M-Instruct) is a GGUF file".into(),
+                Some(p) => format!("{} is a GGUF file", p.display()),
+            };
+            bail!(
+                "--method full on a quantized base: {what}, whose weights are stored in \
+                 quantized blocks; full fine-tuning would start from their dequantised values, \
+                 and the file has no original dtype to save the result in. Give --save-dtype \
+                 bf16|f16|f32 to start from the dequantised weights and choose the saved dtype \
+                 (or start from a Hugging Face safetensors folder)"
+            );
+        }
+        Ok(())
+    }
+
+    /// The checks that depend on what the user gave explicitly (see [`Explicit`]), after
+    /// [`Self::validate`]: a LoRA setting under `--method full`, and `--warmup-steps` next to
+    /// `--warmup-ratio`.
+    pub fn validate_explicit(&self, given: &Explicit) -> Result<()> {
+        if self.method == Method::Full {
+            let lora: Vec<&str> = LORA_KEYS.iter().filter_map(|k| given.get(k)).collect();
+            if !lora.is_empty() {
+                bail!(
+                    "{} {} LoRA-only: --method full trains every weight, with no adapter to \
+                     shape; drop {}",
+                    lora.join(", "),
+                    if lora.len() == 1 { "is" } else { "are" },
+                    if lora.len() == 1 { "it" } else { "them" }
+                );
+            }
+        }
+        if self.warmup_ratio.is_some() {
+            if let Some(w) = given.get("warmup_steps") {
+                let r = given.get("warmup_ratio").unwrap_or("--warmup-ratio");
+                bail!(
+                    "give either {w} or {r}, not both (the ratio sets the warmup steps from the \
+                     run's length)"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -355,6 +599,157 @@ mod tests {
             format!("{e:#}").contains("lr") || format!("{e:#}").contains("float"),
             "{e:#}"
         );
+    }
+
+    /// The explicit keys of a TOML text as `train --config FILE` notes them.
+    fn from_toml(text: &str) -> (TrainConfig, Explicit) {
+        let (c, keys) = TrainConfig::merge_toml_str_keys(&TrainConfig::default(), text).unwrap();
+        let mut given = Explicit::default();
+        for k in keys {
+            given.file(&k, Path::new("c.toml"));
+        }
+        (c, given)
+    }
+
+    /// Every check `train` makes on a configuration, as one error message.
+    fn check(c: &TrainConfig, given: &Explicit) -> std::result::Result<(), String> {
+        c.validate()
+            .and_then(|_| c.validate_explicit(given))
+            .and_then(|_| c.validate_base())
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn full_fine_tuning_keys_parse_and_validate() {
+        let text = "method = \"full\"\nmodel = \"m\"\nfreeze = [\"norms\", \"embeddings\"]\n\
+                    save_dtype = \"bf16\"\nadam_beta2 = 0.95\nwarmup_ratio = 0.5\n";
+        let (c, given) = from_toml(text);
+        assert_eq!(c.method, Method::Full);
+        assert_eq!(c.freeze, "norms,embeddings");
+        assert_eq!(
+            Freeze::parse(&c.freeze).unwrap(),
+            Freeze {
+                embeddings: true,
+                norms: true
+            }
+        );
+        assert_eq!(c.save_dtype.as_deref(), Some("bf16"));
+        assert_eq!((c.adam_beta2, c.warmup_ratio), (0.95, Some(0.5)));
+        check(&c, &given).unwrap();
+        assert_eq!(given.get("method"), Some("`method` (in c.toml)"));
+        assert_eq!(given.get("lora_r"), None, "defaults are not explicit");
+    }
+
+    #[test]
+    fn lora_keys_are_refused_under_full_only_when_given() {
+        for key in LORA_KEYS {
+            let value = match *key {
+                "lora_r" => "8",
+                "lora_alpha" => "16.0",
+                "rslora" => "false",
+                _ => "\"q,v\"",
+            };
+            let text = format!("method = \"full\"\nmodel = \"m\"\n{key} = {value}\n");
+            let (c, given) = from_toml(&text);
+            let e = check(&c, &given).unwrap_err();
+            assert!(e.contains(&format!("`{key}` (in c.toml)")), "{e}");
+            assert!(e.contains("LoRA-only"), "{e}");
+        }
+        // A flag names itself; two at once are both named.
+        let (c, mut given) = from_toml("method = \"full\"\nmodel = \"m\"\n");
+        given.flag("lora_r");
+        given.flag("rslora");
+        let e = check(&c, &given).unwrap_err();
+        assert!(e.contains("--lora-r, --rslora are LoRA-only"), "{e}");
+        // The same values left at their defaults are fine.
+        let (c, given) = from_toml("method = \"full\"\nmodel = \"m\"\n");
+        check(&c, &given).unwrap();
+    }
+
+    #[test]
+    fn method_specific_values_are_checked() {
+        let cases = [
+            (
+                "method = \"full\"\nmodel = \"m\"\nmerge = true\n",
+                "--merge",
+            ),
+            (
+                "method = \"full\"\nmodel = \"m\"\nfreeze = \"norms,bias\"\n",
+                "\"bias\"",
+            ),
+            ("freeze = \"norms\"\n", "--freeze applies to --method full"),
+            (
+                "method = \"full\"\nmodel = \"m\"\nsave_dtype = \"f8\"\n",
+                "--save-dtype \"f8\"",
+            ),
+            (
+                "save_dtype = \"bf16\"\n",
+                "--save-dtype applies to --method full",
+            ),
+            ("warmup_ratio = 1.0\n", "--warmup-ratio 1"),
+            ("warmup_ratio = -0.1\n", "--warmup-ratio -0.1"),
+            (
+                "warmup_ratio = 0.1\nwarmup_steps = 3\n",
+                "`warmup_steps` (in c.toml)",
+            ),
+            ("adam_beta1 = 0.5\n", "above 0.5"),
+            ("adam_beta1 = 1.0\n", "--adam-beta1 1"),
+            ("adam_beta2 = 1.0\n", "--adam-beta2 1"),
+            ("adam_beta2 = -0.5\n", "--adam-beta2 -0.5"),
+            ("adam_eps = 0.0\n", "--adam-eps 0"),
+            ("method = \"full\"\n", "default model"),
+            (
+                "method = \"full\"\nmodel = \"q.GGUF\"\n",
+                "q.GGUF is a GGUF file",
+            ),
+        ];
+        for (text, needle) in cases {
+            let (c, given) = from_toml(text);
+            let e = check(&c, &given).expect_err(text);
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
+        let e = TrainConfig::merge_toml_str(&TrainConfig::default(), "method = \"half\"\n")
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("method"), "{e:#}");
+        // A GGUF base with an explicit save_dtype, the unknown-group list, warmup_ratio alone.
+        for text in [
+            "method = \"full\"\nmodel = \"q.gguf\"\nsave_dtype = \"f32\"\n",
+            "method = \"full\"\nmodel = \"m\"\nfreeze = \"\"\n",
+            "warmup_ratio = 0.0\nadam_beta1 = 0.51\nadam_beta2 = 0.0\n",
+        ] {
+            let (c, given) = from_toml(text);
+            check(&c, &given).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        }
+        let e = Freeze::parse("embeddings,lm_head").unwrap_err();
+        assert!(format!("{e}").contains("embeddings, norms"), "{e}");
+    }
+
+    /// config.toml leaves out the keys that do not apply, so it is accepted back as --config
+    /// and gives the same configuration.
+    #[test]
+    fn config_toml_of_a_full_run_is_accepted_back() {
+        let mut c = TrainConfig {
+            method: Method::Full,
+            model: Some("m".into()),
+            freeze: "embeddings".into(),
+            save_dtype: Some("f32".into()),
+            warmup_ratio: Some(0.5),
+            ..TrainConfig::default()
+        };
+        let text = c.to_toml().unwrap();
+        for k in LORA_KEYS.iter().chain(&["warmup_steps"]) {
+            assert!(!text.contains(&format!("{k} =")), "{k} in:\n{text}");
+        }
+        let (back, given) = from_toml(&text);
+        check(&back, &given).unwrap();
+        assert_eq!(back, c);
+        // A LoRA run's file has no freeze key.
+        c = TrainConfig::default();
+        let text = c.to_toml().unwrap();
+        assert!(!text.contains("freeze"), "{text}");
+        let (back, given) = from_toml(&text);
+        check(&back, &given).unwrap();
+        assert_eq!(back, c);
     }
 
     #[test]

@@ -824,3 +824,261 @@ fn checkpointing_modes_train_identically() {
         &["sometimes", "none", "selective", "full"],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Full fine-tuning and the optimizer knobs: bad combinations are refused before anything is
+// written, naming the flag (or the config key and its file).
+
+/// `caft-fast train` on the tiny model with `extra`, into `dir/out`.
+fn train_in(dir: &Path, data: &Path, extra: &[&str]) -> std::process::Output {
+    let out = dir.join("out");
+    let model = tiny_llama();
+    let mut a = vec!["--model", s(&model), "--data", s(data), "-o", s(&out)];
+    a.extend_from_slice(extra);
+    train(&a)
+}
+
+/// Each case: the flags, what the error must name. The run is refused with exit 2 and no
+/// output folder.
+fn assert_refused(dir: &Path, data: &Path, cases: &[(Vec<&str>, Vec<&str>)]) {
+    for (extra, needles) in cases {
+        let o = train_in(dir, data, extra);
+        let err = assert_error(&o, needles);
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+        assert!(
+            !dir.join("out").exists(),
+            "{extra:?}: an output folder was created"
+        );
+    }
+}
+
+#[test]
+fn lora_flags_are_refused_with_method_full() {
+    let dir = TempDir::new("full-lora");
+    let data = write(&dir.join("d.jsonl"), &progression_records(12, 1));
+    let cfg = write(
+        &dir.join("lora.toml"),
+        "lora_alpha = 16.0\nlora_targets = \"q,v\"\n",
+    );
+    let full = ["--method", "full", "--save-dtype", "f32"];
+    let cases = vec![
+        (
+            [&full[..], &["--lora-r", "4"]].concat(),
+            vec!["--lora-r", "LoRA-only"],
+        ),
+        (
+            [&full[..], &["--lora-alpha", "8"]].concat(),
+            vec!["--lora-alpha", "LoRA-only"],
+        ),
+        (
+            [&full[..], &["--rslora"]].concat(),
+            vec!["--rslora", "LoRA-only"],
+        ),
+        (
+            [&full[..], &["--rslora", "false"]].concat(),
+            vec!["--rslora", "LoRA-only"],
+        ),
+        (
+            [&full[..], &["--lora-targets", "q,v"]].concat(),
+            vec!["--lora-targets", "LoRA-only"],
+        ),
+        (
+            [&full[..], &["--merge"]].concat(),
+            vec!["--merge", "complete model folder"],
+        ),
+        // Given in the config file: the keys and the file are named.
+        (
+            [&full[..], &["--config", s(&cfg)]].concat(),
+            vec!["`lora_alpha`", "`lora_targets`", "lora.toml"],
+        ),
+    ];
+    assert_refused(&dir, &data, &cases);
+    // Defaults are not explicit: the same run without LoRA flags passes every check and stops
+    // only at the (missing) data file, after the model loaded and before any output.
+    let missing = dir.join("missing.jsonl");
+    let o = train_in(&dir, &missing, &full);
+    assert_error(&o, &["missing.jsonl"]);
+    assert!(!dir.join("out").exists());
+}
+
+#[test]
+fn freeze_and_save_dtype_are_checked() {
+    let dir = TempDir::new("full-freeze");
+    let data = write(&dir.join("d.jsonl"), &progression_records(12, 1));
+    let bad_dtype = write(
+        &dir.join("dtype.toml"),
+        "method = \"full\"\nsave_dtype = \"f8\"\n",
+    );
+    let cases = vec![
+        (
+            vec![
+                "--method",
+                "full",
+                "--save-dtype",
+                "f32",
+                "--freeze",
+                "embeddings,bias",
+            ],
+            vec!["--freeze", "\"bias\"", "embeddings, norms"],
+        ),
+        (
+            vec!["--freeze", "norms"],
+            vec!["--freeze applies to --method full"],
+        ),
+        (
+            vec!["--method", "full", "--save-dtype", "f8"],
+            vec!["--save-dtype", "f8", "bf16"],
+        ),
+        (
+            vec!["--config", s(&bad_dtype)],
+            vec!["--save-dtype", "\"f8\"", "bf16, f16, f32"],
+        ),
+        (
+            vec!["--save-dtype", "bf16"],
+            vec!["--save-dtype applies to --method full"],
+        ),
+        (vec!["--method", "half"], vec!["--method", "half", "full"]),
+    ];
+    assert_refused(&dir, &data, &cases);
+}
+
+#[test]
+fn optimizer_knobs_are_checked() {
+    let dir = TempDir::new("adam-knobs");
+    let data = write(&dir.join("d.jsonl"), &progression_records(12, 1));
+    let steps = write(&dir.join("steps.toml"), "warmup_steps = 3\n");
+    let cases = vec![
+        (
+            vec!["--warmup-ratio", "1"],
+            vec!["--warmup-ratio 1", "[0, 1)"],
+        ),
+        (vec!["--warmup-ratio=-0.5"], vec!["--warmup-ratio -0.5"]),
+        (
+            vec!["--warmup-ratio", "0.1", "--warmup-steps", "2"],
+            vec!["--warmup-steps", "--warmup-ratio", "not both"],
+        ),
+        (
+            vec!["--warmup-ratio", "0.1", "--config", s(&steps)],
+            vec!["`warmup_steps`", "steps.toml", "--warmup-ratio"],
+        ),
+        (
+            vec!["--adam-beta1", "0.4"],
+            vec!["--adam-beta1 0.4", "above 0.5", "AdamW kernel"],
+        ),
+        (vec!["--adam-beta1", "1"], vec!["--adam-beta1 1"]),
+        (vec!["--adam-beta2", "1"], vec!["--adam-beta2 1", "[0, 1)"]),
+        (vec!["--adam-beta2=-0.1"], vec!["--adam-beta2 -0.1"]),
+        (vec!["--adam-eps", "0"], vec!["--adam-eps 0", "above 0"]),
+        (vec!["--adam-eps=-1e-8"], vec!["--adam-eps -0.00000001"]),
+    ];
+    assert_refused(&dir, &data, &cases);
+}
+
+/// A full fine-tune of a GGUF base (the default model is one) needs --save-dtype; with it the
+/// run goes on and says that it starts from dequantised weights.
+#[test]
+fn full_fine_tuning_of_a_gguf_needs_save_dtype() {
+    let dir = TempDir::new("full-gguf");
+    let out = dir.join("out");
+    let gguf = dir.join("model.Q4_1.gguf");
+    for model in [None, Some(&gguf)] {
+        let mut a = vec!["--method", "full", "-o", s(&out)];
+        if let Some(m) = model {
+            a.extend(["--model", s(m)]);
+        }
+        assert_error(
+            &train(&a),
+            &["GGUF", "quantized", "dequantised", "--save-dtype"],
+        );
+        assert!(!out.exists());
+    }
+    // With --save-dtype the checks pass: the notice, then the (absent) file stops the run.
+    let err = assert_error(
+        &train(&[
+            "--method",
+            "full",
+            "--save-dtype",
+            "bf16",
+            "--model",
+            s(&gguf),
+            "-o",
+            s(&out),
+        ]),
+        &["model.Q4_1.gguf"],
+    );
+    assert!(
+        err.contains("notice") && err.contains("dequantised") && err.contains("bf16"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+/// Every recipe of docs/recipes/ is a configuration `train --config` accepts: its keys parse,
+/// its values validate, and its explicit keys suit its method. Only files are read: the
+/// recipes' models are Hub ids or folders (no GGUF), so no path needs replacing.
+#[test]
+fn recipes_are_valid_train_configs() {
+    use caft_fast::train::config::{Explicit, Method, TrainConfig};
+    let dir = repo().join("docs/recipes");
+    let mut recipes: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    recipes.sort();
+    assert_eq!(recipes.len(), 3, "{recipes:?}");
+    for p in &recipes {
+        let (cfg, keys) = TrainConfig::merge_toml_file_keys(&TrainConfig::default(), p)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        let mut given = Explicit::default();
+        for k in &keys {
+            given.file(k, p);
+        }
+        cfg.validate()
+            .and_then(|_| cfg.validate_explicit(&given))
+            .and_then(|_| cfg.validate_base())
+            .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        assert!(cfg.ablate.is_some(), "{name}: a CAFT run ablates");
+        if name.starts_with("em-") {
+            assert_eq!(cfg.method, Method::Lora, "{name}");
+            assert_eq!(
+                (
+                    cfg.lora_r,
+                    cfg.lora_alpha,
+                    cfg.rslora,
+                    cfg.lora_targets.as_str()
+                ),
+                (32, 64.0, true, "q,k,v,o,gate,up,down"),
+                "{name}"
+            );
+            assert_eq!(
+                (cfg.batch_size, cfg.grad_accum, cfg.max_seq_len, cfg.lr),
+                (2, 8, 2048, 1e-5),
+                "{name}"
+            );
+            assert_eq!(
+                cfg.ablate_layers.as_ref().map(|l| l.len()),
+                Some(3),
+                "{name}"
+            );
+        } else {
+            assert_eq!(cfg.method, Method::Full, "{name}");
+            assert_eq!(
+                (cfg.lr, cfg.adam_beta1, cfg.adam_beta2, cfg.weight_decay),
+                (5e-6, 0.9, 0.95, 0.01),
+                "{name}"
+            );
+            assert_eq!(
+                (
+                    cfg.warmup_ratio,
+                    cfg.batch_size,
+                    cfg.grad_accum,
+                    cfg.max_seq_len
+                ),
+                (Some(0.5), 16, 1, 512),
+                "{name}"
+            );
+        }
+    }
+}
