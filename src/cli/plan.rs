@@ -6,7 +6,7 @@ use super::common::{merge_config_file, RunShapeArgs};
 use crate::backend::Backend;
 use crate::model::ablation::load_directions;
 use crate::model::config::ModelConfig;
-use crate::train::config::{Explicit, Method, TrainConfig};
+use crate::train::config::{Explicit, TrainConfig};
 use crate::train::plan::{self, CONTEXT_ESTIMATE, CUBLAS_WORKSPACE};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -104,14 +104,6 @@ pub fn run(a: PlanArgs) -> Result<bool> {
     a.shape.mark_explicit(&mut given);
     cfg.validate()?;
     cfg.validate_explicit(&given)?;
-    // FULL-PLAN: `train::plan` models LoRA runs only so far; remove this refusal (and print
-    // the full run's banner below) once `plan::run_input` plans `cfg.method`/`cfg.freeze`.
-    if cfg.method == Method::Full {
-        bail!(
-            "caft-fast plan does not model --method full yet (weights, gradients and AdamW \
-             moments of every parameter); it plans LoRA runs"
-        );
-    }
     // The budget first: a bad size is refused before anything is read.
     let (budget, budget_what) = match &a.gpu_memory {
         Some(s) => (
@@ -172,8 +164,7 @@ pub fn run(a: PlanArgs) -> Result<bool> {
         };
         println!(
             "{} layers, d {}, ffn {}, {}/{} heads of {}, vocab {}{}; micro-batch of {} token rows \
-             (at most {} sequences, longest {}); LoRA r={} on {} ({} parameters); {abl}; \
-             checkpointing {}",
+             (at most {} sequences, longest {}); {}; {abl}; checkpointing {}",
             mc.num_layers,
             mc.hidden_size,
             mc.intermediate_size,
@@ -185,9 +176,20 @@ pub fn run(a: PlanArgs) -> Result<bool> {
             input.rows,
             input.seqs,
             input.max_len,
-            cfg.lora_r,
-            cfg.lora_targets,
-            input.lora.len,
+            match &input.full {
+                Some(f) => format!(
+                    "full fine-tuning of {} parameters{}",
+                    f.len(),
+                    match cfg.freeze.is_empty() {
+                        true => String::new(),
+                        false => format!(" (frozen: {})", cfg.freeze),
+                    }
+                ),
+                None => format!(
+                    "LoRA r={} on {} ({} parameters)",
+                    cfg.lora_r, cfg.lora_targets, input.lora.len
+                ),
+            },
             cfg.checkpointing
         );
         print!("{}", v.table(budget_what));

@@ -99,7 +99,7 @@ impl Freeze {
                 "embeddings" => f.embeddings = true,
                 "norms" => f.norms = true,
                 _ => bail!(
-                    "unknown group {g:?} to freeze: use a comma-separated subset of {}",
+                    "--freeze {list:?}: unknown group {g:?}; the groups are {}",
                     Self::GROUPS
                 ),
             }

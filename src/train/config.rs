@@ -178,35 +178,8 @@ impl std::str::FromStr for Method {
     }
 }
 
-/// The groups of weights `freeze` names (full fine-tuning).
-pub const FREEZE_GROUPS: &[&str] = &["embeddings", "norms"];
-
 /// Which weight groups a full fine-tune leaves frozen (parsed from `freeze`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Freeze {
-    /// The token-embedding matrix (also the lm head when the model ties them).
-    pub embeddings: bool,
-    /// Every RMSNorm gain.
-    pub norms: bool,
-}
-
-impl Freeze {
-    /// Parse `"embeddings,norms"` (any subset, any order; empty = nothing frozen).
-    pub fn parse(s: &str) -> Result<Freeze> {
-        let mut f = Freeze::default();
-        for g in s.split(',').map(str::trim).filter(|g| !g.is_empty()) {
-            match g {
-                "embeddings" => f.embeddings = true,
-                "norms" => f.norms = true,
-                _ => bail!(
-                    "--freeze {s:?}: unknown group {g:?}; the groups are {}",
-                    FREEZE_GROUPS.join(", ")
-                ),
-            }
-        }
-        Ok(f)
-    }
-}
+pub use crate::model::full::Freeze;
 
 /// The dtypes a full fine-tune's model folder may be saved in (`save_dtype`).
 pub const SAVE_DTYPES: &[&str] = &["bf16", "f16", "f32"];

@@ -152,7 +152,7 @@ impl SaveDtype {
             "f32" | "float32" => SaveDtype::F32,
             "bf16" | "bfloat16" => SaveDtype::Bf16,
             "f16" | "float16" => SaveDtype::F16,
-            _ => bail!("unknown dtype {s:?}: use {}", Self::NAMES),
+            _ => bail!("--save-dtype {s:?}: expected one of {}", Self::NAMES),
         })
     }
 

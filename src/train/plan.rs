@@ -4,8 +4,9 @@
 //!
 //! The plan is exact, not a guess: it lists every buffer the CUDA backend allocates for a
 //! training run, in the sizes it allocates them. It mirrors
-//! - `Model::new`, `set_lora`, `set_ablation`, `ensure_rope` and `ensure_acts`
-//!   (`model/transformer.rs`, `transformer/layer.rs`): frozen weights, LoRA state, directions,
+//! - `Model::new`, `set_lora` or `set_full`, `set_ablation`, `ensure_rope` and `ensure_acts`
+//!   (`model/transformer.rs`, `transformer/layer.rs`): the forward's weights, the trained
+//!   state (LoRA's, or full fine-tuning's f32 master weights, gradients and moments), directions,
 //!   the rope table and every activation buffer of a micro-batch under a checkpointing mode;
 //! - what `CudaBackend` grows on its own (`backend/cuda/scratch.rs`): token ids, cross-entropy
 //!   targets and row losses, the gradient norm's partial sums, the `T` copies of LoRA factors;
@@ -27,9 +28,10 @@
 use crate::backend::cuda::KernelLaunch;
 use crate::backend::DeviceMemory;
 use crate::model::config::ModelConfig;
+use crate::model::full::{Freeze, FullLayout};
 use crate::model::lora::{LoraConfig, LoraLayout, Target};
 use crate::model::transformer::{chunk_rows, Checkpointing};
-use crate::train::config::TrainConfig;
+use crate::train::config::{Method, TrainConfig};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -99,7 +101,9 @@ pub const MODES: [Checkpointing; 3] = [
 #[derive(Clone, Debug)]
 pub struct PlanInput {
     pub model: ModelConfig,
+    /// What is trained: LoRA adapters, or (`full`) every weight of the layout.
     pub lora: LoraLayout,
+    pub full: Option<FullLayout>,
     /// Directions per ablated layer (`k` of each).
     pub ablation: Vec<usize>,
     /// Token rows of the largest micro-batch.
@@ -117,8 +121,8 @@ pub struct PlanInput {
 
 /// The parts of the table, in order.
 pub const PARTS: [(&str, &str); 7] = [
-    ("weights", "frozen weights"),
-    ("lora", "LoRA parameters + gradients + AdamW moments"),
+    ("weights", "model weights (the forward's copy)"),
+    ("lora", "trained params, grads, AdamW moments (f32)"),
     ("activations", "activations kept for the backward"),
     ("recompute", "recomputation and backward scratch"),
     ("logits", "logits / cross-entropy chunk"),
@@ -218,11 +222,22 @@ pub fn plan(input: &PlanInput, mode: Checkpointing) -> MemoryPlan {
     }
     t.add(SMALL, 1, f4); // loss accumulator
 
-    // LoRA: parameters, gradients, m, v (set_lora); directions (set_ablation).
-    let p = input.lora.len;
-    for _ in 0..4 {
-        t.add(LORA, p, f4);
+    // LoRA: parameters, gradients, m, v (set_lora); or full fine-tuning: master weights,
+    // gradients, m, v of each group (set_full). Directions (set_ablation).
+    let lora = match input.full {
+        Some(_) => None,
+        None => Some(&input.lora),
+    };
+    let groups: Vec<usize> = match &input.full {
+        Some(f) => f.group_len.to_vec(),
+        None => vec![input.lora.len],
+    };
+    for &p in &groups {
+        for _ in 0..4 {
+            t.add(LORA, p, f4);
+        }
     }
+    let p = groups.iter().copied().max().unwrap_or(0);
     for &k in &input.ablation {
         t.add(SMALL, k * d, f4);
     }
@@ -243,7 +258,7 @@ pub fn plan(input: &PlanInput, mode: Checkpointing) -> MemoryPlan {
     let mlp_part = if n_mlp == l { ACTS } else { RECOMPUTE };
     let lora_u = |t: &mut Tally, part: usize, slot: usize, targets: &[Target]| {
         for &tg in targets {
-            if let Some(s) = input.lora.slot(slot, tg) {
+            if let Some(s) = lora.and_then(|l| l.slot(slot, tg)) {
                 t.add(part, n * s.r, f4);
             }
         }
@@ -328,16 +343,18 @@ pub fn plan(input: &PlanInput, mode: Checkpointing) -> MemoryPlan {
     t.add(LOGITS, chunk, f4); // per-row losses
     t.add(SMALL, KernelLaunch::sum_squares(p.max(1)).grid as usize, f4);
     // LoRA factors and u as `T` (f32 activations use the f32 buffers themselves), and `du`.
-    let slots = input.lora.iter().map(|(_, _, s)| s);
+    let slots = lora.into_iter().flat_map(|l| l.iter()).map(|(_, _, s)| s);
     let (a_max, b_max, r_max) = slots.fold((0, 0, 0), |(a, b, r), s| {
         (a.max(s.r * s.d_in), b.max(s.d_out * s.r), r.max(s.r))
     });
-    if ab != 4 {
-        t.add(RECOMPUTE, a_max.max(1), ab);
-        t.add(RECOMPUTE, b_max.max(1), ab);
+    if lora.is_some() {
+        if ab != 4 {
+            t.add(RECOMPUTE, a_max.max(1), ab);
+            t.add(RECOMPUTE, b_max.max(1), ab);
+            t.add(RECOMPUTE, (n * r_max).max(1), ab);
+        }
         t.add(RECOMPUTE, (n * r_max).max(1), ab);
     }
-    t.add(RECOMPUTE, (n * r_max).max(1), ab);
 
     // The largest transient: the attention backward's Δ, the previous micro-batch's sequence
     // layout while the next is uploaded, or the previous (half as long) rope table while a
@@ -579,7 +596,8 @@ impl Verdict {
             "rows": input.rows,
             "sequences": input.seqs,
             "max_len": input.max_len,
-            "lora_parameters": input.lora.len,
+            "lora_parameters": if input.full.is_some() { 0 } else { input.lora.len },
+            "trained_parameters": input.full.as_ref().map_or(input.lora.len, |f| f.len()),
             "parts_bytes": parts,
             "allocated_bytes": self.plan.allocated,
             "total_bytes": self.plan.total,
@@ -653,9 +671,14 @@ pub fn run_input(
             (rows, train_seqs.max(cfg.batch_size).min(rows), longest)
         }
     };
+    let full = match cfg.method {
+        Method::Full => Some(FullLayout::new(model, Freeze::parse(&cfg.freeze)?)),
+        Method::Lora => None,
+    };
     Ok(PlanInput {
         model: model.clone(),
         lora,
+        full,
         ablation,
         rows,
         seqs,

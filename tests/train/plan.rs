@@ -61,8 +61,8 @@ fn qwen32b_needs_checkpointing_on_80_gib() {
     assert_eq!(none.status.code(), Some(1), "{}", stderr(&none));
     let table = stdout(&none);
     for part in [
-        "frozen weights",
-        "LoRA parameters + gradients + AdamW moments",
+        "model weights (the forward's copy)",
+        "trained params, grads, AdamW moments (f32)",
         "activations kept for the backward",
         "recomputation and backward scratch",
         "logits / cross-entropy chunk",
