@@ -277,7 +277,7 @@ fn a_full_gpu_says_what_to_lower() {
         &[
             "does not fit",
             "planned before loading the weights",
-            "frozen weights",
+            "model weights",
             "free on the GPU",
             "GiB short",
         ],

@@ -392,7 +392,7 @@ pub fn auto_mode(plans: &[MemoryPlan], budget: u64) -> Option<Checkpointing> {
 }
 
 /// The most token rows a micro-batch may hold for `mode`'s plan to fit `budget` (0: not even
-/// one; the frozen weights and LoRA state alone do not fit).
+/// one; the model weights and trained state alone do not fit).
 pub fn max_rows(input: &PlanInput, mode: Checkpointing, budget: u64) -> usize {
     let at = |rows: usize| {
         let mut i = input.clone();
@@ -549,7 +549,7 @@ impl Verdict {
         }
         if self.max_rows_full == 0 {
             s.push_str(
-                " Even one token per micro-batch does not fit: the frozen weights and LoRA state \
+                " Even one token per micro-batch does not fit: the model weights and trained state \
                  alone need more; use a GPU with more memory, or fewer LoRA targets or a lower \
                  --lora-r if the LoRA state is the large part.",
             );

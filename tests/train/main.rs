@@ -6,5 +6,6 @@
 mod support;
 
 mod cli;
+mod full;
 mod library;
 mod plan;
