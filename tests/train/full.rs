@@ -52,12 +52,17 @@ fn dtype_of(cfg: &serde_json::Value) -> &str {
         .unwrap_or("none")
 }
 
+/// Two rows of 12 token ids.
+fn logits_ids() -> Vec<u32> {
+    (0..24).map(|i| (i * 7 + 3) % 200).collect()
+}
+
 /// The logits of a fixed batch from a model folder, on the CPU.
 fn logits(dir: &Path) -> Vec<f32> {
     let be = CpuBackend::new();
     let loaded = load_model(dir).unwrap();
     let mut m = Model::new(&be, loaded.config.clone(), loaded.weights.as_ref()).unwrap();
-    let ids: Vec<u32> = (0..24).map(|i| (i * 7 + 3) % 200).collect();
+    let ids = logits_ids();
     let b = Batch::padded(2, 12, ids.clone(), ids.iter().map(|&i| i as i32).collect());
     m.forward(&be, &b, true).unwrap().logits.unwrap()
 }
@@ -115,6 +120,18 @@ fn full_run_writes_a_model_folder_that_loads_back() {
             .fold(0f64, f64::max);
         assert!(moved < 0.05, "{name} {g} moved by {moved}");
         let (a, b) = (logits(&m), logits(&model));
+        // For scripts/check_full_export.py: the folder and caft-fast's logits on it.
+        if let Some(keep) = std::env::var_os("CAFT_KEEP_FULL_EXPORT") {
+            let keep = Path::new(&keep).join(name);
+            std::fs::create_dir_all(&keep).unwrap();
+            for e in std::fs::read_dir(&m).unwrap() {
+                let p = e.unwrap().path();
+                std::fs::copy(&p, keep.join(p.file_name().unwrap())).unwrap();
+            }
+            let ids: Vec<Vec<u32>> = logits_ids().chunks(12).map(|c| c.to_vec()).collect();
+            let j = serde_json::json!({"ids": ids, "logits": a});
+            std::fs::write(keep.join("caft_logits.json"), j.to_string()).unwrap();
+        }
         let diff = rel_err(&a, &b.iter().map(|&x| x as f64).collect::<Vec<_>>());
         assert!(
             diff > 1e-4,
