@@ -97,8 +97,8 @@ fn token_csr(ids: &[u32]) -> (Vec<i32>, usize) {
 }
 
 /// Address of element `off` of an f32 buffer.
-fn at(be_ptr: u64, off: usize) -> u64 {
-    be_ptr + (off * std::mem::size_of::<f32>()) as u64
+fn at(base: u64, off: usize) -> u64 {
+    base + (off * std::mem::size_of::<f32>()) as u64
 }
 
 #[allow(clippy::too_many_arguments)]
