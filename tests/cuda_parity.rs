@@ -152,6 +152,8 @@ parity_tests! {
     geglu: "geglu",
     softcap: "softcap",
     cross_entropy: "cross_entropy",
+    weight_grad: "grad_",
+    params_to_act: "params_to_act",
     sum_squares: "sum_squares",
     adamw: "adamw",
 }
@@ -171,6 +173,8 @@ fn every_case_is_covered() {
         "geglu",
         "softcap",
         "cross_entropy",
+        "grad_",
+        "params_to_act",
         "sum_squares",
         "adamw",
     ];

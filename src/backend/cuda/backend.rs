@@ -10,12 +10,12 @@
 //!
 //! This file holds the type, the memory ops and the [`Backend`] impl, which dispatches each op
 //! to its family's module (`linear.rs`, `norm.rs`, `elementwise.rs`, `loss.rs`, `optim.rs`,
-//! [`super::attention`]).
+//! `weight_grad.rs`, [`super::attention`]).
 
 use super::gemm::Gemm;
 use super::runtime::{DeviceElem, Runtime};
 use super::scratch::{ensure, Mirrored, Scratch};
-use super::{attention, elementwise, linear, loss, norm, optim};
+use super::{attention, elementwise, linear, loss, norm, optim, weight_grad};
 use crate::backend::{
     check_len, check_min, AdamStep, AttnShape, Backend, CacheShape, LoraSlot, Seqs,
 };
@@ -52,6 +52,8 @@ impl<T: DeviceElem> CudaBackend<T> {
                 row_loss: None,
                 partial: None,
                 attn_splits: None,
+                colsum: None,
+                csr: None,
                 lora: [None, None, None, None],
             }),
             _elem: PhantomData,
@@ -422,63 +424,62 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
     }
 
     // ---- full fine-tuning ---------------------------------------------------------------
-    // TEMPORARY: the CUDA side of these ops is being written (not for merging as is).
     fn linear_bwd_weight(
         &self,
-        _dw: &mut Self::F32,
-        _off: usize,
-        _dy: &Self::Act,
-        _x: &Self::Act,
-        _n: usize,
-        _d_in: usize,
-        _d_out: usize,
+        dw: &mut Self::F32,
+        off: usize,
+        dy: &Self::Act,
+        x: &Self::Act,
+        n: usize,
+        d_in: usize,
+        d_out: usize,
     ) -> Result<()> {
-        anyhow::bail!("linear_bwd_weight: not on CUDA yet")
+        weight_grad::linear_bwd_weight(self, dw, off, dy, x, n, d_in, d_out)
     }
 
     fn bias_bwd(
         &self,
-        _db: &mut Self::F32,
-        _off: usize,
-        _dy: &Self::Act,
-        _n: usize,
-        _d: usize,
+        db: &mut Self::F32,
+        off: usize,
+        dy: &Self::Act,
+        n: usize,
+        d: usize,
     ) -> Result<()> {
-        anyhow::bail!("bias_bwd: not on CUDA yet")
+        weight_grad::bias_bwd(self, db, off, dy, n, d)
     }
 
     fn norm_weight_bwd(
         &self,
-        _dw: &mut Self::F32,
-        _off: usize,
-        _dnormed: &Self::Act,
-        _x: &Self::Act,
-        _rstd: &Self::F32,
-        _n: usize,
-        _d: usize,
+        dw: &mut Self::F32,
+        off: usize,
+        dnormed: &Self::Act,
+        x: &Self::Act,
+        rstd: &Self::F32,
+        n: usize,
+        d: usize,
     ) -> Result<()> {
-        anyhow::bail!("norm_weight_bwd: not on CUDA yet")
+        weight_grad::norm_weight_bwd(self, dw, off, dnormed, x, rstd, n, d)
     }
 
     fn embedding_bwd(
         &self,
-        _dtable: &mut Self::F32,
-        _off: usize,
-        _dx: &Self::Act,
-        _ids: &[u32],
-        _d: usize,
+        dtable: &mut Self::F32,
+        off: usize,
+        dx: &Self::Act,
+        ids: &[u32],
+        d: usize,
     ) -> Result<()> {
-        anyhow::bail!("embedding_bwd: not on CUDA yet")
+        weight_grad::embedding_bwd(self, dtable, off, dx, ids, d)
     }
 
     fn params_to_act(
         &self,
-        _dst: &mut Self::Act,
-        _src: &Self::F32,
-        _off: usize,
-        _add: f32,
+        dst: &mut Self::Act,
+        src: &Self::F32,
+        off: usize,
+        add: f32,
     ) -> Result<()> {
-        anyhow::bail!("params_to_act: not on CUDA yet")
+        weight_grad::params_to_act(self, dst, src, off, add)
     }
 
     // ---- optimizer ----------------------------------------------------------------------

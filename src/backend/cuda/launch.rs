@@ -64,6 +64,20 @@ impl KernelLaunch {
         }
     }
 
+    /// `embedding_bwd_*` over `unique` distinct ids: one block per id, threads over the
+    /// row's `d` elements.
+    pub fn embedding_bwd(unique: usize, d: usize) -> Self {
+        Self {
+            grid: unique as u32,
+            block: row_threads(d, ROW_THREADS),
+        }
+    }
+
+    /// `colsum_finish_f32` over `d` columns: a thread per column.
+    pub fn colsum_finish(d: usize) -> Self {
+        Self::flat(d)
+    }
+
     /// `swiglu_fwd_*` and `swiglu_bwd_*` over `len` elements: a thread per 16-byte vector.
     pub fn swiglu<T>(len: usize) -> Self {
         Self::flat(len / (16 / std::mem::size_of::<T>()))
@@ -163,6 +177,9 @@ mod tests {
         assert_eq!(KernelLaunch::embedding::<f32>(2, 4104), l(2, 256));
         assert_eq!(KernelLaunch::add_bias(7, 64), l(7, 64));
         assert_eq!(KernelLaunch::add_bias(1, 1000), l(1, 256));
+        assert_eq!(KernelLaunch::embedding_bwd(9, 37), l(9, 64));
+        assert_eq!(KernelLaunch::embedding_bwd(2, 4104), l(2, 256));
+        assert_eq!(KernelLaunch::colsum_finish(257), l(2, 256));
         // Flat: a thread per vector, pair, element or float4; at least one block.
         assert_eq!(KernelLaunch::swiglu::<half::bf16>(3), l(1, 256));
         assert_eq!(KernelLaunch::swiglu::<half::bf16>(8 * 257), l(2, 256));

@@ -11,6 +11,8 @@
 //! - `elementwise`: embedding, rotary embeddings, SwiGLU, the f32 -> `T` cast.
 //! - `loss`: cross-entropy.
 //! - `optim`: AdamW and the sum of squares.
+//! - `weight_grad`: full fine-tuning's weight, bias, norm-gain and embedding gradients, and
+//!   the forward's copies of the master weights.
 //! - `launch`: launch shapes of the row and flat kernels ([`KernelLaunch`]), block-size constants.
 //! - `scratch`: device scratch the backend grows on demand.
 //! - [`probe`]: what CUDA support the machine has, without panicking (`--device auto`).
@@ -30,6 +32,7 @@ mod optim;
 pub mod probe;
 pub mod runtime;
 mod scratch;
+mod weight_grad;
 
 pub use backend::CudaBackend;
 pub use diagnostics::doctor::doctor;
@@ -37,3 +40,4 @@ pub use launch::KernelLaunch;
 pub use norm::NormLaunch;
 pub use probe::{probe, DeviceProbe};
 pub use runtime::{DeviceElem, Runtime};
+pub use weight_grad::ColumnSums;

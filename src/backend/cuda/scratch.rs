@@ -1,4 +1,6 @@
-//! Device scratch owned by the backend (token ids, targets, per-row losses, cache starts, split-attention partials, `T` copies of LoRA factors), grown on demand.
+//! Device scratch owned by the backend (token ids, targets, per-row losses, cache starts,
+//! split-attention partials, full fine-tuning's column sums and token-id groups, `T` copies of
+//! LoRA factors), grown on demand.
 
 use super::runtime::Runtime;
 use anyhow::{Context, Result};
@@ -15,6 +17,10 @@ pub(super) struct Scratch<T> {
     pub partial: Option<CudaSlice<f32>>,
     /// Per-split partial outputs of `attention_cached` (decoding small batches).
     pub attn_splits: Option<CudaSlice<f32>>,
+    /// Per-chunk column sums of `bias_bwd` and `norm_weight_bwd` (`ColumnSums::partial_len`).
+    pub colsum: Option<CudaSlice<f32>>,
+    /// The rows of each token id of `embedding_bwd` (`3·n + 1` i32 for `n` tokens).
+    pub csr: Option<CudaSlice<i32>>,
     /// `T` copies of LoRA `A`, `B`, `u` and `du` (used when `T` is not f32).
     pub lora: [Option<CudaSlice<T>>; 4],
 }

@@ -529,6 +529,49 @@ body!(AdamCase { p: Vec<f32>, g: Vec<f32>, m: Vec<f32>, v: Vec<f32>, hp: AdamSte
     Ok(vec![b.download_f32(&p)?, b.download_f32(&m)?, b.download_f32(&v)?])
 });
 
+// Full fine-tuning: each gradient op accumulates into a slice (at `off`) of a buffer of random
+// prior contents; the output is the whole buffer, so a write outside the slice shows too.
+body!(LinearWeightCase { dw0: Vec<f32>, off: usize, dy: Vec<f32>, x: Vec<f32>, n: usize,
+                         d_in: usize, d_out: usize } |self, b| {
+    let mut dw = b.upload_f32(&self.dw0)?;
+    let dy = b.upload_act(&self.dy)?;
+    let x = b.upload_act(&self.x)?;
+    b.linear_bwd_weight(&mut dw, self.off, &dy, &x, self.n, self.d_in, self.d_out)?;
+    Ok(vec![b.download_f32(&dw)?])
+});
+
+body!(BiasGradCase { db0: Vec<f32>, off: usize, dy: Vec<f32>, n: usize, d: usize } |self, b| {
+    let mut db = b.upload_f32(&self.db0)?;
+    let dy = b.upload_act(&self.dy)?;
+    b.bias_bwd(&mut db, self.off, &dy, self.n, self.d)?;
+    Ok(vec![b.download_f32(&db)?])
+});
+
+body!(NormGainGradCase { dw0: Vec<f32>, off: usize, dnormed: Vec<f32>, x: Vec<f32>,
+                         rstd: Vec<f32>, n: usize, d: usize } |self, b| {
+    let mut dw = b.upload_f32(&self.dw0)?;
+    let dn = b.upload_act(&self.dnormed)?;
+    let x = b.upload_act(&self.x)?;
+    let rstd = b.upload_f32(&self.rstd)?;
+    b.norm_weight_bwd(&mut dw, self.off, &dn, &x, &rstd, self.n, self.d)?;
+    Ok(vec![b.download_f32(&dw)?])
+});
+
+body!(EmbeddingGradCase { dt0: Vec<f32>, off: usize, dx: Vec<f32>, ids: Vec<u32>, d: usize }
+      |self, b| {
+    let mut dt = b.upload_f32(&self.dt0)?;
+    let dx = b.upload_act(&self.dx)?;
+    b.embedding_bwd(&mut dt, self.off, &dx, &self.ids, self.d)?;
+    Ok(vec![b.download_f32(&dt)?])
+});
+
+body!(ParamsToActCase { src: Vec<f32>, off: usize, len: usize, add: f32 } |self, b| {
+    let src = b.upload_f32(&self.src)?;
+    let mut dst = b.upload_act(&nan(self.len))?;
+    b.params_to_act(&mut dst, &src, self.off, self.add)?;
+    Ok(vec![b.download_act(&dst)?])
+});
+
 /// A flat LoRA buffer with one slot at deliberately odd offsets.
 fn lora_layout(s: &Shape, g: &mut Draw<'_>) -> (Vec<f32>, LoraSlot) {
     let (r, d_in, d_out) = (s.r, s.d, s.ffn);
@@ -976,6 +1019,70 @@ const CASES: &[Case] = &[
             targets,
             vocab: s.vocab,
             grad: Some(0.25),
+        }
+    }),
+    // Full fine-tuning's gradients: W [ffn, d] of a projection, a bias of ffn, a norm gain of
+    // d, an embedding table whose ids repeat (about three rows each, the table's last row
+    // included); each slice at an odd offset of a buffer with prior contents.
+    case!("grad_linear_weight", |s, g| {
+        let off = 3;
+        LinearWeightCase {
+            dw0: g.f32(off + s.ffn * s.d + 2, 1.0),
+            off,
+            dy: g.act(s.n * s.ffn, 1.0),
+            x: g.act(s.n * s.d, 1.0),
+            n: s.n,
+            d_in: s.d,
+            d_out: s.ffn,
+        }
+    }),
+    case!("grad_bias", |s, g| {
+        let off = 5;
+        BiasGradCase {
+            db0: g.f32(off + s.ffn + 2, 1.0),
+            off,
+            dy: g.act(s.n * s.ffn, 1.0),
+            n: s.n,
+            d: s.ffn,
+        }
+    }),
+    case!("grad_norm_gain", |s, g| {
+        let off = 7;
+        NormGainGradCase {
+            dw0: g.f32(off + s.d + 2, 1.0),
+            off,
+            dnormed: g.act(s.n * s.d, 1.0),
+            x: g.act(s.n * s.d, 1.0),
+            rstd: g.f32(s.n, 0.1).into_iter().map(|x| 1.0 + x.abs()).collect(),
+            n: s.n,
+            d: s.d,
+        }
+    }),
+    case!("grad_embedding", |s, g| {
+        let off = 2;
+        let vocab = s.vocab;
+        let ids = (0..s.n)
+            .map(|i| match i {
+                0 => vocab - 1,
+                _ => g.below(s.n.div_ceil(3)).min(vocab - 1),
+            } as u32)
+            .collect();
+        EmbeddingGradCase {
+            dt0: g.f32(off + vocab * s.d + 2, 1.0),
+            off,
+            dx: g.act(s.n * s.d, 1.0),
+            ids,
+            d: s.d,
+        }
+    }),
+    case!("params_to_act", |s, g| {
+        // Gemma's `1 + w` from master weights at an odd offset.
+        let (off, len) = (7, s.n * s.d + 1);
+        ParamsToActCase {
+            src: g.f32(off + len + 2, 0.1),
+            off,
+            len,
+            add: 1.0,
         }
     }),
     case!("sum_squares", |s, g| {
