@@ -20,6 +20,7 @@ use caft_fast::backend::cuda::CudaBackend;
 use caft_fast::backend::Backend;
 use caft_fast::model::ablation::random_directions;
 use caft_fast::model::config::{Arch, ModelConfig};
+use caft_fast::model::full::{Freeze, FullLayout};
 use caft_fast::model::lora::{LoraConfig, LoraLayout, Target};
 use caft_fast::model::random::{preset, RandomWeights};
 use caft_fast::model::transformer::{Batch, Checkpointing, Model};
@@ -124,6 +125,8 @@ fn batch(vocab: usize, lens: &[usize], seed: u64) -> Batch {
 
 struct Case {
     arch: Arch,
+    /// Full fine-tuning (every weight) instead of LoRA on `targets`.
+    full: bool,
     targets: Vec<Target>,
     /// (layers, k)
     ablation: Option<(Vec<usize>, usize)>,
@@ -152,9 +155,12 @@ fn measure(c: &Counters, case: &Case, mode: Checkpointing) -> (u64, u64) {
         let w = RandomWeights::new(cfg.clone(), 1);
         let mut model = Model::new(&be, cfg.clone(), &w).unwrap();
         model.checkpointing = mode;
-        model
-            .set_lora(&be, layout.clone(), &layout.init_params(2))
-            .unwrap();
+        match case.full {
+            true => model.set_full(&be, &w, Freeze::default()).unwrap(),
+            false => model
+                .set_lora(&be, layout.clone(), &layout.init_params(2))
+                .unwrap(),
+        }
         if let Some((layers, k)) = &case.ablation {
             let d = random_directions(3, *k, cfg.hidden_size, layers).unwrap();
             model.set_ablation(&be, &d).unwrap();
@@ -186,6 +192,7 @@ fn measure(c: &Counters, case: &Case, mode: Checkpointing) -> (u64, u64) {
     let measured = unsafe { (c.peak)() } as u64 - base;
     let all = case.step.iter().chain([&case.val]);
     let input = PlanInput {
+        full: case.full.then(|| FullLayout::new(&cfg, Freeze::default())),
         model: cfg,
         lora: layout,
         ablation: case
@@ -211,6 +218,7 @@ fn plan_equals_the_measured_peak() {
     let cases = [
         // Llama-like, untied, every target, ablation at one layer; padded then packed.
         Case {
+            full: false,
             arch: Arch::Llama,
             targets: Target::ALL.to_vec(),
             ablation: Some((vec![1], 4)),
@@ -220,6 +228,7 @@ fn plan_equals_the_measured_peak() {
         // The same with micro-batches of different sizes (the buffers are reallocated) and a
         // validation batch smaller than the largest.
         Case {
+            full: false,
             arch: Arch::Llama,
             targets: vec![Target::Q, Target::V],
             ablation: Some((vec![0, 2], 2)),
@@ -228,6 +237,7 @@ fn plan_equals_the_measured_peak() {
         },
         // Qwen2-like: biases, tied embeddings, MLP targets only, no ablation.
         Case {
+            full: false,
             arch: Arch::Qwen2,
             targets: vec![Target::Gate, Target::Up, Target::Down],
             ablation: None,
@@ -236,11 +246,30 @@ fn plan_equals_the_measured_peak() {
         },
         // Qwen3-like: q/k norms, attention targets, ablation.
         Case {
+            full: false,
             arch: Arch::Qwen3,
             targets: Target::ATTENTION.to_vec(),
             ablation: Some((vec![1], 3)),
             step: vec![vec![12, 12, 8]],
             val: vec![8],
+        },
+        // Full fine-tuning: Qwen2-like (biases, tied embeddings: the lm head's gradient is the
+        // embedding's) and Qwen3-like (q/k norm gains), packed, with ablation.
+        Case {
+            full: true,
+            arch: Arch::Qwen2,
+            targets: vec![Target::Q], // unused: nothing is adapted
+            ablation: Some((vec![1], 2)),
+            step: vec![vec![20, 9, 3], vec![12]],
+            val: vec![6, 6],
+        },
+        Case {
+            full: true,
+            arch: Arch::Qwen3,
+            targets: vec![Target::Q], // unused: nothing is adapted
+            ablation: None,
+            step: vec![vec![16, 16]],
+            val: vec![10],
         },
     ];
     let mut worst = 0.0f64;

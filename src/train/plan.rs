@@ -25,7 +25,7 @@
 //! The peak of a step is its persistent buffers (every one is allocated by the end of the first
 //! step and never shrinks) plus the largest transient.
 
-use crate::backend::cuda::KernelLaunch;
+use crate::backend::cuda::{ColumnSums, KernelLaunch};
 use crate::backend::DeviceMemory;
 use crate::model::config::ModelConfig;
 use crate::model::full::{Freeze, FullLayout};
@@ -354,6 +354,33 @@ pub fn plan(input: &PlanInput, mode: Checkpointing) -> MemoryPlan {
             t.add(RECOMPUTE, (n * r_max).max(1), ab);
         }
         t.add(RECOMPUTE, (n * r_max).max(1), ab);
+    }
+
+    // Full fine-tuning's scratch (backend/cuda/weight_grad.rs): the column sums' partials of
+    // the norm-gain and bias gradients (the largest call), and the token ids grouped by id for
+    // the embedding gradient.
+    if let Some(f) = &input.full {
+        use crate::model::full::Param;
+        let mut calls: Vec<(usize, usize)> = Vec::new();
+        if f.slot(Param::FinalNorm).is_some() {
+            calls.push((n, d));
+            if c.qk_norm {
+                calls.extend([(n * nh, hd), (n * nkv, hd)]);
+            }
+        }
+        if c.attention_bias {
+            calls.extend([(n, qw), (n, kvw)]);
+        }
+        let partials = calls
+            .iter()
+            .map(|&(rows, width)| ColumnSums::new(rows, width).partial_len(width))
+            .max();
+        if let Some(p) = partials {
+            t.add(RECOMPUTE, p, f4);
+        }
+        if f.slot(Param::Embed).is_some() {
+            t.add(SMALL, 3 * n + 1, 4);
+        }
     }
 
     // The largest transient: the attention backward's Δ, the previous micro-batch's sequence
