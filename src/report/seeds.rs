@@ -291,8 +291,10 @@ pub fn markdown(seeds: &Seeds, comparisons: &[Paired]) -> String {
             "\nBoth p-values are exact and two-sided. Sign test: the number of seeds the first \
              arm wins against a fair coin per untied seed. Permutation test: the share of the \
              2^n sign flips of the per-seed differences whose sum is at least as far from 0 as \
-             the observed one (exact up to {MAX_PERMUTATION_SEEDS} seeds). With n seeds neither \
-             can go below 2/2^n (0.0625 at 5 seeds)."
+             the observed one (exact up to {MAX_PERMUTATION_SEEDS} seeds). With {n} seed{} \
+             neither can go below 2/2^{n} = {}.",
+            if n == 1 { "" } else { "s" },
+            format_p(Some((2.0 / 2f64.powi(n as i32)).min(1.0)))
         );
     }
     s
@@ -555,6 +557,10 @@ mod tests {
         assert!(md.contains("| 0 / 2 / 1 | 0.500 |"), "{md}");
         assert!(md.contains("| caft − plain | ood | +14.2 |"), "{md}");
         assert!(md.contains("questions per split: id 200, ood 200"));
+        assert!(
+            md.contains("With 3 seeds neither can go below 2/2^3 = 0.250."),
+            "{md}"
+        );
     }
 
     #[test]
