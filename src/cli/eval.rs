@@ -6,7 +6,8 @@ use crate::eval::loss::LossOptions;
 use crate::eval::task::TaskConfig;
 use crate::eval::{loss, mc, task};
 use crate::report::chart::{bar_chart_svg, markdown_table, read_report, Row};
-use anyhow::Result;
+use crate::report::seeds::{markdown as seeds_markdown, paired, seeds_chart_svg, Seeds};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -31,6 +32,11 @@ pub enum EvalCmd {
     /// Compare `mc` results: a markdown table and an SVG grouped bar chart of the accuracy of
     /// each split per run (axis 0-100%, chance line at 50%).
     Chart(ChartArgs),
+    /// Compare arms (fine-tunes) repeated over seeds: per seed and arm the accuracy of each
+    /// split, per arm the mean, standard deviation and 95% t-interval over seeds, paired
+    /// comparisons of arms (mean difference, t-interval, seeds won, exact sign and permutation
+    /// tests) as markdown, and an SVG bar chart of the means with error bars and a dot per seed.
+    Seeds(SeedsArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -149,6 +155,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             }
         }
         EvalCmd::Chart(a) => chart(&a)?,
+        EvalCmd::Seeds(a) => seeds(&a)?,
         EvalCmd::MakeTask(a) => {
             let cfg = TaskConfig {
                 seed: a.seed,
@@ -206,6 +213,100 @@ fn chart(a: &ChartArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     print!("{}", markdown_table(&rows));
     crate::io::write_atomic(&a.output, bar_chart_svg(&a.title, &rows).as_bytes())?;
+    eprintln!("wrote {}", a.output.display());
+    Ok(())
+}
+
+/// Arguments of `eval seeds`.
+#[derive(Args, Debug, Clone)]
+#[command(after_long_help = "\
+Each --runs folder is one seed (named by the folder's name) and holds one `eval mc -o` report
+per arm, at --file with {arm} replaced by the arm's name. Example (scripts/demo_caft_mc.sh):
+
+  caft-fast eval seeds --runs out/seed0 out/seed1 out/seed2 --arms base,plain,caft,random \\
+      --compare caft:random,caft:plain --split ood -o out/chart.svg > out/results.md
+
+Paired comparisons A:B take, per seed, A's accuracy minus B's on --split. Their p-values are
+exact and two-sided: a sign test (seeds A wins against a fair coin per untied seed) and a
+paired permutation test (all 2^n sign flips of the differences, up to 20 seeds).")]
+pub struct SeedsArgs {
+    /// Folders, one per seed, each holding the arms' reports.
+    #[arg(long, num_args = 1.., required = true)]
+    pub runs: Vec<PathBuf>,
+    /// The arms, comma-separated, in the order of the tables and bars.
+    #[arg(long, required = true)]
+    pub arms: String,
+    /// Where an arm's `eval mc -o` report is inside a run folder.
+    #[arg(long, default_value = "mc_{arm}.json")]
+    pub file: String,
+    /// Paired comparisons, comma-separated A:B (A minus B).
+    #[arg(long)]
+    pub compare: Option<String>,
+    /// The split the paired comparisons are on.
+    #[arg(long, default_value = "ood")]
+    pub split: String,
+    /// The chart's title.
+    #[arg(long, default_value = "Multiple-choice accuracy by split over seeds")]
+    pub title: String,
+    /// Output SVG file.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+}
+
+/// `eval seeds`: read every seed's reports, print the markdown summary, write the SVG.
+fn seeds(a: &SeedsArgs) -> Result<()> {
+    let arms: Vec<String> = a.arms.split(',').map(|x| x.trim().to_string()).collect();
+    if arms.iter().any(|x| x.is_empty()) {
+        bail!("--arms {:?}: an empty name", a.arms);
+    }
+    if !a.file.contains("{arm}") {
+        bail!("--file {:?} must contain {{arm}}", a.file);
+    }
+    let names: Vec<String> = a
+        .runs
+        .iter()
+        .map(|r| {
+            r.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .with_context(|| format!("--runs {}: no folder name", r.display()))
+        })
+        .collect::<Result<_>>()?;
+    let results = a
+        .runs
+        .iter()
+        .map(|r| {
+            arms.iter()
+                .map(|arm| read_report(&r.join(a.file.replace("{arm}", arm))))
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let s = Seeds {
+        arms,
+        seeds: names,
+        results,
+    };
+    if !s.splits().contains(&a.split) {
+        bail!(
+            "--split {}: the reports have splits {}",
+            a.split,
+            s.splits().join(", ")
+        );
+    }
+    let mut comparisons = Vec::new();
+    for pair in a.compare.iter().flat_map(|c| c.split(',')) {
+        let (x, y) = pair
+            .split_once(':')
+            .with_context(|| format!("--compare {pair:?}: expected A:B"))?;
+        let index = |name: &str| {
+            s.arms
+                .iter()
+                .position(|arm| arm == name.trim())
+                .with_context(|| format!("--compare {pair:?}: {name:?} is not one of --arms"))
+        };
+        comparisons.push(paired(&s, index(x)?, index(y)?, &a.split));
+    }
+    print!("{}", seeds_markdown(&s, &comparisons));
+    crate::io::write_atomic(&a.output, seeds_chart_svg(&a.title, &s).as_bytes())?;
     eprintln!("wrote {}", a.output.display());
     Ok(())
 }

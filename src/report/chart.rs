@@ -112,13 +112,13 @@ pub fn markdown_table(rows: &[Row]) -> String {
 }
 
 /// `p` as a percentage with one decimal, `.0` dropped (99.5 is not rounded up to 100).
-fn percent(p: f64) -> String {
+pub(super) fn percent(p: f64) -> String {
     let s = format!("{:.1}", 100.0 * p);
     s.strip_suffix(".0").map(str::to_string).unwrap_or(s)
 }
 
 /// Colours of the splits, in order (id blue, ood orange, then more).
-const COLORS: &[&str] = &["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"];
+pub(super) const COLORS: &[&str] = &["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"];
 
 /// The SVG grouped bar chart of `rows` under `title`.
 pub fn bar_chart_svg(title: &str, rows: &[Row]) -> String {

@@ -1,10 +1,11 @@
-//! What people look at: the loss curve of a run, the accuracy chart of evaluations, and the
+//! What people look at: the loss curve of a run, the accuracy chart of evaluations (one run each, or arms repeated over seeds), and the
 //! pieces every SVG and HTML output shares (axis ticks, text escaping). Written by hand: a
 //! line or bar chart needs a few dozen lines of SVG, not a plotting library.
 
 pub mod chart;
 pub mod loss;
 pub mod rates;
+pub mod seeds;
 
 /// "Nice" tick values covering `[lo, hi]` (steps of 1, 2 or 5 times a power of ten).
 pub fn ticks(lo: f64, hi: f64, want: usize) -> Vec<f64> {
