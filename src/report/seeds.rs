@@ -396,25 +396,7 @@ pub fn seeds_chart_svg(title: &str, seeds: &Seeds) -> String {
             esc(arm)
         );
     }
-    let yc = py(0.5);
-    let _ = writeln!(
-        s,
-        r##"<line x1="{left}" y1="{yc:.1}" x2="{:.1}" y2="{yc:.1}" stroke="#d62728" stroke-dasharray="6,4"/>"##,
-        w - right
-    );
-    let mut lx = left + 8.0;
-    let ly = 40.0;
-    for (si, name) in names.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{ly:.1}">{}</text>"#,
-            ly - 10.0,
-            COLORS[si % COLORS.len()],
-            lx + 16.0,
-            esc(name)
-        );
-        lx += 28.0 + 7.0 * name.chars().count() as f64;
-    }
+    let (lx, ly) = super::chart::chance_and_legend(&mut s, &names, left, w - right, py(0.5));
     let what = if n > 1 {
         format!("bars: mean of {n} seeds; whiskers: 95% t-interval of the mean; dots: seeds")
     } else {
