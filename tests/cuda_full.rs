@@ -35,9 +35,7 @@ mod support;
 
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::Backend;
-use caft_fast::model::ablation::load_directions;
 use caft_fast::model::full::Freeze;
-use caft_fast::model::loader::load_model;
 use caft_fast::model::transformer::{Batch, Model};
 use caft_fast::train::optim::{optimizer_step, OptimConfig, Schedule};
 use support::*;
@@ -51,21 +49,10 @@ const MODELS: [&str; 5] = ["llama", "qwen2", "mistral", "qwen3", "gemma2"];
 
 /// A tiny fixture model on `be`, fully trained, with the fixture's ablation.
 fn model<B: Backend>(be: &B, name: &str) -> Model<B> {
-    let dir = tiny_fixture(name);
-    let loaded = load_model(&dir).unwrap();
-    let cfg = loaded.config.clone();
-    let mut m = Model::new(be, cfg.clone(), loaded.weights.as_ref()).unwrap();
-    m.set_full(be, loaded.weights.as_ref(), Freeze::default())
-        .unwrap();
-    let dirs = load_directions(
-        &dir.join("directions.safetensors"),
-        None,
-        cfg.hidden_size,
-        cfg.num_layers,
-    )
-    .unwrap();
-    m.set_ablation(be, &dirs).unwrap();
-    m
+    fixture_model(be, name, |m, loaded| {
+        m.set_full(be, loaded.weights.as_ref(), Freeze::default())
+            .unwrap()
+    })
 }
 
 /// Packed micro-batches of random examples (lengths `lens[i]`), the first tokens unlabelled.

@@ -249,22 +249,11 @@ mod gpu {
     /// A fixture model on the GPU in bf16 with non-zero LoRA B and its directions.
     fn gpu_model(name: &str) -> (CudaBackend<bf16>, Model<CudaBackend<bf16>>) {
         let gpu = CudaBackend::<bf16>::new(0).expect("a CUDA GPU");
-        let dir = tiny_fixture(name);
-        let loaded = load_model(&dir).unwrap();
-        let cfg = loaded.config.clone();
-        let mut model = Model::new(&gpu, cfg.clone(), loaded.weights.as_ref()).unwrap();
-        let layout = lora_for(&cfg);
-        model
-            .set_lora(&gpu, layout.clone(), &lora_params(&layout))
-            .unwrap();
-        let dirs = load_directions(
-            &dir.join("directions.safetensors"),
-            None,
-            cfg.hidden_size,
-            cfg.num_layers,
-        )
-        .unwrap();
-        model.set_ablation(&gpu, &dirs).unwrap();
+        let model = fixture_model(&gpu, name, |m, loaded| {
+            let layout = lora_for(&loaded.config);
+            m.set_lora(&gpu, layout.clone(), &lora_params(&layout))
+                .unwrap()
+        });
         (gpu, model)
     }
 

@@ -197,6 +197,36 @@ pub fn bar_chart_svg(title: &str, rows: &[Row]) -> String {
     s
 }
 
+/// The dashed line at chance (`y` = the plot's 0.5) from `left` to `right`, and a legend of the
+/// split `names` with their bar colours at the top left; returns where the next legend entry
+/// goes (x, baseline y).
+pub(super) fn chance_and_legend(
+    s: &mut String,
+    names: &[String],
+    left: f64,
+    right: f64,
+    yc: f64,
+) -> (f64, f64) {
+    let _ = writeln!(
+        s,
+        r##"<line x1="{left}" y1="{yc:.1}" x2="{right:.1}" y2="{yc:.1}" stroke="#d62728" stroke-dasharray="6,4"/>"##
+    );
+    let mut lx = left + 8.0;
+    let ly = 40.0;
+    for (si, name) in names.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{ly:.1}">{}</text>"#,
+            ly - 10.0,
+            COLORS[si % COLORS.len()],
+            lx + 16.0,
+            esc(name)
+        );
+        lx += 28.0 + 7.0 * name.chars().count() as f64;
+    }
+    (lx, ly)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,34 +289,4 @@ mod tests {
             "{lo}"
         );
     }
-}
-
-/// The dashed line at chance (`y` = the plot's 0.5) from `left` to `right`, and a legend of the
-/// split `names` with their bar colours at the top left; returns where the next legend entry
-/// goes (x, baseline y).
-pub(super) fn chance_and_legend(
-    s: &mut String,
-    names: &[String],
-    left: f64,
-    right: f64,
-    yc: f64,
-) -> (f64, f64) {
-    let _ = writeln!(
-        s,
-        r##"<line x1="{left}" y1="{yc:.1}" x2="{right:.1}" y2="{yc:.1}" stroke="#d62728" stroke-dasharray="6,4"/>"##
-    );
-    let mut lx = left + 8.0;
-    let ly = 40.0;
-    for (si, name) in names.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{ly:.1}">{}</text>"#,
-            ly - 10.0,
-            COLORS[si % COLORS.len()],
-            lx + 16.0,
-            esc(name)
-        );
-        lx += 28.0 + 7.0 * name.chars().count() as f64;
-    }
-    (lx, ly)
 }

@@ -14,9 +14,7 @@
 
 use crate::support::*;
 use caft_fast::backend::cpu::CpuBackend;
-use caft_fast::model::ablation::load_directions;
 use caft_fast::model::full::{Freeze, Param, DECAY, NO_DECAY};
-use caft_fast::model::loader::load_model;
 use caft_fast::model::transformer::{Batch, Model};
 use caft_fast::train::optim::{optimizer_step, OptimConfig, Schedule};
 
@@ -24,23 +22,11 @@ const MODELS: [&str; 5] = ["llama", "qwen2", "mistral", "qwen3", "gemma2"];
 
 /// A fixture model on the CPU, fully trainable, with the fixture's ablation, and its batch.
 fn setup(name: &str, freeze: Freeze) -> (Model<CpuBackend>, CpuBackend, Batch) {
-    let dir = tiny_fixture(name);
-    let fx = read_safetensors(&dir.join("fixture.safetensors"));
+    let fx = read_safetensors(&tiny_fixture(name).join("fixture.safetensors"));
     let be = CpuBackend::new();
-    let loaded = load_model(&dir).unwrap();
-    let cfg = loaded.config.clone();
-    let mut model = Model::new(&be, cfg.clone(), loaded.weights.as_ref()).unwrap();
-    model
-        .set_full(&be, loaded.weights.as_ref(), freeze)
-        .unwrap();
-    let dirs = load_directions(
-        &dir.join("directions.safetensors"),
-        None,
-        cfg.hidden_size,
-        cfg.num_layers,
-    )
-    .unwrap();
-    model.set_ablation(&be, &dirs).unwrap();
+    let model = fixture_model(&be, name, |m, loaded| {
+        m.set_full(&be, loaded.weights.as_ref(), freeze).unwrap()
+    });
     let (b, t) = (fx["input_ids"].shape[0], fx["input_ids"].shape[1]);
     let batch = Batch::padded(
         b,

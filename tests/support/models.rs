@@ -165,3 +165,28 @@ pub fn write_planted_adapter(dir: &Path, cfg: &ModelConfig, layer: usize, v: &[f
     let (layout, p) = planted_adapter(cfg, layer, v);
     caft_fast::model::peft::save_adapter(dir, &layout, &p, "tiny-llama").expect("save adapter");
 }
+
+/// A tiny fixture model on `be` with the fixture's directions ablated; `train` attaches what
+/// the test trains (LoRA or full fine-tuning) before the ablation, as the library does.
+pub fn fixture_model<B: caft_fast::backend::Backend>(
+    be: &B,
+    name: &str,
+    train: impl FnOnce(&mut caft_fast::model::transformer::Model<B>, &LoadedModel),
+) -> caft_fast::model::transformer::Model<B> {
+    let dir = tiny_fixture(name);
+    let loaded = load_model(&dir).unwrap();
+    let cfg = loaded.config.clone();
+    let mut model =
+        caft_fast::model::transformer::Model::new(be, cfg.clone(), loaded.weights.as_ref())
+            .unwrap();
+    train(&mut model, &loaded);
+    let dirs = caft_fast::model::ablation::load_directions(
+        &dir.join("directions.safetensors"),
+        None,
+        cfg.hidden_size,
+        cfg.num_layers,
+    )
+    .unwrap();
+    model.set_ablation(be, &dirs).unwrap();
+    model
+}
