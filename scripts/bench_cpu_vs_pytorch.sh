@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# CPU training-step benchmark: PyTorch + PEFT (+ the paper's ablation hook) vs caft-fast,
-# on SmolLM2-135M-Instruct (GGUF, f32 on CPU), LoRA r=32 alpha=64 on all seven projections,
-# ablation at layers 10 and 20 with k=8, batch 4 x 256 tokens, AdamW.
+# CPU training-step benchmark: PyTorch + transformers (+ PEFT for LoRA) with the paper's
+# ablation hook vs caft-fast, on SmolLM2-135M-Instruct (GGUF, f32 on CPU), ablation at layers
+# 10 and 20 with k=8, batch 4 x 256 tokens, AdamW, the same step on both sides:
+#   METHOD=lora (default): LoRA r=32 alpha=64 rsLoRA on all seven projections;
+#   METHOD=full: every weight trained (f32 weights and AdamW moments on both sides; PyTorch:
+#                torch.optim.AdamW over all parameters, gradient norm clipped to 1.0).
+# Prints tokens/s, s/step and peak RSS of each side and the ratios caft-fast / PyTorch.
 #
-# Usage: scripts/bench_cpu_vs_pytorch.sh
-# Environment overrides: GGUF, BATCH, SEQ, STEPS, WARMUP, THREADS, OUT_DIR, SKIP_PYTORCH=1, SKIP_CAFT=1
+# Usage: [METHOD=lora|full] scripts/bench_cpu_vs_pytorch.sh
+# Environment overrides: METHOD, GGUF, BATCH, SEQ, STEPS, WARMUP, THREADS, OUT_DIR,
+#   BIN (a caft-fast binary; default: cargo run --release), SKIP_PYTORCH=1, SKIP_CAFT=1
 set -u
 cd "$(dirname "$0")/.."
+METHOD=${METHOD:-lora}
+case $METHOD in
+    lora) LORA_FLAGS=(--lora-r 32 --lora-alpha 64) ;;
+    full) LORA_FLAGS=() ;;
+    *) echo "METHOD=$METHOD: expected lora or full" >&2; exit 1 ;;
+esac
 
 GGUF=${GGUF:-.cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 BATCH=${BATCH:-4}
@@ -18,8 +29,8 @@ LAYERS=10,20
 K=8
 OUT_DIR=${OUT_DIR:-target/bench-cpu}
 mkdir -p "$OUT_DIR"
-PT_JSON="$OUT_DIR/pytorch.json"
-CF_JSON="$OUT_DIR/caft-fast.json"
+PT_JSON="$OUT_DIR/pytorch-$METHOD.json"
+CF_JSON="$OUT_DIR/caft-fast-$METHOD.json"
 
 if [ ! -f "$GGUF" ]; then
     echo "model not found: $GGUF (set GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf)" >&2
@@ -30,13 +41,13 @@ fi
 if [ "${SKIP_PYTORCH:-0}" = 1 ]; then
     echo "== PyTorch side skipped (SKIP_PYTORCH=1; reusing $PT_JSON if present) =="
 elif python3 -c "import torch, transformers, peft" 2>/dev/null; then
-    echo "== PyTorch + PEFT ($THREADS threads) =="
+    echo "== PyTorch, --method $METHOD ($THREADS threads) =="
     rm -f "$PT_JSON"
-    python3 scripts/pytorch_step.py --config smollm2-135m-gguf --gguf "$GGUF" \
+    python3 scripts/pytorch_step.py --config smollm2-135m-gguf --gguf "$GGUF" --method "$METHOD" \
         --batch "$BATCH" --seq "$SEQ" --dtype f32 --device cpu --threads "$THREADS" \
         --ablate-layers "$LAYERS" --ablate-k "$K" --steps "$STEPS" --warmup "$WARMUP" \
-        --json "$PT_JSON" 2> "$OUT_DIR/pytorch.log" \
-        || { echo "PyTorch run failed, see $OUT_DIR/pytorch.log" >&2; rm -f "$PT_JSON"; }
+        --json "$PT_JSON" 2> "$OUT_DIR/pytorch-$METHOD.log" \
+        || { echo "PyTorch run failed, see $OUT_DIR/pytorch-$METHOD.log" >&2; rm -f "$PT_JSON"; }
 else
     echo "== PyTorch side skipped (torch, transformers or peft not importable) =="
     rm -f "$PT_JSON"
@@ -46,16 +57,17 @@ fi
 if [ "${SKIP_CAFT:-0}" = 1 ]; then
     echo "== caft-fast side skipped (SKIP_CAFT=1; reusing $CF_JSON if present) =="
 else
-    echo "== caft-fast ($THREADS threads) =="
+    echo "== caft-fast, --method $METHOD ($THREADS threads) =="
     rm -f "$CF_JSON"
-    cargo run --release --quiet -- bench-step --model "$GGUF" --batch "$BATCH" --seq "$SEQ" \
-        --lora-r 32 --lora-alpha 64 --ablate-layers "$LAYERS" --ablate-k "$K" \
+    if [ -n "${BIN:-}" ]; then CAFT=("$BIN"); else CAFT=(cargo run --release --quiet --); fi
+    "${CAFT[@]}" bench-step --device cpu --model "$GGUF" --method "$METHOD" --batch "$BATCH" \
+        --seq "$SEQ" ${LORA_FLAGS[@]+"${LORA_FLAGS[@]}"} --ablate-layers "$LAYERS" --ablate-k "$K" \
         --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" --json "$CF_JSON" \
         || { echo "caft-fast run failed" >&2; rm -f "$CF_JSON"; }
 fi
 
 # ---- table ----
-python3 - "$PT_JSON" "$CF_JSON" <<'EOF'
+python3 - "$PT_JSON" "$CF_JSON" "$METHOD" <<'EOF'
 import json, os, sys
 
 def last_line(path):
@@ -64,21 +76,23 @@ def last_line(path):
     lines = [l for l in open(path).read().splitlines() if l.strip()]
     return json.loads(lines[-1]) if lines else None
 
-pt, cf = last_line(sys.argv[1]), last_line(sys.argv[2])
-print()
-print(f"{'implementation':<16} {'tokens/s':>10} {'s/step':>8} {'peak RSS MB':>12}")
-for name, r in (("pytorch+peft", pt), ("caft-fast", cf)):
+pt, cf, method = last_line(sys.argv[1]), last_line(sys.argv[2]), sys.argv[3]
+num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+fmt = lambda v, f: format(v, f) if num(v) else "-"
+rows = []
+for name, r in ((f"pytorch ({method})", pt), (f"caft-fast ({method})", cf)):
     if r is None:
-        print(f"{name:<16} {'-':>10} {'-':>8} {'-':>12}")
+        rows.append((name, None, None, None))
         continue
-    tps = r.get("tokens_per_s")
-    step = r.get("step_s_mean") or (r.get("batch", 0) * r.get("seq", 0) / tps if tps else None)
-    rss = r.get("peak_rss_mb")
-    fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
-    print(f"{name:<16} {fmt(tps, '10.1f'):>10} {fmt(step, '8.2f'):>8} {fmt(rss, '12.0f'):>12}")
-if pt and cf:
-    if pt.get("tokens_per_s") and cf.get("tokens_per_s"):
-        print(f"speed ratio (caft-fast / pytorch tokens/s): {cf['tokens_per_s'] / pt['tokens_per_s']:.2f}x")
-    if pt.get("peak_rss_mb") and cf.get("peak_rss_mb"):
-        print(f"memory ratio (pytorch / caft-fast peak RSS): {pt['peak_rss_mb'] / cf['peak_rss_mb']:.2f}x")
+    rows.append((name, r.get("tokens_per_s"), r.get("step_s_mean") or r.get("step_s"),
+                 r.get("peak_rss_mb")))
+def ratio(i):
+    a, b = rows[1][i], rows[0][i]
+    return a / b if num(a) and num(b) and b else None
+print()
+print(f"{'implementation':<22} {'tokens/s':>10} {'s/step':>8} {'peak RSS MB':>12}")
+for name, tps, step, rss in rows:
+    print(f"{name:<22} {fmt(tps, '10.1f'):>10} {fmt(step, '8.2f'):>8} {fmt(rss, '12.0f'):>12}")
+x = lambda v: fmt(v, '.2f') + "x" if num(v) else "-"
+print(f"{'caft-fast / pytorch':<22} {x(ratio(1)):>10} {x(ratio(2)):>8} {x(ratio(3)):>12}")
 EOF

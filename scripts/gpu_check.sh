@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, on the GPU machine (x86-64, CUDA 13 driver, PyTorch; no Rust, no
-# network), from the executables scripts/stage.sh put in stage/. About six minutes in all.
+# network), from the executables scripts/stage.sh put in stage/. About eight minutes in all.
 #
 #   scripts/gpu_check.sh [LOGDIR]      (default ./gpu-logs; one log per step, summary last)
 #
 # GPU_CHECK_SKIP="step names" skips steps (e.g. "gpu_compare test-cuda_model").
-# Steps, each under its own timeout and all within $BUDGET seconds (default 450), in this
+# Steps, each under its own timeout and all within $BUDGET seconds (default 540), in this
 # order: caft-fast doctor; cuda_parity with --include-ignored; the cuda_ops kernel bench;
-# scripts/gpu_compare.sh (training step against PyTorch); the other staged test executables
+# scripts/gpu_compare.sh (LoRA training step against PyTorch + PEFT); full fine-tuning of a
+# Gemma-2-2B shape against PyTorch + transformers (full_pytorch, full_caft: tokens/s, memory
+# and MFU against $PEAK_TFLOPS, by default the GPU's dense bf16 peak when it is known);
+# the other staged test executables
 # with --include-ignored (the SmolLM2 GGUF at .cache/smollm2 is used when present; their
 # on_the_emulated_gpu re-runs are skipped, CI runs those); scripts/gpu_generate.sh (generation
 # against transformers).
@@ -57,7 +60,7 @@ export XDG_CACHE_HOME=${XDG_CACHE_HOME:-$PWD/.cache}   # compiled-kernel cache
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$LOG/nvidia-smi.log" 2>&1
 
 # ---- steps -------------------------------------------------------------------------------------
-BUDGET=${BUDGET:-450}   # seconds for all steps together; later steps get what is left
+BUDGET=${BUDGET:-540}   # seconds for all steps together; later steps get what is left
 declare -a NAMES RESULTS TIMES
 step() { # name timeout-seconds command...
   local name=$1 t=$2; shift 2
@@ -90,6 +93,18 @@ export CAFT_REPO=$PWD   # staged test executables find tests/fixtures here
 # ablation kernel's share of copy bandwidth), which must not be lost to a short budget.
 [ -x "$STAGE/benches/cuda_ops" ] && step cuda_ops 60 "$STAGE/benches/cuda_ops" --bench
 [ -x scripts/gpu_compare.sh ] && step gpu_compare 200 scripts/gpu_compare.sh "$LOG" "$STAGE/caft-fast"
+# Full fine-tuning, one step of a Gemma-2-2B shape (random weights) at 16 x 512 tokens with 8
+# random directions ablated at layers 6, 12 and 18, both sides f32 master weights and AdamW
+# moments with bf16 compute, gradient norm clipped to 1.0: caft-fast bench-step against
+# scripts/pytorch_step.py (transformers, eager attention as Gemma-2 needs, bf16 autocast,
+# torch.optim.AdamW(fused=True)).
+PY=${PYTHON:-python3}
+FULL_SHAPE=(--batch 16 --seq 512 --ablate-layers 6,12,18 --ablate-k 8 --steps 5 --warmup 2)
+rm -f "$LOG/full-pytorch.jsonl" "$LOG/full-caft.json"
+step full_pytorch 150 "$PY" scripts/pytorch_step.py --config gemma-2-2b --method full --device cuda \
+  "${FULL_SHAPE[@]}" --json "$LOG/full-pytorch.jsonl"
+[ -x "$STAGE/caft-fast" ] && step full_caft 150 "$STAGE/caft-fast" bench-step --device cuda \
+  --method full --shape gemma-2-2b "${FULL_SHAPE[@]}" --json "$LOG/full-caft.json"
 for t in "$STAGE"/tests/*; do
   name=$(basename "$t")
   case $name in cuda_parity|cuda_compile) continue ;; esac
@@ -111,6 +126,43 @@ grep -hE "FAIL|fail" "$LOG/doctor.log" 2>/dev/null | head -10
 sed -n '/^shape /,$p' "$LOG/gpu_compare.log" 2>/dev/null
 sed -n '/^generate /,$p' "$LOG/gpu_generate.log" 2>/dev/null
 grep -hE "^(train|bench-step) " "$LOG/gpu_packing.log" 2>/dev/null
+# Full fine-tuning: tokens/s, memory and MFU of each side (model FLOPs as bench-step counts
+# them for --method full: 6 x matrix parameters x tokens + causal attention).
+"$PY" - "$LOG/full-pytorch.jsonl" "$LOG/full-caft.json" "$LOG/nvidia-smi.log" "${PEAK_TFLOPS:-}" <<'PYEOF'
+import json, os, sys
+def last(path):
+    try:
+        lines = [l for l in open(path) if l.strip()]
+        return json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        return None
+pt, cf = last(sys.argv[1]), last(sys.argv[2])
+gpu = open(sys.argv[3]).read() if os.path.exists(sys.argv[3]) else ""
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor figures; H100/H200 SXM); PEAK_TFLOPS overrides.
+peaks = [("H100 PCIe", 756.0), ("H200", 989.4), ("H100", 989.4), ("A100", 312.0)]
+peak = float(sys.argv[4]) if sys.argv[4] else next((p for n, p in peaks if n in gpu), None)
+r = pt or cf or {}
+print(f"full fine-tuning, gemma-2-2b shape, {r.get('batch', '?')} x {r.get('seq', '?')} tokens, "
+      f"{r.get('ablate_k', '?')} directions at layers {r.get('ablate_layers', '?')}"
+      + (f"; MFU against {peak:g} TFLOP/s" if peak else "; MFU: set PEAK_TFLOPS"))
+print(f"{'impl':22} {'tokens/s':>10} {'step ms':>9} {'mem MiB':>9} {'TFLOP/s':>8} {'MFU':>6}")
+rows = {}
+for name, r, mem_key in (("pytorch (AdamW fused)", pt, "peak_gpu_mem_mb"),
+                         ("caft-fast", cf, "device_mem_mb")):
+    if not r:
+        print(f"{name:22} {'-':>10} (no result)")
+        continue
+    step = r.get("step_s_mean", r.get("step_s"))
+    tf = r.get("achieved_tflops")
+    mem = r.get(mem_key) or float("nan")
+    mfu = f"{100 * tf / peak:5.1f}%" if peak and tf else "-"
+    rows[name] = (r["tokens_per_s"], mem)
+    print(f"{name:22} {r['tokens_per_s']:10.0f} {1000 * step:9.1f} {mem:9.0f} {tf or float('nan'):8.1f} {mfu:>6}")
+if len(rows) == 2:
+    (pt_t, pt_m), (cf_t, cf_m) = rows.values()
+    print(f"caft-fast / pytorch: tokens/s {cf_t / pt_t:.2f}x, memory {cf_m / pt_m:.2f}x "
+          "(caft-fast: the device's whole use, total - free; pytorch: max_memory_allocated)")
+PYEOF
 echo
 echo "summary ($LOG/):"
 printf '  %-28s %-20s %6s\n' step result seconds

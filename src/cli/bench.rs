@@ -1,8 +1,8 @@
-//! `caft-fast bench-step` (LoRA training steps: tokens/s, model TFLOP/s, memory) and
-//! `caft-fast bench-generate` (greedy generation: prefill and decode tokens/s).
+//! `caft-fast bench-step` (training steps, LoRA or full fine-tuning: tokens/s, model TFLOP/s,
+//! memory) and `caft-fast bench-generate` (greedy generation: prefill and decode tokens/s).
 
 use super::common::{
-    checkpointing_parser, device_parser, parse_layers, set_threads, BenchModelArgs,
+    checkpointing_parser, device_parser, method_parser, parse_layers, set_threads, BenchModelArgs,
 };
 use crate::backend::device::Device;
 use crate::backend::Backend;
@@ -11,6 +11,7 @@ use crate::generate::{generate, Request};
 use crate::model::loader::LoadedModel;
 use crate::model::lora::Target;
 use crate::model::transformer::{Checkpointing, Model};
+use crate::train::config::Method;
 use crate::util::rng::Rng;
 use crate::with_backend;
 use anyhow::{bail, Context, Result};
@@ -18,23 +19,40 @@ use clap::Args;
 use std::path::PathBuf;
 use std::time::Instant;
 
+/// `bench-step`'s LoRA rank, alpha and targets when not given.
+const LORA_R: usize = 32;
+const LORA_ALPHA: f64 = 64.0;
+const LORA_TARGETS: &str = "q,k,v,o,gate,up,down";
+
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub source: BenchModelArgs,
     #[arg(long, value_parser = device_parser(), default_value = "auto")]
     pub device: Device,
+    /// What the step trains. The model FLOPs (model_tflop_per_step, achieved_tflops) count
+    /// 4 x matrix parameters x tokens for lora (forward and input gradients; frozen weights
+    /// get no weight gradient) and 6 x for full (the weight gradients too), plus causal
+    /// attention for both.
+    #[arg(long, value_parser = method_parser(), default_value = "lora")]
+    pub method: Method,
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
     #[arg(long, default_value_t = 256)]
     pub seq: usize,
-    #[arg(long, default_value_t = 32)]
-    pub lora_r: usize,
-    #[arg(long, default_value_t = 64.0)]
-    pub lora_alpha: f64,
-    /// Comma-separated LoRA targets.
-    #[arg(long, default_value = "q,k,v,o,gate,up,down")]
-    pub lora_targets: String,
+    /// LoRA rank [default: 32]. Refused with --method full.
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    /// LoRA alpha (rsLoRA scaling) [default: 64]. Refused with --method full.
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Comma-separated LoRA targets [default: q,k,v,o,gate,up,down]. Refused with --method
+    /// full.
+    #[arg(long)]
+    pub lora_targets: Option<String>,
+    /// Keep only the model's first N layers (a quick run of a large shape).
+    #[arg(long, value_name = "N")]
+    pub layers: Option<usize>,
     /// Layers to ablate (empty: no ablation).
     #[arg(long, default_value = "")]
     pub ablate_layers: String,
@@ -58,28 +76,65 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
 }
 
+impl BenchArgs {
+    /// The LoRA flags given on the command line, by name.
+    fn lora_flags(&self) -> Vec<&'static str> {
+        [
+            ("--lora-r", self.lora_r.is_some()),
+            ("--lora-alpha", self.lora_alpha.is_some()),
+            ("--lora-targets", self.lora_targets.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect()
+    }
+}
+
 pub fn bench_step(a: BenchArgs) -> Result<()> {
+    if a.method == Method::Full {
+        let lora = a.lora_flags();
+        if !lora.is_empty() {
+            bail!(
+                "{} {} LoRA-only: bench-step --method full trains every weight, with no adapter \
+                 to shape; drop {}",
+                lora.join(", "),
+                if lora.len() == 1 { "is" } else { "are" },
+                if lora.len() == 1 { "it" } else { "them" }
+            );
+        }
+    }
     set_threads(a.threads);
-    let loaded = a.source.load()?;
+    let mut loaded = a.source.load()?;
+    if let Some(n) = a.layers {
+        let total = loaded.config.num_layers;
+        if n == 0 || n > total {
+            bail!("--layers {n}: the model has {total} layers; give 1 to {total}");
+        }
+        loaded.config.num_layers = n;
+        if let Some(sliding) = loaded.config.sliding_layers.as_mut() {
+            sliding.truncate(n);
+        }
+    }
     with_backend!(a.device, |be| bench_impl(be, &a, &loaded))
 }
 
 fn bench_impl<B: Backend>(be: &B, a: &BenchArgs, loaded: &LoadedModel) -> Result<()> {
-    use crate::train::bench::{step_flops, StepBench, StepSpec};
+    use crate::train::bench::{method_step_flops, StepBench, StepSpec};
     let cfg = &loaded.config;
     let layers = parse_layers(&a.ablate_layers)?;
+    let lora_r = a.lora_r.unwrap_or(LORA_R);
     let spec = StepSpec {
         batch: a.batch,
         seq: a.seq,
-        lora_r: a.lora_r,
-        lora_alpha: a.lora_alpha,
-        targets: Target::parse_list(&a.lora_targets)?,
+        lora_r,
+        lora_alpha: a.lora_alpha.unwrap_or(LORA_ALPHA),
+        targets: Target::parse_list(a.lora_targets.as_deref().unwrap_or(LORA_TARGETS))?,
         ablate_layers: layers.clone(),
         ablate_k: a.ablate_k,
         checkpointing: a.checkpointing,
     };
     let t_load = Instant::now();
-    let mut bench = StepBench::new(be, cfg, loaded.weights.as_ref(), &spec)?;
+    let mut bench = StepBench::with_method(be, cfg, loaded.weights.as_ref(), &spec, a.method)?;
     be.synchronize()?;
     let load_s = t_load.elapsed().as_secs_f64();
     let mut times = Vec::new();
@@ -96,12 +151,17 @@ fn bench_impl<B: Backend>(be: &B, a: &BenchArgs, loaded: &LoadedModel) -> Result
     }
     let mean = times.iter().sum::<f64>() / times.len().max(1) as f64;
     let n = a.batch * a.seq;
-    let flops = step_flops(cfg, a.batch, a.seq);
+    let flops = method_step_flops(a.method, cfg, a.batch, a.seq);
+    let lora = a.method == Method::Lora;
     let json = serde_json::json!({
         "backend": be.name(),
         "model": loaded.source.display().to_string(),
+        "method": a.method.to_string(),
+        "layers": cfg.num_layers,
         "batch": a.batch, "seq": a.seq, "tokens": n,
-        "lora_r": a.lora_r, "ablate_layers": layers, "ablate_k": a.ablate_k,
+        "lora_r": lora.then_some(lora_r),
+        "trained_params": bench.trained_params,
+        "ablate_layers": layers, "ablate_k": a.ablate_k,
         "checkpointing": a.checkpointing.to_string(),
         "steps": a.steps, "step_s": mean, "tokens_per_s": n as f64 / mean,
         "model_tflop_per_step": flops / 1e12,

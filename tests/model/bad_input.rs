@@ -165,3 +165,64 @@ fn bench_step_shape_from_a_config_json() {
         &["no-such-shape", "config.json", "llama-3.2-1b"],
     );
 }
+
+/// `bench-step --method full` trains every weight of the tiny Llama (its 156,224 values: two
+/// untied 256 x 64 tables, four layers, the final norm) for one warm-up and one timed step,
+/// counts 6 x matrix parameters x tokens plus attention, and refuses the LoRA flags.
+#[test]
+fn bench_step_full_fine_tuning() {
+    let model = tiny_fixture("llama");
+    let run = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(exe());
+        cmd.args([
+            "bench-step",
+            "--device",
+            "cpu",
+            "--model",
+            s(&model),
+            "--method",
+            "full",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--ablate-layers",
+            "0,2",
+            "--ablate-k",
+            "2",
+            "--warmup",
+            "1",
+            "--steps",
+            "1",
+        ])
+        .args(extra);
+        no_panic(cmd.output().expect("running caft-fast"))
+    };
+    let out = run(&[]);
+    assert_ok(&out);
+    let j: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON line");
+    assert_eq!(j["method"], "full", "{j}");
+    assert_eq!(j["trained_params"], 156_224, "{j}");
+    assert!(j["lora_r"].is_null(), "{j}");
+    let losses: Vec<f64> = j["losses"]
+        .as_array()
+        .expect("losses")
+        .iter()
+        .map(|l| l.as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 2, "{j}");
+    assert!(losses.iter().all(|l| l.is_finite()), "{j}");
+    // The same batch twice: the second step's forward read the updated weights.
+    assert_ne!(losses[0], losses[1], "{j}");
+    // Matrix parameters: 4 x (64 x 16 x (2·4 + 2·2) + 3 x 64 x 96) + 256 x 64 = 139,264; 6 of
+    // them per token over 8 tokens, plus causal attention: forward 2 x 8² x 16 per head and
+    // layer (QKᵀ and PV, halved by the mask), 3.5 times that for the whole step.
+    let flops = j["model_tflop_per_step"].as_f64().unwrap() * 1e12;
+    let want = 6.0 * 139_264.0 * 8.0 + 3.5 * (4 * 4 * 2 * 8 * 8 * 16) as f64;
+    assert!((flops - want).abs() < 1e-3, "{flops} vs {want}");
+
+    assert_error(
+        &run(&["--lora-r", "2", "--lora-alpha", "4"]),
+        &["--lora-r", "--lora-alpha", "LoRA-only", "--method full"],
+    );
+}
