@@ -216,6 +216,15 @@ impl FullLayout {
         self.slots.iter().find(|s| s.name == name)
     }
 
+    /// Where slot `s` starts in the groups laid end to end (decay group first), the flat
+    /// order of checkpoints and `Model::download_trained`.
+    pub fn flat_offset(&self, s: &FullSlot) -> usize {
+        match s.group {
+            DECAY => s.off,
+            _ => self.group_len[DECAY] + s.off,
+        }
+    }
+
     /// Trained elements in all.
     pub fn len(&self) -> usize {
         self.group_len[DECAY] + self.group_len[NO_DECAY]

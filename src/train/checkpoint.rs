@@ -16,7 +16,7 @@
 //! the data order needs only `(seed, epoch)` beyond the stored plan, so nothing else is random.
 
 use crate::io::{f32_safetensors, read_f32_safetensors, write_atomic};
-use crate::model::full::{FullLayout, DECAY};
+use crate::model::full::FullLayout;
 use crate::model::lora::LoraLayout;
 use crate::model::peft::{load_adapter, save_adapter};
 use crate::train::config::TrainConfig;
@@ -51,21 +51,12 @@ impl Trained<'_> {
     }
 }
 
-/// Where full fine-tuning's tensor lives in the flat buffer (decay group first).
-fn full_offset(layout: &FullLayout, group: usize, off: usize) -> usize {
-    if group == DECAY {
-        off
-    } else {
-        layout.group_len[DECAY] + off
-    }
-}
-
 fn save_full_weights(dir: &Path, layout: &FullLayout, params: &[f32]) -> Result<()> {
     let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = layout
         .slots
         .iter()
         .map(|s| {
-            let o = full_offset(layout, s.group, s.off);
+            let o = layout.flat_offset(s);
             (
                 s.name.clone(),
                 s.shape.clone(),
@@ -97,7 +88,7 @@ fn load_full_weights(dir: &Path, layout: &FullLayout) -> Result<Vec<f32>> {
                 s.shape
             );
         }
-        let o = full_offset(layout, s.group, s.off);
+        let o = layout.flat_offset(s);
         params[o..o + s.len].copy_from_slice(&data);
     }
     Ok(params)

@@ -487,12 +487,16 @@ impl<'a, B: Backend> Session<'a, B> {
             .full
             .as_ref()
             .context("full fine-tuning is not set")?;
-        let [params, ..] = self.tr.model.download_trained(self.tr.be)?;
-        let decay_len = full.layout.group_len[crate::model::full::DECAY];
+        // The master weights only (not the moments), per group as the layout lays them out.
+        let be = self.tr.be;
+        let groups = [
+            be.download_f32(&full.groups[0].params)?,
+            be.download_f32(&full.groups[1].params)?,
+        ];
         let edit = |name: &str, t: &mut crate::model::weights::HostTensor| -> Result<()> {
             if let Some(s) = full.layout.by_name(name) {
-                let o = s.off + if s.group == 0 { 0 } else { decay_len };
-                t.data.copy_from_slice(&params[o..o + s.len]);
+                t.data
+                    .copy_from_slice(&groups[s.group][s.off..s.off + s.len]);
             }
             Ok(())
         };
