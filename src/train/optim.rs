@@ -104,6 +104,17 @@ pub fn optimizer_step<B: Backend>(
     if !grad_norm.is_finite() {
         bail!("the gradient norm is {grad_norm}: the loss diverged (NaN or Inf)");
     }
+    apply_step(be, model, cfg, grad_norm)
+}
+
+/// [`optimizer_step`] with the gradient norm already measured (finite): clip, step, zero the
+/// gradients and refresh the forward's copies, without a second pass over the gradients.
+pub fn apply_step<B: Backend>(
+    be: &B,
+    model: &mut Model<B>,
+    cfg: &OptimConfig,
+    grad_norm: f64,
+) -> Result<StepReport> {
     let grad_scale = match cfg.max_grad_norm {
         Some(max) if max > 0.0 => (max / (grad_norm + 1e-6)).min(1.0),
         _ => 1.0,

@@ -19,7 +19,7 @@ use crate::model::transformer::{Batch, Checkpointing, Model};
 use crate::train::checkpoint::Trained;
 use crate::train::checkpoint::{self, Checkpoint, TrainerState, CHECKPOINTS_DIR};
 use crate::train::config::{Method, TrainConfig};
-use crate::train::optim::{optimizer_step, OptimConfig, Schedule};
+use crate::train::optim::{apply_step, OptimConfig, Schedule};
 use crate::train::plan::{self, KnownData, Verdict};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -497,7 +497,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             return Err(diverged(format!("the gradient norm is {}", g2.sqrt())));
         }
         let mut update = || -> Result<_> {
-            let rep = optimizer_step(be, model, &self.opt)?;
+            let rep = apply_step(be, model, &self.opt, g2.sqrt())?;
             be.synchronize()?;
             Ok(rep)
         };
