@@ -12,6 +12,7 @@ pub mod backend;
 pub mod cli;
 pub mod data;
 pub mod directions;
+pub mod dist;
 pub mod eval;
 pub mod generate;
 pub mod io;

@@ -44,6 +44,7 @@ const RULES: &[Rule] = &[
             "crate::report",
             "crate::judge",
             "crate::cli",
+            "crate::dist",
         ],
     },
     Rule {
@@ -83,7 +84,7 @@ const RULES: &[Rule] = &[
         ],
     },
     Rule {
-        what: "shared modules (data, io, report, linalg, util) use no workflow",
+        what: "shared modules (data, dist, io, report, linalg, util) use no workflow",
         scope: "",
         except: &[
             "backend/",

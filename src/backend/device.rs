@@ -74,7 +74,32 @@ impl Device {
 /// The GPU backend every command uses: device 0 (`CUDA_VISIBLE_DEVICES` picks another), bf16
 /// weights and activations, f32 LoRA state.
 pub fn cuda_backend() -> Result<super::cuda::backend::CudaBackend<half::bf16>> {
-    super::cuda::backend::CudaBackend::new(0)
+    super::cuda::backend::CudaBackend::new(cuda_ordinal()?)
+}
+
+/// The GPU this process uses: device 0 when one GPU is visible (alone, or a launcher such as
+/// `train --gpus` or `srun --gpus-per-task 1` gave each rank its own through
+/// `CUDA_VISIBLE_DEVICES`), else `LOCAL_RANK`, the rank's place on its node as torchrun and
+/// SLURM scripts set it (0 when unset).
+pub fn cuda_ordinal() -> Result<usize> {
+    let local = match std::env::var("LOCAL_RANK") {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse::<usize>().map_err(|_| {
+            anyhow::anyhow!("environment variable LOCAL_RANK={v:?} is not a GPU number")
+        })?,
+        _ => 0,
+    };
+    if local == 0 {
+        return Ok(0);
+    }
+    let count = super::cuda::probe::probe().gpus.len();
+    match count {
+        1 => Ok(0),
+        n if local < n => Ok(local),
+        n => bail!(
+            "LOCAL_RANK={local} picks GPU {local}, but this process sees {n} (set \
+             CUDA_VISIBLE_DEVICES per rank, or start at most {n} ranks on this node)"
+        ),
+    }
 }
 
 /// Run `$body` with `$be` bound to the backend `$device` resolves to: `&CudaBackend<bf16>` or

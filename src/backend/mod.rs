@@ -580,6 +580,33 @@ pub trait Backend {
         add: f32,
     ) -> Result<()>;
 
+    // ---- data parallelism (`crate::dist`) ------------------------------------------------
+    /// A new unique id for a data-parallel group (rank 0 makes it, the rendezvous hands it to
+    /// the others). Only the CUDA backend has groups (NCCL).
+    fn group_id(&self) -> Result<[u8; 128]> {
+        anyhow::bail!(
+            "{}: training on several processes needs the CUDA backend (NCCL)",
+            self.name()
+        )
+    }
+    /// Join the group of `size` ranks as `rank`; returns once every rank has joined.
+    fn join_group(&self, rank: usize, size: usize, _id: &[u8; 128]) -> Result<()> {
+        anyhow::bail!(
+            "{}: cannot join a group of {size} as rank {rank}: training on several processes \
+             needs the CUDA backend (NCCL)",
+            self.name()
+        )
+    }
+    /// `x <- Σ over the group's ranks of x`, the same bytes on every rank. Nothing outside a
+    /// group.
+    fn all_reduce_f32(&self, _x: &mut Self::F32) -> Result<()> {
+        Ok(())
+    }
+    /// Host numbers summed across the group's ranks (f64). Nothing outside a group.
+    fn all_reduce_host(&self, _x: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+
     // ---- optimizer --------------------------------------------------------------------------
     /// `Σ g²` over the whole buffer (for the global gradient norm).
     fn sum_squares(&self, g: &Self::F32) -> Result<f64>;

@@ -4,12 +4,14 @@
 use super::common::{device_parser, merge_config_file, model_path, set_threads, RunShapeArgs};
 use crate::backend::device::Device;
 use crate::data::TrainOn;
+use crate::dist::launch::{self, Launch};
+use crate::dist::{parse_gpus, Dist};
 use crate::model::loader::load_model;
 use crate::train::checkpoint;
 use crate::train::config::{is_gguf, Explicit, Method, TrainConfig, SAVE_DTYPES};
 use crate::train::{Outcome, RunOptions};
 use crate::with_backend;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::builder::PossibleValuesParser;
 use clap::Args;
 use std::path::PathBuf;
@@ -26,9 +28,16 @@ system/user/assistant; {\"prompt\", \"completion\"}; {\"text\"}; or pre-tokenize
 {\"input_ids\": [...], \"labels\": [...]} (labels -100 = no loss; absent = loss on every token).
 Chat records are rendered with the model's chat template, loss on the assistant tokens.
 
-Every option except --config, --resume, --overwrite and --stop-after is also a key of a TOML
-config file (snake_case: lora_r = 32, ablate_layers = [10, 20]). Precedence: defaults, then
+Every option except --config, --resume, --overwrite, --stop-after and --gpus is also a key of a
+TOML config file (snake_case: lora_r = 32, ablate_layers = [10, 20]). Precedence: defaults, then
 --config, then flags. Each run writes its exact configuration to <output>/config.toml.
+
+Several GPUs (data parallel, NCCL): --gpus 0,1,2,3 on one node starts a worker per GPU; across
+nodes start one process per GPU with torchrun or srun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT set) and no --gpus. An optimizer step stays --batch-size x --grad-accum examples,
+shared by the GPUs, so N GPUs give the run one GPU gives (up to the order of f32 sums) and a
+checkpoint resumes on any number of GPUs. Rank 0 writes every output. Needs libnccl (the system's,
+or pip install nvidia-nccl-cu13).
 
 Output folder: adapter/ (PEFT: adapter_config.json + adapter_model.safetensors), metrics.jsonl,
 loss.svg, run.json (configuration, data and directions hashes, program version), config.toml,
@@ -167,6 +176,13 @@ pub struct TrainArgs {
     /// CPU threads (0 = all cores) [default: 0].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Data parallelism on this node: one worker process per GPU in LIST (e.g. 0,1,2,3, or
+    /// all), gradients summed over NCCL every optimizer step. The step stays --batch-size x
+    /// --grad-accum examples, shared by the GPUs, so the run matches a one-GPU run. Across
+    /// nodes, start one process per GPU with torchrun or srun instead (RANK, WORLD_SIZE,
+    /// LOCAL_RANK, MASTER_ADDR, MASTER_PORT), without --gpus.
+    #[arg(long, value_name = "LIST")]
+    pub gpus: Option<String>,
 }
 
 impl TrainArgs {
@@ -243,6 +259,21 @@ impl TrainArgs {
 /// the model and train. Returns false when the run stopped early on Ctrl-C (a checkpoint was
 /// saved).
 pub fn train(a: TrainArgs) -> Result<bool> {
+    let dist = Dist::from_env()?;
+    if let Some(spec) = &a.gpus {
+        if !launch::is_worker() {
+            if dist.world.size > 1 {
+                bail!(
+                    "--gpus starts one process per GPU itself; under torchrun or srun (RANK and \
+                     WORLD_SIZE are set here) leave it out"
+                );
+            }
+            if a.device == Some(Device::Cpu) {
+                bail!("--gpus trains on CUDA GPUs; it cannot be combined with --device cpu");
+            }
+            return launch_workers(spec);
+        }
+    }
     let mut resume = None;
     let mut base = TrainConfig::default();
     if let Some(dir) = &a.resume {
@@ -272,8 +303,22 @@ pub fn train(a: TrainArgs) -> Result<bool> {
     cfg.validate_explicit(&given)?;
     cfg.validate_base()?;
     set_threads(cfg.threads);
+    let world = dist.world;
+    if world.size > 1 {
+        if cfg.device == Device::Cpu {
+            bail!(
+                "WORLD_SIZE={} asks for data parallelism, which runs on CUDA GPUs: leave out \
+                 --device cpu",
+                world.size
+            );
+        }
+        let share = cfg.share_per_rank(world.size)?;
+        if world.is_main() {
+            eprintln!("data parallel: {} ranks; {share}", world.size);
+        }
+    }
     // Refuse an existing output folder before the (possibly long) model load.
-    if resume.is_none() && cfg.output.exists() && !a.overwrite {
+    if resume.is_none() && world.is_main() && cfg.output.exists() && !a.overwrite {
         bail!(
             "output folder {} exists; pass --overwrite to replace it (or --resume {} to continue it)",
             cfg.output.display(),
@@ -293,7 +338,73 @@ pub fn train(a: TrainArgs) -> Result<bool> {
         resume,
         overwrite: a.overwrite,
         stop_after: a.stop_after,
+        dist,
     };
     let outcome = with_backend!(cfg.device, |be| crate::train::run(be, &cfg, &loaded, &opts))?;
     Ok(outcome != Outcome::Interrupted)
+}
+
+/// `train --gpus`: start one worker per GPU (this program, these arguments) and supervise them.
+fn launch_workers(spec: &str) -> Result<bool> {
+    use crate::backend::cuda::{collective, probe};
+    let p = probe::probe();
+    if !p.usable() {
+        bail!("--gpus {spec}: {}", p.summary());
+    }
+    let gpus = parse_gpus(spec, p.gpus.len())?;
+    let mut env = Vec::new();
+    if gpus.len() > 1 {
+        if !collective::present() {
+            bail!(
+                "--gpus {spec}: training on {} GPUs needs libnccl, which was not found: {}",
+                gpus.len(),
+                collective::INSTALL_HINT
+            );
+        }
+        if !collective::loadable_by_cudarc() {
+            // Found only as libnccl.so.2 (pip wheels, most distributions): give the workers a
+            // folder with the name the bindings look for.
+            if let Some(lib) = collective::library_path() {
+                env.push(("LD_LIBRARY_PATH".to_string(), nccl_link_folder(&lib)?));
+            }
+        }
+    }
+    let program = std::env::current_exe().context("finding this program to start the workers")?;
+    eprintln!(
+        "starting {} worker{} on GPU{} {}",
+        gpus.len(),
+        if gpus.len() > 1 { "s" } else { "" },
+        if gpus.len() > 1 { "s" } else { "" },
+        gpus.iter()
+            .map(|g| g.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let ended = launch::run(&Launch {
+        program,
+        args: std::env::args_os().skip(1).collect(),
+        gpus,
+        env,
+    })?;
+    Ok(ended == launch::Ended::Completed)
+}
+
+/// A folder holding `libnccl.so` linked to `lib`, put first on the current loader path.
+fn nccl_link_folder(lib: &std::path::Path) -> Result<std::ffi::OsString> {
+    let dir = crate::util::fetch::cache_dir().join("nccl-link");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let link = dir.join("libnccl.so");
+    if std::fs::read_link(&link).ok().as_deref() != Some(lib) {
+        let tmp = dir.join(format!("libnccl.so.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(lib, &tmp)
+            .and_then(|_| std::fs::rename(&tmp, &link))
+            .with_context(|| format!("linking {} to {}", link.display(), lib.display()))?;
+    }
+    let mut path = dir.into_os_string();
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|v| !v.is_empty()) {
+        path.push(":");
+        path.push(old);
+    }
+    Ok(path)
 }

@@ -355,6 +355,51 @@ impl TrainConfig {
     }
 
     /// Check values that no later step would catch with a clear message.
+    /// How `ranks` data-parallel ranks share an optimizer step of this configuration: a line
+    /// for people, or an error when some rank would get nothing to do. The step is the same
+    /// `batch_size x grad_accum` examples whatever the number of ranks.
+    pub fn share_per_rank(&self, ranks: usize) -> Result<String> {
+        let examples = self.batch_size * self.grad_accum;
+        let (b, a) = (self.batch_size, self.grad_accum);
+        if self.packing {
+            if examples < ranks {
+                bail!(
+                    "--batch-size {b} x --grad-accum {a} = {examples} examples per optimizer \
+                     step cannot be shared by {ranks} ranks (each needs at least one): raise \
+                     --grad-accum to {} or more",
+                    ranks.div_ceil(b)
+                );
+            }
+            return Ok(format!(
+                "{examples} examples per optimizer step shared by {ranks} ranks, balanced by \
+                 tokens: about {:.1} examples per rank, packed into micro-batches of at most {} \
+                 tokens",
+                examples as f64 / ranks as f64,
+                self.token_budget()
+            ));
+        }
+        if a < ranks {
+            bail!(
+                "--no-packing: each rank runs whole micro-batches of --batch-size {b}, and \
+                 --grad-accum {a} makes {a} per optimizer step for {ranks} ranks, so some would \
+                 have none: make --grad-accum a multiple of {ranks} (e.g. {ranks}), or pack"
+            );
+        }
+        Ok(format!(
+            "{a} padded micro-batches of {b} per optimizer step shared by {ranks} ranks: {}{} \
+             per rank",
+            a / ranks,
+            if a % ranks == 0 {
+                String::new()
+            } else {
+                format!(
+                    " or {} (uneven: a --grad-accum multiple of {ranks} balances them)",
+                    a / ranks + 1
+                )
+            }
+        ))
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {
             bail!("--batch-size must be at least 1");

@@ -6,6 +6,7 @@
 
 use crate::backend::Backend;
 use crate::data::Example;
+use crate::dist::{rendezvous, Dist, World};
 use crate::io::{program, write_atomic};
 use crate::model::loader::LoadedModel;
 use crate::train::checkpoint::{self, CHECKPOINTS_DIR};
@@ -63,6 +64,8 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Save a checkpoint and stop after this many steps in total.
     pub stop_after: Option<u64>,
+    /// This process's place in a data-parallel run (one process alone by default).
+    pub dist: Dist,
 }
 
 /// Every file or folder a run writes in its output folder (what `--overwrite` replaces).
@@ -180,6 +183,8 @@ fn run_record<B: Backend>(
             "fingerprint": tr.state.model_fingerprint,
         },
         "backend": tr.be.name(),
+        "world_size": tr.world.size,
+        "ranks": s.ranks,
         "data": {
             "source": d.source,
             "sha256": d.file_sha256,
@@ -223,14 +228,83 @@ pub fn run<B: Backend>(
     loaded: &LoadedModel,
     opts: &RunOptions,
 ) -> Result<Outcome> {
+    if opts.dist.world.size > 1 {
+        join_group(be, cfg, &opts.dist)?;
+    }
     let mut s = Session::start(be, cfg, loaded, opts)?;
     let outcome = s.step_loop(opts)?;
     s.finish(outcome)?;
     Ok(outcome)
 }
 
+/// Join the data-parallel group of `dist` on `be`: rank 0 makes the NCCL id, the rendezvous
+/// hands it to the others (checking they all run this configuration), every rank joins.
+fn join_group<B: Backend>(be: &B, cfg: &TrainConfig, dist: &Dist) -> Result<()> {
+    let w = dist.world;
+    let master = dist
+        .master
+        .as_ref()
+        .context("a group needs MASTER_ADDR and MASTER_PORT")?;
+    let id = if w.is_main() {
+        Some(be.group_id()?)
+    } else {
+        None
+    };
+    let fingerprint = fnv1a(cfg.to_toml()?.as_bytes());
+    let id = rendezvous::exchange(&w, master, id, fingerprint, rendezvous::timeout())?;
+    be.join_group(w.rank, w.size, &id)
+        .with_context(|| format!("rank {} joining the group of {}", w.rank, w.size))
+}
+
+/// "host device" of every rank, gathered from all (a collective call: every rank makes it).
+/// Alone: the backend's name.
+fn describe_ranks<B: Backend>(be: &B, world: World) -> Result<Vec<String>> {
+    if world.size == 1 {
+        return Ok(vec![be.name()]);
+    }
+    // Each rank writes its text's bytes into its own block of a zeroed vector; the sum across
+    // ranks holds every block (bytes are exact in f64).
+    const BLOCK: usize = 96;
+    let mut host = [0u8; 256];
+    // SAFETY: gethostname writes at most `host.len()` bytes into the buffer it is given.
+    let ok = unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } == 0;
+    let host = if ok {
+        let end = host.iter().position(|&b| b == 0).unwrap_or(host.len());
+        String::from_utf8_lossy(&host[..end]).into_owned()
+    } else {
+        "?".to_string()
+    };
+    let gpu = std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .filter(|v| !v.contains(','))
+        .map(|v| format!("GPU {v}"))
+        .unwrap_or_else(|| format!("GPU {}", world.local_rank));
+    let mine = format!("{host} {gpu} ({})", be.name());
+    let mut all = vec![0.0f64; world.size * BLOCK];
+    for (k, b) in mine.bytes().take(BLOCK).enumerate() {
+        all[world.rank * BLOCK + k] = b as f64;
+    }
+    be.all_reduce_host(&mut all)
+        .context("gathering the ranks' devices")?;
+    Ok(all
+        .chunks(BLOCK)
+        .map(|c| {
+            let bytes: Vec<u8> = c.iter().map(|&x| x as u8).take_while(|&b| b != 0).collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+        .collect())
+}
+
+/// FNV-1a of `bytes`: the ranks compare their configurations by it.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
 /// One session of a run (a resumed run is a new session): the trainer, its output folder and
-/// what this session has measured.
+/// what this session has measured. Only rank 0 of a data-parallel run writes (outputs,
+/// metrics, checkpoints, progress); the other ranks train and keep quiet.
 struct Session<'a, B: Backend> {
     tr: Trainer<'a, B>,
     cfg: &'a TrainConfig,
@@ -240,10 +314,13 @@ struct Session<'a, B: Backend> {
     metrics_path: PathBuf,
     /// Every metrics line of the run so far (earlier sessions' too), for the plot.
     metrics: String,
-    metrics_file: std::fs::File,
+    /// `None` on the ranks that do not write.
+    metrics_file: Option<std::fs::File>,
     last: Option<StepStats>,
     last_val: Option<ValLoss>,
     last_ckpt: Option<PathBuf>,
+    /// Each rank's host and device, by rank.
+    ranks: Vec<String>,
 }
 
 impl<'a, B: Backend> Session<'a, B> {
@@ -263,6 +340,9 @@ impl<'a, B: Backend> Session<'a, B> {
         }
         let t_load = Instant::now();
         let mut tr = Trainer::new(be, cfg, loaded, data, directions)?;
+        tr.world = opts.dist.world;
+        let main = tr.world.is_main();
+        let ranks = describe_ranks(be, tr.world)?;
         let out = cfg.output.clone();
         let metrics_path = out.join("metrics.jsonl");
         let metrics = match &opts.resume {
@@ -272,11 +352,28 @@ impl<'a, B: Backend> Session<'a, B> {
                 tr.restore(&ck)?;
                 metrics_up_to(&metrics_path, tr.state.step)?
             }
-            None => {
+            None if main => {
                 prepare_output(&out, opts.overwrite)?;
                 String::new()
             }
+            None => String::new(),
         };
+        if !main {
+            return Ok(Session {
+                tr,
+                cfg,
+                loaded,
+                base_model: loaded.source.display().to_string(),
+                out,
+                metrics_path,
+                metrics,
+                metrics_file: None,
+                last: None,
+                last_val: None,
+                last_ckpt: None,
+                ranks,
+            });
+        }
         write_atomic(&metrics_path, metrics.as_bytes())?;
         write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
         let metrics_file = std::fs::OpenOptions::new()
@@ -303,10 +400,11 @@ impl<'a, B: Backend> Session<'a, B> {
             out,
             metrics_path,
             metrics,
-            metrics_file,
+            metrics_file: Some(metrics_file),
             last: None,
             last_val: None,
             last_ckpt,
+            ranks,
         })
     }
 
@@ -319,7 +417,8 @@ impl<'a, B: Backend> Session<'a, B> {
         let save_every = cadence(self.cfg.save_every, total);
         INTERRUPTED.store(false, Ordering::SeqCst);
         install_interrupt_handler();
-        let tty = std::io::stderr().is_terminal();
+        let main = self.tr.world.is_main();
+        let tty = main && std::io::stderr().is_terminal();
         let bar = if tty {
             let b = indicatif::ProgressBar::new(total).with_position(self.tr.state.step);
             b.set_style(
@@ -363,10 +462,16 @@ impl<'a, B: Backend> Session<'a, B> {
             if tty {
                 bar.set_position(st.step);
                 bar.set_message(msg);
-            } else {
+            } else if main {
                 eprintln!("step {}/{total}  {msg}", st.step);
             }
-            let interrupted = INTERRUPTED.load(Ordering::SeqCst);
+            // Every rank stops at the same step: a Ctrl-C seen by any of them counts.
+            let mut flag = [INTERRUPTED.load(Ordering::SeqCst) as u8 as f64];
+            self.tr
+                .be
+                .all_reduce_host(&mut flag)
+                .context("agreeing across ranks whether to stop")?;
+            let interrupted = flag[0] > 0.0;
             let stop = opts.stop_after.is_some_and(|n| st.step >= n);
             if self.tr.done() {
                 break Outcome::Completed;
@@ -376,7 +481,7 @@ impl<'a, B: Backend> Session<'a, B> {
                 let msg = format!("  checkpoint {}", p.display());
                 if tty {
                     bar.println(msg)
-                } else {
+                } else if main {
                     eprintln!("{msg}")
                 }
                 if interrupted {
@@ -391,8 +496,16 @@ impl<'a, B: Backend> Session<'a, B> {
         Ok(outcome)
     }
 
-    /// Append one step's metrics line (flushed, so a crash keeps it).
+    /// Append one step's metrics line (flushed, so a crash keeps it); the other ranks only
+    /// remember the step.
     fn log_step(&mut self, st: &StepStats, val: Option<ValLoss>) -> Result<()> {
+        if let Some(v) = val {
+            self.last_val = Some(v);
+        }
+        self.last = Some(*st);
+        let Some(file) = self.metrics_file.as_mut() else {
+            return Ok(());
+        };
         let mut row = serde_json::json!({
             "step": st.step, "epoch": self.tr.state.epoch, "loss": st.loss, "lr": st.lr,
             "grad_norm": st.grad_norm, "tokens": st.tokens, "label_tokens": st.label_tokens,
@@ -404,20 +517,22 @@ impl<'a, B: Backend> Session<'a, B> {
             if let Some(u) = v.unablated {
                 row["val_loss_unablated"] = u.into();
             }
-            self.last_val = Some(v);
         }
         let line = format!("{row}\n");
         self.metrics.push_str(&line);
-        self.metrics_file
-            .write_all(line.as_bytes())
-            .and_then(|_| self.metrics_file.flush())
+        file.write_all(line.as_bytes())
+            .and_then(|_| file.flush())
             .with_context(|| format!("writing {}", self.metrics_path.display()))?;
-        self.last = Some(*st);
         Ok(())
     }
 
-    /// Save a checkpoint and prune old ones; returns its folder.
+    /// Save a checkpoint and prune old ones (rank 0; the replicas are identical); returns its
+    /// folder.
     fn save(&mut self) -> Result<PathBuf> {
+        if !self.tr.world.is_main() {
+            let name = checkpoint::step_dir_name(self.tr.state.step);
+            return Ok(self.out.join(CHECKPOINTS_DIR).join(name));
+        }
         let p = self.tr.save_checkpoint(&self.out, &self.base_model)?;
         checkpoint::prune(&self.out, self.cfg.keep_checkpoints)?;
         self.last_ckpt = Some(p.clone());
@@ -428,6 +543,9 @@ impl<'a, B: Backend> Session<'a, B> {
     /// report) and say where the last good checkpoint is.
     fn failed(&self, e: anyhow::Error) -> anyhow::Error {
         let diverged = e.downcast_ref::<Diverged>().is_some();
+        if !self.tr.world.is_main() {
+            return e.context(format!("rank {}", self.tr.world.rank));
+        }
         let status = if diverged { "diverged" } else { "failed" };
         let _ = self.write_record(
             status,
@@ -507,6 +625,9 @@ impl<'a, B: Backend> Session<'a, B> {
     /// The end of the run (or of this session): the final checkpoint, the adapter (and the
     /// merged model) when complete, the record, and a summary on stdout.
     fn finish(&mut self, outcome: Outcome) -> Result<()> {
+        if !self.tr.world.is_main() {
+            return Ok(());
+        }
         let status = match outcome {
             Outcome::Completed => "completed",
             Outcome::Stopped => "stopped",

@@ -10,6 +10,7 @@
 
 use crate::backend::Backend;
 use crate::data::{self, Dataset, Encoder, Example, Record};
+use crate::dist::{self, World};
 use crate::io::{file_sha256, program, sha256_hex};
 use crate::model::ablation::{load_directions, random_directions, Directions};
 use crate::model::full::Freeze;
@@ -237,6 +238,10 @@ pub struct Trainer<'a, B: Backend> {
     pub checkpointing: Checkpointing,
     /// The device-memory plan the run was checked against (GPU only).
     pub memory_plan: Option<Verdict>,
+    /// This process's place in a data-parallel run ([`World::SINGLE`] alone): each rank takes
+    /// its share of every step and of the validation batches, and the backend's group sums
+    /// what the shares computed.
+    pub world: World,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -346,6 +351,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             val_batches,
             checkpointing,
             memory_plan,
+            world: World::SINGLE,
         })
     }
 
@@ -452,25 +458,54 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let end = (start + self.grad_accum).min(self.state.plan.len());
         let plan = &self.state.plan[start..end];
         let train = &self.data.train;
+        // This rank's share of the step (all of it alone): the examples, token-balanced
+        // across ranks, packed here; or whole padded micro-batches, balanced by their size.
+        let (rank, ranks) = (self.world.rank, self.world.size);
         let micro: Vec<Batch> = match self.packing {
             Some(budget) => {
                 let step_examples: Vec<u32> = plan.iter().flatten().copied().collect();
-                data::pack_step(train, &step_examples, budget)
+                let lens: Vec<usize> = step_examples
+                    .iter()
+                    .map(|&i| self.lengths[i as usize])
+                    .collect();
+                let mine: Vec<u32> = dist::balance(&lens, ranks)[rank]
+                    .iter()
+                    .map(|&k| step_examples[k])
+                    .collect();
+                data::pack_step(train, &mine, budget)
                     .iter()
                     .map(|idx| data::packed_batch(train, idx))
                     .collect()
             }
-            None => plan
-                .iter()
-                .map(|idx| data::make_batch(train, idx, self.data.pad_id))
-                .collect(),
+            None => {
+                let sizes: Vec<usize> = plan
+                    .iter()
+                    .map(|idx| {
+                        idx.len()
+                            * idx
+                                .iter()
+                                .map(|&i| self.lengths[i as usize])
+                                .max()
+                                .unwrap_or(0)
+                    })
+                    .collect();
+                dist::balance(&sizes, ranks)[rank]
+                    .iter()
+                    .map(|&k| data::make_batch(train, &plan[k], self.data.pad_id))
+                    .collect()
+            }
         };
-        let tokens: usize = self.state.plan[start..end]
+        let tokens: usize = plan
             .iter()
             .flatten()
             .map(|&i| self.lengths[i as usize])
             .sum();
-        let n_step: usize = micro.iter().map(|m| m.n_targets()).sum();
+        // The loss is normalised by the labelled tokens of the whole step, on every rank.
+        let n_step: usize = plan
+            .iter()
+            .flatten()
+            .map(|&i| train[i as usize].n_targets())
+            .sum();
         let step = self.state.step + 1;
         let mut loss_sum = 0.0;
         for m in &micro {
@@ -482,7 +517,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 })?
                 .loss_sum;
         }
-        let loss = loss_sum / n_step.max(1) as f64;
+        // The ranks' shares summed: the step's loss and gradients, the same on every rank.
+        let mut sums = [loss_sum];
+        be.all_reduce_host(&mut sums)
+            .with_context(|| format!("step {step}: summing the loss across ranks"))?;
+        self.model
+            .all_reduce_grads(be)
+            .with_context(|| format!("step {step}: summing the gradients across ranks"))?;
+        let loss = sums[0] / n_step.max(1) as f64;
         let model = &mut self.model;
         let diverged = |what: String| -> anyhow::Error { Diverged { step, what }.into() };
         if !loss.is_finite() {
@@ -528,14 +570,19 @@ impl<'a, B: Backend> Trainer<'a, B> {
             return Ok(None);
         }
         let be = self.be;
+        let world = self.world;
+        // Each rank runs every `size`-th batch; the sums are added across ranks.
         let eval = |model: &mut Model<B>| -> Result<f64> {
             let (mut s, mut n) = (0.0, 0usize);
-            for b in &self.val_batches {
+            for b in self.val_batches.iter().skip(world.rank).step_by(world.size) {
                 let out = model.forward(be, b, false).context("validation forward")?;
                 s += out.loss_sum;
                 n += out.n_targets;
             }
-            Ok(s / n.max(1) as f64)
+            let mut sums = [s, n as f64];
+            be.all_reduce_host(&mut sums)
+                .context("summing the validation loss across ranks")?;
+            Ok(sums[0] / sums[1].max(1.0))
         };
         let ablated = eval(&mut self.model)?;
         let unablated = if self.directions.is_some() {

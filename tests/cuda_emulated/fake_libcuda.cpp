@@ -303,13 +303,28 @@ API CUresult cuDriverGetVersion(int* v) {
     *v = 13000;
     return kSuccess;
 }
-// $CAFT_EMU_DEVICE_COUNT GPUs (default 1); only device 0 takes a context, the others answer as
-// GPUs held by other jobs in exclusive mode do.
+// $CAFT_EMU_DEVICE_COUNT GPUs (default 1) on the node; $CUDA_VISIBLE_DEVICES, when set, shows
+// the listed ones (numbers, up to the first that is not a device, as the driver reads it), so a
+// launcher can give each process one GPU. Only visible device 0 takes a context, the others
+// answer as GPUs held by other jobs in exclusive mode do.
 int device_count() {
     static const int n = [] {
         const char* v = std::getenv("CAFT_EMU_DEVICE_COUNT");
         const int c = v ? std::atoi(v) : 1;
-        return c > 0 ? c : 1;
+        const int node = c > 0 ? c : 1;
+        const char* vis = std::getenv("CUDA_VISIBLE_DEVICES");
+        if (!vis) return node;
+        int shown = 0;
+        for (const char* p = vis; *p;) {
+            char* end = nullptr;
+            const long id = std::strtol(p, &end, 10);
+            if (end == p || id < 0 || id >= node) break;
+            ++shown;
+            while (*end == ' ') ++end;
+            if (*end != ',') break;
+            p = end + 1;
+        }
+        return shown;
     }();
     return n;
 }

@@ -29,6 +29,8 @@ pub struct CudaBackend<T: DeviceElem> {
     pub rt: Arc<Runtime>,
     pub(super) gemm: Gemm,
     scratch: Mutex<Scratch<T>>,
+    /// The data-parallel group this backend joined (`None`: training alone).
+    pub(super) group: Mutex<Option<super::collective::Group>>,
     _elem: PhantomData<T>,
 }
 
@@ -56,6 +58,7 @@ impl<T: DeviceElem> CudaBackend<T> {
                 csr: None,
                 lora: [None, None, None, None],
             }),
+            group: Mutex::new(None),
             _elem: PhantomData,
         })
     }
@@ -162,6 +165,22 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
             .stream
             .memcpy_dtod(&s, &mut d)
             .context("device-to-device copy")
+    }
+
+    fn group_id(&self) -> Result<[u8; 128]> {
+        super::collective::unique_id()
+    }
+
+    fn join_group(&self, rank: usize, size: usize, id: &[u8; 128]) -> Result<()> {
+        self.join(rank, size, id)
+    }
+
+    fn all_reduce_f32(&self, x: &mut Self::F32) -> Result<()> {
+        CudaBackend::all_reduce_f32(self, x)
+    }
+
+    fn all_reduce_host(&self, x: &mut [f64]) -> Result<()> {
+        CudaBackend::all_reduce_host(self, x)
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -15,11 +15,13 @@
 //!   the forward's copies of the master weights.
 //! - `launch`: launch shapes of the row and flat kernels ([`KernelLaunch`]), block-size constants.
 //! - `scratch`: device scratch the backend grows on demand.
+//! - [`collective`]: NCCL for data parallelism (the group, sums across ranks).
 //! - [`probe`]: what CUDA support the machine has, without panicking (`--device auto`).
 //! - [`diagnostics`]: CUDA-vs-CPU parity of every op and `caft-fast doctor`.
 
 pub mod attention;
 pub mod backend;
+pub mod collective;
 pub mod compile;
 pub mod diagnostics;
 mod elementwise;

@@ -215,6 +215,16 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// Every gradient of what is trained summed across the ranks of the backend's
+    /// data-parallel group (nothing outside one).
+    pub fn all_reduce_grads(&mut self, be: &B) -> Result<()> {
+        let (parts, _) = self.trainable()?;
+        for p in parts {
+            be.all_reduce_f32(p.grads)?;
+        }
+        Ok(())
+    }
+
     /// `Σ g²` over every gradient of what is trained.
     pub fn grad_sum_squares(&mut self, be: &B) -> Result<f64> {
         let (parts, _) = self.trainable()?;

@@ -4,9 +4,9 @@
 use super::parity;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::backend::CudaBackend;
-use crate::backend::cuda::compile;
 use crate::backend::cuda::probe::probe;
 use crate::backend::cuda::runtime::Runtime;
+use crate::backend::cuda::{collective, compile};
 use anyhow::Result;
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,6 +29,22 @@ pub fn doctor() -> Result<bool> {
             .unwrap_or_default()
     );
     println!("libcublas  {}", yes(p.libcublas));
+    // NCCL is optional: only data parallelism (`train --gpus`, torchrun) needs it.
+    match (collective::library_path(), collective::version()) {
+        (Some(path), Some((a, b, c))) => {
+            println!("libnccl    found (NCCL {a}.{b}.{c}, {})", path.display())
+        }
+        (Some(path), None) => println!(
+            "libnccl    found as {} but not under the name libnccl.so (train --gpus links \
+             it for its workers; under torchrun put a libnccl.so link on LD_LIBRARY_PATH)",
+            path.display()
+        ),
+        (None, Some((a, b, c))) => println!("libnccl    found (NCCL {a}.{b}.{c})"),
+        (None, None) => println!(
+            "libnccl    not found (needed only to train on several GPUs: {})",
+            collective::INSTALL_HINT
+        ),
+    }
     for g in &p.gpus {
         println!(
             "gpu {}      {} (compute {}.{}, {:.1} GiB)",
@@ -74,6 +90,9 @@ pub fn doctor() -> Result<bool> {
     let mut res = parity::run_all(&bf16, &cpu, &shapes, 1);
     res.extend(parity::run_matching(&bf16, &cpu, &wide, 3, "resid_"));
     ok &= parity::print_table("bf16", &res);
+    if collective::version().is_some() {
+        ok &= nccl_check(&bf16);
+    }
     let f32b = CudaBackend::<f32>::with_runtime(rt.clone())?;
     let mut res = parity::run_all(&f32b, &cpu, &shapes, 2);
     res.extend(parity::run_matching(&f32b, &cpu, &wide, 4, "resid_"));
@@ -84,4 +103,34 @@ pub fn doctor() -> Result<bool> {
         t.elapsed().as_secs_f64()
     );
     Ok(ok)
+}
+
+/// An all-reduce through libnccl in a group of one (this GPU): the library loads, a
+/// communicator forms and the sum leaves the numbers as they were. Prints a line; false on a
+/// failure.
+fn nccl_check(be: &CudaBackend<half::bf16>) -> bool {
+    let run = || -> Result<()> {
+        let id = collective::unique_id()?;
+        be.join(0, 1, &id)?;
+        let host: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut dev = be.rt.upload(&host, || "the NCCL check's buffer".into())?;
+        be.all_reduce_f32(&mut dev)?;
+        let back = be.rt.stream.clone_dtoh(&dev)?;
+        anyhow::ensure!(back == host, "a group of one changed the numbers it summed");
+        Ok(())
+    };
+    let t = Instant::now();
+    match run() {
+        Ok(()) => {
+            println!(
+                "nccl       all-reduce in a group of one: ok ({:.2} s)",
+                t.elapsed().as_secs_f64()
+            );
+            true
+        }
+        Err(e) => {
+            println!("nccl       all-reduce FAILED: {e:#}");
+            false
+        }
+    }
 }

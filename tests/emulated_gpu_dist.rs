@@ -1,0 +1,533 @@
+//! Data-parallel training on the emulated GPU (tests/cuda_emulated/: the CPU standing in for
+//! the driver, cuBLAS and libnccl; the real kernels, host code, rendezvous and launcher), in
+//! separate processes as on a node of GPUs.
+//!
+//! - In f32 (`CudaBackend<f32>`, each rank a child process running `train::run` with the
+//!   torchrun-style environment): N ranks make the updates one rank makes with the whole step
+//!   (1, 2 and 3 ranks; packed and padded; LoRA and full fine-tuning), and a run checkpointed
+//!   at 2 ranks resumes at 3 and ends as the uninterrupted one-rank run.
+//! - The binary (bf16): `train --gpus` starts and supervises the workers, rank 0 alone writes;
+//!   a worker killed mid-run ends the run with its rank named and the last checkpoint intact,
+//!   from which `--resume` ends as an uninterrupted run; bad launch input is refused clearly.
+//!
+//! What the emulated GPU cannot show: NCCL's own summation order (the stand-in adds ranks in
+//! rank order), overlap of communication with compute, and any speed.
+
+#[path = "cuda_emulated/gpu.rs"]
+mod emulated_gpu;
+#[path = "cuda_emulated/harness.rs"]
+mod harness;
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::OnceLock;
+use support::*;
+
+/// The emulated GPU's folder, or None (after a notice; a failure under CI) where it cannot be
+/// built.
+fn gpu_dir(test: &str) -> Option<PathBuf> {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    if !emulated_gpu::available(test) {
+        return None;
+    }
+    Some(
+        DIR.get_or_init(|| emulated_gpu::build().expect("building the emulated GPU"))
+            .clone(),
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+// ---- f32: the library's run, one process per rank -----------------------------------------
+
+/// Set in a rank's process: the TOML configuration of its run.
+const JOB_TOML: &str = "CAFT_TEST_RANK_TOML";
+/// Set in a rank's process to resume from this checkpoint folder.
+const JOB_RESUME: &str = "CAFT_TEST_RANK_RESUME";
+
+/// One rank of a run: `train::run` on `CudaBackend<f32>` with the configuration in
+/// `$CAFT_TEST_RANK_TOML` and the launch environment (`RANK`, ...). Runs only as a child of
+/// [`run_ranks`].
+#[test]
+#[ignore = "one rank of a data-parallel run; started by the tests below"]
+fn rank_worker() {
+    let Ok(text) = std::env::var(JOB_TOML) else {
+        return;
+    };
+    use caft_fast::backend::cuda::backend::CudaBackend;
+    use caft_fast::train::config::TrainConfig;
+    let cfg = TrainConfig::merge_toml_str(&TrainConfig::default(), &text).unwrap();
+    let loaded = caft_fast::model::loader::load_model(cfg.model.as_deref().unwrap()).unwrap();
+    let be = CudaBackend::<f32>::new(0).unwrap();
+    let opts = caft_fast::train::RunOptions {
+        resume: std::env::var_os(JOB_RESUME).map(|p| {
+            caft_fast::train::checkpoint::resolve_resume(Path::new(&p))
+                .unwrap()
+                .1
+        }),
+        overwrite: true,
+        stop_after: cfg_stop_after(),
+        dist: caft_fast::dist::Dist::from_env().unwrap(),
+    };
+    if let Err(e) = caft_fast::train::run(&be, &cfg, &loaded, &opts) {
+        eprintln!("rank failed: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn cfg_stop_after() -> Option<u64> {
+    std::env::var("CAFT_TEST_RANK_STOP_AFTER")
+        .ok()
+        .map(|v| v.parse().unwrap())
+}
+
+/// Run `ranks` processes of [`rank_worker`] with `toml` (one process alone when `ranks` is 1,
+/// without the launch environment) and wait for all; panics with their output when one fails.
+fn run_ranks(gpu: &Path, ranks: usize, toml: &str, resume: Option<&Path>, stop: Option<u64>) {
+    let exe = std::env::current_exe().unwrap();
+    let port = free_port().to_string();
+    let outs: Vec<Output> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..ranks)
+            .map(|r| {
+                let mut cmd = emulated_gpu::command_on(gpu, &exe);
+                cmd.args(["--ignored", "--exact", "rank_worker", "--nocapture"])
+                    .env(JOB_TOML, toml)
+                    .env("CAFT_RENDEZVOUS_TIMEOUT_S", "120");
+                if ranks > 1 {
+                    cmd.env("RANK", r.to_string())
+                        .env("WORLD_SIZE", ranks.to_string())
+                        .env("LOCAL_RANK", r.to_string())
+                        .env("MASTER_ADDR", "127.0.0.1")
+                        .env("MASTER_PORT", &port);
+                }
+                if let Some(p) = resume {
+                    cmd.env(JOB_RESUME, p);
+                }
+                if let Some(n) = stop {
+                    cmd.env("CAFT_TEST_RANK_STOP_AFTER", n.to_string());
+                }
+                s.spawn(move || emulated_gpu::output_with_timeout(&mut cmd))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (r, o) in outs.iter().enumerate() {
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            o.status.success() && text.contains("1 passed"),
+            "rank {r} of {ranks} failed ({}):\n{text}",
+            o.status
+        );
+    }
+}
+
+/// The configuration of the f32 runs: the tiny Llama, LoRA r 4 (or full fine-tuning), an
+/// ablation at layer 1, `extra` TOML lines after.
+fn job(model: &Path, data: &Path, out: &Path, extra: &str) -> String {
+    format!(
+        "model = {:?}\ndata = {:?}\noutput = {:?}\ndevice = \"cuda\"\nlora_r = 4\nlora_alpha = 8\n\
+         lr = 0.01\nbatch_size = 2\nmax_steps = 4\nval_split = 0.0\nablate_random = 3\n\
+         ablate_layers = [1]\nsave_every = 2\nthreads = 1\n{extra}",
+        s(model),
+        s(data),
+        s(out)
+    )
+}
+
+/// The largest relative difference of two runs' per-step `key` (loss, grad_norm).
+fn metric_gap(a: &Path, b: &Path, key: &str) -> f64 {
+    let (ma, mb) = (metrics(a), metrics(b));
+    assert_eq!(
+        ma.len(),
+        mb.len(),
+        "steps of {} and {}",
+        a.display(),
+        b.display()
+    );
+    ma.iter()
+        .zip(&mb)
+        .map(|(x, y)| {
+            let (x, y) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            (x - y).abs() / x.abs().max(1e-12)
+        })
+        .fold(0.0, f64::max)
+}
+
+/// The largest difference of two trained tensor files, relative to the largest change the
+/// training made (`base`: the tensors before training, or None to compare with the values).
+fn tensor_gap(a: &Path, b: &Path) -> f64 {
+    let (ta, tb) = (read_tensors(a), read_tensors(b));
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
+    let (mut diff, mut size) = (0.0f64, 0.0f64);
+    for (k, (_, va)) in &ta {
+        let vb = &tb[k].1;
+        for (x, y) in va.iter().zip(vb) {
+            diff = diff.max((x - y).abs() as f64);
+            size = size.max(x.abs() as f64);
+        }
+    }
+    diff / size.max(1e-30)
+}
+
+/// Tolerance of the f32 comparisons: the ranks' sums add the same numbers in another order
+/// (per-rank partial sums, then across ranks), so only f32 rounding may differ.
+const F32_TOL: f64 = 1e-6;
+
+/// N ranks = one rank with the whole step, in f32, for 2 and 3 ranks (3 shares a step of 6
+/// examples unevenly by tokens), packed and padded: losses and gradient norms of every step
+/// within 1e-6, and the trained adapter within 1e-6 of its largest value.
+#[test]
+fn n_ranks_make_the_one_rank_update_in_f32() {
+    let Some(gpu) = gpu_dir("n_ranks_make_the_one_rank_update_in_f32") else {
+        return;
+    };
+    let dir = TempDir::new("emu-dist-f32");
+    let data = write(&dir.join("d.jsonl"), &progression_records(40, 5));
+    let model = tiny_llama();
+    for (tag, extra) in [
+        ("packed", "grad_accum = 3\n"),
+        ("padded", "grad_accum = 6\npacking = false\n"),
+    ] {
+        let one = dir.join(format!("{tag}-1"));
+        run_ranks(&gpu, 1, &job(&model, &data, &one, extra), None, None);
+        for ranks in [2, 3] {
+            let out = dir.join(format!("{tag}-{ranks}"));
+            run_ranks(&gpu, ranks, &job(&model, &data, &out, extra), None, None);
+            let (dl, dg) = (
+                metric_gap(&one, &out, "loss"),
+                metric_gap(&one, &out, "grad_norm"),
+            );
+            let dp = tensor_gap(
+                &one.join("adapter/adapter_model.safetensors"),
+                &out.join("adapter/adapter_model.safetensors"),
+            );
+            println!("{tag}, {ranks} ranks: loss {dl:.2e}, grad norm {dg:.2e}, adapter {dp:.2e}");
+            assert!(
+                dl <= F32_TOL && dg <= F32_TOL && dp <= F32_TOL,
+                "{tag} {ranks} ranks"
+            );
+            let run: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+            assert_eq!(run["world_size"], ranks);
+            assert_eq!(run["ranks"].as_array().unwrap().len(), ranks);
+            assert_eq!(metrics(&out).len(), 4, "rank 0 alone writes the metrics");
+        }
+    }
+}
+
+/// Full fine-tuning on 2 ranks = 1 rank (f32): every weight of the saved model within 1e-6 of
+/// its largest value, losses and gradient norms within 1e-6.
+#[test]
+fn full_fine_tuning_on_two_ranks_makes_the_one_rank_update_in_f32() {
+    let Some(gpu) = gpu_dir("full_fine_tuning_on_two_ranks_makes_the_one_rank_update_in_f32")
+    else {
+        return;
+    };
+    let dir = TempDir::new("emu-dist-full");
+    let data = write(&dir.join("d.jsonl"), &progression_records(40, 6));
+    let model = tiny_llama();
+    let extra = "method = \"full\"\ngrad_accum = 2\nlr = 0.001\nsave_dtype = \"f32\"\n";
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    run_ranks(&gpu, 1, &job(&model, &data, &one, extra), None, None);
+    run_ranks(&gpu, 2, &job(&model, &data, &two, extra), None, None);
+    let (dl, dg) = (
+        metric_gap(&one, &two, "loss"),
+        metric_gap(&one, &two, "grad_norm"),
+    );
+    let dw = tensor_gap(
+        &one.join("model/model.safetensors"),
+        &two.join("model/model.safetensors"),
+    );
+    println!("full, 2 ranks: loss {dl:.2e}, grad norm {dg:.2e}, weights {dw:.2e}");
+    assert!(dl <= F32_TOL && dg <= F32_TOL && dw <= F32_TOL);
+}
+
+/// A run of 2 ranks stopped at step 2 and resumed on 3 ranks continues with the same global
+/// data order: it ends as the uninterrupted one-rank run (f32, within 1e-6).
+#[test]
+fn a_checkpoint_resumes_on_another_number_of_ranks() {
+    let Some(gpu) = gpu_dir("a_checkpoint_resumes_on_another_number_of_ranks") else {
+        return;
+    };
+    let dir = TempDir::new("emu-dist-resume");
+    let data = write(&dir.join("d.jsonl"), &progression_records(40, 7));
+    let model = tiny_llama();
+    let extra = "grad_accum = 3\n";
+    let (one, part) = (dir.join("one"), dir.join("part"));
+    run_ranks(&gpu, 1, &job(&model, &data, &one, extra), None, None);
+    run_ranks(&gpu, 2, &job(&model, &data, &part, extra), None, Some(2));
+    assert_eq!(metrics(&part).len(), 2);
+    run_ranks(
+        &gpu,
+        3,
+        &job(&model, &data, &part, extra),
+        Some(&part),
+        None,
+    );
+    let (dl, dp) = (
+        metric_gap(&one, &part, "loss"),
+        tensor_gap(
+            &one.join("adapter/adapter_model.safetensors"),
+            &part.join("adapter/adapter_model.safetensors"),
+        ),
+    );
+    println!("2 ranks, then 3 from the step-2 checkpoint: loss {dl:.2e}, adapter {dp:.2e}");
+    assert!(dl <= F32_TOL && dp <= F32_TOL);
+}
+
+// ---- the binary: `train --gpus`, bf16 -------------------------------------------------------
+
+/// `caft-fast <args>` on the emulated GPU with `env`.
+fn on_gpu(gpu: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    no_panic(emulated_gpu::output_with_timeout(
+        emulated_gpu::command_on(gpu, exe())
+            .args(args)
+            .envs(env.iter().copied()),
+    ))
+}
+
+/// A node of three emulated GPUs.
+const NODE: [(&str, &str); 1] = [("CAFT_EMU_DEVICE_COUNT", "3")];
+
+/// `train` of the tiny Llama with LoRA r 4 on `data` into `out`, 6 steps of 4 examples,
+/// checkpoints every 2, then `extra`.
+fn train_args<'a>(
+    model: &'a Path,
+    data: &'a Path,
+    out: &'a Path,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec![
+        "train",
+        "--model",
+        s(model),
+        "--data",
+        s(data),
+        "-o",
+        s(out),
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--max-steps",
+        "6",
+        "--val-split",
+        "0",
+        "--save-every",
+        "2",
+        "--ablate-random",
+        "2",
+        "--ablate-layers",
+        "1",
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// `train --gpus 0,1` starts two workers; rank 0 alone writes (one metrics line a step, one
+/// record naming both ranks), and the losses are those of `--gpus 0` (one worker) to bf16's
+/// rounding of the same sums. A worker killed mid-run (the stand-in libnccl kills rank 1 in
+/// its 9th collective call) ends the run with status 2 within seconds, naming rank 1, its GPU
+/// and how it died, and leaves the last checkpoint whole; `--resume --gpus 0,1` from it ends
+/// exactly as the uninterrupted two-GPU run.
+#[test]
+fn train_gpus_launches_supervises_and_resumes() {
+    let Some(gpu) = gpu_dir("train_gpus_launches_supervises_and_resumes") else {
+        return;
+    };
+    let dir = TempDir::new("emu-dist-cli");
+    let data = write(&dir.join("d.jsonl"), &progression_records(30, 3));
+    let model = tiny_llama();
+    let (one, two, part) = (dir.join("one"), dir.join("two"), dir.join("part"));
+    let msg = assert_ok(&on_gpu(
+        &gpu,
+        &train_args(&model, &data, &one, &["--gpus", "0"]),
+        &NODE,
+    ));
+    assert!(msg.contains("starting 1 worker on GPU 0"), "{msg}");
+    let msg = assert_ok(&on_gpu(
+        &gpu,
+        &train_args(&model, &data, &two, &["--gpus", "0,2"]),
+        &NODE,
+    ));
+    assert!(msg.contains("starting 2 workers on GPUs 0, 2"), "{msg}");
+    assert!(msg.contains("data parallel: 2 ranks"), "{msg}");
+    assert_eq!(
+        metrics(&two).len(),
+        6,
+        "one metrics line a step: rank 0 alone writes"
+    );
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(two.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["world_size"], 2);
+    let ranks: Vec<String> = run["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        ranks[0].contains("GPU 0") && ranks[1].contains("GPU 2"),
+        "{ranks:?}"
+    );
+    let gap = metric_gap(&one, &two, "loss");
+    println!("--gpus 0 vs --gpus 0,2 (bf16): largest loss difference {gap:.2e}");
+    assert!(gap < 1e-3, "{gap}");
+
+    let t = std::time::Instant::now();
+    let die = [NODE[0], ("CAFT_EMU_NCCL_DIE", "1:9")];
+    let o = on_gpu(
+        &gpu,
+        &train_args(&model, &data, &part, &["--gpus", "0,1"]),
+        &die,
+    );
+    let err = assert_error(&o, &["rank 1 of 2 (GPU 1) was killed by signal 9"]);
+    println!(
+        "{err}\n(ended {:.1} s after the start)",
+        t.elapsed().as_secs_f64()
+    );
+    let ck = caft_fast::train::checkpoint::list(&part).unwrap();
+    let (step, last) = ck.last().cloned().expect("a checkpoint before the death");
+    assert!(step >= 2, "{ck:?}");
+    let msg = assert_ok(&on_gpu(
+        &gpu,
+        &["train", "--resume", s(&part), "--gpus", "0,1"],
+        &NODE,
+    ));
+    assert!(
+        msg.contains(&format!("resuming at step {step}")),
+        "{msg} ({})",
+        last.display()
+    );
+    let (a, b) = (metrics(&two), metrics(&part));
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["loss"], y["loss"], "step {}", x["step"]);
+        assert_eq!(x["grad_norm"], y["grad_norm"], "step {}", x["step"]);
+    }
+    let read = |p: &Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(read(&two), read(&part), "the adapters differ");
+}
+
+/// Bad launch input is refused before any training, saying what to do.
+#[test]
+fn bad_launch_input_is_refused_clearly() {
+    let Some(gpu) = gpu_dir("bad_launch_input_is_refused_clearly") else {
+        return;
+    };
+    let dir = TempDir::new("emu-dist-bad");
+    let data = write(&dir.join("d.jsonl"), &progression_records(12, 3));
+    let model = tiny_llama();
+    let out = dir.join("out");
+    let run = |extra: &[&str], env: &[(&str, &str)]| {
+        on_gpu(&gpu, &train_args(&model, &data, &out, extra), env)
+    };
+    assert_error(&run(&["--gpus", "0,0"], &NODE), &["names GPU 0 twice"]);
+    assert_error(
+        &run(&["--gpus", "0,3"], &NODE),
+        &["GPU 3 does not exist", "3 GPUs, numbered 0 to 2"],
+    );
+    assert_error(
+        &run(&["--gpus", "0,1", "--device", "cpu"], &NODE),
+        &["--device cpu"],
+    );
+    // Five ranks cannot share a step of 2 x 2 examples.
+    let five = [("CAFT_EMU_DEVICE_COUNT", "5")];
+    let e = assert_error(&run(&["--gpus", "all"], &five), &["rank 0 of 5"]);
+    assert!(
+        e.contains("cannot be shared by 5 ranks") && e.contains("--grad-accum to 3"),
+        "{e}"
+    );
+    // The launch environment of torchrun, inconsistent or incomplete.
+    let env = |pairs: &[(&'static str, &'static str)]| [&NODE[..], pairs].concat();
+    assert_error(
+        &run(&[], &env(&[("RANK", "2"), ("WORLD_SIZE", "2")])),
+        &["RANK=2 is not below WORLD_SIZE=2"],
+    );
+    assert_error(
+        &run(
+            &["--gpus", "0,1"],
+            &env(&[
+                ("RANK", "0"),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_RANK", "0"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", "1"),
+            ]),
+        ),
+        &["--gpus starts one process per GPU itself"],
+    );
+    let port = free_port().to_string();
+    let alone = |rank: &'static str| -> Vec<(&'static str, String)> {
+        vec![
+            ("RANK", rank.into()),
+            ("WORLD_SIZE", "3".into()),
+            ("LOCAL_RANK", "0".into()),
+            ("MASTER_ADDR", "127.0.0.1".into()),
+            ("MASTER_PORT", port.clone()),
+            ("CAFT_RENDEZVOUS_TIMEOUT_S", "1".into()),
+        ]
+    };
+    let with = |v: &[(&'static str, String)]| -> Output {
+        let e: Vec<(&str, &str)> = v.iter().map(|(k, x)| (*k, x.as_str())).collect();
+        run(&[], &e)
+    };
+    assert_error(
+        &with(&alone("1")),
+        &["rank 1: cannot reach rank 0 at 127.0.0.1:"],
+    );
+    assert_error(
+        &with(&alone("0")),
+        &["ranks 1, 2 of WORLD_SIZE=3 did not join"],
+    );
+    assert!(!out.join("adapter").exists());
+}
+
+/// Without libnccl, one GPU still trains and `--gpus` with two is refused with how to install
+/// it.
+#[test]
+fn without_libnccl_one_gpu_trains_and_two_are_refused() {
+    let Some(gpu) = gpu_dir("without_libnccl_one_gpu_trains_and_two_are_refused") else {
+        return;
+    };
+    let dir = TempDir::new("emu-dist-nonccl");
+    // The emulated GPU's folder without its libnccl.so.
+    let bare = dir.join("gpu");
+    std::fs::create_dir_all(&bare).unwrap();
+    for e in std::fs::read_dir(&gpu).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "libnccl.so" {
+            std::os::unix::fs::symlink(&p, bare.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let data = write(&dir.join("d.jsonl"), &progression_records(12, 3));
+    let model = tiny_llama();
+    let o = on_gpu(
+        &bare,
+        &train_args(&model, &data, &dir.join("a"), &["--gpus", "0,1"]),
+        &NODE,
+    );
+    assert_error(&o, &["needs libnccl", "nvidia-nccl-cu13"]);
+    let one = ["--gpus", "1", "--max-steps", "2"];
+    assert_ok(&on_gpu(
+        &bare,
+        &train_args(&model, &data, &dir.join("b"), &one),
+        &NODE,
+    ));
+}
