@@ -6,15 +6,18 @@
 //! - `libcuda.so` from `fake_libcuda.cpp` (device memory is host memory; launches run the
 //!   kernel libraries below; guard bytes, NaN-filled allocations, range checks),
 //! - `libcublas.so` from `fake_libcublas.cpp` (GemmEx by the definition),
+//! - `libnccl.so` from `fake_libnccl.cpp` (collectives between processes through POSIX
+//!   shared memory, summed in rank order; tests/cuda_emulated_nccl.rs),
 //! - `kmod_<module>.so` per `kernels/<module>.cu`: the source under `cuda_shim.hpp` in its
 //!   fiber mode (a block's threads switched at barriers and shuffles; `ptx_emu.hpp` for the
 //!   inline PTX), with every entry point NVRTC finds in the module's PTX.
 //!
 //! [`rerun_ignored`] runs the calling test binary again with that folder first on
-//! `LD_LIBRARY_PATH` (cudarc opens `libcuda.so` and `libcublas.so` by name; NVRTC stays the
-//! real one), `--include-ignored`, and `CAFT_EMULATED_GPU=1`, so the tests marked "needs a CUDA
-//! GPU" run against the stand-ins. What this checks and what it cannot: the kernels' logic and
-//! the host code, as on a GPU; not speed, not the GPU's memory model, not the real cuBLAS.
+//! `LD_LIBRARY_PATH` (cudarc opens `libcuda.so`, `libcublas.so` and `libnccl.so` by name;
+//! NVRTC stays the real one), `--include-ignored`, and `CAFT_EMULATED_GPU=1`, so the tests
+//! marked "needs a CUDA GPU" run against the stand-ins. What this checks and what it cannot:
+//! the kernels' logic and the host code, as on a GPU; not speed, not the GPU's memory model,
+//! not the real cuBLAS or NCCL.
 //!
 //! The stand-in driver also plays a small GPU (`CAFT_EMU_DEVICE_MEM_MIB`), a faulting one
 //! (`CAFT_EMU_FAIL_KERNEL=<kernel>:<n>`) or a node of several GPUs of which only device 0 is
@@ -44,10 +47,12 @@ pub fn is_child() -> bool {
     std::env::var_os(CHILD_ENV).is_some()
 }
 
-/// The stand-in files, by name.
-const FAKES: [(&str, &str); 2] = [
-    ("libcuda.so", "fake_libcuda.cpp"),
-    ("libcublas.so", "fake_libcublas.cpp"),
+/// The stand-in libraries: file name, source, libraries to link besides libdl.
+const FAKES: [(&str, &str, &[&str]); 3] = [
+    ("libcuda.so", "fake_libcuda.cpp", &[]),
+    ("libcublas.so", "fake_libcublas.cpp", &[]),
+    // librt: shm_open (part of libc itself since glibc 2.34).
+    ("libnccl.so", "fake_libnccl.cpp", &["-lrt"]),
 ];
 
 /// The `.entry` names of a PTX text.
@@ -168,13 +173,15 @@ pub fn build_edited(
     for r in results {
         r?;
     }
-    for (lib, src) in FAKES {
+    for (lib, src, libs) in FAKES {
+        let mut flags: Vec<String> = vec!["-shared".into(), "-fPIC".into(), "-ldl".into()];
+        flags.extend(libs.iter().map(|l| l.to_string()));
         harness::compile_cpp(
             &cxx,
             &tmp,
             &[harness::shim_dir().join(src)],
             &tmp.join(lib),
-            &["-shared".into(), "-fPIC".into(), "-ldl".into()],
+            &flags,
             src,
         )?;
     }
