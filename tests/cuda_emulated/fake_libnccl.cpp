@@ -37,7 +37,8 @@
 // ncclSystemError, naming the ranks that never arrived (ncclCommInitRank likewise). After a
 // failure the communicator stays failed: later calls return the same error, as on a real
 // aborted one; ncclCommGetAsyncError reports it. Every failure prints a line starting with
-// "fake libnccl: rank <r>:" to stderr.
+// "fake libnccl: rank <r>:" to stderr. A rank killed on demand: $CAFT_EMU_NCCL_DIE (see
+// die_if_asked).
 //
 // What it cannot show: real NCCL's summation order (rings and trees: the bits of a sum differ
 // from this rank-order sum, though real NCCL is deterministic too for a fixed topology and
@@ -58,6 +59,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
+#include <utility>
 #include <string>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -470,6 +472,25 @@ ncclResult meet(Comm& c, const Call& call) {
     return kSuccess;
 }
 
+// A worker killed mid-run on demand: $CAFT_EMU_NCCL_DIE=<rank>:<n> makes rank <rank> kill its
+// own process (SIGKILL, as the kernel's out-of-memory killer would) on entering its n-th
+// collective call, so tests can check what the other ranks and the launcher do.
+void die_if_asked(const Comm& c) {
+    static const std::pair<int, long> at = [] {
+        const char* v = std::getenv("CAFT_EMU_NCCL_DIE");
+        int r = -1;
+        long n = 0;
+        if (v && std::sscanf(v, "%d:%ld", &r, &n) != 2) r = -1;
+        return std::pair<int, long>(r, n);
+    }();
+    if (c.rank == at.first && long(c.calls) == at.second) {
+        std::fprintf(stderr, "fake libnccl: rank %d: killed on its collective call %ld "
+                             "($CAFT_EMU_NCCL_DIE)\n", c.rank, at.second);
+        std::fflush(stderr);
+        kill(getpid(), SIGKILL);
+    }
+}
+
 ncclResult collective(int kind, const void* sendbuff, void* recvbuff, std::size_t count,
                       int type, int op, int root, void* comm) {
     auto* cp = static_cast<Comm*>(comm);
@@ -477,6 +498,7 @@ ncclResult collective(int kind, const void* sendbuff, void* recvbuff, std::size_
     if (ncclResult r = check_call(cp, call, sendbuff, recvbuff)) return r;
     Comm& c = *cp;
     call.seq = ++c.calls;
+    die_if_asked(c);
     if (ncclResult r = meet(c, call)) return r;
     const char* what = kind_name(kind);
     const auto* send = static_cast<const unsigned char*>(sendbuff);
