@@ -571,7 +571,7 @@ fn ctrl_c_stops_every_worker_at_one_checkpoint() {
     let model = tiny_llama();
     let out = dir.join("out");
     let long = ["--gpus", "0,1", "--max-steps", "400", "--save-every", "0"];
-    let mut child = emulated_gpu::command_on(&gpu, exe())
+    let child = emulated_gpu::command_on(&gpu, exe())
         .args(train_args(&model, &data, &out, &long))
         .envs(NODE)
         .stdout(std::process::Stdio::piped())

@@ -145,7 +145,7 @@ impl<T: DeviceElem> CudaBackend<T> {
         let Some(g) = g.as_ref() else {
             return Ok(());
         };
-        if x.len() == 0 {
+        if x.is_empty() {
             return Ok(());
         }
         g.comm
