@@ -606,6 +606,19 @@ pub trait Backend {
     fn all_reduce_host(&self, _x: &mut [f64]) -> Result<()> {
         Ok(())
     }
+    /// ZeRO-1's gradient step: `recv <- Σ over ranks of send[rank·n .. (rank+1)·n]`, where
+    /// `send` holds `size · n` values and `recv` `n`. Only in a group.
+    fn reduce_scatter_f32(&self, _send: &Self::F32, _recv: &mut Self::F32) -> Result<()> {
+        anyhow::bail!(
+            "{}: reduce-scatter needs a data-parallel group",
+            self.name()
+        )
+    }
+    /// ZeRO-1's weight step: `recv[r·n .. (r+1)·n] <- send of rank r` for every rank `r`,
+    /// where `send` holds `n` values and `recv` `size · n`. Only in a group.
+    fn all_gather_f32(&self, _send: &Self::F32, _recv: &mut Self::F32) -> Result<()> {
+        anyhow::bail!("{}: all-gather needs a data-parallel group", self.name())
+    }
 
     // ---- optimizer --------------------------------------------------------------------------
     /// `Σ g²` over the whole buffer (for the global gradient norm).

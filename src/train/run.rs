@@ -321,6 +321,9 @@ struct Session<'a, B: Backend> {
     last_ckpt: Option<PathBuf>,
     /// Each rank's host and device, by rank.
     ranks: Vec<String>,
+    /// The step of the newest checkpoint this session saved or resumed from (the same on
+    /// every rank: whether the end needs one more is decided alike everywhere).
+    saved_at: Option<u64>,
 }
 
 impl<'a, B: Backend> Session<'a, B> {
@@ -340,16 +343,18 @@ impl<'a, B: Backend> Session<'a, B> {
         }
         let t_load = Instant::now();
         let mut tr = Trainer::new(be, cfg, loaded, data, directions)?;
-        tr.world = opts.dist.world;
+        tr.join_world(opts.dist.world)?;
         let main = tr.world.is_main();
         let ranks = describe_ranks(be, tr.world)?;
         let out = cfg.output.clone();
         let metrics_path = out.join("metrics.jsonl");
+        let mut saved_at = None;
         let metrics = match &opts.resume {
             Some(ck_dir) => {
                 tr.check_resumable(&checkpoint::load_state(ck_dir)?, ck_dir)?;
                 let ck = checkpoint::load(ck_dir, tr.trained())?;
                 tr.restore(&ck)?;
+                saved_at = Some(tr.state.step);
                 metrics_up_to(&metrics_path, tr.state.step)?
             }
             None if main => {
@@ -372,6 +377,7 @@ impl<'a, B: Backend> Session<'a, B> {
                 last_val: None,
                 last_ckpt: None,
                 ranks,
+                saved_at,
             });
         }
         write_atomic(&metrics_path, metrics.as_bytes())?;
@@ -405,6 +411,7 @@ impl<'a, B: Backend> Session<'a, B> {
             last_val: None,
             last_ckpt,
             ranks,
+            saved_at,
         })
     }
 
@@ -528,14 +535,14 @@ impl<'a, B: Backend> Session<'a, B> {
 
     /// Save a checkpoint and prune old ones (rank 0; the replicas are identical); returns its
     /// folder.
+    /// Every rank calls it (sharded optimizer state is gathered from all of them).
     fn save(&mut self) -> Result<PathBuf> {
-        if !self.tr.world.is_main() {
-            let name = checkpoint::step_dir_name(self.tr.state.step);
-            return Ok(self.out.join(CHECKPOINTS_DIR).join(name));
-        }
         let p = self.tr.save_checkpoint(&self.out, &self.base_model)?;
-        checkpoint::prune(&self.out, self.cfg.keep_checkpoints)?;
-        self.last_ckpt = Some(p.clone());
+        self.saved_at = Some(self.tr.state.step);
+        if self.tr.world.is_main() {
+            checkpoint::prune(&self.out, self.cfg.keep_checkpoints)?;
+            self.last_ckpt = Some(p.clone());
+        }
         Ok(p)
     }
 
@@ -625,22 +632,16 @@ impl<'a, B: Backend> Session<'a, B> {
     /// The end of the run (or of this session): the final checkpoint, the adapter (and the
     /// merged model) when complete, the record, and a summary on stdout.
     fn finish(&mut self, outcome: Outcome) -> Result<()> {
-        if !self.tr.world.is_main() {
-            return Ok(());
-        }
         let status = match outcome {
             Outcome::Completed => "completed",
             Outcome::Stopped => "stopped",
             Outcome::Interrupted => "interrupted",
         };
-        if outcome == Outcome::Completed {
-            let up_to_date = self
-                .last_ckpt
-                .as_ref()
-                .is_some_and(|p| p.ends_with(checkpoint::step_dir_name(self.tr.state.step)));
-            if !up_to_date {
-                self.save()?;
-            }
+        if outcome == Outcome::Completed && self.saved_at != Some(self.tr.state.step) {
+            self.save()?;
+        }
+        if !self.tr.world.is_main() {
+            return Ok(());
         }
         let mut outputs = serde_json::json!({
             "metrics": "metrics.jsonl",

@@ -355,6 +355,18 @@ impl<'a, B: Backend> Trainer<'a, B> {
         })
     }
 
+    /// Train as `world`'s rank (the backend has joined its group): with full fine-tuning on
+    /// several ranks, shard the optimizer state (ZeRO-1). Before [`Trainer::restore`].
+    pub fn join_world(&mut self, world: World) -> Result<()> {
+        self.world = world;
+        if world.size > 1 && self.model.full.is_some() {
+            self.model
+                .shard_optimizer(self.be, world.rank, world.size)
+                .context("sharding the optimizer state across ranks (ZeRO-1)")?;
+        }
+        Ok(())
+    }
+
     /// Optimizer steps per epoch.
     pub fn steps_per_epoch(&self) -> u64 {
         self.lengths
@@ -611,8 +623,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     /// Write a checkpoint of the current state under `run_dir/checkpoints/`.
+    /// Every rank of a data-parallel run calls it (a sharded optimizer state is gathered);
+    /// rank 0 alone writes. Returns the checkpoint's folder.
     pub fn save_checkpoint(&self, run_dir: &Path, base_model: &str) -> Result<PathBuf> {
         let [params, m, v] = self.model.download_trained(self.be)?;
+        if !self.world.is_main() {
+            let name = checkpoint::step_dir_name(self.state.step);
+            return Ok(run_dir.join(CHECKPOINTS_DIR).join(name));
+        }
         checkpoint::save(
             &run_dir.join(CHECKPOINTS_DIR),
             &self.state,

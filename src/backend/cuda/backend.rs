@@ -183,6 +183,14 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         CudaBackend::all_reduce_host(self, x)
     }
 
+    fn reduce_scatter_f32(&self, send: &Self::F32, recv: &mut Self::F32) -> Result<()> {
+        CudaBackend::reduce_scatter_f32(self, send, recv)
+    }
+
+    fn all_gather_f32(&self, send: &Self::F32, recv: &mut Self::F32) -> Result<()> {
+        CudaBackend::all_gather_f32(self, send, recv)
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.rt.synchronize()
     }

@@ -154,6 +154,55 @@ impl<T: DeviceElem> CudaBackend<T> {
         Ok(())
     }
 
+    /// The group, or an error naming `what` needs one.
+    fn with_group<R>(&self, what: &str, f: impl FnOnce(&Group) -> Result<R>) -> Result<R> {
+        let g = self.group.lock().unwrap_or_else(|e| e.into_inner());
+        match g.as_ref() {
+            Some(g) => f(g),
+            None => bail!("{what} needs a data-parallel group (join one first)"),
+        }
+    }
+
+    /// `recv <- Σ over ranks of this rank's `recv.len()` values of `send`` (ZeRO-1's gradients).
+    pub fn reduce_scatter_f32(
+        &self,
+        send: &CudaSlice<f32>,
+        recv: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.with_group("reduce-scatter", |g| {
+            let n = recv.len();
+            if send.len() != n * g.size() {
+                bail!(
+                    "reduce-scatter of {} values into {n} per rank on {} ranks",
+                    send.len(),
+                    g.size()
+                );
+            }
+            g.comm
+                .reduce_scatter(send, recv, &ReduceOp::Sum)
+                .map_err(|e| nccl_err(&format!("reduce-scatter of {} floats", send.len()), e))?;
+            Ok(())
+        })
+    }
+
+    /// `recv <- every rank's `send`, in rank order` (ZeRO-1's updated weights).
+    pub fn all_gather_f32(&self, send: &CudaSlice<f32>, recv: &mut CudaSlice<f32>) -> Result<()> {
+        self.with_group("all-gather", |g| {
+            let n = send.len();
+            if recv.len() != n * g.size() {
+                bail!(
+                    "all-gather of {n} values per rank into {} on {} ranks",
+                    recv.len(),
+                    g.size()
+                );
+            }
+            g.comm
+                .all_gather(send, recv)
+                .map_err(|e| nccl_err(&format!("all-gather of {} floats", recv.len()), e))?;
+            Ok(())
+        })
+    }
+
     /// Host numbers summed across ranks (in f64), waiting for the result.
     pub fn all_reduce_host(&self, x: &mut [f64]) -> Result<()> {
         let g = self.group.lock().unwrap_or_else(|e| e.into_inner());

@@ -11,12 +11,28 @@ use crate::model::weights::WeightSource;
 use anyhow::{bail, Context, Result};
 
 /// One group of full fine-tuning's trained weights (`model::full`): f32 master values, their
-/// gradients and AdamW moments, flat.
+/// gradients and AdamW moments, flat. Sharded (ZeRO-1, see [`Shard`]): `params` and `grads`
+/// are padded to `ranks x shard.len` and `m`, `v` hold this rank's shard only.
 pub struct ParamGroup<B: Backend> {
     pub params: B::F32,
     pub grads: B::F32,
     pub m: B::F32,
     pub v: B::F32,
+    pub shard: Option<Shard<B>>,
+}
+
+/// ZeRO-1 in a data-parallel run of full fine-tuning: each rank owns one equal slice of a
+/// group (the last padded with zeros). The gradients are reduce-scattered, so each rank
+/// receives the sum of its slice only; AdamW updates the slice with moments of the slice's size
+/// (optimizer memory / ranks); the updated slices are all-gathered into every rank's full
+/// master copy, from which the forward's copies are refreshed.
+pub struct Shard<B: Backend> {
+    /// The slice's start in the group's padded buffers, and its length.
+    pub off: usize,
+    pub len: usize,
+    /// This rank's master weights and summed gradients of the slice.
+    pub params: B::F32,
+    pub grads: B::F32,
 }
 
 /// Full fine-tuning's state: the layout and the decay / no-decay groups.
@@ -98,6 +114,7 @@ impl<B: Backend> Model<B> {
                 grads: be.alloc_f32(n)?,
                 m: be.alloc_f32(n)?,
                 v: be.alloc_f32(n)?,
+                shard: None,
             })
         };
         let groups = [group(0)?, group(1)?];
@@ -110,11 +127,55 @@ impl<B: Backend> Model<B> {
         self.refresh_weights(be)
     }
 
-    /// Copy every trained master weight into the forward's copy (after an optimizer step).
+    /// Shard full fine-tuning's optimizer state over `ranks` ranks as this backend's group's
+    /// rank `rank` (ZeRO-1, [`Shard`]): before training or restoring; fresh moments.
+    pub fn shard_optimizer(&mut self, be: &B, rank: usize, ranks: usize) -> Result<()> {
+        let full = self
+            .full
+            .as_mut()
+            .context("ZeRO-1 shards full fine-tuning's state: call set_full first")?;
+        for (g, group) in full.groups.iter_mut().enumerate() {
+            if group.shard.is_some() {
+                bail!("the optimizer state is already sharded");
+            }
+            let len = full.layout.group_len[g];
+            let n = len.div_ceil(ranks).max(1);
+            let mut host = be.download_f32(&group.params)?;
+            host.resize(n * ranks, 0.0);
+            let off = rank * n;
+            group.params = be.upload_f32(&host)?;
+            group.grads = be.alloc_f32(n * ranks)?;
+            group.m = be.alloc_f32(n)?;
+            group.v = be.alloc_f32(n)?;
+            group.shard = Some(Shard {
+                off,
+                len: n,
+                params: be.upload_f32(&host[off..off + n])?,
+                grads: be.alloc_f32(n)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the optimizer state is sharded across ranks (ZeRO-1).
+    pub fn sharded(&self) -> bool {
+        self.full
+            .as_ref()
+            .is_some_and(|f| f.groups.iter().any(|g| g.shard.is_some()))
+    }
+
+    /// Copy every trained master weight into the forward's copy (after an optimizer step);
+    /// sharded, first gather every rank's updated slice into the full master copy.
     pub fn refresh_weights(&mut self, be: &B) -> Result<()> {
-        let Some(full) = self.full.as_ref() else {
+        let Some(full) = self.full.as_mut() else {
             return Ok(());
         };
+        for g in &mut full.groups {
+            if let Some(sh) = &g.shard {
+                be.all_gather_f32(&sh.params, &mut g.params)
+                    .context("gathering the updated weights of every rank")?;
+            }
+        }
         for s in &full.layout.slots {
             let dst = self
                 .w
@@ -145,12 +206,19 @@ impl<B: Backend> Model<B> {
         let [g0, g1] = &mut f.groups;
         let parts = [(g0, true), (g1, false)]
             .into_iter()
-            .map(|(g, decay)| Trainable {
-                params: &mut g.params,
-                grads: &mut g.grads,
-                m: &mut g.m,
-                v: &mut g.v,
-                decay,
+            .map(|(g, decay)| {
+                // Sharded, AdamW sees this rank's slice and its moments.
+                let (params, grads) = match &mut g.shard {
+                    Some(sh) => (&mut sh.params, &mut sh.grads),
+                    None => (&mut g.params, &mut g.grads),
+                };
+                Trainable {
+                    params,
+                    grads,
+                    m: &mut g.m,
+                    v: &mut g.v,
+                    decay,
+                }
             })
             .collect();
         Ok((parts, &mut f.step))
@@ -158,17 +226,37 @@ impl<B: Backend> Model<B> {
 
     /// The trained parameters and their AdamW moments as flat host vectors, as checkpoints
     /// hold them: LoRA's buffer, or full fine-tuning's decay group then its no-decay group.
+    /// Sharded, the moments are gathered from every rank first: every rank must call this.
     pub fn download_trained(&self, be: &B) -> Result<[Vec<f32>; 3]> {
-        let bufs: Vec<[&B::F32; 3]> = match (&self.lora, &self.full) {
-            (Some(l), _) => vec![[&l.params, &l.m, &l.v]],
-            (None, Some(f)) => f.groups.iter().map(|g| [&g.params, &g.m, &g.v]).collect(),
-            (None, None) => bail!("nothing is trained: call set_lora or set_full first"),
-        };
         let mut out: [Vec<f32>; 3] = Default::default();
-        for b in bufs {
-            for (o, buf) in out.iter_mut().zip(b) {
-                o.extend(be.download_f32(buf)?);
+        match (&self.lora, &self.full) {
+            (Some(l), _) => {
+                for (o, buf) in out.iter_mut().zip([&l.params, &l.m, &l.v]) {
+                    o.extend(be.download_f32(buf)?);
+                }
             }
+            (None, Some(f)) => {
+                for (g, group) in f.groups.iter().enumerate() {
+                    let len = f.layout.group_len[g];
+                    let take = |o: &mut Vec<f32>, buf: &B::F32| -> Result<()> {
+                        let host = be.download_f32(buf)?;
+                        o.extend_from_slice(&host[..len]);
+                        Ok(())
+                    };
+                    take(&mut out[0], &group.params)?;
+                    for (k, moment) in [(1, &group.m), (2, &group.v)] {
+                        if group.shard.is_some() {
+                            let mut all = be.alloc_f32(be.f32_len(&group.params))?;
+                            be.all_gather_f32(moment, &mut all)
+                                .context("gathering the AdamW moments of every rank")?;
+                            take(&mut out[k], &all)?;
+                        } else {
+                            take(&mut out[k], moment)?;
+                        }
+                    }
+                }
+            }
+            (None, None) => bail!("nothing is trained: call set_lora or set_full first"),
         }
         Ok(out)
     }
@@ -183,8 +271,12 @@ impl<B: Backend> Model<B> {
         v: &[f32],
         step: u64,
     ) -> Result<()> {
-        let (parts, st) = self.trainable()?;
-        let total: usize = parts.iter().map(|p| be.f32_len(p.params)).sum();
+        let lens: Vec<usize> = match (&self.lora, &self.full) {
+            (Some(l), _) => vec![be.f32_len(&l.params)],
+            (None, Some(f)) => f.layout.group_len.to_vec(),
+            (None, None) => bail!("nothing is trained: call set_lora or set_full first"),
+        };
+        let total: usize = lens.iter().sum();
         if [params.len(), m.len(), v.len()] != [total; 3] {
             bail!(
                 "the stored parameters and moments have {}, {} and {} values, the model trains {total}",
@@ -193,21 +285,54 @@ impl<B: Backend> Model<B> {
                 v.len()
             );
         }
+        if let Some(l) = self.lora.as_mut() {
+            l.params = be.upload_f32(params)?;
+            l.m = be.upload_f32(m)?;
+            l.v = be.upload_f32(v)?;
+            be.zero_f32(&mut l.grads)?;
+            l.step = step;
+            return Ok(());
+        }
+        let f = self.full.as_mut().context("nothing is trained")?;
         let mut off = 0;
-        for p in parts {
-            let n = be.f32_len(p.params);
-            *p.params = be.upload_f32(&params[off..off + n])?;
-            *p.m = be.upload_f32(&m[off..off + n])?;
-            *p.v = be.upload_f32(&v[off..off + n])?;
-            be.zero_f32(p.grads)?;
+        for (group, &n) in f.groups.iter_mut().zip(&lens) {
+            let slice = |x: &[f32]| x[off..off + n].to_vec();
+            match &mut group.shard {
+                Some(sh) => {
+                    // Every rank holds all the weights and its slice of the moments.
+                    let pad = |x: &[f32]| {
+                        let mut h = slice(x);
+                        h.resize(be.f32_len(&group.params), 0.0);
+                        h
+                    };
+                    let (p_all, m_all, v_all) = (pad(params), pad(m), pad(v));
+                    let mine = sh.off..sh.off + sh.len;
+                    group.params = be.upload_f32(&p_all)?;
+                    sh.params = be.upload_f32(&p_all[mine.clone()])?;
+                    group.m = be.upload_f32(&m_all[mine.clone()])?;
+                    group.v = be.upload_f32(&v_all[mine])?;
+                    be.zero_f32(&mut sh.grads)?;
+                }
+                None => {
+                    group.params = be.upload_f32(&slice(params))?;
+                    group.m = be.upload_f32(&slice(m))?;
+                    group.v = be.upload_f32(&slice(v))?;
+                }
+            }
+            be.zero_f32(&mut group.grads)?;
             off += n;
         }
-        *st = step;
+        f.step = step;
         self.refresh_weights(be)
     }
 
     /// Zero every gradient of what is trained.
     pub fn zero_grads(&mut self, be: &B) -> Result<()> {
+        if let Some(f) = self.full.as_mut() {
+            for g in &mut f.groups {
+                be.zero_f32(&mut g.grads)?;
+            }
+        }
         let (parts, _) = self.trainable()?;
         for p in parts {
             be.zero_f32(p.grads)?;
@@ -216,8 +341,20 @@ impl<B: Backend> Model<B> {
     }
 
     /// Every gradient of what is trained summed across the ranks of the backend's
-    /// data-parallel group (nothing outside one).
+    /// data-parallel group (nothing outside one): all-reduced, or sharded, reduce-scattered
+    /// into this rank's slice (the full buffer is then zeroed for the next accumulation).
     pub fn all_reduce_grads(&mut self, be: &B) -> Result<()> {
+        if let Some(f) = self.full.as_mut() {
+            for g in &mut f.groups {
+                if let Some(sh) = &mut g.shard {
+                    be.reduce_scatter_f32(&g.grads, &mut sh.grads)?;
+                    be.zero_f32(&mut g.grads)?;
+                }
+            }
+            if self.sharded() {
+                return Ok(());
+            }
+        }
         let (parts, _) = self.trainable()?;
         for p in parts {
             be.all_reduce_f32(p.grads)?;
@@ -225,12 +362,18 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// `Σ g²` over every gradient of what is trained.
+    /// `Σ g²` over every gradient of what is trained (sharded: over every rank's slice).
     pub fn grad_sum_squares(&mut self, be: &B) -> Result<f64> {
+        let sharded = self.sharded();
         let (parts, _) = self.trainable()?;
         let mut s = 0.0;
         for p in &parts {
             s += be.sum_squares(p.grads)?;
+        }
+        if sharded {
+            let mut all = [s];
+            be.all_reduce_host(&mut all)?;
+            s = all[0];
         }
         Ok(s)
     }
