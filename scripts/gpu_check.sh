@@ -13,7 +13,7 @@
 # the other staged test executables
 # with --include-ignored (the SmolLM2 GGUF at .cache/smollm2 is used when present; their
 # on_the_emulated_gpu re-runs are skipped, CI runs those); scripts/gpu_generate.sh (generation
-# against transformers).
+# against transformers); with several GPUs, train --gpus all against one GPU (dp_one, dp_all).
 set -u
 cd "$(dirname "$0")/.."
 LOG=${1:-gpu-logs}
@@ -28,7 +28,7 @@ find_lib() { # soname-glob: print the folder of the first match
               /opt/conda/lib)
   for py in python3 python; do
     command -v "$py" >/dev/null 2>&1 || continue
-    while read -r d; do dirs+=("$d/nvidia/cu13/lib" "$d/nvidia/cublas/lib" "$d/nvidia/cuda_nvrtc/lib" "$d/torch/lib"); done < <(
+    while read -r d; do dirs+=("$d/nvidia/cu13/lib" "$d/nvidia/cublas/lib" "$d/nvidia/cuda_nvrtc/lib" "$d/nvidia/nccl/lib" "$d/torch/lib"); done < <(
       "$py" -c 'import site, sys; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null)
     break
   done
@@ -51,6 +51,8 @@ for lib in "libcuda.so*" "libnvrtc.so.13*" "libcublas.so.13*" "libcublasLt.so.13
     echo "NOT FOUND: $lib"
   fi
 done
+# NCCL (only data parallelism needs it; PyTorch's wheels bring one): doctor's all-reduce.
+if d=$(find_lib "libnccl.so*"); then echo "found libnccl in $d"; libpath+=("$d"); else echo "NOT FOUND: libnccl"; fi
 # NVRTC 12 / cuBLAS 12 as a fallback when no 13 is installed.
 [ -z "$(find_lib 'libnvrtc.so.13*')" ] && d=$(find_lib "libnvrtc.so.12*") && libpath+=("$d")
 [ -z "$(find_lib 'libcublas.so.13*')" ] && d=$(find_lib "libcublas.so.12*") && libpath+=("$d")
@@ -110,6 +112,21 @@ for t in "$STAGE"/tests/*; do
   case $name in cuda_parity|cuda_compile) continue ;; esac
   [ -x "$t" ] && step "test-$name" 90 "$t" --include-ignored --skip on_the_emulated_gpu --test-threads=1 --nocapture
 done
+# Data parallelism on real NCCL: with more than one GPU, train --gpus all against one GPU on
+# the tiny test model (same losses up to the order of f32 sums); doctor's group-of-one
+# all-reduce covers a single GPU.
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+if [ -x "$STAGE/caft-fast" ] && [ "${NGPU:-0}" -gt 1 ]; then
+  # Pre-tokenized arithmetic progressions (the tiny model has no tokenizer).
+  for i in $(seq 0 63); do
+    echo "{\"input_ids\": [$(seq -s, $((i % 200)) $((1 + i % 3)) $((i % 200 + (8 + i % 17) * (1 + i % 3))))]}"
+  done > "$LOG/dp-data.jsonl"
+  DP=(train --model tests/fixtures/tiny/llama --data "$LOG/dp-data.jsonl" --lora-r 4 --lr 1e-2
+      --batch-size 2 --grad-accum 4 --max-steps 6 --val-split 0 --ablate-random 2
+      --ablate-layers 1 --overwrite)
+  step dp_one 60 "$STAGE/caft-fast" "${DP[@]}" --gpus 0 -o "$LOG/dp-one"
+  step dp_all 90 "$STAGE/caft-fast" "${DP[@]}" --gpus all -o "$LOG/dp-all"
+fi
 [ -x scripts/gpu_generate.sh ] && step gpu_generate 150 scripts/gpu_generate.sh "$LOG" "$STAGE/caft-fast"
 # Padded vs packed train on chat-like lengths at the paper's 2 x 8, and each checkpointing
 # mode's device memory and speed (SmolLM2, 4 x 1024).
@@ -125,6 +142,10 @@ grep -hE "^(llama|qwen2|mistral|smollm2)[^:]*: " "$LOG"/test-cuda_model.log 2>/d
 grep -hE "FAIL|fail" "$LOG/doctor.log" 2>/dev/null | head -10
 sed -n '/^shape /,$p' "$LOG/gpu_compare.log" 2>/dev/null
 sed -n '/^generate /,$p' "$LOG/gpu_generate.log" 2>/dev/null
+grep -h "^libnccl\|^nccl " "$LOG/doctor.log" 2>/dev/null
+for r in dp-one dp-all; do
+  [ -f "$LOG/$r/metrics.jsonl" ] && echo "$r final: $(tail -n 1 "$LOG/$r/metrics.jsonl")"
+done
 grep -hE "^(train|bench-step) " "$LOG/gpu_packing.log" 2>/dev/null
 # Full fine-tuning: tokens/s, memory and MFU of each side (model FLOPs as bench-step counts
 # them for --method full: 6 x matrix parameters x tokens + causal attention).
