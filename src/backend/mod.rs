@@ -597,6 +597,10 @@ pub trait Backend {
             self.name()
         )
     }
+    /// This backend's place in its data-parallel group: `(rank, size)`, `(0, 1)` alone.
+    fn group(&self) -> (usize, usize) {
+        (0, 1)
+    }
     /// `x <- Σ over the group's ranks of x`, the same bytes on every rank. Nothing outside a
     /// group.
     fn all_reduce_f32(&self, _x: &mut Self::F32) -> Result<()> {

@@ -2,13 +2,15 @@
 //! the thread count, the default model, and the model of a benchmark.
 
 use crate::backend::device::{Device, DEVICE_NAMES};
+use crate::dist::launch::{self, Launch};
+use crate::dist::{parse_gpus, Dist};
 use crate::model::config::ModelConfig;
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::spec::ModelSpec;
 use crate::model::transformer::Checkpointing;
 use crate::train::config::{Explicit, Method, TrainConfig};
 use crate::train::plan::CheckpointingChoice;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -336,4 +338,91 @@ impl RunShapeArgs {
             }
         }
     }
+}
+
+/// `--gpus LIST` of a command that runs on several GPUs: in the process the user started, start
+/// one worker per GPU (this program, these arguments), supervise them and return
+/// `Some(completed)`; in a worker, or without `--gpus`, `None` (go on and do the work).
+pub fn launch_if_asked(gpus: Option<&str>, device: Option<Device>) -> Result<Option<bool>> {
+    let Some(spec) = gpus else {
+        return Ok(None);
+    };
+    if launch::is_worker() {
+        return Ok(None);
+    }
+    if Dist::from_env()?.world.size > 1 {
+        bail!(
+            "--gpus starts one process per GPU itself; under torchrun or srun (RANK and \
+             WORLD_SIZE are set here) leave it out"
+        );
+    }
+    if device == Some(Device::Cpu) {
+        bail!("--gpus runs on CUDA GPUs; it cannot be combined with --device cpu");
+    }
+    launch_workers(spec).map(Some)
+}
+
+/// Start one worker per GPU of `spec` and supervise them.
+fn launch_workers(spec: &str) -> Result<bool> {
+    use crate::backend::cuda::{collective, probe};
+    let p = probe::probe();
+    if !p.usable() {
+        bail!("--gpus {spec}: {}", p.summary());
+    }
+    let gpus = parse_gpus(spec, p.gpus.len())?;
+    let mut env = Vec::new();
+    if gpus.len() > 1 {
+        if !collective::present() {
+            bail!(
+                "--gpus {spec}: training on {} GPUs needs libnccl, which was not found: {}",
+                gpus.len(),
+                collective::INSTALL_HINT
+            );
+        }
+        if !collective::loadable_by_cudarc() {
+            // Found only as libnccl.so.2 (pip wheels, most distributions): give the workers a
+            // folder with the name the bindings look for.
+            if let Some(lib) = collective::library_path() {
+                env.push(("LD_LIBRARY_PATH".to_string(), nccl_link_folder(&lib)?));
+            }
+        }
+    }
+    let program = std::env::current_exe().context("finding this program to start the workers")?;
+    eprintln!(
+        "starting {} worker{} on GPU{} {}",
+        gpus.len(),
+        if gpus.len() > 1 { "s" } else { "" },
+        if gpus.len() > 1 { "s" } else { "" },
+        gpus.iter()
+            .map(|g| g.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let ended = launch::run(&Launch {
+        program,
+        args: std::env::args_os().skip(1).collect(),
+        gpus,
+        env,
+    })?;
+    Ok(ended == launch::Ended::Completed)
+}
+
+/// A folder holding `libnccl.so` linked to `lib`, put first on the current loader path.
+fn nccl_link_folder(lib: &std::path::Path) -> Result<std::ffi::OsString> {
+    let dir = crate::util::fetch::cache_dir().join("nccl-link");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let link = dir.join("libnccl.so");
+    if std::fs::read_link(&link).ok().as_deref() != Some(lib) {
+        let tmp = dir.join(format!("libnccl.so.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(lib, &tmp)
+            .and_then(|_| std::fs::rename(&tmp, &link))
+            .with_context(|| format!("linking {} to {}", link.display(), lib.display()))?;
+    }
+    let mut path = dir.into_os_string();
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|v| !v.is_empty()) {
+        path.push(":");
+        path.push(old);
+    }
+    Ok(path)
 }

@@ -1,6 +1,7 @@
 //! Arguments of `caft-fast eval` and the thin glue from them to the library.
 
-use super::common::{run_labels, set_threads, ModelArgs};
+use super::common::{launch_if_asked, run_labels, set_threads, ModelArgs};
+use crate::dist::Dist;
 use crate::data::TrainOn;
 use crate::eval::loss::LossOptions;
 use crate::eval::task::TaskConfig;
@@ -63,6 +64,10 @@ pub struct McArgs {
     /// Also write the results as JSON.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
+    /// Share the forward passes among these GPUs of this node, one worker each (e.g. 0,1 or
+    /// all; NCCL); under torchrun/srun the ranks share them without it.
+    #[arg(long, value_name = "LIST")]
+    pub gpus: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -89,6 +94,10 @@ pub struct LossArgs {
     /// Also write the result as JSON.
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
+    /// Share the forward passes among these GPUs of this node, one worker each (e.g. 0,1 or
+    /// all; NCCL); under torchrun/srun the ranks share them without it.
+    #[arg(long, value_name = "LIST")]
+    pub gpus: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -113,6 +122,9 @@ pub struct MakeTaskArgs {
 pub fn run(a: EvalArgs) -> Result<()> {
     match a.cmd {
         EvalCmd::Mc(a) => {
+            if launch_if_asked(a.gpus.as_deref(), Some(a.model.device))?.is_some() {
+                return Ok(());
+            }
             set_threads(a.model.threads);
             let r = mc::evaluate(
                 &a.model.spec()?,
@@ -120,6 +132,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 &a.data,
                 a.batch_size,
                 a.output.as_deref(),
+                &Dist::from_env()?,
             )?;
             print!("{}", mc::format_table(&r));
             if let Some(o) = &a.output {
@@ -127,6 +140,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             }
         }
         EvalCmd::Loss(a) => {
+            if launch_if_asked(a.gpus.as_deref(), Some(a.model.device))?.is_some() {
+                return Ok(());
+            }
             set_threads(a.model.threads);
             let opt = LossOptions {
                 max_seq_len: a.max_seq_len,
@@ -139,6 +155,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 &a.data,
                 &opt,
                 a.output.as_deref(),
+                &Dist::from_env()?,
             )?;
             println!(
                 "loss {:.4} nats/token, perplexity {:.3} over {} tokens of {} examples",

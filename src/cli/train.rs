@@ -1,17 +1,18 @@
 //! `caft-fast train`: the flags map one-to-one onto [`TrainConfig`] keys (also read from a
 //! TOML file); the loop is [`crate::train::run`].
 
-use super::common::{device_parser, merge_config_file, model_path, set_threads, RunShapeArgs};
+use super::common::{
+    device_parser, launch_if_asked, merge_config_file, model_path, set_threads, RunShapeArgs,
+};
 use crate::backend::device::Device;
 use crate::data::TrainOn;
-use crate::dist::launch::{self, Launch};
-use crate::dist::{parse_gpus, Dist};
+use crate::dist::Dist;
 use crate::model::loader::load_model;
 use crate::train::checkpoint;
 use crate::train::config::{is_gguf, Explicit, Method, TrainConfig, SAVE_DTYPES};
 use crate::train::{Outcome, RunOptions};
 use crate::with_backend;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::builder::PossibleValuesParser;
 use clap::Args;
 use std::path::PathBuf;
@@ -259,21 +260,10 @@ impl TrainArgs {
 /// the model and train. Returns false when the run stopped early on Ctrl-C (a checkpoint was
 /// saved).
 pub fn train(a: TrainArgs) -> Result<bool> {
-    let dist = Dist::from_env()?;
-    if let Some(spec) = &a.gpus {
-        if !launch::is_worker() {
-            if dist.world.size > 1 {
-                bail!(
-                    "--gpus starts one process per GPU itself; under torchrun or srun (RANK and \
-                     WORLD_SIZE are set here) leave it out"
-                );
-            }
-            if a.device == Some(Device::Cpu) {
-                bail!("--gpus trains on CUDA GPUs; it cannot be combined with --device cpu");
-            }
-            return launch_workers(spec);
-        }
+    if let Some(done) = launch_if_asked(a.gpus.as_deref(), a.device)? {
+        return Ok(done);
     }
+    let dist = Dist::from_env()?;
     let mut resume = None;
     let mut base = TrainConfig::default();
     if let Some(dir) = &a.resume {
@@ -342,69 +332,4 @@ pub fn train(a: TrainArgs) -> Result<bool> {
     };
     let outcome = with_backend!(cfg.device, |be| crate::train::run(be, &cfg, &loaded, &opts))?;
     Ok(outcome != Outcome::Interrupted)
-}
-
-/// `train --gpus`: start one worker per GPU (this program, these arguments) and supervise them.
-fn launch_workers(spec: &str) -> Result<bool> {
-    use crate::backend::cuda::{collective, probe};
-    let p = probe::probe();
-    if !p.usable() {
-        bail!("--gpus {spec}: {}", p.summary());
-    }
-    let gpus = parse_gpus(spec, p.gpus.len())?;
-    let mut env = Vec::new();
-    if gpus.len() > 1 {
-        if !collective::present() {
-            bail!(
-                "--gpus {spec}: training on {} GPUs needs libnccl, which was not found: {}",
-                gpus.len(),
-                collective::INSTALL_HINT
-            );
-        }
-        if !collective::loadable_by_cudarc() {
-            // Found only as libnccl.so.2 (pip wheels, most distributions): give the workers a
-            // folder with the name the bindings look for.
-            if let Some(lib) = collective::library_path() {
-                env.push(("LD_LIBRARY_PATH".to_string(), nccl_link_folder(&lib)?));
-            }
-        }
-    }
-    let program = std::env::current_exe().context("finding this program to start the workers")?;
-    eprintln!(
-        "starting {} worker{} on GPU{} {}",
-        gpus.len(),
-        if gpus.len() > 1 { "s" } else { "" },
-        if gpus.len() > 1 { "s" } else { "" },
-        gpus.iter()
-            .map(|g| g.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let ended = launch::run(&Launch {
-        program,
-        args: std::env::args_os().skip(1).collect(),
-        gpus,
-        env,
-    })?;
-    Ok(ended == launch::Ended::Completed)
-}
-
-/// A folder holding `libnccl.so` linked to `lib`, put first on the current loader path.
-fn nccl_link_folder(lib: &std::path::Path) -> Result<std::ffi::OsString> {
-    let dir = crate::util::fetch::cache_dir().join("nccl-link");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let link = dir.join("libnccl.so");
-    if std::fs::read_link(&link).ok().as_deref() != Some(lib) {
-        let tmp = dir.join(format!("libnccl.so.{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(lib, &tmp)
-            .and_then(|_| std::fs::rename(&tmp, &link))
-            .with_context(|| format!("linking {} to {}", link.display(), lib.display()))?;
-    }
-    let mut path = dir.into_os_string();
-    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|v| !v.is_empty()) {
-        path.push(":");
-        path.push(old);
-    }
-    Ok(path)
 }

@@ -14,6 +14,7 @@
 pub mod launch;
 pub mod rendezvous;
 
+use crate::backend::Backend;
 use anyhow::{bail, Context, Result};
 
 /// This process's place in a data-parallel run.
@@ -151,6 +152,84 @@ impl Dist {
             }),
         })
     }
+}
+
+/// Join the data-parallel group of `dist` on `be`: rank 0 makes the NCCL id, the rendezvous
+/// hands it to the others (checking they all bring the same `fingerprint` of what they run),
+/// every rank joins.
+/// Nothing for a process alone.
+pub fn join<B: Backend>(be: &B, dist: &Dist, fingerprint: u64) -> Result<()> {
+    let w = dist.world;
+    if w.size == 1 {
+        return Ok(());
+    }
+    let master = dist
+        .master
+        .as_ref()
+        .context("a group needs MASTER_ADDR and MASTER_PORT")?;
+    let id = if w.is_main() {
+        Some(be.group_id()?)
+    } else {
+        None
+    };
+    let id = rendezvous::exchange(&w, master, id, fingerprint, rendezvous::timeout())?;
+    be.join_group(w.rank, w.size, &id)
+        .with_context(|| format!("rank {} joining the group of {}", w.rank, w.size))
+}
+
+/// "host device" of every rank, gathered from all (a collective call: every rank makes it).
+/// Alone: the backend's name.
+pub fn describe_ranks<B: Backend>(be: &B, world: World) -> Result<Vec<String>> {
+    if world.size == 1 {
+        return Ok(vec![be.name()]);
+    }
+    // Each rank writes its text's bytes into its own block of a zeroed vector; the sum across
+    // ranks holds every block (bytes are exact in f64).
+    const BLOCK: usize = 96;
+    let mut host = [0u8; 256];
+    // SAFETY: gethostname writes at most `host.len()` bytes into the buffer it is given.
+    let ok = unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } == 0;
+    let host = if ok {
+        let end = host.iter().position(|&b| b == 0).unwrap_or(host.len());
+        String::from_utf8_lossy(&host[..end]).into_owned()
+    } else {
+        "?".to_string()
+    };
+    let gpu = std::env::var("CUDA_VISIBLE_DEVICES")
+        .ok()
+        .filter(|v| !v.contains(','))
+        .map(|v| format!("GPU {v}"))
+        .unwrap_or_else(|| format!("GPU {}", world.local_rank));
+    let mine = format!("{host} {gpu} ({})", be.name());
+    let mut all = vec![0.0f64; world.size * BLOCK];
+    for (k, b) in mine.bytes().take(BLOCK).enumerate() {
+        all[world.rank * BLOCK + k] = b as f64;
+    }
+    be.all_reduce_host(&mut all)
+        .context("gathering the ranks' devices")?;
+    Ok(all
+        .chunks(BLOCK)
+        .map(|c| {
+            let bytes: Vec<u8> = c.iter().map(|&x| x as u8).take_while(|&b| b != 0).collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+        .collect())
+}
+
+/// The fingerprint of this process's command line (every rank of a launch gets the same).
+pub fn args_fingerprint() -> u64 {
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    fingerprint(args.join("\0").as_bytes())
+}
+
+/// FNV-1a of `bytes`: the ranks compare what they run by it.
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// Split items of the given weights (tokens) across `ranks`: heaviest first, each to the rank

@@ -7,6 +7,7 @@
 
 use crate::backend::device::Device;
 use crate::backend::Backend;
+use crate::dist::Dist;
 use crate::data::TrainOn;
 use crate::data::{validation_batches, Dataset, Encoder, Example};
 use crate::io::write_json;
@@ -103,7 +104,13 @@ pub fn loss_sum<B: Backend>(
 ) -> Result<(f64, usize)> {
     let batches = validation_batches(examples, batch_size);
     let (mut sum, mut n) = (0.0, 0usize);
+    // In a data-parallel group each rank runs every `size`-th batch; the sums are added.
+    let (rank, size) = be.group();
     for (i, b) in batches.iter().enumerate() {
+        if i % size != rank {
+            progress(i + 1, batches.len());
+            continue;
+        }
         let out = model.forward(be, b, false).context("evaluation forward")?;
         if !out.loss_sum.is_finite() {
             bail!(
@@ -116,6 +123,12 @@ pub fn loss_sum<B: Backend>(
         sum += out.loss_sum;
         n += out.n_targets;
         progress(i + 1, batches.len());
+    }
+    if size > 1 {
+        let mut sums = [sum, n as f64];
+        be.all_reduce_host(&mut sums)
+            .context("summing the loss across ranks")?;
+        (sum, n) = (sums[0], sums[1] as usize);
     }
     Ok((sum, n))
 }
@@ -161,12 +174,15 @@ pub fn evaluate(
     data: &Path,
     opt: &LossOptions,
     output: Option<&Path>,
+    dist: &Dist,
 ) -> Result<LossReport> {
     if !data.is_file() {
         bail!("data file {} does not exist", data.display());
     }
     let loaded = spec.load()?;
     let report = with_backend!(device, |be| {
+        // Several ranks (`--gpus`, torchrun): each takes its share of the passes.
+        crate::dist::join(be, dist, crate::dist::args_fingerprint())?;
         let bar = crate::util::progress(0, "eval loss");
         let r = evaluate_on(be, spec, &loaded, data, opt, |i, n| {
             bar.set_length(n as u64);
@@ -175,7 +191,7 @@ pub fn evaluate(
         bar.finish_and_clear();
         r
     })?;
-    if let Some(o) = output {
+    if let Some(o) = output.filter(|_| dist.world.is_main()) {
         write_json(o, &report)?;
     }
     Ok(report)

@@ -24,6 +24,7 @@
 
 use crate::backend::device::Device;
 use crate::backend::Backend;
+use crate::dist::Dist;
 use crate::data::{parse_messages, read_json_lines, tokenize_chat};
 use crate::io::write_json;
 use crate::model::chat::{ChatMessage, ChatTemplate};
@@ -352,9 +353,18 @@ pub fn score_item(item: &McItem, enc: &EncodedItem, z: &[f32]) -> Result<ItemRes
     if let Some(p) = z.iter().position(|x| !x.is_finite()) {
         bail!("the logit of token {p} is {} (NaN or Inf)", z[p]);
     }
-    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let lse = m + z.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
     let logits: Vec<f32> = enc.option_tokens.iter().map(|&t| z[t as usize]).collect();
+    Ok(result_of(item, enc, log_sum_exp(z), logits))
+}
+
+/// `log Σ exp z` over the vocabulary, in f64.
+fn log_sum_exp(z: &[f32]) -> f64 {
+    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    m + z.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+}
+
+/// An item's result from the log-sum-exp of its logits and its options' logits.
+fn result_of(item: &McItem, enc: &EncodedItem, lse: f64, logits: Vec<f32>) -> ItemResult {
     let log_probs: Vec<f64> = logits.iter().map(|&x| x as f64 - lse).collect();
     let mut predicted = 0;
     for (i, &s) in logits.iter().enumerate() {
@@ -365,7 +375,7 @@ pub fn score_item(item: &McItem, enc: &EncodedItem, z: &[f32]) -> Result<ItemRes
     let mo = log_probs.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
     let norm: f64 = log_probs.iter().map(|&l| (l - mo).exp()).sum();
     let p_answer = (log_probs[item.answer] - mo).exp() / norm;
-    Ok(ItemResult {
+    ItemResult {
         id: item.id.clone(),
         line: item.line,
         split: item.split.clone(),
@@ -376,7 +386,7 @@ pub fn score_item(item: &McItem, enc: &EncodedItem, z: &[f32]) -> Result<ItemRes
         logits,
         log_probs,
         p_answer,
-    })
+    }
 }
 
 /// Score every item with `model` (as it is set up: adapter, ablation), `batch_size` prompts a
@@ -396,7 +406,25 @@ pub fn score<B: Backend>(
     let v = model.cfg.vocab_size;
     let mut results: Vec<Option<ItemResult>> = vec![None; items.len()];
     let groups = plan_batches(enc, batch_size, v);
+    // In a data-parallel group each rank scores every `size`-th pass; what an item's result
+    // needs of the logits (the log-sum-exp and its options' logits) is then summed across
+    // ranks into every rank's copy, so every rank ends with all results, bit for bit those
+    // of one process.
+    let (rank, size) = be.group();
+    let offsets: Vec<usize> = enc
+        .iter()
+        .scan(0, |o, e| {
+            let at = *o;
+            *o += 1 + e.option_tokens.len();
+            Some(at)
+        })
+        .collect();
+    let mut shared = vec![0.0f64; enc.iter().map(|e| 1 + e.option_tokens.len()).sum()];
     for (g, idx) in groups.iter().enumerate() {
+        if g % size != rank {
+            progress(g + 1);
+            continue;
+        }
         let prompts = idx.iter().map(|&i| &enc[i].prompt_ids);
         let ids: Vec<u32> = prompts.clone().flatten().copied().collect();
         let batch = Batch {
@@ -412,11 +440,30 @@ pub fn score<B: Backend>(
             let len = enc[i].prompt_ids.len();
             let row = r0 + len - 1;
             r0 += len;
-            let res = score_item(&items[i], &enc[i], &logits[row * v..(row + 1) * v])
+            let z = &logits[row * v..(row + 1) * v];
+            let res = score_item(&items[i], &enc[i], z)
                 .with_context(|| format!("item {:?} (line {})", items[i].id, items[i].line))?;
+            if size > 1 {
+                shared[offsets[i]] = log_sum_exp(z);
+                for (k, &l) in res.logits.iter().enumerate() {
+                    shared[offsets[i] + 1 + k] = l as f64;
+                }
+            }
             results[i] = Some(res);
         }
         progress(g + 1);
+    }
+    if size > 1 {
+        be.all_reduce_host(&mut shared)
+            .context("gathering the items' scores from every rank")?;
+        for (i, r) in results.iter_mut().enumerate() {
+            if r.is_none() {
+                let at = offsets[i];
+                let n = enc[i].option_tokens.len();
+                let logits: Vec<f32> = shared[at + 1..at + 1 + n].iter().map(|&x| x as f32).collect();
+                *r = Some(result_of(&items[i], &enc[i], shared[at], logits));
+            }
+        }
     }
     Ok(results
         .into_iter()
@@ -527,11 +574,14 @@ pub fn evaluate(
     data: &Path,
     batch_size: usize,
     output: Option<&Path>,
+    dist: &Dist,
 ) -> Result<McReport> {
     // Check the data before loading (and possibly downloading) the model.
     let items = read_items(data)?;
     let loaded = spec.load()?;
     let report = with_backend!(device, |be| {
+        // Several ranks (`--gpus`, torchrun): each takes its share of the passes.
+        crate::dist::join(be, dist, crate::dist::args_fingerprint())?;
         let bar = crate::util::progress(0, "eval mc");
         let r = evaluate_on(be, spec, &loaded, data, &items, batch_size, |g, n| {
             bar.set_length(n as u64);
@@ -540,7 +590,7 @@ pub fn evaluate(
         bar.finish_and_clear();
         r
     })?;
-    if let Some(o) = output {
+    if let Some(o) = output.filter(|_| dist.world.is_main()) {
         write_json(o, &report)?;
     }
     Ok(report)

@@ -6,7 +6,7 @@
 
 use crate::backend::Backend;
 use crate::data::Example;
-use crate::dist::{rendezvous, Dist, World};
+use crate::dist::{self, Dist};
 use crate::io::{program, write_atomic};
 use crate::model::loader::LoadedModel;
 use crate::train::checkpoint::{self, CHECKPOINTS_DIR};
@@ -229,77 +229,14 @@ pub fn run<B: Backend>(
     opts: &RunOptions,
 ) -> Result<Outcome> {
     if opts.dist.world.size > 1 {
-        join_group(be, cfg, &opts.dist)?;
+        // The ranks compare their configurations when they meet.
+        let fingerprint = dist::fingerprint(cfg.to_toml()?.as_bytes());
+        dist::join(be, &opts.dist, fingerprint)?;
     }
     let mut s = Session::start(be, cfg, loaded, opts)?;
     let outcome = s.step_loop(opts)?;
     s.finish(outcome)?;
     Ok(outcome)
-}
-
-/// Join the data-parallel group of `dist` on `be`: rank 0 makes the NCCL id, the rendezvous
-/// hands it to the others (checking they all run this configuration), every rank joins.
-fn join_group<B: Backend>(be: &B, cfg: &TrainConfig, dist: &Dist) -> Result<()> {
-    let w = dist.world;
-    let master = dist
-        .master
-        .as_ref()
-        .context("a group needs MASTER_ADDR and MASTER_PORT")?;
-    let id = if w.is_main() {
-        Some(be.group_id()?)
-    } else {
-        None
-    };
-    let fingerprint = fnv1a(cfg.to_toml()?.as_bytes());
-    let id = rendezvous::exchange(&w, master, id, fingerprint, rendezvous::timeout())?;
-    be.join_group(w.rank, w.size, &id)
-        .with_context(|| format!("rank {} joining the group of {}", w.rank, w.size))
-}
-
-/// "host device" of every rank, gathered from all (a collective call: every rank makes it).
-/// Alone: the backend's name.
-fn describe_ranks<B: Backend>(be: &B, world: World) -> Result<Vec<String>> {
-    if world.size == 1 {
-        return Ok(vec![be.name()]);
-    }
-    // Each rank writes its text's bytes into its own block of a zeroed vector; the sum across
-    // ranks holds every block (bytes are exact in f64).
-    const BLOCK: usize = 96;
-    let mut host = [0u8; 256];
-    // SAFETY: gethostname writes at most `host.len()` bytes into the buffer it is given.
-    let ok = unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) } == 0;
-    let host = if ok {
-        let end = host.iter().position(|&b| b == 0).unwrap_or(host.len());
-        String::from_utf8_lossy(&host[..end]).into_owned()
-    } else {
-        "?".to_string()
-    };
-    let gpu = std::env::var("CUDA_VISIBLE_DEVICES")
-        .ok()
-        .filter(|v| !v.contains(','))
-        .map(|v| format!("GPU {v}"))
-        .unwrap_or_else(|| format!("GPU {}", world.local_rank));
-    let mine = format!("{host} {gpu} ({})", be.name());
-    let mut all = vec![0.0f64; world.size * BLOCK];
-    for (k, b) in mine.bytes().take(BLOCK).enumerate() {
-        all[world.rank * BLOCK + k] = b as f64;
-    }
-    be.all_reduce_host(&mut all)
-        .context("gathering the ranks' devices")?;
-    Ok(all
-        .chunks(BLOCK)
-        .map(|c| {
-            let bytes: Vec<u8> = c.iter().map(|&x| x as u8).take_while(|&b| b != 0).collect();
-            String::from_utf8_lossy(&bytes).into_owned()
-        })
-        .collect())
-}
-
-/// FNV-1a of `bytes`: the ranks compare their configurations by it.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
 }
 
 /// One session of a run (a resumed run is a new session): the trainer, its output folder and
@@ -345,7 +282,7 @@ impl<'a, B: Backend> Session<'a, B> {
         let mut tr = Trainer::new(be, cfg, loaded, data, directions)?;
         tr.join_world(opts.dist.world)?;
         let main = tr.world.is_main();
-        let ranks = describe_ranks(be, tr.world)?;
+        let ranks = dist::describe_ranks(be, tr.world)?;
         let out = cfg.output.clone();
         let metrics_path = out.join("metrics.jsonl");
         let mut saved_at = None;

@@ -175,6 +175,11 @@ impl<T: DeviceElem> Backend for CudaBackend<T> {
         self.join(rank, size, id)
     }
 
+    fn group(&self) -> (usize, usize) {
+        let g = self.group.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref().map_or((0, 1), |g| (g.rank(), g.size()))
+    }
+
     fn all_reduce_f32(&self, x: &mut Self::F32) -> Result<()> {
         CudaBackend::all_reduce_f32(self, x)
     }

@@ -110,6 +110,10 @@ impl Group {
     pub fn size(&self) -> usize {
         self.comm.world_size()
     }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
 }
 
 impl<T: DeviceElem> CudaBackend<T> {
