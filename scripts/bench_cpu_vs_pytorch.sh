@@ -5,10 +5,13 @@
 #   METHOD=lora (default): LoRA r=32 alpha=64 rsLoRA on all seven projections;
 #   METHOD=full: every weight trained (f32 weights and AdamW moments on both sides; PyTorch:
 #                torch.optim.AdamW over all parameters, gradient norm clipped to 1.0).
+# Each side runs WARMUP untimed steps (default 3), then STEPS timed ones (default 3). Fewer
+# warm-up steps overstate the ratio: PyTorch's first steps after one warm-up step are still
+# much slower than its later ones (docs/benchmarks.md, full fine-tuning on the CPU).
 # Prints tokens/s, s/step and peak RSS of each side and the ratios caft-fast / PyTorch.
 #
 # Usage: [METHOD=lora|full] scripts/bench_cpu_vs_pytorch.sh
-# Environment overrides: METHOD, GGUF, BATCH, SEQ, STEPS, WARMUP, THREADS, OUT_DIR,
+# Environment overrides: METHOD, GGUF, BATCH, SEQ, STEPS (3), WARMUP (3), THREADS, OUT_DIR,
 #   BIN (a caft-fast binary; default: cargo run --release), SKIP_PYTORCH=1, SKIP_CAFT=1
 set -u
 cd "$(dirname "$0")/.."
@@ -23,7 +26,7 @@ GGUF=${GGUF:-.cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 BATCH=${BATCH:-4}
 SEQ=${SEQ:-256}
 STEPS=${STEPS:-3}
-WARMUP=${WARMUP:-1}
+WARMUP=${WARMUP:-3}
 THREADS=${THREADS:-2}
 LAYERS=10,20
 K=8

@@ -58,7 +58,7 @@ done
 for f in "$stage/caft-fast" "$stage"/tests/* "$stage"/benches/*; do
   strip "$f" 2>/dev/null || true
 done
-for s in gpu_check.sh gpu_compare.sh gpu_generate.sh pytorch_step.py pytorch_generate.py; do
+for s in gpu_check.sh gpu_compare.sh compare_steps.py gpu_generate.sh pytorch_step.py pytorch_generate.py; do
   [ -e "scripts/$s" ] && cp "scripts/$s" "$stage/scripts/"
 done
 

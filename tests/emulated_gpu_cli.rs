@@ -3,9 +3,9 @@
 //! `train --device cuda` follows the CPU's losses on the tiny Llama fixture, writes a PEFT
 //! adapter and resumes bit-identically; `generate --device cuda` answers with the KV-cache
 //! kernels and the adapter, and `judge --judge-local --device cuda` scores those answers as the
-//! CPU does; `directions pca --device cuda` recovers a planted direction; `eval` and the two
-//! bench commands of scripts/gpu_check.sh run. On a real GPU those run in
-//! scripts/gpu_check.sh.
+//! CPU does; `directions pca --device cuda` recovers a planted direction (from an adapter and
+//! from a merged model); `eval` and the two bench commands of scripts/gpu_check.sh run. On a
+//! real GPU those run in scripts/gpu_check.sh.
 
 #[path = "cuda_emulated/gpu.rs"]
 mod emulated_gpu;
@@ -467,7 +467,8 @@ fn resume_is_bit_identical_on_the_emulated_gpu() {
 }
 
 /// `directions pca` on the GPU finds the direction a planted adapter writes at layer 1
-/// (|cos| >= 0.999 in bf16; the CPU test asks 0.9999 in f32), `eval loss` agrees with the CPU
+/// (|cos| >= 0.999 in bf16; the CPU test asks 0.9999 in f32), given as an adapter and merged
+/// into a whole model (`--tuned-model`), `eval loss` agrees with the CPU
 /// within 1%, `eval mc` scores every item, and the bench commands that scripts/gpu_compare.sh
 /// and scripts/gpu_generate.sh call report finite losses and positive rates.
 #[test]
@@ -512,6 +513,39 @@ fn directions_eval_and_benches_on_the_emulated_gpu() {
     assert_eq!(shape, &[2, cfg.hidden_size]);
     let cos = dot(&q[..cfg.hidden_size], &v).abs();
     assert!(cos >= 0.999, "|cos(pc0, planted)| = {cos}");
+    // The same fine-tune as a whole model (the adapter merged into the weights) beside the
+    // base, two models on the GPU at once: the same direction, the same bound.
+    let loaded = caft_fast::model::loader::load_model(&tiny).unwrap();
+    let (layout, params) = planted_adapter(&cfg, 1, &v);
+    let merged = tmp.join("merged");
+    caft_fast::train::merge::write_merged(&merged, &loaded, &layout, &params).unwrap();
+    let pcs_merged = tmp.join("pcs-merged.safetensors");
+    assert_ok(&on_gpu(
+        &gpu,
+        &[
+            "directions",
+            "pca",
+            "--model",
+            s(&tiny),
+            "--tuned-model",
+            s(&merged),
+            "--data",
+            s(&data),
+            "--layers",
+            "1",
+            "--components",
+            "2",
+            "--device",
+            "cuda",
+            "--batch-size",
+            "3",
+            "-o",
+            s(&pcs_merged),
+        ],
+    ));
+    let q = &read_tensors(&pcs_merged)["layer.1"].1;
+    let cos = dot(&q[..cfg.hidden_size], &v).abs();
+    assert!(cos >= 0.999, "--tuned-model: |cos(pc0, planted)| = {cos}");
 
     let model = tiny_chat_model("emu-gpu-eval", true);
     let dir = TempDir::new("emu-gpu-eval");

@@ -36,8 +36,10 @@ pub struct BenchArgs {
     /// attention for both.
     #[arg(long, value_parser = method_parser(), default_value = "lora")]
     pub method: Method,
+    /// Sequences per step.
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    /// Tokens per sequence (random ids, every one a label).
     #[arg(long, default_value_t = 256)]
     pub seq: usize,
     /// LoRA rank [default: 32]. Refused with --method full.

@@ -4,6 +4,7 @@ use super::common::{device_parser, model_path, parse_layers, set_threads};
 use crate::backend::device::Device;
 use crate::backend::Backend;
 use crate::data::{load_examples, token_batches, Example, TokenBatch};
+use crate::directions::pca::{TunedAndBase, TwoModels};
 use crate::directions::{pca, probe, select};
 use crate::model::ablation::{load_directions, random_directions, save_directions};
 use crate::model::loader::{load_model, LoadedModel};
@@ -23,9 +24,11 @@ pub struct DirectionsArgs {
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum DirectionsCmd {
-    /// Principal components of resid_post(base + adapter) - resid_post(base) on the answer
-    /// tokens of a data file, per layer. Writes `layer.<L>` [k, d_model] (unit rows) and
-    /// `explained_variance.<L>`, `explained_variance_ratio.<L>` [k].
+    /// Principal components of resid_post(fine-tune) - resid_post(base) on the answer tokens
+    /// of a data file, per layer; the fine-tune is a LoRA adapter on the base (--adapter) or a
+    /// whole fine-tuned model (--tuned-model, e.g. `train --method full`'s output). Writes
+    /// `layer.<L>` [k, d_model] (unit rows) and `explained_variance.<L>`,
+    /// `explained_variance_ratio.<L>` [k].
     Pca(PcaArgs),
     /// Keep chosen rows of a PCA (or directions) file as an ablation file for `train --ablate`.
     Select(SelectArgs),
@@ -42,8 +45,8 @@ pub enum DirectionsCmd {
     /// highest and lowest on each, as an HTML report and a JSON summary.
     Explain(ExplainArgs),
     /// Directions from sparse autoencoders: latents of an SAE on the base model's resid_post,
-    /// ranked by how much the adapter changes their mean activation on the answer tokens;
-    /// writes the top latents' decoder rows as `layer.<L>`.
+    /// ranked by how much the fine-tune (--adapter or --tuned-model) changes their mean
+    /// activation on the answer tokens; writes the top latents' decoder rows as `layer.<L>`.
     Sae(SaeArgs),
     /// Train a BatchTopK sparse autoencoder on the base model's resid_post at one layer over a
     /// corpus (for `directions sae`, when no published SAE fits the model).
@@ -114,6 +117,62 @@ pub struct SaeTrainArgs {
     pub threads: usize,
 }
 
+/// The fine-tune that `pca` and `sae` compare with the base model (--model): one of the two.
+#[derive(Args, Debug, Clone)]
+#[group(required = true, multiple = false)]
+pub struct TunedArgs {
+    /// The fine-tune as a PEFT LoRA adapter folder on --model (adapter_config.json +
+    /// adapter_model.safetensors), e.g. <train output>/adapter.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// The fine-tune as a whole model of --model's architecture and shape (a Hugging Face
+    /// folder, a GGUF file or a Hub id in the local cache), e.g. the <train output>/model of
+    /// `train --method full`. Both models are held at once (twice the weights' memory).
+    #[arg(long, value_name = "MODEL")]
+    pub tuned_model: Option<PathBuf>,
+}
+
+impl TunedArgs {
+    /// The fine-tune beside the base model `loaded` on `be`: the base carrying the adapter, or
+    /// the fine-tuned model and the base side by side (after checking they have one shape).
+    fn build<'a, B: Backend + 'a>(
+        &self,
+        be: &'a B,
+        loaded: &LoadedModel,
+    ) -> Result<Box<dyn TunedAndBase<B> + 'a>> {
+        match (&self.adapter, &self.tuned_model) {
+            (Some(dir), None) => {
+                if dir.join("config.json").is_file() && !dir.join("adapter_config.json").exists() {
+                    bail!(
+                        "--adapter {}: this is a model folder (config.json, no \
+                         adapter_config.json); give a fully fine-tuned model as --tuned-model",
+                        dir.display()
+                    );
+                }
+                Ok(Box::new(ModelSpec::with_adapter(dir).build(be, loaded)?))
+            }
+            (None, Some(m)) => {
+                if m.join("adapter_config.json").is_file() && !m.join("config.json").exists() {
+                    bail!(
+                        "--tuned-model {}: this is a LoRA adapter folder; give it as --adapter",
+                        m.display()
+                    );
+                }
+                let tuned =
+                    load_model(m).with_context(|| format!("--tuned-model {}", m.display()))?;
+                Ok(Box::new(TwoModels::new(be, loaded, &tuned)?))
+            }
+            _ => bail!("give exactly one of --adapter DIR and --tuned-model MODEL"),
+        }
+    }
+
+    /// The adapter and the tuned model as given (one is `None`), for the output's metadata.
+    fn shown(&self) -> (Option<String>, Option<String>) {
+        let show = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        (show(&self.adapter), show(&self.tuned_model))
+    }
+}
+
 /// Options of the paired base / fine-tuned forward passes (`pca`, `sae`).
 #[derive(Args, Debug, Clone)]
 pub struct PassArgs {
@@ -165,9 +224,8 @@ pub struct SaeArgs {
     /// (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// The fine-tune: a PEFT LoRA adapter folder.
-    #[arg(long)]
-    pub adapter: PathBuf,
+    #[command(flatten)]
+    pub tuned: TunedArgs,
     /// Data whose tokens both models read (JSONL, as for `pca`).
     #[arg(long)]
     pub data: PathBuf,
@@ -196,6 +254,10 @@ Data: the JSONL forms `caft-fast train` reads (chat, prompt/completion, text, pr
 {\"input_ids\", \"labels\"}). Answer tokens are the labelled ones (assistant turns of chat
 records, every token of text records, labels >= 0 of pre-tokenized ones).
 
+The fine-tune: --adapter DIR (LoRA: the base model runs with and without the adapter) or
+--tuned-model MODEL (full fine-tuning: a second whole model, which must have --model's
+architecture, width, depth, heads, MLP width and vocabulary; both are held at once).
+
 Memory: one d_model x d_model f64 covariance per layer (512 MiB at d_model = 8192), whatever
 the number of tokens.")]
 pub struct PcaArgs {
@@ -203,11 +265,9 @@ pub struct PcaArgs {
     /// (ORG/NAME[@REV]) [default: SmolLM2-135M-Instruct].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// The fine-tune: a PEFT LoRA adapter folder (adapter_config.json +
-    /// adapter_model.safetensors), e.g. <train output>/adapter.
-    #[arg(long)]
-    pub adapter: PathBuf,
-    /// Data whose tokens both models read (JSONL).
+    #[command(flatten)]
+    pub tuned: TunedArgs,
+    /// Data whose tokens both models read (JSONL, tokenized by --model's tokenizer).
     #[arg(long)]
     pub data: PathBuf,
     /// Layers whose output (resid_post) to compare: 10,20,30.
@@ -606,18 +666,20 @@ fn sae_impl<B: Backend>(be: &B, a: &SaeArgs, loaded: &LoadedModel) -> Result<()>
         }
         saes.push((layer, sae));
     }
-    // The adapter first: its errors come before any data is read.
-    let mut model = ModelSpec::with_adapter(&a.adapter).build(be, loaded)?;
+    // The fine-tune first: its errors come before any data is read.
+    let mut pair = a.tuned.build(be, loaded)?;
+    let (adapter, tuned_model) = a.tuned.shown();
     let (_, batches) = a.pass.batches(&a.data, loaded)?;
     let bar = progress(batches.len() as u64, "sae");
-    let ranked = rank_latents(be, &mut model, &batches, &saes, a.top, |i| {
+    let ranked = rank_latents(be, pair.as_mut(), &batches, &saes, a.top, |i| {
         bar.set_position(i as u64)
     })?;
     bar.finish_and_clear();
     let about = serde_json::json!({
-        "kind": "sae latents ranked by the change of mean activation (base + adapter minus base)",
+        "kind": "sae latents ranked by the change of mean activation (fine-tune minus base)",
         "model": loaded.source.display().to_string(),
-        "adapter": a.adapter.display().to_string(),
+        "adapter": adapter,
+        "tuned_model": tuned_model,
         "data": a.data.display().to_string(),
         "saes": a.sae,
         "tokens": ranked.first().map(|r| r.tokens),
@@ -747,18 +809,20 @@ fn pca_impl<B: Backend>(be: &B, a: &PcaArgs, loaded: &LoadedModel) -> Result<()>
     let cfg = loaded.config.clone();
     let layers = parse_layers(&a.layers)?;
     pca::check_request(&layers, a.components, cfg.num_layers, cfg.hidden_size)?;
-    // The adapter first: its errors come before any data is read.
-    let mut model = ModelSpec::with_adapter(&a.adapter).build(be, loaded)?;
+    // The fine-tune first: its errors come before any data is read.
+    let mut pair = a.tuned.build(be, loaded)?;
+    let (adapter, tuned_model) = a.tuned.shown();
     let (examples, batches) = a.pass.batches(&a.data, loaded)?;
     let bar = progress(batches.len() as u64, "pca");
-    let r = pca::pca(be, &mut model, &batches, &layers, a.components, |i| {
+    let r = pca::pca(be, pair.as_mut(), &batches, &layers, a.components, |i| {
         bar.set_position(i as u64)
     })?;
     bar.finish_and_clear();
     let about = serde_json::json!({
-        "kind": "pca of resid_post differences (base + adapter minus base)",
+        "kind": "pca of resid_post differences (fine-tune minus base)",
         "model": loaded.source.display().to_string(),
-        "adapter": a.adapter.display().to_string(),
+        "adapter": adapter,
+        "tuned_model": tuned_model,
         "data": a.data.display().to_string(),
         "examples": examples.len(),
         "tokens": r.tokens,

@@ -42,8 +42,17 @@ pub enum Cmd {
     /// recomputation, logits) for each checkpointing mode from the model's config.json alone,
     /// and say whether it fits; exit status 1 when it does not.
     Plan(Box<plan::PlanArgs>),
-    /// Time LoRA training steps (random tokens, random directions) and print tokens/s and peak
-    /// memory as JSON.
+    /// Time training steps, LoRA or (--method full) every weight, on random tokens (random
+    /// directions ablated at --ablate-layers), and print tokens/s, model TFLOP/s and memory as
+    /// JSON.
+    ///
+    /// Each step is a whole optimizer step as `train` runs it (forward, backward, AdamW; full
+    /// fine-tuning keeps f32 master weights and moments): --warmup untimed steps, then the mean
+    /// of --steps timed ones. The model is a model file (--model) or the random weights of a
+    /// shape (--shape, no download), optionally cut to its first --layers N for a quick run of
+    /// a large shape. The JSON line has tokens_per_s, step_s (the mean), model_tflop_per_step
+    /// and achieved_tflops (the model FLOPs of --method, see below), trained_params,
+    /// peak_rss_mb, device_mem_mb (a GPU's use, total - free) and every step's loss.
     BenchStep(bench::BenchArgs),
     /// Report the GPU, driver, NVRTC and cuBLAS found; compile every kernel and check every
     /// op against the CPU reference. Exits non-zero on any failure.

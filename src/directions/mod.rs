@@ -1,9 +1,10 @@
 //! `caft-fast directions`: finding, choosing and explaining the concept directions that CAFT
 //! ablates (step 2 of the workflow in the README).
 //!
-//! - [`pca`]: run the base model and base + adapter over the same tokens, take per-token
-//!   differences of resid_post at chosen layers (on answer tokens, or all tokens), centre them
-//!   and keep the top principal components of each layer.
+//! - [`pca`]: run the base model and the fine-tune (base + adapter, or a whole fine-tuned
+//!   model) over the same tokens, take per-token differences of resid_post at chosen layers
+//!   (on answer tokens, or all tokens), centre them and keep the top principal components of
+//!   each layer.
 //! - [`select`]: make an ablation file from chosen components, random control directions, or
 //!   directions from other tools (`.npy`, safetensors under other names).
 //! - [`probe`]: choose components without test data: those whose projections best separate

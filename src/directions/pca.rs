@@ -1,7 +1,9 @@
 //! Principal components of what a fine-tune changed in the residual stream.
 //!
 //! For each token `t` of the data and each chosen layer `L`, the difference
-//! `δ_t = resid_post_L(base + adapter)_t - resid_post_L(base)_t` (same tokens, no ablation).
+//! `δ_t = resid_post_L(tuned)_t - resid_post_L(base)_t` (same tokens, no ablation), where the
+//! fine-tune is the base with a LoRA adapter or a whole fine-tuned model of the base's shape
+//! ([`TunedAndBase`]).
 //! The differences are centred (`δ_t - mean δ`) and their covariance
 //! `C = Σ (δ_t - μ)(δ_t - μ)ᵀ / (n - 1)` is accumulated in f64 as the batches stream past,
 //! so memory is `d² · 8` bytes per layer whatever the number of tokens. The components are the
@@ -17,6 +19,8 @@
 use crate::backend::Backend;
 use crate::data::TokenBatch;
 use crate::linalg::{top_eigenpairs, Covariance};
+use crate::model::config::ModelConfig;
+use crate::model::loader::LoadedModel;
 use crate::model::transformer::Model;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::TensorView;
@@ -37,7 +41,7 @@ pub struct LayerPca {
     pub components: Vec<f64>,
     /// Eigenvalues of the difference covariance, descending.
     pub variance: Vec<f64>,
-    /// `variance / trace(C)` (0 when the trace is 0: the adapter did not change this layer).
+    /// `variance / trace(C)` (0 when the trace is 0: the fine-tune did not change this layer).
     pub ratio: Vec<f64>,
     /// `trace(C)`: the total variance of the differences.
     pub total_variance: f64,
@@ -67,55 +71,140 @@ pub struct PcaResult {
 /// `(tuned, base)` activations: per layer, `[rows * d]` f32.
 pub type Paired = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
-/// resid_post at `layers` for the collected rows of `tb`, from base + adapter and from the
-/// base model: `(tuned, base)`, each `[layer][rows.len() * d]` f32.
-///
-/// `model` must carry the adapter (`Model::set_lora`). The adapter pass runs first: the
+/// A fine-tune and its base, read on the same tokens: a [`Model`] carrying a LoRA adapter
+/// (the fine-tune with it attached, the base with it detached), or [`TwoModels`], a whole
+/// fine-tuned model beside its base (full fine-tuning).
+pub trait TunedAndBase<B: Backend> {
+    /// The base's configuration (the fine-tune has its architecture and shape).
+    fn config(&self) -> &ModelConfig;
+
+    /// resid_post at `layers` for the collected rows of `tb`, from the fine-tune and from the
+    /// base: `(tuned, base)`, each `[layer][rows.len() * d]` f32 (no ablation on either).
+    fn paired_resid(&mut self, be: &B, tb: &TokenBatch, layers: &[usize]) -> Result<Paired>;
+}
+
+/// The rows `tb` collects of one layer's `[batch * seq, d]` activations.
+fn gather(tb: &TokenBatch, v: &[f32], d: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(tb.rows.len() * d);
+    for &r in &tb.rows {
+        out.extend_from_slice(&v[r * d..(r + 1) * d]);
+    }
+    out
+}
+
+/// resid_post at `layers` after a forward pass of `tb`, gathered to its collected rows.
+fn resid_rows<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    tb: &TokenBatch,
+    layers: &[usize],
+) -> Result<Vec<Vec<f32>>> {
+    let d = model.cfg.hidden_size;
+    layers
+        .iter()
+        .map(|&l| Ok(gather(tb, &model.resid_post(be, l)?, d)))
+        .collect()
+}
+
+/// The model must carry the adapter (`Model::set_lora`). The adapter pass runs first: the
 /// model allocates its activation buffers (including each adapter's `x Aᵀ` buffers) on the
 /// first forward of a batch shape, so the base pass, with the adapter detached, reuses
 /// buffers that were sized with it and attaching it again needs no reallocation.
-pub fn paired_resid<B: Backend>(
-    be: &B,
-    model: &mut Model<B>,
-    tb: &TokenBatch,
-    layers: &[usize],
-) -> Result<Paired> {
-    if model.lora.is_none() {
-        bail!("comparing base and fine-tuned activations needs an adapter attached");
+impl<B: Backend> TunedAndBase<B> for Model<B> {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
     }
-    let d = model.cfg.hidden_size;
-    let gather = |v: &[f32]| -> Vec<f32> {
-        let mut out = Vec::with_capacity(tb.rows.len() * d);
-        for &r in &tb.rows {
-            out.extend_from_slice(&v[r * d..(r + 1) * d]);
+
+    fn paired_resid(&mut self, be: &B, tb: &TokenBatch, layers: &[usize]) -> Result<Paired> {
+        if self.lora.is_none() {
+            bail!("comparing base and fine-tuned activations needs an adapter attached");
         }
-        out
-    };
-    model.forward(be, &tb.batch, false)?;
-    let mut tuned = Vec::with_capacity(layers.len());
-    for &l in layers {
-        tuned.push(gather(&model.resid_post(be, l)?));
+        self.forward(be, &tb.batch, false)?;
+        let tuned = resid_rows(be, self, tb, layers)?;
+        let lora = self.lora.take();
+        let base = self.forward(be, &tb.batch, false);
+        self.lora = lora;
+        base?;
+        Ok((tuned, resid_rows(be, self, tb, layers)?))
     }
-    let lora = model.lora.take();
-    let base = model.forward(be, &tb.batch, false);
-    model.lora = lora;
-    base?;
-    let mut base = Vec::with_capacity(layers.len());
-    for &l in layers {
-        base.push(gather(&model.resid_post(be, l)?));
-    }
-    Ok((tuned, base))
 }
 
-/// The differences `resid_post(base + adapter) - resid_post(base)` at `layers` for the
-/// collected rows of `tb`, as f64 `[rows.len() * d]` per layer (see [`paired_resid`]).
-pub fn differences<B: Backend>(
+/// A whole fine-tuned model and its base, of one architecture and shape (built by
+/// [`TwoModels::new`], which checks that): the output of full fine-tuning against the model
+/// it started from. Both are on the device at once, so this takes twice the weights' memory.
+pub struct TwoModels<B: Backend> {
+    pub tuned: Model<B>,
+    pub base: Model<B>,
+}
+
+impl<B: Backend> TwoModels<B> {
+    /// Both models on `be`; an error naming every difference when `tuned` is not of `base`'s
+    /// architecture and shape (its directions would not live in the base's residual stream).
+    pub fn new(be: &B, base: &LoadedModel, tuned: &LoadedModel) -> Result<Self> {
+        let (b, t) = (&base.config, &tuned.config);
+        let mut diffs = Vec::new();
+        if b.arch != t.arch {
+            diffs.push(format!(
+                "architecture {:?} (fine-tuned) vs {:?} (base)",
+                t.arch, b.arch
+            ));
+        }
+        for (name, tv, bv) in [
+            ("hidden_size", t.hidden_size, b.hidden_size),
+            ("num_hidden_layers", t.num_layers, b.num_layers),
+            (
+                "intermediate_size",
+                t.intermediate_size,
+                b.intermediate_size,
+            ),
+            ("num_attention_heads", t.num_heads, b.num_heads),
+            ("num_key_value_heads", t.num_kv_heads, b.num_kv_heads),
+            ("head_dim", t.head_dim, b.head_dim),
+            ("vocab_size", t.vocab_size, b.vocab_size),
+        ] {
+            if tv != bv {
+                diffs.push(format!("{name} {tv} (fine-tuned) vs {bv} (base)"));
+            }
+        }
+        if !diffs.is_empty() {
+            bail!(
+                "{} is not a fine-tune of {}: {}",
+                tuned.source.display(),
+                base.source.display(),
+                diffs.join(", ")
+            );
+        }
+        Ok(TwoModels {
+            tuned: Model::new(be, t.clone(), tuned.weights.as_ref())
+                .with_context(|| format!("loading {}", tuned.source.display()))?,
+            base: Model::new(be, b.clone(), base.weights.as_ref())
+                .with_context(|| format!("loading {}", base.source.display()))?,
+        })
+    }
+}
+
+impl<B: Backend> TunedAndBase<B> for TwoModels<B> {
+    fn config(&self) -> &ModelConfig {
+        &self.base.cfg
+    }
+
+    fn paired_resid(&mut self, be: &B, tb: &TokenBatch, layers: &[usize]) -> Result<Paired> {
+        self.tuned.forward(be, &tb.batch, false)?;
+        let tuned = resid_rows(be, &self.tuned, tb, layers)?;
+        self.base.forward(be, &tb.batch, false)?;
+        Ok((tuned, resid_rows(be, &self.base, tb, layers)?))
+    }
+}
+
+/// The differences `resid_post(tuned) - resid_post(base)` at `layers` for the collected rows
+/// of `tb`, as f64 `[rows.len() * d]` per layer (see [`TunedAndBase::paired_resid`]).
+pub fn differences<B: Backend, P: TunedAndBase<B> + ?Sized>(
     be: &B,
-    model: &mut Model<B>,
+    pair: &mut P,
     tb: &TokenBatch,
     layers: &[usize],
 ) -> Result<Vec<Vec<f64>>> {
-    let (tuned, base) = paired_resid(be, model, tb, layers)?;
+    let (tuned, base) = pair.paired_resid(be, tb, layers)?;
     Ok(tuned
         .iter()
         .zip(&base)
@@ -150,26 +239,26 @@ pub fn check_request(layers: &[usize], k: usize, n_layers: usize, d: usize) -> R
     Ok(())
 }
 
-/// Stream `batches` through base and base + adapter, accumulate the difference covariance of
-/// each layer and take the top `k` components. `on_batch` is called after each batch (for a
-/// progress bar).
-pub fn pca<B: Backend>(
+/// Stream `batches` through the base and the fine-tune (`pair`: a model carrying an adapter,
+/// or [`TwoModels`]), accumulate the difference covariance of each layer and take the top `k`
+/// components. `on_batch` is called after each batch (for a progress bar).
+pub fn pca<B: Backend, P: TunedAndBase<B> + ?Sized>(
     be: &B,
-    model: &mut Model<B>,
+    pair: &mut P,
     batches: &[TokenBatch],
     layers: &[usize],
     k: usize,
     mut on_batch: impl FnMut(usize),
 ) -> Result<PcaResult> {
-    let d = model.cfg.hidden_size;
-    check_request(layers, k, model.cfg.num_layers, d)?;
+    let d = pair.config().hidden_size;
+    check_request(layers, k, pair.config().num_layers, d)?;
     let mut covs: Vec<Covariance> = layers.iter().map(|_| Covariance::new(d)).collect();
     let mut pending: Vec<Vec<f64>> = layers.iter().map(|_| Vec::new()).collect();
     let (mut forward_s, mut accumulate_s) = (0.0, 0.0);
     let mut tokens_forwarded = 0u64;
     for (i, tb) in batches.iter().enumerate() {
         let t0 = Instant::now();
-        let diffs = differences(be, model, tb, layers)?;
+        let diffs = differences(be, pair, tb, layers)?;
         be.synchronize()?;
         forward_s += t0.elapsed().as_secs_f64();
         tokens_forwarded += tb.batch.labels.len() as u64;

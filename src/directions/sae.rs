@@ -30,9 +30,8 @@
 
 use crate::backend::Backend;
 use crate::data::TokenBatch;
-use crate::directions::pca::paired_resid;
+use crate::directions::pca::TunedAndBase;
 use crate::linalg::gemm;
-use crate::model::transformer::Model;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
@@ -255,18 +254,19 @@ pub struct RankedLatents {
 }
 
 /// Encode base and fine-tuned resid_post at each `(layer, sae)` over `batches` and rank the
-/// latents (see the module docs); keep the top `top` per layer.
-pub fn rank_latents<B: Backend>(
+/// latents (see the module docs); keep the top `top` per layer. `pair` is a model carrying an
+/// adapter or a whole fine-tuned model beside its base ([`TunedAndBase`]).
+pub fn rank_latents<B: Backend, P: TunedAndBase<B> + ?Sized>(
     be: &B,
-    model: &mut Model<B>,
+    pair: &mut P,
     batches: &[TokenBatch],
     saes: &[(usize, Sae)],
     top: usize,
     mut on_batch: impl FnMut(usize),
 ) -> Result<Vec<RankedLatents>> {
-    let d = model.cfg.hidden_size;
+    let d = pair.config().hidden_size;
     let layers: Vec<usize> = saes.iter().map(|(l, _)| *l).collect();
-    crate::directions::pca::check_request(&layers, 1, model.cfg.num_layers, d)?;
+    crate::directions::pca::check_request(&layers, 1, pair.config().num_layers, d)?;
     for (l, s) in saes {
         if s.d != d {
             bail!(
@@ -279,7 +279,7 @@ pub fn rank_latents<B: Backend>(
     let mut sums: Vec<Vec<f64>> = saes.iter().map(|(_, s)| vec![0.0; s.m]).collect();
     let mut tokens = 0u64;
     for (i, tb) in batches.iter().enumerate() {
-        let (tuned, base) = paired_resid(be, model, tb, &layers)?;
+        let (tuned, base) = pair.paired_resid(be, tb, &layers)?;
         for (li, (_, sae)) in saes.iter().enumerate() {
             let ft = sae.encode(&tuned[li]);
             let fb = sae.encode(&base[li]);

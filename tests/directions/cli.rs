@@ -1,6 +1,7 @@
 //! `caft-fast directions` end to end on the tiny Llama fixture: pca recovers a planted
-//! direction and writes a well-formed file; select keeps exactly the picked rows; random and
-//! import write files that `train --ablate` loads; bad input gives clear errors (exit 2).
+//! direction and writes a well-formed file, and takes a fully fine-tuned model in place of an
+//! adapter; select keeps exactly the picked rows; random and import write files that
+//! `train --ablate` loads; bad input gives clear errors (exit 2).
 
 use crate::support::*;
 use caft_fast::model::ablation::{load_directions, random_directions};
@@ -334,6 +335,187 @@ fn pca_bad_input() {
     write_planted_adapter(&other, &qcfg, 0, &unit_vector(qcfg.hidden_size, 1));
     assert_ne!(qcfg.intermediate_size, cfg.intermediate_size);
     assert_error(&run("1", "2", &other), &["has shape"]);
+    assert!(!out.exists());
+}
+
+/// `directions pca --model BASE --tuned-model DIR` with `--layers` 1,3 and 3 components.
+fn pca_tuned(base: &Path, tuned: &Path, data: &Path, out: &Path) -> std::process::Output {
+    directions(&[
+        "pca",
+        "--model",
+        s(base),
+        "--tuned-model",
+        s(tuned),
+        "--data",
+        s(data),
+        "--layers",
+        "1,3",
+        "--components",
+        "3",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "3",
+        "-o",
+        s(out),
+    ])
+}
+
+/// The folder `train --method full` writes (<run>/model, 2 steps on the tiny Llama) is what
+/// `pca --tuned-model` reads: the file has the layers asked for with orthonormal rows (f32:
+/// 1e-6), names the tuned model in its metadata, and holds what the library computes from
+/// the same two models on the same batches (`TwoModels`, the same code in f64 on the same
+/// CPU, so equal up to the file's f32 rounding: variances to 1e-6 relative, components whose
+/// variance stands apart from their neighbours' by more than 1e-3 of the first to |cos| >=
+/// 1 - 1e-6, the first at least). The base given as its own fine-tune runs identical
+/// arithmetic on both sides: total variance exactly 0.
+#[test]
+fn pca_takes_a_fully_fine_tuned_model() {
+    use caft_fast::data::{load_examples, token_batches};
+    use caft_fast::directions::pca::{pca, TwoModels};
+    use caft_fast::model::loader::load_model;
+    let tmp = TempDir::new("pca-full");
+    let base = tiny_llama();
+    let data = tmp.join("data.jsonl");
+    write_tokens_jsonl(&data, 20, 3);
+    let run = tmp.join("run");
+    assert_ok(&train(&[
+        "--model",
+        s(&base),
+        "--data",
+        s(&data),
+        "-o",
+        s(&run),
+        "--method",
+        "full",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+    ]));
+    let tuned = run.join("model");
+    let out = tmp.join("pcs.safetensors");
+    assert_ok(&pca_tuned(&base, &tuned, &data, &out));
+    let t = read_tensors(&out);
+    let bytes = std::fs::read(&out).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let about: serde_json::Value =
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["caft_fast"]).unwrap();
+    assert_eq!(about["tuned_model"], s(&tuned));
+    assert!(about["adapter"].is_null());
+
+    let be = caft_fast::backend::cpu::CpuBackend::new();
+    let (b, m) = (load_model(&base).unwrap(), load_model(&tuned).unwrap());
+    let examples = load_examples(&data, &b, false, 2048).unwrap();
+    let batches = token_batches(&examples, 3, false);
+    let mut pair = TwoModels::new(&be, &b, &m).unwrap();
+    let r = pca(&be, &mut pair, &batches, &[1, 3], 3, |_| {}).unwrap();
+    for l in &r.layers {
+        let (shape, q) = &t[&format!("layer.{}", l.layer)];
+        assert_eq!(shape, &[3, 64]);
+        let var = &t[&format!("explained_variance.{}", l.layer)].1;
+        assert!(
+            l.variance[0] > 0.0,
+            "layer {}: the fine-tune changed it",
+            l.layer
+        );
+        let mut checked = 0;
+        for i in 0..3 {
+            let row = &q[i * 64..(i + 1) * 64];
+            for j in 0..3 {
+                let g = dot(row, &q[j * 64..(j + 1) * 64]);
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!(
+                    (g - want).abs() < 1e-6,
+                    "layer {} gram ({i},{j}) = {g}",
+                    l.layer
+                );
+            }
+            let rel = (var[i] as f64 - l.variance[i]).abs() / l.variance[i];
+            assert!(
+                rel <= 1e-6,
+                "layer {} variance {i}: {} vs {}",
+                l.layer,
+                var[i],
+                l.variance[i]
+            );
+            let prev = if i > 0 {
+                l.variance[i - 1]
+            } else {
+                f64::INFINITY
+            };
+            let next = l.variance.get(i + 1).copied().unwrap_or(0.0);
+            if (prev - l.variance[i]).min(l.variance[i] - next) > 1e-3 * l.variance[0] {
+                let lib: Vec<f32> = l.components[i * 64..(i + 1) * 64]
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect();
+                let c = dot(row, &lib).abs();
+                assert!(
+                    c >= 1.0 - 1e-6,
+                    "layer {} component {i}: |cos| = {c}",
+                    l.layer
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked >= 1, "layer {}: no component stands apart", l.layer);
+    }
+
+    let same = tmp.join("same.safetensors");
+    assert_ok(&pca_tuned(&base, &base, &data, &same));
+    let t = read_tensors(&same);
+    for l in [1, 3] {
+        let var = &t[&format!("explained_variance.{l}")].1;
+        assert!(var.iter().all(|&x| x == 0.0), "layer {l}: {var:?}");
+    }
+}
+
+/// Which fine-tune: exactly one of --adapter and --tuned-model; a model folder given as
+/// --adapter, or an adapter folder as --tuned-model, is named for what it is; a tuned model of
+/// another shape is refused with the differences; nothing is written.
+#[test]
+fn pca_tuned_model_bad_input() {
+    let tmp = TempDir::new("pcatunedbad");
+    let cfg = tiny_config();
+    let adapter = tmp.join("adapter");
+    write_planted_adapter(&adapter, &cfg, 1, &unit_vector(64, 1));
+    let data = tmp.join("data.jsonl");
+    write_tokens_jsonl(&data, 4, 1);
+    let out = tmp.join("pcs.safetensors");
+    let base = tiny_llama();
+    let run = |which: &[&str]| {
+        let mut args = vec!["pca", "--model", s(&base), "--data", s(&data)];
+        args.extend_from_slice(&["--layers", "1", "--device", "cpu", "-o", s(&out)]);
+        args.extend_from_slice(which);
+        directions(&args)
+    };
+    assert_error(&run(&[]), &["--adapter", "--tuned-model"]);
+    assert_error(
+        &run(&["--adapter", s(&adapter), "--tuned-model", s(&base)]),
+        &["cannot be used with"],
+    );
+    assert_error(
+        &run(&["--adapter", s(&base)]),
+        &["model folder", "--tuned-model"],
+    );
+    assert_error(
+        &run(&["--tuned-model", s(&adapter)]),
+        &["adapter folder", "--adapter"],
+    );
+    assert_error(
+        &run(&["--tuned-model", s(&tiny_fixture("qwen2"))]),
+        &[
+            "is not a fine-tune of",
+            "intermediate_size 80 (fine-tuned) vs 96 (base)",
+        ],
+    );
+    assert_error(
+        &run(&["--tuned-model", s(&tmp.join("nope"))]),
+        &["--tuned-model", "nope"],
+    );
     assert!(!out.exists());
 }
 

@@ -1,16 +1,18 @@
 //! The PCA of resid_post differences through the library: a direction planted by an adapter is
-//! recovered, layers before it see no difference, and the streaming covariance + eigensolver
-//! equals an exact SVD of the centred difference matrix on real differences.
+//! recovered, layers before it see no difference, the streaming covariance + eigensolver
+//! equals an exact SVD of the centred difference matrix on real differences, and a whole
+//! fine-tuned model beside its base gives what the same fine-tune as an adapter gives.
 
 use crate::support::*;
 use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::data::token_batches;
 use caft_fast::data::Example;
 use caft_fast::data::TokenBatch;
-use caft_fast::directions::pca::{differences, pca};
+use caft_fast::directions::pca::{differences, pca, TwoModels};
 use caft_fast::model::loader::load_model;
 use caft_fast::model::peft::load_peft_adapter;
 use caft_fast::model::transformer::Model;
+use caft_fast::train::merge::write_merged;
 use caft_fast::util::rng::Rng;
 
 /// Random examples, labels on the second half of each.
@@ -223,4 +225,71 @@ fn covariance_pca_equals_svd_of_the_differences() {
             "layer {layer}: only {checked} vectors separated"
         );
     }
+}
+
+/// A fine-tune given as a whole model equals the same fine-tune given as an adapter: the
+/// planted adapter merged into a model folder (`W + B·A` in f32, `train --merge`'s writer) and
+/// read beside the base ([`TwoModels`]) gives the PCA of the base with the adapter. Layer 0's
+/// weights are bit for bit the base's (B is zero there, so the merge adds exact zeros), so its
+/// differences are exactly zero again; at layer 1 both routes put the planted direction first
+/// (bounds as above) and agree on the first variance to 1e-4 and the first component to
+/// |cos| >= 1 - 1e-6: the merged weight rounds `W + BA` once to f32 (relative 6e-8), where the
+/// adapter route rounds `xWᵀ` and `(xAᵀ)Bᵀ` separately, so the two differ by f32 rounding of
+/// resid_post (~1e-7 of it), far inside both bounds. A model of another shape is refused with
+/// every difference named.
+#[test]
+fn a_merged_model_beside_its_base_gives_the_adapter_pca() {
+    let be = CpuBackend::new();
+    let loaded = load_model(&tiny_llama()).unwrap();
+    let cfg = loaded.config.clone();
+    let d = cfg.hidden_size;
+    let v = unit_vector(d, 11);
+    let tmp = TempDir::new("merged-pca");
+    let (layout, params) = planted_adapter(&cfg, 1, &v);
+    let merged_dir = tmp.join("merged");
+    write_merged(&merged_dir, &loaded, &layout, &params).unwrap();
+    let merged = load_model(&merged_dir).unwrap();
+
+    let batches = token_batches(&examples(24, 1), 5, false);
+    let layers = [0, 1, 2];
+    let mut with_adapter = Model::new(&be, cfg.clone(), loaded.weights.as_ref()).unwrap();
+    with_adapter.set_lora(&be, layout, &params).unwrap();
+    let a = pca(&be, &mut with_adapter, &batches, &layers, 3, |_| {}).unwrap();
+    let mut pair = TwoModels::new(&be, &loaded, &merged).unwrap();
+    let m = pca(&be, &mut pair, &batches, &layers, 3, |_| {}).unwrap();
+
+    assert_eq!(m.tokens, a.tokens);
+    assert_eq!(m.layers[0].total_variance, 0.0, "layer 0 is the base's");
+    let (ma, mm) = (&a.layers[1], &m.layers[1]);
+    let pc0 = |l: &caft_fast::directions::pca::LayerPca| -> Vec<f32> {
+        l.components[..d].iter().map(|&x| x as f32).collect()
+    };
+    let cos_v = dot(&pc0(mm), &v).abs();
+    assert!(cos_v >= 0.9999, "|cos(pc0, v)| = {cos_v}");
+    assert!(mm.ratio[0] >= 0.9999, "variance share {}", mm.ratio[0]);
+    let cos = (0..d)
+        .map(|j| ma.components[j] * mm.components[j])
+        .sum::<f64>()
+        .abs();
+    assert!(cos >= 1.0 - 1e-6, "adapter vs merged pc0: |cos| = {cos}");
+    let rel = (mm.variance[0] - ma.variance[0]).abs() / ma.variance[0];
+    assert!(
+        rel <= 1e-4,
+        "first variance {} vs {} (rel {rel:e})",
+        mm.variance[0],
+        ma.variance[0]
+    );
+    assert!(m.layers[2].total_variance > 0.0);
+
+    let qwen = load_model(&tiny_fixture("qwen2")).unwrap();
+    let e = TwoModels::new(&be, &loaded, &qwen)
+        .err()
+        .expect("another shape")
+        .to_string();
+    assert!(e.contains("is not a fine-tune of"), "{e}");
+    assert!(
+        e.contains("architecture Qwen2 (fine-tuned) vs Llama (base)"),
+        "{e}"
+    );
+    assert!(e.contains("intermediate_size"), "{e}");
 }

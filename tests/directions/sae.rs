@@ -1,5 +1,6 @@
 //! SAE latents as directions: every activation function against a hand computation, both file
-//! layouts, and the ranking on the tiny model with a planted adapter.
+//! layouts, and the ranking on the tiny model with a planted adapter, given as an adapter and
+//! merged into a whole model.
 
 use crate::support::*;
 use caft_fast::directions::sae::{Activation, Sae};
@@ -203,6 +204,42 @@ fn planted_direction_ranks_its_latent_first() {
     }
     assert_eq!(t["layer.1"].0, [4, d]);
     assert_eq!(t["layer.1"].1[..d], v[..], "decoder row of latent 5");
+    // The same fine-tune as a whole model (the adapter merged into the weights by
+    // `train --merge`'s writer, read with --tuned-model): latent 5 first again, every score
+    // within the same bound (the merged weights differ from the adapter route by f32 rounding
+    // of W + BA, ~1e-7 of resid_post, far below it).
+    let loaded = caft_fast::model::loader::load_model(&tiny_llama()).unwrap();
+    let (layout, params) = planted_adapter(&cfg, 1, &v);
+    let merged = tmp.join("merged");
+    caft_fast::train::merge::write_merged(&merged, &loaded, &layout, &params).unwrap();
+    let out_merged = tmp.join("latents-merged.safetensors");
+    assert_ok(&directions(&[
+        "sae",
+        "--model",
+        s(&tiny_llama()),
+        "--tuned-model",
+        s(&merged),
+        "--data",
+        s(&data),
+        "--sae",
+        &format!("1={}", s(&sae)),
+        "--top",
+        "4",
+        "--device",
+        "cpu",
+        "-o",
+        s(&out_merged),
+    ]));
+    let tm = read_tensors(&out_merged);
+    assert_eq!(tm["sae_latent.1"].1[0], 5.0);
+    for (&j, &sc) in tm["sae_latent.1"].1.iter().zip(&tm["sae_score.1"].1) {
+        let j = j as usize;
+        let want = s5 * dot(&v, &w_dec[j * d..(j + 1) * d]);
+        assert!(
+            (sc as f64 - want).abs() <= 1e-3 * s5.abs(),
+            "merged, latent {j}: {sc} vs {want}"
+        );
+    }
     // explain names the latents.
     let corpus = tmp.join("corpus.jsonl");
     write_tokens_jsonl(&corpus, 6, 2);
