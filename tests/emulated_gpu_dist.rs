@@ -642,3 +642,132 @@ fn ctrl_c_stops_every_worker_at_one_checkpoint() {
     assert!(msg.contains(&format!("resuming at step {steps}")), "{msg}");
     assert_eq!(metrics(&out).len() as u64, steps + 2);
 }
+
+/// `eval mc` and `eval loss` on three GPUs share the forward passes and report what one GPU
+/// reports: every item's logits, log-probabilities and prediction bit for bit (each item is
+/// scored whole on one rank and gathered exactly), the loss to f64 rounding of a sum in
+/// another order; rank 0 alone writes the report.
+#[test]
+fn eval_on_several_gpus_reports_what_one_reports() {
+    let Some(gpu) = gpu_dir("eval_on_several_gpus_reports_what_one_reports") else {
+        return;
+    };
+    let model = tiny_chat_model("emu-dist-eval", true);
+    let dir = TempDir::new("emu-dist-eval");
+    let task = dir.join("task");
+    let make = [
+        "eval",
+        "make-task",
+        "-o",
+        s(&task),
+        "--n-train",
+        "12",
+        "--n-test",
+        "7",
+    ];
+    assert_ok(&on_gpu(&gpu, &make, &NODE));
+    let run = |cmd: &str, data: &str, gpus: &str| -> serde_json::Value {
+        let out = dir.join(format!("{cmd}-{gpus}.json"));
+        let data = task.join(data);
+        let args = [
+            "eval",
+            cmd,
+            "--data",
+            s(&data),
+            "--model",
+            s(&model),
+            "--batch-size",
+            "2",
+            "--gpus",
+            gpus,
+            "-o",
+            s(&out),
+        ];
+        assert_ok(&on_gpu(&gpu, &args, &NODE));
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+    };
+    let (one, three) = (run("mc", "test.jsonl", "0"), run("mc", "test.jsonl", "all"));
+    assert_eq!(one["overall"]["n"], 14);
+    assert_eq!(one["items"], three["items"], "every item's result");
+    assert_eq!(one["splits"], three["splits"]);
+    let (one, three) = (
+        run("loss", "train.jsonl", "0"),
+        run("loss", "train.jsonl", "all"),
+    );
+    let (a, b) = (
+        one["loss"].as_f64().unwrap(),
+        three["loss"].as_f64().unwrap(),
+    );
+    println!("eval loss: one GPU {a:.9}, three {b:.9}");
+    assert_eq!(one["tokens"], three["tokens"]);
+    assert!((a - b).abs() <= 1e-12 * a.abs(), "{a} vs {b}");
+}
+
+/// `directions pca` on three GPUs: each rank forwards every third batch and the covariances are
+/// merged across ranks (shifted to rank 0's mean, then summed), giving the one-GPU result:
+/// variances within 1e-6 of the total, every component with variance within 1e-6 (|cos|).
+#[test]
+fn pca_on_several_gpus_finds_what_one_finds() {
+    let Some(gpu) = gpu_dir("pca_on_several_gpus_finds_what_one_finds") else {
+        return;
+    };
+    let tmp = TempDir::new("emu-dist-pca");
+    let cfg = tiny_config();
+    let adapter = tmp.join("adapter");
+    write_planted_adapter(&adapter, &cfg, 1, &unit_vector(cfg.hidden_size, 5));
+    let data = tmp.join("data.jsonl");
+    write_tokens_jsonl(&data, 24, 3);
+    let tiny = tiny_llama();
+    let run = |gpus: &str| {
+        let out = tmp.join(format!("pcs-{gpus}.safetensors"));
+        let args = [
+            "directions",
+            "pca",
+            "--model",
+            s(&tiny),
+            "--adapter",
+            s(&adapter),
+            "--data",
+            s(&data),
+            "--layers",
+            "1,2",
+            "--components",
+            "3",
+            "--batch-size",
+            "2",
+            "--gpus",
+            gpus,
+            "-o",
+            s(&out),
+        ];
+        assert_ok(&on_gpu(&gpu, &args, &NODE));
+        read_tensors(&out)
+    };
+    let (one, three) = (run("0"), run("all"));
+    let d = cfg.hidden_size;
+    for layer in [1, 2] {
+        let (a, b) = (
+            &one[&format!("layer.{layer}")].1,
+            &three[&format!("layer.{layer}")].1,
+        );
+        let var = |t: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>| {
+            t[&format!("explained_variance.{layer}")].1.clone()
+        };
+        let (va, vb) = (var(&one), var(&three));
+        let total: f32 = va.iter().sum::<f32>().max(1e-30);
+        for c in 0..3 {
+            let cos = dot(&a[c * d..(c + 1) * d], &b[c * d..(c + 1) * d]).abs();
+            println!(
+                "layer {layer} component {c}: |cos| {cos:.9}, variance {:.4e} vs {:.4e}",
+                va[c], vb[c]
+            );
+            assert!(
+                ((va[c] - vb[c]) / total).abs() <= 1e-6,
+                "layer {layer}: {va:?} vs {vb:?}"
+            );
+            if va[c] > 1e-3 * total {
+                assert!(cos >= 1.0 - 1e-6, "layer {layer} component {c}: {cos}");
+            }
+        }
+    }
+}

@@ -1,11 +1,12 @@
 //! Arguments of `caft-fast directions` and the thin glue from them to the library.
 
-use super::common::{device_parser, model_path, parse_layers, set_threads};
+use super::common::{device_parser, launch_if_asked, model_path, parse_layers, set_threads};
 use crate::backend::device::Device;
 use crate::backend::Backend;
 use crate::data::{load_examples, token_batches, Example, TokenBatch};
 use crate::directions::pca::{TunedAndBase, TwoModels};
 use crate::directions::{pca, probe, select};
+use crate::dist::Dist;
 use crate::model::ablation::{load_directions, random_directions, save_directions};
 use crate::model::loader::{load_model, LoadedModel};
 use crate::model::spec::ModelSpec;
@@ -273,6 +274,10 @@ pub struct PcaArgs {
     /// Layers whose output (resid_post) to compare: 10,20,30.
     #[arg(long)]
     pub layers: String,
+    /// Share the forward passes among these GPUs of this node, one worker each (e.g. 0,1 or
+    /// all; the covariances are merged over NCCL); under torchrun/srun without it.
+    #[arg(long, value_name = "LIST")]
+    pub gpus: Option<String>,
     /// Principal components kept per layer.
     #[arg(long, default_value_t = 20)]
     pub components: usize,
@@ -453,7 +458,12 @@ macro_rules! on_model {
 /// Run one `directions` subcommand.
 pub fn run(a: DirectionsArgs) -> Result<()> {
     match a.cmd {
-        DirectionsCmd::Pca(a) => on_model!(a, a.pass.threads, a.pass.device, pca_impl),
+        DirectionsCmd::Pca(a) => {
+            if launch_if_asked(a.gpus.as_deref(), Some(a.pass.device))?.is_some() {
+                return Ok(());
+            }
+            on_model!(a, a.pass.threads, a.pass.device, pca_impl)
+        }
         DirectionsCmd::Select(a) => {
             let picks = a
                 .pick
@@ -806,6 +816,9 @@ fn sae_train_impl<B: Backend>(be: &B, a: &SaeTrainArgs, loaded: &LoadedModel) ->
 }
 
 fn pca_impl<B: Backend>(be: &B, a: &PcaArgs, loaded: &LoadedModel) -> Result<()> {
+    // Several ranks (`--gpus`, torchrun): each forwards its share of the batches.
+    let dist = Dist::from_env()?;
+    crate::dist::join(be, &dist, crate::dist::args_fingerprint())?;
     let cfg = loaded.config.clone();
     let layers = parse_layers(&a.layers)?;
     pca::check_request(&layers, a.components, cfg.num_layers, cfg.hidden_size)?;
@@ -833,6 +846,9 @@ fn pca_impl<B: Backend>(be: &B, a: &PcaArgs, loaded: &LoadedModel) -> Result<()>
         "program": format!("caft-fast {}", env!("CARGO_PKG_VERSION")),
         "total_variance": r.layers.iter().map(|l| l.total_variance).collect::<Vec<_>>(),
     });
+    if !dist.world.is_main() {
+        return Ok(());
+    }
     pca::save(&a.output, &r, &about)?;
     eprint!("{}", pca::summary(&r));
     if r.tokens as usize <= a.components {

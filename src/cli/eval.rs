@@ -1,8 +1,8 @@
 //! Arguments of `caft-fast eval` and the thin glue from them to the library.
 
 use super::common::{launch_if_asked, run_labels, set_threads, ModelArgs};
-use crate::dist::Dist;
 use crate::data::TrainOn;
+use crate::dist::Dist;
 use crate::eval::loss::LossOptions;
 use crate::eval::task::TaskConfig;
 use crate::eval::{loss, mc, task};

@@ -256,7 +256,14 @@ pub fn pca<B: Backend, P: TunedAndBase<B> + ?Sized>(
     let mut pending: Vec<Vec<f64>> = layers.iter().map(|_| Vec::new()).collect();
     let (mut forward_s, mut accumulate_s) = (0.0, 0.0);
     let mut tokens_forwarded = 0u64;
+    // In a data-parallel group each rank takes every `size`-th batch; the covariances are
+    // merged across ranks below.
+    let (rank, size) = be.group();
     for (i, tb) in batches.iter().enumerate() {
+        if i % size != rank {
+            on_batch(i + 1);
+            continue;
+        }
         let t0 = Instant::now();
         let diffs = differences(be, pair, tb, layers)?;
         be.synchronize()?;
@@ -286,6 +293,14 @@ pub fn pca<B: Backend, P: TunedAndBase<B> + ?Sized>(
     let t1 = Instant::now();
     for (c, p) in covs.iter_mut().zip(&pending) {
         c.add_rows(p);
+    }
+    if size > 1 {
+        for c in &mut covs {
+            merge_across_ranks(be, c).context("merging the covariances of every rank")?;
+        }
+        let mut n = [tokens_forwarded as f64];
+        be.all_reduce_host(&mut n)?;
+        tokens_forwarded = n[0] as u64;
     }
     accumulate_s += t1.elapsed().as_secs_f64();
     let tokens = covs[0].n;
@@ -327,6 +342,45 @@ pub fn pca<B: Backend, P: TunedAndBase<B> + ?Sized>(
         eigen_s: t2.elapsed().as_secs_f64(),
         tokens_forwarded,
     })
+}
+
+/// Make `cov` (this rank's rows) the covariance of every rank's rows. Each rank's
+/// `(n, mean, M2)` is moved to a common reference `μ0` (rank 0's mean): `S1 = n (μ - μ0)`,
+/// `S2 = M2 + n (μ - μ0)(μ - μ0)ᵀ` are then plain sums over ranks, and the merged
+/// `μ = μ0 + S1/n`, `M2 = S2 - n δδᵀ` with `δ = S1/n` (small: no cancellation as with raw
+/// second moments).
+fn merge_across_ranks<B: Backend>(be: &B, cov: &mut Covariance) -> Result<()> {
+    let d = cov.d;
+    let (rank, _) = be.group();
+    let mut mu0 = if rank == 0 {
+        cov.mean.clone()
+    } else {
+        vec![0.0; d]
+    };
+    be.all_reduce_host(&mut mu0)?;
+    let n = cov.n as f64;
+    let shift: Vec<f64> = cov.mean.iter().zip(&mu0).map(|(m, r)| m - r).collect();
+    let mut sums = vec![0.0f64; 1 + d + d * d];
+    sums[0] = n;
+    for i in 0..d {
+        sums[1 + i] = n * shift[i];
+        for j in 0..d {
+            sums[1 + d + i * d + j] = cov.m2[i * d + j] + n * shift[i] * shift[j];
+        }
+    }
+    be.all_reduce_host(&mut sums)?;
+    let n = sums[0];
+    let delta: Vec<f64> = (0..d)
+        .map(|i| if n > 0.0 { sums[1 + i] / n } else { 0.0 })
+        .collect();
+    cov.n = n as u64;
+    cov.mean = mu0.iter().zip(&delta).map(|(r, x)| r + x).collect();
+    for i in 0..d {
+        for j in 0..d {
+            cov.m2[i * d + j] = sums[1 + d + i * d + j] - n * delta[i] * delta[j];
+        }
+    }
+    Ok(())
 }
 
 /// The safetensors bytes of a PCA result (see the module docs); `about` goes into the

@@ -7,9 +7,9 @@
 
 use crate::backend::device::Device;
 use crate::backend::Backend;
-use crate::dist::Dist;
 use crate::data::TrainOn;
 use crate::data::{validation_batches, Dataset, Encoder, Example};
+use crate::dist::Dist;
 use crate::io::write_json;
 use crate::model::loader::LoadedModel;
 use crate::model::spec::{ModelSpec, Provenance};

@@ -24,8 +24,8 @@
 
 use crate::backend::device::Device;
 use crate::backend::Backend;
-use crate::dist::Dist;
 use crate::data::{parse_messages, read_json_lines, tokenize_chat};
+use crate::dist::Dist;
 use crate::io::write_json;
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::loader::LoadedModel;
@@ -460,7 +460,10 @@ pub fn score<B: Backend>(
             if r.is_none() {
                 let at = offsets[i];
                 let n = enc[i].option_tokens.len();
-                let logits: Vec<f32> = shared[at + 1..at + 1 + n].iter().map(|&x| x as f32).collect();
+                let logits: Vec<f32> = shared[at + 1..at + 1 + n]
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect();
                 *r = Some(result_of(&items[i], &enc[i], shared[at], logits));
             }
         }
