@@ -1,7 +1,8 @@
 //! Arguments of `caft-fast generate` and the glue from them to [`super::generate`].
 
-use super::common::{set_threads, ModelArgs};
+use super::common::{launch_if_asked, set_threads, ModelArgs};
 use crate::backend::Backend;
+use crate::dist::Dist;
 use crate::generate::questions::{builtin_questions, load_questions, Question};
 use crate::generate::sample::SampleOpts;
 use crate::generate::{generate, GenStats, Request};
@@ -55,6 +56,11 @@ pub struct GenerateArgs {
     /// Replace an existing output file.
     #[arg(long)]
     pub overwrite: bool,
+    /// Share the answers among these GPUs of this node, one worker each (e.g. 0,1 or all),
+    /// batch by batch; the output is the one a single GPU writes, in the same order. Under
+    /// torchrun/srun the ranks share them without it.
+    #[arg(long, value_name = "LIST")]
+    pub gpus: Option<String>,
 }
 
 /// One answer to produce.
@@ -72,6 +78,9 @@ fn job_seed(seed: u64, question: usize, sample: usize) -> u64 {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
+    if launch_if_asked(a.gpus.as_deref(), Some(a.model.device))?.is_some() {
+        return Ok(());
+    }
     if a.output.exists() && !a.overwrite {
         bail!(
             "{} exists; pass --overwrite to replace it",
@@ -109,6 +118,10 @@ fn run_on<B: Backend>(
     loaded: &LoadedModel,
     questions: &[Question],
 ) -> Result<()> {
+    // Several ranks (`--gpus`, torchrun): each decodes every `size`-th batch of answers.
+    let dist = Dist::from_env()?;
+    crate::dist::join(be, &dist, crate::dist::args_fingerprint())?;
+    let (rank, size) = be.group();
     let cfg = loaded.config.clone();
     let tok = loaded
         .tokenizer
@@ -148,7 +161,7 @@ fn run_on<B: Backend>(
     };
     // Answers go to a side file as they come and replace the output only when all are done,
     // so an interrupted run never leaves a truncated file under the output's name.
-    let partial = partial_path(&a.output);
+    let partial = partial_path(&a.output, rank, size);
     let mut out = std::io::BufWriter::new(
         std::fs::File::create(&partial)
             .with_context(|| format!("creating {}", partial.display()))?,
@@ -162,7 +175,11 @@ fn run_on<B: Backend>(
     );
     let bar = progress(jobs.len() as u64, "generate");
     let mut stats = GenStats::default();
-    for chunk in jobs.chunks(a.batch_size) {
+    let t = std::time::Instant::now();
+    for (c, chunk) in jobs.chunks(a.batch_size).enumerate() {
+        if c % size != rank {
+            continue;
+        }
         let reqs: Vec<Request> = chunk
             .iter()
             .map(|j| Request {
@@ -199,6 +216,32 @@ fn run_on<B: Backend>(
     }
     bar.finish_and_clear();
     drop(out);
+    if size > 1 {
+        // Every rank's side file is complete once all have come here; rank 0 interleaves
+        // them back into the answers' order (batch c was decoded by rank c mod size).
+        let mut n = [
+            stats.generated_tokens as f64,
+            stats.prompt_tokens as f64,
+            (stats.prefill_secs + stats.decode_secs) * (rank == 0) as u8 as f64,
+        ];
+        be.all_reduce_host(&mut n)
+            .context("waiting for every rank's answers")?;
+        if rank != 0 {
+            return Ok(());
+        }
+        merge_ranks(&a.output, size, jobs.len(), a.batch_size)?;
+        stats.generated_tokens = n[0] as usize;
+        stats.prompt_tokens = n[1] as usize;
+        let wall = t.elapsed().as_secs_f64();
+        println!(
+            "{} answers on {size} GPUs, {} tokens generated in {wall:.1} s: {:.1} tokens/s; wrote {}",
+            jobs.len(),
+            stats.generated_tokens,
+            stats.generated_tokens as f64 / wall.max(1e-9),
+            a.output.display()
+        );
+        return Ok(());
+    }
     std::fs::rename(&partial, &a.output)
         .with_context(|| format!("renaming {} to {}", partial.display(), a.output.display()))?;
     println!(
@@ -215,8 +258,44 @@ fn run_on<B: Backend>(
     Ok(())
 }
 
-fn partial_path(out: &Path) -> PathBuf {
+/// The side file answers go to before they replace `out`: one per rank with several.
+fn partial_path(out: &Path, rank: usize, size: usize) -> PathBuf {
     let mut name = out.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
+    if size > 1 {
+        name.push(format!(".rank{rank}"));
+    }
     out.with_file_name(name)
+}
+
+/// Rank 0 of `size`: write `out` from the ranks' side files, `jobs` answers in their order
+/// (batch `c` of `batch` answers is in rank `c mod size`'s file, in order), then remove them.
+fn merge_ranks(out: &Path, size: usize, jobs: usize, batch: usize) -> Result<()> {
+    let mut lines = Vec::with_capacity(size);
+    for r in 0..size {
+        let p = partial_path(out, r, size);
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        lines.push(
+            text.lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+                .into_iter(),
+        );
+    }
+    let mut all = String::new();
+    for (c, start) in (0..jobs).step_by(batch).enumerate() {
+        for _ in start..(start + batch).min(jobs) {
+            let line = lines[c % size]
+                .next()
+                .with_context(|| format!("rank {}'s answers end early", c % size))?;
+            all.push_str(&line);
+            all.push('\n');
+        }
+    }
+    crate::io::write_atomic(out, all.as_bytes())?;
+    for r in 0..size {
+        let _ = std::fs::remove_file(partial_path(out, r, size));
+    }
+    Ok(())
 }
