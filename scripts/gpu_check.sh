@@ -124,6 +124,7 @@ if [ -x "$STAGE/caft-fast" ] && [ "${NGPU:-0}" -gt 1 ]; then
   DP=(train --model tests/fixtures/tiny/llama --data "$LOG/dp-data.jsonl" --lora-r 4 --lr 1e-2
       --batch-size 2 --grad-accum 4 --max-steps 6 --val-split 0 --ablate-random 2
       --ablate-layers 1 --overwrite)
+  step dp_doctor 60 "$STAGE/caft-fast" doctor --gpus all
   step dp_one 60 "$STAGE/caft-fast" "${DP[@]}" --gpus 0 -o "$LOG/dp-one"
   step dp_all 90 "$STAGE/caft-fast" "${DP[@]}" --gpus all -o "$LOG/dp-all"
 fi
@@ -142,7 +143,7 @@ grep -hE "^(llama|qwen2|mistral|smollm2)[^:]*: " "$LOG"/test-cuda_model.log 2>/d
 grep -hE "FAIL|fail" "$LOG/doctor.log" 2>/dev/null | head -10
 sed -n '/^shape /,$p' "$LOG/gpu_compare.log" 2>/dev/null
 sed -n '/^generate /,$p' "$LOG/gpu_generate.log" 2>/dev/null
-grep -h "^libnccl\|^nccl " "$LOG/doctor.log" 2>/dev/null
+grep -h "^libnccl\|^nccl " "$LOG/doctor.log" "$LOG/dp_doctor.log" 2>/dev/null
 for r in dp-one dp-all; do
   [ -f "$LOG/$r/metrics.jsonl" ] && echo "$r final: $(tail -n 1 "$LOG/$r/metrics.jsonl")"
 done

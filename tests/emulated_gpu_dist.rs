@@ -823,3 +823,24 @@ fn generate_on_several_gpus_writes_what_one_writes() {
         .collect();
     assert!(left.is_empty(), "side files left: {left:?}");
 }
+
+/// `doctor --gpus all` checks NCCL across the node's GPUs: exact sums of an all-reduce, a
+/// reduce-scatter and an all-gather on every rank, and the all-reduce bus bandwidth (of the
+/// stand-in here: a number, not a measurement of hardware).
+#[test]
+fn doctor_checks_nccl_across_gpus() {
+    let Some(gpu) = gpu_dir("doctor_checks_nccl_across_gpus") else {
+        return;
+    };
+    let msg = assert_ok(&on_gpu(&gpu, &["doctor", "--gpus", "all"], &NODE));
+    println!("{msg}");
+    for want in [
+        "all-reduce over 3 GPUs: ok",
+        "reduce-scatter and all-gather over 3 GPUs: ok",
+        "all-reduce of 256 MiB over 3 GPUs",
+    ] {
+        assert!(msg.contains(want), "{want}: {msg}");
+    }
+    let one = assert_ok(&on_gpu(&gpu, &["doctor", "--gpus", "1"], &NODE));
+    assert!(one.contains("all-reduce over 1 GPU: ok"), "{one}");
+}

@@ -54,9 +54,10 @@ pub enum Cmd {
     /// and achieved_tflops (the model FLOPs of --method, see below), trained_params,
     /// peak_rss_mb, device_mem_mb (a GPU's use, total - free) and every step's loss.
     BenchStep(bench::BenchArgs),
-    /// Report the GPU, driver, NVRTC and cuBLAS found; compile every kernel and check every
-    /// op against the CPU reference. Exits non-zero on any failure.
-    Doctor,
+    /// Report the GPU, driver, NVRTC, cuBLAS and NCCL found; compile every kernel and check
+    /// every op against the CPU reference. Exits non-zero on any failure. With --gpus, check
+    /// NCCL across those GPUs instead (one worker each: sums checked, all-reduce bandwidth).
+    Doctor(doctor::DoctorArgs),
     /// Download the default model (SmolLM2-135M-Instruct GGUF) into the cache and print its path.
     FetchModel,
     /// Find, choose and import concept directions: PCA of what a fine-tune changed in
@@ -84,7 +85,7 @@ pub fn run(cli: Cli) -> Result<bool> {
         Cmd::Train(a) => return train::train(*a),
         Cmd::Plan(a) => return plan::run(*a),
         Cmd::BenchStep(a) => bench::bench_step(a).map(|_| true)?,
-        Cmd::Doctor => return doctor::doctor(),
+        Cmd::Doctor(a) => return doctor::doctor(a),
         Cmd::FetchModel => {
             println!("{}", doctor::fetch_model()?.display());
             true

@@ -134,3 +134,72 @@ fn nccl_check(be: &CudaBackend<half::bf16>) -> bool {
         }
     }
 }
+
+/// The data-parallel check, on every rank of a group `be` has joined: an all-reduce, a
+/// reduce-scatter and an all-gather of integers (exact in f32, so every rank can check the
+/// sums), then the bus bandwidth of an all-reduce of 256 MiB (NCCL's definition: bytes x
+/// 2(n-1)/n / time). Rank 0 prints; false on any failure.
+pub fn group_check(be: &CudaBackend<half::bf16>) -> Result<bool> {
+    let (rank, n) = crate::backend::Backend::group(be);
+    let gpus = if n == 1 {
+        "1 GPU".to_string()
+    } else {
+        format!("{n} GPUs")
+    };
+    let say = |s: String| {
+        if rank == 0 {
+            println!("{s}");
+        }
+    };
+    let len = 1000 * n + 7 - (7 % n);
+    let mine: Vec<f32> = (0..len).map(|i| ((i % 97) * (rank + 1)) as f32).collect();
+    let want: Vec<f32> = (0..len)
+        .map(|i| ((i % 97) * n * (n + 1) / 2) as f32)
+        .collect();
+    let mut ok = true;
+    let mut dev = be.rt.upload(&mine, || "the group check's buffer".into())?;
+    be.all_reduce_f32(&mut dev)?;
+    let got = be.rt.stream.clone_dtoh(&dev)?;
+    ok &= got == want;
+    say(format!(
+        "nccl       all-reduce over {gpus}: {}",
+        if got == want { "ok" } else { "WRONG SUMS" }
+    ));
+    let src = be.rt.upload(&mine, || "the group check's buffer".into())?;
+    let mut part = be.rt.upload(&vec![0f32; len / n], || "a shard".into())?;
+    be.reduce_scatter_f32(&src, &mut part)?;
+    let got = be.rt.stream.clone_dtoh(&part)?;
+    let right = got[..] == want[rank * len / n..(rank + 1) * len / n];
+    let mut all = be
+        .rt
+        .upload(&vec![0f32; len], || "the gathered buffer".into())?;
+    be.all_gather_f32(&part, &mut all)?;
+    let gathered = be.rt.stream.clone_dtoh(&all)?;
+    let mut flags = [(!right) as u8 as f64, (gathered != want) as u8 as f64];
+    crate::backend::Backend::all_reduce_host(be, &mut flags)?;
+    ok &= flags == [0.0, 0.0];
+    say(format!(
+        "nccl       reduce-scatter and all-gather over {gpus}: {}",
+        if flags == [0.0, 0.0] { "ok" } else { "WRONG" }
+    ));
+    let big = 64 << 20; // floats: 256 MiB
+    let mut buf = be
+        .rt
+        .upload(&vec![1f32; big], || "the bandwidth buffer".into())?;
+    be.all_reduce_f32(&mut buf)?; // warm-up
+    be.rt.stream.synchronize()?;
+    let t = Instant::now();
+    let reps = 5;
+    for _ in 0..reps {
+        be.all_reduce_f32(&mut buf)?;
+    }
+    be.rt.stream.synchronize()?;
+    let s = t.elapsed().as_secs_f64() / reps as f64;
+    let bytes = (big * 4) as f64;
+    say(format!(
+        "nccl       all-reduce of 256 MiB over {gpus}: {:.2} ms, bus bandwidth {:.1} GB/s",
+        s * 1e3,
+        bytes * 2.0 * (n as f64 - 1.0) / n as f64 / s / 1e9
+    ));
+    Ok(ok)
+}
