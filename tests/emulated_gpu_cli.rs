@@ -15,21 +15,9 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::OnceLock;
 use support::*;
 
-/// The emulated GPU's folder, or None (after a notice; a failure under CI) where it cannot be
-/// built.
-fn gpu_dir(test: &str) -> Option<PathBuf> {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    if !emulated_gpu::available(test) {
-        return None;
-    }
-    Some(
-        DIR.get_or_init(|| emulated_gpu::build().expect("building the emulated GPU"))
-            .clone(),
-    )
-}
+use emulated_gpu::folder as gpu_dir;
 
 /// `caft-fast <args>` with the emulated GPU first on the loader path.
 fn on_gpu(dir: &Path, args: &[&str]) -> Output {

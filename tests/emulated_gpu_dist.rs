@@ -19,23 +19,11 @@ mod emulated_gpu;
 mod harness;
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
-use std::sync::OnceLock;
 use support::*;
 
-/// The emulated GPU's folder, or None (after a notice; a failure under CI) where it cannot be
-/// built.
-fn gpu_dir(test: &str) -> Option<PathBuf> {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    if !emulated_gpu::available(test) {
-        return None;
-    }
-    Some(
-        DIR.get_or_init(|| emulated_gpu::build().expect("building the emulated GPU"))
-            .clone(),
-    )
-}
+use emulated_gpu::folder as gpu_dir;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind(("127.0.0.1", 0))

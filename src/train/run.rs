@@ -300,41 +300,29 @@ impl<'a, B: Backend> Session<'a, B> {
             }
             None => String::new(),
         };
-        if !main {
-            return Ok(Session {
-                tr,
-                cfg,
-                loaded,
-                base_model: loaded.source.display().to_string(),
-                out,
-                metrics_path,
-                metrics,
-                metrics_file: None,
-                last: None,
-                last_val: None,
-                last_ckpt: None,
-                ranks,
-                saved_at,
-            });
-        }
-        write_atomic(&metrics_path, metrics.as_bytes())?;
-        write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-        let metrics_file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&metrics_path)
-            .with_context(|| format!("opening {}", metrics_path.display()))?;
-        print_banner(&tr, cfg, loaded, t_load.elapsed().as_secs_f64());
-        if opts.resume.is_some() {
-            eprintln!(
-                "  resuming at step {} of {} (epoch {}, micro-batch {} of {})",
-                tr.state.step,
-                tr.state.total_steps,
-                tr.state.epoch,
-                tr.state.next_micro,
-                tr.state.plan.len()
-            );
-        }
-        let last_ckpt = checkpoint::list(&out)?.pop().map(|(_, p)| p);
+        // The other ranks write nothing: no metrics file, no banner.
+        let (metrics_file, last_ckpt) = if main {
+            write_atomic(&metrics_path, metrics.as_bytes())?;
+            write_atomic(&out.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+            let file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&metrics_path)
+                .with_context(|| format!("opening {}", metrics_path.display()))?;
+            print_banner(&tr, cfg, loaded, t_load.elapsed().as_secs_f64());
+            if opts.resume.is_some() {
+                eprintln!(
+                    "  resuming at step {} of {} (epoch {}, micro-batch {} of {})",
+                    tr.state.step,
+                    tr.state.total_steps,
+                    tr.state.epoch,
+                    tr.state.next_micro,
+                    tr.state.plan.len()
+                );
+            }
+            (Some(file), checkpoint::list(&out)?.pop().map(|(_, p)| p))
+        } else {
+            (None, None)
+        };
         Ok(Session {
             tr,
             cfg,
@@ -343,7 +331,7 @@ impl<'a, B: Backend> Session<'a, B> {
             out,
             metrics_path,
             metrics,
-            metrics_file: Some(metrics_file),
+            metrics_file,
             last: None,
             last_val: None,
             last_ckpt,

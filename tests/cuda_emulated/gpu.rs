@@ -286,6 +286,19 @@ pub fn available(test: &str) -> bool {
     false
 }
 
+/// The emulated GPU's folder ([`build`], once per test process), or None (after a notice; a
+/// failure under CI) where it cannot be built.
+pub fn folder(test: &str) -> Option<PathBuf> {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if !available(test) {
+        return None;
+    }
+    Some(
+        DIR.get_or_init(|| build().expect("building the emulated GPU"))
+            .clone(),
+    )
+}
+
 /// `program` set up to run on the emulated GPU in `dir`: the folder first on LD_LIBRARY_PATH
 /// (ahead of NVRTC's and anything else already there) and in CAFT_EMU_MODULES.
 pub fn command_on(dir: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
