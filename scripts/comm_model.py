@@ -11,9 +11,13 @@ takes on three assumed networks, and the scaling efficiency that follows. Standa
 What one optimizer step communicates, per rank (one process per GPU, N ranks):
   - LoRA: the one flat f32 buffer of every adapter's A and B gradients, all-reduced once.
   - full, all-reduce: every f32 gradient, all-reduced once.
-  - full, ZeRO-1: a reduce-scatter of the f32 gradients (each rank then holds the sum of its 1/N
-    shard), each rank updates its shard of the f32 master weights and AdamW moments, and an
-    all-gather of the updated weights in bf16 (the copy the forward reads).
+  - full, ZeRO-1 (as caft-fast implements it): a reduce-scatter of the f32 gradients (each rank
+    then holds the sum of its 1/N shard), each rank updates its shard of the f32 master weights
+    with its shard of the AdamW moments, and an all-gather of the updated f32 master shards into
+    every rank's whole master copy (from which the forward's bf16 copy is refreshed). It sends
+    what an all-reduce sends; it saves the moments' memory (and 1/N of the optimizer's work).
+  - full, ZeRO-1, bf16 gather (NOT implemented; what llm.c does): masters sharded too, and the
+    all-gather moves the forward's bf16 copy: a quarter fewer bytes, and the f32 masters / N.
   - every method: one tiny all-reduce of the loss and the stop flag (ZeRO-1 also one of the shards'
     sums of squares, for the global gradient norm). Latency only, tens of microseconds: left out below.
 
@@ -121,7 +125,7 @@ SHAPES = [
           batch=2, seq=2048),
 ]
 
-METHODS = ["LoRA r=32", "full, all-reduce", "full, ZeRO-1"]
+METHODS = ["LoRA r=32", "full, all-reduce", "full, ZeRO-1", "full, ZeRO-1, bf16 gather"]
 GRAD_ACCUMS = [1, 8]
 
 
@@ -133,7 +137,9 @@ def collectives(shape, method, n):
     """[(bytes one rank sends, what for)] of one optimizer step on n ranks."""
     p = trained_params(shape, method)
     grad = 4 * p  # f32 gradients
-    if method == "full, ZeRO-1":
+    if method == "full, ZeRO-1":  # the f32 master shards gathered
+        return [((n - 1) / n * grad, "reduce-scatter"), ((n - 1) / n * 4 * p, "all-gather")]
+    if method == "full, ZeRO-1, bf16 gather":  # the forward's bf16 copy gathered
         return [((n - 1) / n * grad, "reduce-scatter"), ((n - 1) / n * 2 * p, "all-gather")]
     return [(2 * (n - 1) / n * grad, "all-reduce")]
 
@@ -151,8 +157,11 @@ def model_state_gib(shape, method, n):
         b = 2 * p + 16 * shape.lora_params()
     elif method == "full, all-reduce":  # bf16 forward copy; f32 masters, gradients, 2 moments
         b = 18 * p
-    else:  # ZeRO-1: bf16 forward copy and f32 gradients whole; masters and moments 1/n each
-        b = 2 * p + 4 * p + 12 * p / n
+    elif method == "full, ZeRO-1":  # bf16 copy, f32 masters and gradients whole; the shard's
+        # masters, gradients and 2 moments 1/n each
+        b = 2 * p + 8 * p + 16 * p / n
+    else:  # bf16 copy and f32 gradients whole; masters, shard gradients and moments 1/n each
+        b = 2 * p + 4 * p + 16 * p / n
     return b / 2 ** 30
 
 
