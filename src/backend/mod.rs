@@ -585,14 +585,14 @@ pub trait Backend {
     /// the others). Only the CUDA backend has groups (NCCL).
     fn group_id(&self) -> Result<[u8; 128]> {
         anyhow::bail!(
-            "{}: training on several processes needs the CUDA backend (NCCL)",
+            "{}: running on several processes needs the CUDA backend (NCCL)",
             self.name()
         )
     }
     /// Join the group of `size` ranks as `rank`; returns once every rank has joined.
     fn join_group(&self, rank: usize, size: usize, _id: &[u8; 128]) -> Result<()> {
         anyhow::bail!(
-            "{}: cannot join a group of {size} as rank {rank}: training on several processes \
+            "{}: cannot join a group of {size} as rank {rank}: running on several processes \
              needs the CUDA backend (NCCL)",
             self.name()
         )
