@@ -204,6 +204,7 @@ fn measure(c: &Counters, case: &Case, mode: Checkpointing) -> (u64, u64) {
         max_len: all.flatten().copied().max().unwrap(),
         act_bytes: 2,
         reserve: 0,
+        ranks: 1,
     };
     (measured, plan(&input, mode).allocated)
 }

@@ -41,6 +41,10 @@ pub struct PlanArgs {
     /// Print the plan as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Plan one GPU of a data-parallel run on N GPUs (`train --gpus`, torchrun): with
+    /// --method full each holds 1/N of the AdamW moments (ZeRO-1).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub ranks: usize,
     #[command(flatten)]
     pub shape: RunShapeArgs,
 }
@@ -152,6 +156,7 @@ pub fn run(a: PlanArgs) -> Result<bool> {
         None,
         2,
         CUBLAS_WORKSPACE + CONTEXT_ESTIMATE,
+        a.ranks.max(1),
     )?;
     let v = plan::verdict(&input, cfg.checkpointing, budget);
     if a.json {

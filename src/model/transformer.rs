@@ -39,7 +39,7 @@ pub use layer::Checkpointing;
 use layer::{
     alloc_lora_u, AttnActs, FullGrads, Layer, LayerGrads, LoraView, MlpActs, QkPre, Scratch,
 };
-pub use trained::{FullState, ParamGroup, Trainable};
+pub use trained::{gather_piece, FullState, ParamGroup, Shard, Trainable};
 
 /// Labels at or below this are ignored (Hugging Face uses -100).
 pub const IGNORE: i32 = -100;

@@ -117,6 +117,9 @@ pub struct PlanInput {
     /// Device memory that is no buffer of ours: cuBLAS's workspace, and, against a total, the
     /// context ([`CUBLAS_WORKSPACE`], [`CONTEXT_ESTIMATE`]).
     pub reserve: u64,
+    /// Data-parallel ranks the run has (1 alone): full fine-tuning on several shards its
+    /// optimizer state (ZeRO-1), and the plan is one rank's.
+    pub ranks: usize,
 }
 
 /// The parts of the table, in order.
@@ -232,12 +235,33 @@ pub fn plan(input: &PlanInput, mode: Checkpointing) -> MemoryPlan {
         Some(f) => f.group_len.to_vec(),
         None => vec![input.lora.len],
     };
+    // ZeRO-1 (several ranks, full fine-tuning; `Shard`): master weights and gradients padded to
+    // ranks x n, and the rank's slice: weights, gradients, m, v of n each.
+    let ranks = input.ranks.max(1);
+    let sharded = input.full.is_some() && ranks > 1;
+    let mut summed = 0; // the longest buffer the gradient norm sums
     for &p in &groups {
-        for _ in 0..4 {
-            t.add(LORA, p, f4);
+        if sharded {
+            let n = p.div_ceil(ranks).max(1);
+            t.add(LORA, n * ranks, f4);
+            t.add(LORA, n * ranks, f4);
+            for _ in 0..4 {
+                t.add(LORA, n, f4);
+            }
+            summed = summed.max(n);
+        } else {
+            for _ in 0..4 {
+                t.add(LORA, p, f4);
+            }
+            summed = summed.max(p);
         }
     }
-    let p = groups.iter().copied().max().unwrap_or(0);
+    if sharded {
+        // A checkpoint gathers the moments in pieces: one piece sent, every rank's received.
+        let piece = crate::model::transformer::gather_piece(summed);
+        t.add(LORA, piece * (ranks + 1), f4);
+    }
+    let p = summed;
     for &k in &input.ablation {
         t.add(SMALL, k * d, f4);
     }
@@ -653,7 +677,7 @@ fn top_sum(lens: &[usize], k: usize) -> usize {
 }
 
 /// The plan input of a run configured by `cfg` on a model of `model`'s shapes, with `k`
-/// directions at each of `ablation`'s layers.
+/// directions at each of `ablation`'s layers, for one of `ranks` data-parallel ranks.
 ///
 /// The largest micro-batch: with packing, at most the token budget
 /// ([`TrainConfig::token_budget`]) and at most a step's `batch_size x grad_accum` examples;
@@ -667,6 +691,7 @@ pub fn run_input(
     data: Option<KnownData>,
     act_bytes: usize,
     reserve: u64,
+    ranks: usize,
 ) -> Result<PlanInput> {
     let lora = LoraLayout::new(
         model,
@@ -712,6 +737,7 @@ pub fn run_input(
         max_len,
         act_bytes,
         reserve,
+        ranks,
     })
 }
 

@@ -279,8 +279,7 @@ impl<'a, B: Backend> Session<'a, B> {
             check_room_for_model(cfg, loaded)?;
         }
         let t_load = Instant::now();
-        let mut tr = Trainer::new(be, cfg, loaded, data, directions)?;
-        tr.join_world(opts.dist.world)?;
+        let mut tr = Trainer::new(be, cfg, loaded, data, directions, opts.dist.world)?;
         let main = tr.world.is_main();
         let ranks = dist::describe_ranks(be, tr.world)?;
         let out = cfg.output.clone();

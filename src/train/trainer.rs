@@ -245,13 +245,16 @@ pub struct Trainer<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
-    /// Load the model onto `be`, attach fresh LoRA adapters and the ablation.
+    /// Load the model onto `be`, attach fresh LoRA adapters (or full fine-tuning's state) and
+    /// the ablation, as rank `world.rank` of `world.size` (the backend has joined their group;
+    /// full fine-tuning on several ranks shards its optimizer state, ZeRO-1).
     pub fn new(
         be: &'a B,
         cfg: &TrainConfig,
         loaded: &LoadedModel,
         data: Prepared,
         directions: Option<Directions>,
+        world: World,
     ) -> Result<Self> {
         let mc = loaded.config.clone();
         // The memory plan, before any weight reaches the device: refuse a run that cannot fit
@@ -269,7 +272,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     train: &train,
                     val: &val,
                 };
-                Some(plan::run_input(cfg, &mc, ks, Some(known), m.act_bytes, 0)?)
+                Some(plan::run_input(
+                    cfg,
+                    &mc,
+                    ks,
+                    Some(known),
+                    m.act_bytes,
+                    0,
+                    world.size,
+                )?)
             }
             None => None,
         };
@@ -288,9 +299,12 @@ impl<'a, B: Backend> Trainer<'a, B> {
         )?;
         match cfg.method {
             Method::Lora => model.set_lora(be, layout.clone(), &layout.init_params(cfg.seed))?,
-            Method::Full => {
-                model.set_full(be, loaded.weights.as_ref(), Freeze::parse(&cfg.freeze)?)?
-            }
+            Method::Full => model.set_full_sharded(
+                be,
+                loaded.weights.as_ref(),
+                Freeze::parse(&cfg.freeze)?,
+                Some((world.rank, world.size)),
+            )?,
         }
         if let Some(d) = &directions {
             model.set_ablation(be, d)?;
@@ -351,20 +365,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             val_batches,
             checkpointing,
             memory_plan,
-            world: World::SINGLE,
+            world,
         })
-    }
-
-    /// Train as `world`'s rank (the backend has joined its group): with full fine-tuning on
-    /// several ranks, shard the optimizer state (ZeRO-1). Before [`Trainer::restore`].
-    pub fn join_world(&mut self, world: World) -> Result<()> {
-        self.world = world;
-        if world.size > 1 && self.model.full.is_some() {
-            self.model
-                .shard_optimizer(self.be, world.rank, world.size)
-                .context("sharding the optimizer state across ranks (ZeRO-1)")?;
-        }
-        Ok(())
     }
 
     /// Optimizer steps per epoch.

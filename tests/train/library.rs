@@ -6,6 +6,7 @@ use caft_fast::backend::cpu::CpuBackend;
 use caft_fast::backend::Backend;
 use caft_fast::data::TrainOn;
 use caft_fast::data::{Dataset, Encoder, Record};
+use caft_fast::dist::World;
 use caft_fast::model::chat::ChatMessage;
 use caft_fast::model::config::ModelConfig;
 use caft_fast::model::loader::load_model;
@@ -111,7 +112,7 @@ fn adapter_round_trip_and_mismatch() {
     let loaded = load_model(&tiny_llama()).unwrap();
     let be = CpuBackend::new();
     let data = prepare_data(&cfg, &loaded).unwrap();
-    let mut tr = Trainer::new(&be, &cfg, &loaded, data, None).unwrap();
+    let mut tr = Trainer::new(&be, &cfg, &loaded, data, None, World::SINGLE).unwrap();
     tr.step().unwrap();
     tr.step().unwrap();
     let params = tr.params().unwrap();
@@ -189,7 +190,7 @@ fn ablated_directions_stay_out_of_resid_post_during_training() {
     assert_eq!(dirs.layers(), vec![1, 2]);
     let be = CpuBackend::new();
     let data = prepare_data(&cfg, &loaded).unwrap();
-    let mut tr = Trainer::new(&be, &cfg, &loaded, data, Some(dirs.clone())).unwrap();
+    let mut tr = Trainer::new(&be, &cfg, &loaded, data, Some(dirs.clone()), World::SINGLE).unwrap();
     let d = loaded.config.hidden_size;
     while !tr.done() {
         let st = tr.step().unwrap();
@@ -239,7 +240,7 @@ fn merged_model_matches_base_plus_adapter() {
         let loaded = load_model(&model).unwrap();
         let be = CpuBackend::new();
         let data = prepare_data(&cfg, &loaded).unwrap();
-        let mut tr = Trainer::new(&be, &cfg, &loaded, data, None).unwrap();
+        let mut tr = Trainer::new(&be, &cfg, &loaded, data, None, World::SINGLE).unwrap();
         while !tr.done() {
             tr.step().unwrap();
         }
@@ -449,7 +450,7 @@ fn training_is_deterministic() {
     let mut params = vec![];
     for l in losses.iter_mut() {
         let data = prepare_data(&cfg, &loaded).unwrap();
-        let mut tr = Trainer::new(&be, &cfg, &loaded, data, None).unwrap();
+        let mut tr = Trainer::new(&be, &cfg, &loaded, data, None, World::SINGLE).unwrap();
         while !tr.done() {
             l.push(tr.step().unwrap().loss.to_bits());
         }

@@ -92,11 +92,57 @@ impl<B: Backend> Weights<B> {
     }
 }
 
+/// Every rank's slice of a sharded buffer (this rank's `mine`, the same length on every rank),
+/// gathered in rank order on the host and cut to `len` values. The device holds only a
+/// piece of a slice and the ranks' pieces at a time ([`gather_piece`] values a rank): a
+/// checkpoint never needs a whole buffer's room. Every rank must call it.
+fn gather_in_pieces<B: Backend>(be: &B, mine: &B::F32, len: usize) -> Result<Vec<f32>> {
+    let (_, ranks) = be.group();
+    let host = be.download_f32(mine)?;
+    let n = host.len();
+    let piece = gather_piece(n);
+    let mut recv = be.alloc_f32(piece * ranks)?;
+    let mut all = vec![0f32; n * ranks];
+    for start in (0..n).step_by(piece) {
+        let take = piece.min(n - start);
+        let mut chunk = host[start..start + take].to_vec();
+        chunk.resize(piece, 0.0);
+        let send = be.upload_f32(&chunk)?;
+        be.all_gather_f32(&send, &mut recv)?;
+        let got = be.download_f32(&recv)?;
+        for r in 0..ranks {
+            all[r * n + start..r * n + start + take]
+                .copy_from_slice(&got[r * piece..r * piece + take]);
+        }
+    }
+    all.truncate(len);
+    Ok(all)
+}
+
+/// Values a rank sends per all-gather when a checkpoint gathers a slice of `n`: an eighth of
+/// it, at most 2^20 (the memory plan counts these buffers).
+pub fn gather_piece(n: usize) -> usize {
+    n.div_ceil(8).clamp(1, 1 << 20)
+}
+
 impl<B: Backend> Model<B> {
     /// Train every weight (less the `freeze` groups): the f32 master weights are read from
     /// `src` (the source of [`Model::new`]; Gemma's norm gains as stored, `w`, not `1 + w`).
     /// Host memory peaks at one group's master copy.
     pub fn set_full(&mut self, be: &B, src: &dyn WeightSource, freeze: Freeze) -> Result<()> {
+        self.set_full_sharded(be, src, freeze, None)
+    }
+
+    /// [`Model::set_full`] as rank `rank` of `ranks` data-parallel ranks with the optimizer state
+    /// sharded (ZeRO-1, [`Shard`]; `None`: not sharded), allocated sharded from the start so that
+    /// the moments of the whole model never occupy the device.
+    pub fn set_full_sharded(
+        &mut self,
+        be: &B,
+        src: &dyn WeightSource,
+        freeze: Freeze,
+        shard: Option<(usize, usize)>,
+    ) -> Result<()> {
         if self.lora.is_some() {
             bail!("full fine-tuning and LoRA adapters cannot be combined");
         }
@@ -108,13 +154,31 @@ impl<B: Backend> Model<B> {
                 let t = src.get(&s.name)?;
                 host[s.off..s.off + s.len].copy_from_slice(&t.data);
             }
-            let n = host.len();
+            let Some((rank, ranks)) = shard.filter(|&(_, n)| n > 1) else {
+                let n = host.len();
+                return Ok(ParamGroup {
+                    params: be.upload_f32(&host)?,
+                    grads: be.alloc_f32(n)?,
+                    m: be.alloc_f32(n)?,
+                    v: be.alloc_f32(n)?,
+                    shard: None,
+                });
+            };
+            // Equal slices, the last padded with zeros (no gradient ever reaches the padding).
+            let n = host.len().div_ceil(ranks).max(1);
+            host.resize(n * ranks, 0.0);
+            let off = rank * n;
             Ok(ParamGroup {
                 params: be.upload_f32(&host)?,
-                grads: be.alloc_f32(n)?,
+                grads: be.alloc_f32(n * ranks)?,
                 m: be.alloc_f32(n)?,
                 v: be.alloc_f32(n)?,
-                shard: None,
+                shard: Some(Shard {
+                    off,
+                    len: n,
+                    params: be.upload_f32(&host[off..off + n])?,
+                    grads: be.alloc_f32(n)?,
+                }),
             })
         };
         let groups = [group(0)?, group(1)?];
@@ -125,36 +189,6 @@ impl<B: Backend> Model<B> {
         });
         // The forward's copies from the masters, so both start from the same rounding.
         self.refresh_weights(be)
-    }
-
-    /// Shard full fine-tuning's optimizer state over `ranks` ranks as this backend's group's
-    /// rank `rank` (ZeRO-1, [`Shard`]): before training or restoring; fresh moments.
-    pub fn shard_optimizer(&mut self, be: &B, rank: usize, ranks: usize) -> Result<()> {
-        let full = self
-            .full
-            .as_mut()
-            .context("ZeRO-1 shards full fine-tuning's state: call set_full first")?;
-        for (g, group) in full.groups.iter_mut().enumerate() {
-            if group.shard.is_some() {
-                bail!("the optimizer state is already sharded");
-            }
-            let len = full.layout.group_len[g];
-            let n = len.div_ceil(ranks).max(1);
-            let mut host = be.download_f32(&group.params)?;
-            host.resize(n * ranks, 0.0);
-            let off = rank * n;
-            group.params = be.upload_f32(&host)?;
-            group.grads = be.alloc_f32(n * ranks)?;
-            group.m = be.alloc_f32(n)?;
-            group.v = be.alloc_f32(n)?;
-            group.shard = Some(Shard {
-                off,
-                len: n,
-                params: be.upload_f32(&host[off..off + n])?,
-                grads: be.alloc_f32(n)?,
-            });
-        }
-        Ok(())
     }
 
     /// Whether the optimizer state is sharded across ranks (ZeRO-1).
@@ -246,10 +280,9 @@ impl<B: Backend> Model<B> {
                     take(&mut out[0], &group.params)?;
                     for (k, moment) in [(1, &group.m), (2, &group.v)] {
                         if group.shard.is_some() {
-                            let mut all = be.alloc_f32(be.f32_len(&group.params))?;
-                            be.all_gather_f32(moment, &mut all)
+                            let all = gather_in_pieces(be, moment, len)
                                 .context("gathering the AdamW moments of every rank")?;
-                            take(&mut out[k], &all)?;
+                            out[k].extend_from_slice(&all);
                         } else {
                             take(&mut out[k], moment)?;
                         }
