@@ -169,7 +169,7 @@ pub fn run(a: PlanArgs) -> Result<bool> {
         };
         println!(
             "{} layers, d {}, ffn {}, {}/{} heads of {}, vocab {}{}; micro-batch of {} token rows \
-             (at most {} sequences, longest {}); {}; {abl}; checkpointing {}",
+             (at most {} sequences, longest {}); {}; {abl}; checkpointing {}{}",
             mc.num_layers,
             mc.hidden_size,
             mc.intermediate_size,
@@ -195,7 +195,12 @@ pub fn run(a: PlanArgs) -> Result<bool> {
                     cfg.lora_r, cfg.lora_targets, input.lora.len
                 ),
             },
-            cfg.checkpointing
+            cfg.checkpointing,
+            match (input.ranks, input.full.is_some()) {
+                (1, _) => String::new(),
+                (n, true) => format!("; one GPU of {n} (ZeRO-1: 1/{n} of the AdamW moments)"),
+                (n, false) => format!("; one GPU of {n}"),
+            }
         );
         print!("{}", v.table(budget_what));
     }

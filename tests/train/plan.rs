@@ -167,3 +167,49 @@ fn bad_plan_input_is_refused_before_anything_is_read() {
         &["out of range"],
     );
 }
+
+/// `plan --ranks 8 --method full` plans one GPU of eight with ZeRO-1: the trained state is the
+/// padded master weights and gradients, this rank's slice of weights, gradients and both
+/// moments, and the pieces a checkpoint gathers in, exactly; everything else as one GPU.
+#[test]
+fn plan_ranks_counts_zero1_state_per_gpu() {
+    let json = |ranks: &str| -> serde_json::Value {
+        let o = caft(&[
+            "plan",
+            "--model",
+            "gemma-2-2b",
+            "--method",
+            "full",
+            "--batch-size",
+            "16",
+            "--max-seq-len",
+            "512",
+            "--gpu-memory",
+            "80GiB",
+            "--ranks",
+            ranks,
+            "--json",
+        ]);
+        serde_json::from_str(&assert_ok(&o)[..]).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let (one, eight) = (json("1"), json("8"));
+    let part = |v: &serde_json::Value, k: &str| v["parts_bytes"][k].as_u64().unwrap();
+    let cfg = caft_fast::model::random::preset("gemma-2-2b").unwrap();
+    let layout = caft_fast::model::full::FullLayout::new(&cfg, Default::default());
+    let f4 = 4u64;
+    let unsharded: u64 = layout.group_len.iter().map(|&p| 4 * p as u64 * f4).sum();
+    let mut sharded = 0u64;
+    let mut longest = 0usize;
+    for &p in &layout.group_len {
+        let n = p.div_ceil(8);
+        sharded += (2 * 8 * n + 4 * n) as u64 * f4;
+        longest = longest.max(n);
+    }
+    sharded += (caft_fast::model::transformer::gather_piece(longest) * 9) as u64 * f4;
+    assert_eq!(part(&one, "lora"), unsharded);
+    assert_eq!(part(&eight, "lora"), sharded);
+    assert!(sharded < unsharded * 2 / 3, "{sharded} vs {unsharded}");
+    for k in ["weights", "activations", "logits"] {
+        assert_eq!(part(&one, k), part(&eight, k), "{k}");
+    }
+}
