@@ -174,7 +174,7 @@ fn bad_plan_input_is_refused_before_anything_is_read() {
 #[test]
 fn plan_ranks_counts_zero1_state_per_gpu() {
     let json = |ranks: &str| -> serde_json::Value {
-        let o = caft(&[
+        let o = caft([
             "plan",
             "--model",
             "gemma-2-2b",
