@@ -374,7 +374,7 @@ fn launch_workers(spec: &str) -> Result<bool> {
     if gpus.len() > 1 {
         if !collective::present() {
             bail!(
-                "--gpus {spec}: training on {} GPUs needs libnccl, which was not found: {}",
+                "--gpus {spec}: running on {} GPUs needs libnccl, which was not found: {}",
                 gpus.len(),
                 collective::INSTALL_HINT
             );

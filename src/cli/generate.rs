@@ -219,11 +219,7 @@ fn run_on<B: Backend>(
     if size > 1 {
         // Every rank's side file is complete once all have come here; rank 0 interleaves
         // them back into the answers' order (batch c was decoded by rank c mod size).
-        let mut n = [
-            stats.generated_tokens as f64,
-            stats.prompt_tokens as f64,
-            (stats.prefill_secs + stats.decode_secs) * (rank == 0) as u8 as f64,
-        ];
+        let mut n = [stats.generated_tokens as f64, stats.prompt_tokens as f64];
         be.all_reduce_host(&mut n)
             .context("waiting for every rank's answers")?;
         if rank != 0 {

@@ -228,11 +228,8 @@ pub fn run<B: Backend>(
     loaded: &LoadedModel,
     opts: &RunOptions,
 ) -> Result<Outcome> {
-    if opts.dist.world.size > 1 {
-        // The ranks compare their configurations when they meet.
-        let fingerprint = dist::fingerprint(cfg.to_toml()?.as_bytes());
-        dist::join(be, &opts.dist, fingerprint)?;
-    }
+    // Several ranks meet first, comparing their configurations (nothing alone).
+    dist::join(be, &opts.dist, dist::fingerprint(cfg.to_toml()?.as_bytes()))?;
     let mut s = Session::start(be, cfg, loaded, opts)?;
     let outcome = s.step_loop(opts)?;
     s.finish(outcome)?;

@@ -628,11 +628,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Every rank of a data-parallel run calls it (a sharded optimizer state is gathered);
     /// rank 0 alone writes. Returns the checkpoint's folder.
     pub fn save_checkpoint(&self, run_dir: &Path, base_model: &str) -> Result<PathBuf> {
-        let [params, m, v] = self.model.download_trained(self.be)?;
         if !self.world.is_main() {
+            // The replicas are rank 0's; only a sharded state needs this rank's part.
+            if self.model.sharded() {
+                self.model.download_trained(self.be)?;
+            }
             let name = checkpoint::step_dir_name(self.state.step);
             return Ok(run_dir.join(CHECKPOINTS_DIR).join(name));
         }
+        let [params, m, v] = self.model.download_trained(self.be)?;
         checkpoint::save(
             &run_dir.join(CHECKPOINTS_DIR),
             &self.state,

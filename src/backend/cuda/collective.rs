@@ -137,12 +137,6 @@ impl<T: DeviceElem> CudaBackend<T> {
         Ok(())
     }
 
-    /// Ranks in the group (1 outside one).
-    pub fn group_size(&self) -> usize {
-        let g = self.group.lock().unwrap_or_else(|e| e.into_inner());
-        g.as_ref().map_or(1, Group::size)
-    }
-
     /// `x <- Σ over ranks of x`, in place, queued on the stream. Nothing outside a group.
     pub fn all_reduce_f32(&self, x: &mut CudaSlice<f32>) -> Result<()> {
         let g = self.group.lock().unwrap_or_else(|e| e.into_inner());

@@ -361,8 +361,9 @@ impl<B: Backend> Model<B> {
 
     /// Zero every gradient of what is trained.
     pub fn zero_grads(&mut self, be: &B) -> Result<()> {
+        // Sharded, the backward's full buffers besides the slices AdamW sees.
         if let Some(f) = self.full.as_mut() {
-            for g in &mut f.groups {
+            for g in f.groups.iter_mut().filter(|g| g.shard.is_some()) {
                 be.zero_f32(&mut g.grads)?;
             }
         }
@@ -377,16 +378,18 @@ impl<B: Backend> Model<B> {
     /// data-parallel group (nothing outside one): all-reduced, or sharded, reduce-scattered
     /// into this rank's slice (the full buffer is then zeroed for the next accumulation).
     pub fn all_reduce_grads(&mut self, be: &B) -> Result<()> {
-        if let Some(f) = self.full.as_mut() {
+        if let Some(f) = self
+            .full
+            .as_mut()
+            .filter(|f| f.groups.iter().any(|g| g.shard.is_some()))
+        {
             for g in &mut f.groups {
                 if let Some(sh) = &mut g.shard {
                     be.reduce_scatter_f32(&g.grads, &mut sh.grads)?;
                     be.zero_f32(&mut g.grads)?;
                 }
             }
-            if self.sharded() {
-                return Ok(());
-            }
+            return Ok(());
         }
         let (parts, _) = self.trainable()?;
         for p in parts {
